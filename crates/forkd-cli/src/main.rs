@@ -1,0 +1,313 @@
+//! `forkd`: the command-line front end. It parses arguments, calls
+//! `forkd-core`, and prints; nothing else lives here.
+
+mod signals;
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use forkd_core::{doctor, ArtifactOptions, BootOptions, Env, Image, Sandbox};
+use forkd_protocol::client::OutputStream;
+use forkd_protocol::ExecRequest;
+use forkd_vm::{AccelRequest, Network};
+
+/// Exit code when forkd itself fails (not the command in the guest).
+const EXIT_FORKD_ERROR: u8 = 125;
+/// Exit code when the guest command hit its timeout (as timeout(1)).
+const EXIT_TIMEOUT: u8 = 124;
+
+#[derive(Parser)]
+#[command(
+    name = "forkd",
+    version,
+    about = "MicroVM sandboxes for AI-agent fan-out"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a sandbox, run CMD in it with output streamed, tear it down.
+    /// Exits with CMD's exit code (128+N if a signal killed it, 124 on timeout,
+    /// 125 if forkd itself failed).
+    Run(RunArgs),
+    /// Check this host: QEMU, accelerator, guest artifacts, tmpfs, userfaultfd.
+    Doctor {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Guest images.
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+#[derive(Args, Clone)]
+struct GuestArgs {
+    /// Root disk: busybox, debian-python, none, or a path to a raw ext4 image.
+    #[arg(long, default_value = "busybox")]
+    image: String,
+    /// Guest kernel to use instead of Debian's cloud kernel.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Modules directory (lib/modules/VERSION) of --kernel.
+    #[arg(long, requires = "kernel")]
+    modules: Option<PathBuf>,
+    /// The static guest agent binary (default: next to forkd).
+    #[arg(long)]
+    agent: Option<PathBuf>,
+}
+
+impl GuestArgs {
+    fn artifact_options(&self) -> Result<ArtifactOptions> {
+        let image: Image = self.image.parse().map_err(anyhow::Error::msg)?;
+        Ok(ArtifactOptions {
+            kernel: self.kernel.clone(),
+            modules: self.modules.clone(),
+            agent: self.agent.clone(),
+            image,
+        })
+    }
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    mem: u64,
+    /// Virtual CPUs.
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    /// Accelerator: auto (KVM where hardware virtualization works, else TCG), kvm or tcg.
+    #[arg(long, default_value = "auto")]
+    accel: String,
+    /// Guest network: user (QEMU user-mode stack) or none.
+    #[arg(long, default_value = "user")]
+    net: String,
+    #[command(flatten)]
+    guest: GuestArgs,
+    /// Kill CMD after this many seconds (exit code 124).
+    #[arg(long)]
+    timeout: Option<f64>,
+    /// Environment for CMD (repeatable): --env KEY=VALUE.
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Working directory of CMD in the guest.
+    #[arg(long)]
+    cwd: Option<String>,
+    /// Forward forkd's stdin to CMD.
+    #[arg(short, long)]
+    interactive: bool,
+    /// Print boot and run timings to stderr.
+    #[arg(long)]
+    timings: bool,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    cmd: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Build (or find cached) kernel, initramfs and root image; print their paths.
+    Build {
+        #[command(flatten)]
+        guest: GuestArgs,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    // Before any thread starts, so that every thread inherits the mask and
+    // the signal thread is the only one that sees these signals.
+    signals::block_termination_signals();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Doctor { json } => doctor_cmd(json),
+        Command::Image(ImageCommand::Build { guest, json }) => image_build(&guest, json),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("forkd: error: {e:#}");
+            ExitCode::from(EXIT_FORKD_ERROR)
+        }
+    }
+}
+
+fn progress(msg: &str) {
+    eprintln!("forkd: {msg}");
+}
+
+fn run(args: RunArgs) -> Result<ExitCode> {
+    let env = Env::from_process();
+    let accel: AccelRequest = args.accel.parse().map_err(anyhow::Error::msg)?;
+    let network = match args.net.as_str() {
+        "user" => Network::User,
+        "none" => Network::None,
+        other => anyhow::bail!("unknown --net {other:?}: use user or none"),
+    };
+    let mut vars = Vec::new();
+    for kv in &args.env {
+        let (k, v) = kv
+            .split_once('=')
+            .filter(|(k, _)| !k.is_empty())
+            .with_context(|| format!("--env {kv:?} must look like KEY=VALUE"))?;
+        vars.push((k.to_string(), v.to_string()));
+    }
+    let timeout_ms = match args.timeout {
+        Some(t) if !(t > 0.0 && t.is_finite()) => {
+            anyhow::bail!("--timeout must be a positive number of seconds")
+        }
+        Some(t) => Some((t * 1000.0) as u64),
+        None => None,
+    };
+
+    let t0 = Instant::now();
+    let artifacts =
+        forkd_core::artifacts::ensure(&env, &args.guest.artifact_options()?, &progress)?;
+    let t_artifacts = t0.elapsed();
+
+    let cancel = Arc::new(AtomicBool::new(false));
+    let signals = signals::Handler::start(Arc::clone(&cancel));
+    let opts = BootOptions {
+        cpus: args.cpus,
+        mem_mib: args.mem,
+        accel,
+        network,
+        cancel: Some(Arc::clone(&cancel)),
+        ..BootOptions::default()
+    };
+    let sandbox = match Sandbox::boot(&env, &artifacts, &opts) {
+        Ok(s) => Arc::new(s),
+        Err(_) if signals.received().is_some() => {
+            return Ok(ExitCode::from(128 + signals.received().unwrap_or(2) as u8))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if args.timings {
+        eprintln!(
+            "forkd: {} booted in {:.0} ms ({}; artifacts {:.0} ms)",
+            sandbox.id(),
+            sandbox.boot_time().as_secs_f64() * 1000.0,
+            sandbox.accel().reason,
+            t_artifacts.as_secs_f64() * 1000.0
+        );
+    }
+    let exec_id = sandbox.vm().agent().reserve_id();
+    signals.attach(Arc::downgrade(&sandbox), exec_id);
+
+    let req = ExecRequest {
+        argv: args.cmd.clone(),
+        env: vars,
+        cwd: args.cwd.clone(),
+        timeout_ms,
+        stdin: false,
+    };
+    let stdin: Option<Box<dyn std::io::Read + Send>> =
+        args.interactive.then(|| Box::new(std::io::stdin()) as _);
+    let t_exec = Instant::now();
+    let mut out = std::io::stdout().lock();
+    let mut err = std::io::stderr();
+    let tty = out.is_terminal();
+    let result = sandbox.exec_as(exec_id, req, stdin, |stream, bytes| {
+        let _ = match stream {
+            OutputStream::Stdout => {
+                out.write_all(bytes)
+                    .and_then(|_| if tty { out.flush() } else { Ok(()) })
+            }
+            OutputStream::Stderr => err.write_all(bytes),
+        };
+    });
+    let _ = out.flush();
+    let exec_time = t_exec.elapsed();
+    signals.detach();
+    let sandbox = Arc::try_unwrap(sandbox).ok();
+    // Ephemeral: the overlay is thrown away, so no clean guest shutdown is
+    // needed; dropping kills QEMU and removes the run directory.
+    let t_down = Instant::now();
+    drop(sandbox);
+    if let Some(sig) = signals.received() {
+        return Ok(ExitCode::from(128 + sig as u8));
+    }
+    let status = result?;
+    if args.timings {
+        eprintln!(
+            "forkd: command took {:.0} ms, teardown {:.0} ms, total {:.0} ms",
+            exec_time.as_secs_f64() * 1000.0,
+            t_down.elapsed().as_secs_f64() * 1000.0,
+            t0.elapsed().as_secs_f64() * 1000.0
+        );
+    }
+    if status.timed_out {
+        eprintln!(
+            "forkd: command timed out after {:.1} s and was killed",
+            args.timeout.unwrap_or(0.0)
+        );
+        return Ok(ExitCode::from(EXIT_TIMEOUT));
+    }
+    Ok(ExitCode::from((status.shell_code() & 0xff) as u8))
+}
+
+fn doctor_cmd(json: bool) -> Result<ExitCode> {
+    let env = Env::from_process();
+    let checks = doctor::run(&env, "qemu-system-x86_64");
+    let failed = checks.iter().any(|c| c.level == doctor::Level::Fail);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&checks)?);
+    } else {
+        println!("forkd home:    {}", env.home.display());
+        println!("runtime dir:   {}", env.runtime.display());
+        for c in &checks {
+            let tag = match c.level {
+                doctor::Level::Ok => "ok  ",
+                doctor::Level::Warn => "warn",
+                doctor::Level::Fail => "FAIL",
+            };
+            println!("[{tag}] {:<12} {}", c.name, c.detail);
+            if let Some(fix) = &c.fix {
+                println!("       {:<12} fix: {fix}", "");
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn image_build(guest: &GuestArgs, json: bool) -> Result<ExitCode> {
+    let env = Env::from_process();
+    let t0 = Instant::now();
+    let a = forkd_core::artifacts::ensure(&env, &guest.artifact_options()?, &progress)?;
+    let took = t0.elapsed();
+    if json {
+        let v = serde_json::json!({
+            "kernel": a.kernel.vmlinuz, "kernel_version": a.kernel.version,
+            "initramfs": a.initramfs, "rootfs": a.rootfs, "seconds": took.as_secs_f64(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "kernel     {} ({})",
+            a.kernel.vmlinuz.display(),
+            a.kernel.version
+        );
+        println!("initramfs  {}", a.initramfs.display());
+        match &a.rootfs {
+            Some(r) => println!("rootfs     {}", r.display()),
+            None => println!("rootfs     none"),
+        }
+        eprintln!("forkd: ready in {:.1} s", took.as_secs_f64());
+    }
+    Ok(ExitCode::SUCCESS)
+}

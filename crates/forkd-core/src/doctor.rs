@@ -1,0 +1,201 @@
+//! `forkd doctor`: what this host can do, and the command that fixes what it cannot.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::artifacts::find_agent;
+use crate::paths::{free_bytes, is_tmpfs, Env};
+
+/// Outcome of one check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Ok,
+    Warn,
+    Fail,
+}
+
+/// One line of the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    pub level: Level,
+    pub detail: String,
+    /// A command that fixes it, when it is not ok.
+    pub fix: Option<String>,
+}
+
+fn check(name: &'static str, level: Level, detail: impl Into<String>, fix: Option<&str>) -> Check {
+    Check {
+        name,
+        level,
+        detail: detail.into(),
+        fix: fix.map(str::to_string),
+    }
+}
+
+/// Runs every check. Never fails: problems are reported as checks.
+pub fn run(env: &Env, qemu: &str) -> Vec<Check> {
+    let mut out = Vec::new();
+    let qemu_path = Path::new(qemu);
+    out.push(match forkd_vm::vm::qemu_version(qemu_path) {
+        Ok(v) => check("qemu", Level::Ok, v, None),
+        Err(e) => check(
+            "qemu",
+            Level::Fail,
+            e.to_string(),
+            Some("apt-get install -y --no-install-recommends qemu-system-x86"),
+        ),
+    });
+    out.push(match forkd_vm::vm::which(Path::new("qemu-img")) {
+        Some(p) => check("qemu-img", Level::Ok, p.display().to_string(), None),
+        None => check(
+            "qemu-img",
+            Level::Fail,
+            "qemu-img not found (needed for disk overlays)",
+            Some("apt-get install -y qemu-utils"),
+        ),
+    });
+
+    let host = forkd_vm::HostProbe::read();
+    let choice =
+        forkd_vm::accel::choose(forkd_vm::AccelRequest::Auto, &host).expect("auto always chooses");
+    out.push(match choice.accel {
+        forkd_vm::Accel::Kvm => check("accel", Level::Ok, format!("KVM: {}", choice.reason), None),
+        forkd_vm::Accel::Tcg => check(
+            "accel",
+            Level::Warn,
+            format!(
+                "will use TCG, {}. Boots take seconds instead of ~100 ms",
+                choice
+                    .reason
+                    .trim_start_matches("using TCG (software emulation): ")
+            ),
+            Some("run on a host with Intel VT-x or AMD-V and `modprobe kvm_intel` (or kvm_amd)"),
+        ),
+    });
+
+    let kernels = env.home.join("kernels");
+    let kernel = std::fs::read_dir(&kernels)
+        .ok()
+        .and_then(|d| d.flatten().find(|e| e.path().join(".complete").exists()))
+        .map(|e| e.file_name().to_string_lossy().into_owned());
+    out.push(match kernel {
+        Some(v) => check(
+            "kernel",
+            Level::Ok,
+            format!("Debian cloud kernel {v} in {}", kernels.display()),
+            None,
+        ),
+        None => check(
+            "kernel",
+            Level::Warn,
+            format!(
+                "no guest kernel in {} yet (fetched on first use)",
+                kernels.display()
+            ),
+            Some("forkd image build"),
+        ),
+    });
+    out.push(match find_agent(None) {
+        Ok(p) => check(
+            "agent",
+            Level::Ok,
+            format!("static guest agent {}", p.display()),
+            None,
+        ),
+        Err(e) => check(
+            "agent",
+            Level::Fail,
+            e.to_string(),
+            Some("scripts/build-agent.sh"),
+        ),
+    });
+    out.push(match forkd_guest::find_busybox() {
+        Ok(p) => check(
+            "busybox",
+            Level::Ok,
+            format!("static busybox {}", p.display()),
+            None,
+        ),
+        Err(e) => check(
+            "busybox",
+            Level::Fail,
+            e.to_string(),
+            Some("apt-get install -y busybox-static"),
+        ),
+    });
+    out.push(match forkd_vm::vm::which(Path::new("mkfs.ext4")) {
+        Some(_) => check("mkfs.ext4", Level::Ok, "present (root disk images)", None),
+        None => check(
+            "mkfs.ext4",
+            Level::Fail,
+            "mkfs.ext4 not found",
+            Some("apt-get install -y e2fsprogs"),
+        ),
+    });
+    for (name, dir) in [("initramfs", "initramfs"), ("images", "images")] {
+        let n = std::fs::read_dir(env.home.join(dir))
+            .map(|d| d.flatten().count())
+            .unwrap_or(0);
+        out.push(if n > 0 {
+            check(
+                name,
+                Level::Ok,
+                format!("{n} cached in {}", env.home.join(dir).display()),
+                None,
+            )
+        } else {
+            check(
+                name,
+                Level::Warn,
+                "none built yet (built on first use)",
+                Some("forkd image build"),
+            )
+        });
+    }
+
+    let free = free_bytes(&env.runtime).unwrap_or(0);
+    let gib = free as f64 / (1u64 << 30) as f64;
+    out.push(if !is_tmpfs(&env.runtime) {
+        check(
+            "runtime-dir",
+            Level::Warn,
+            format!(
+                "{} is not on tmpfs ({gib:.1} GiB free): RAM images there cannot be live-branched",
+                env.runtime.display()
+            ),
+            Some("export FORKD_RUNTIME_DIR=/dev/shm/forkd"),
+        )
+    } else if free < 1 << 30 {
+        check(
+            "runtime-dir",
+            Level::Warn,
+            format!(
+                "{} on tmpfs has only {gib:.1} GiB free",
+                env.runtime.display()
+            ),
+            Some("mount -o remount,size=8G /dev/shm"),
+        )
+    } else {
+        check(
+            "runtime-dir",
+            Level::Ok,
+            format!("{} on tmpfs, {gib:.1} GiB free", env.runtime.display()),
+            None,
+        )
+    });
+
+    let unpriv = std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "?".into());
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    out.push(if root || unpriv == "1" {
+        check("userfaultfd", Level::Ok, format!("vm.unprivileged_userfaultfd={unpriv}, {}: QEMU can write-protect guest RAM for live branches", if root { "running as root" } else { "unprivileged use allowed" }), None)
+    } else {
+        check("userfaultfd", Level::Warn, format!("vm.unprivileged_userfaultfd={unpriv} and not root: live BRANCH (background-snapshot) will fail"), Some("sysctl -w vm.unprivileged_userfaultfd=1 (or run forkd as root / with CAP_SYS_PTRACE)"))
+    });
+    out
+}

@@ -1,0 +1,30 @@
+//! Sandboxes: the operations both front ends (CLI, daemon) call.
+//!
+//! Owns the decisions above a single VM: where files live ([`paths`]), which
+//! guest artifacts a sandbox boots from ([`artifacts`]), booting and driving a
+//! sandbox ([`sandbox`]), and the host report ([`doctor`]). It parses no
+//! command lines and prints nothing; the CLI does that.
+
+pub mod artifacts;
+pub mod doctor;
+pub mod paths;
+pub mod sandbox;
+
+pub use artifacts::{ArtifactOptions, Artifacts, Image};
+pub use paths::Env;
+pub use sandbox::{BootOptions, Sandbox};
+
+/// Why a sandbox operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error("{0}")]
+    Config(String),
+    #[error(
+        "the static guest agent binary was not found ({0}); build it with `scripts/build-agent.sh`"
+    )]
+    AgentNotFound(String),
+    #[error(transparent)]
+    Guest(#[from] forkd_guest::GuestError),
+    #[error(transparent)]
+    Vm(#[from] forkd_vm::VmError),
+}

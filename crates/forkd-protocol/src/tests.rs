@@ -1,0 +1,174 @@
+use super::*;
+use crate::frame::{write_frame, Header, HEADER_LEN, MAGIC};
+use std::io::Cursor;
+
+fn framed(kind: Kind, id: u32, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    write_frame(&mut v, kind, id, payload).unwrap();
+    v
+}
+
+#[test]
+fn frame_round_trip() {
+    let mut bytes = framed(Kind::Stdout, 7, b"hello");
+    bytes.extend(framed(Kind::Data, 8, b""));
+    let mut r = FrameReader::new(Cursor::new(bytes));
+    let a = r.read_frame().unwrap();
+    assert_eq!(
+        (a.kind, a.id, a.payload.as_slice()),
+        (Kind::Stdout, 7, &b"hello"[..])
+    );
+    let b = r.read_frame().unwrap();
+    assert_eq!((b.kind, b.id, b.payload.len()), (Kind::Data, 8, 0));
+    assert!(matches!(r.read_frame(), Err(FrameError::Eof)));
+}
+
+#[test]
+fn header_layout_is_big_endian() {
+    let h = Header::encode(Kind::Request, 0x01020304, 0x0a0b0c0d);
+    assert_eq!(
+        &h[..],
+        &[b'F', b'K', VERSION, 3, 1, 2, 3, 4, 0x0a, 0x0b, 0x0c, 0x0d]
+    );
+}
+
+#[test]
+fn garbage_before_a_frame_is_skipped_and_reported() {
+    let mut bytes = b"noise-without-magic!".to_vec();
+    bytes.extend(framed(Kind::Request, 3, b"{}"));
+    let mut r = FrameReader::new(Cursor::new(bytes));
+    assert!(matches!(r.read_frame(), Err(FrameError::BadMagic { .. })));
+    let f = r.read_frame().unwrap();
+    assert_eq!((f.kind, f.id), (Kind::Request, 3));
+}
+
+#[test]
+fn magic_split_across_reads_is_found() {
+    // A reader that returns one byte at a time exercises the carry-over of 'F'.
+    struct Trickle(Cursor<Vec<u8>>);
+    impl std::io::Read for Trickle {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = buf.len().min(1);
+            self.0.read(&mut buf[..n])
+        }
+    }
+    let mut bytes = vec![0u8; 13];
+    bytes.extend(framed(Kind::Stderr, 9, b"x"));
+    let mut r = FrameReader::new(Trickle(Cursor::new(bytes)));
+    assert!(r.read_frame().is_err());
+    assert_eq!(r.read_frame().unwrap().id, 9);
+}
+
+#[test]
+fn oversized_frame_is_skipped_without_buffering() {
+    let len = MAX_PAYLOAD + 1;
+    let mut bytes = Header::encode(Kind::Data, 5, len).to_vec();
+    bytes.extend(std::iter::repeat_n(0xAB, len as usize));
+    bytes.extend(framed(Kind::Data, 6, b"ok"));
+    let mut r = FrameReader::new(Cursor::new(bytes));
+    match r.read_frame() {
+        Err(e @ FrameError::Oversized { id: 5, .. }) => assert!(e.is_recoverable()),
+        other => panic!("expected oversized, got {other:?}"),
+    }
+    assert_eq!(r.read_frame().unwrap().payload, b"ok");
+}
+
+#[test]
+fn wrong_version_and_unknown_kind_are_consumed() {
+    let mut v = Header::encode(Kind::Data, 1, 2).to_vec();
+    v[2] = VERSION + 1;
+    v.extend(b"zz");
+    let mut k = Header::encode(Kind::Data, 2, 1).to_vec();
+    k[3] = 200;
+    k.push(b'q');
+    let mut bytes = v;
+    bytes.extend(k);
+    bytes.extend(framed(Kind::Stdin, 3, b""));
+    let mut r = FrameReader::new(Cursor::new(bytes));
+    assert!(matches!(
+        r.read_frame(),
+        Err(FrameError::BadVersion { id: 1, .. })
+    ));
+    assert!(matches!(
+        r.read_frame(),
+        Err(FrameError::UnknownKind { id: 2, kind: 200 })
+    ));
+    assert_eq!(r.read_frame().unwrap().id, 3);
+}
+
+#[test]
+fn truncated_frame_is_an_io_error() {
+    let mut bytes = framed(Kind::Stdout, 1, b"abcdef");
+    bytes.truncate(HEADER_LEN + 2);
+    let mut r = FrameReader::new(Cursor::new(bytes));
+    let e = r.read_frame().unwrap_err();
+    assert!(!e.is_recoverable(), "{e}");
+}
+
+#[test]
+fn write_frame_refuses_oversized_payload() {
+    let big = vec![0u8; MAX_PAYLOAD as usize + 1];
+    let mut out = Vec::new();
+    assert!(write_frame(&mut out, Kind::Data, 1, &big).is_err());
+    assert!(out.is_empty());
+}
+
+#[test]
+fn requests_round_trip_through_json() {
+    let reqs = vec![
+        Request::Ping {},
+        Request::Exec(ExecRequest {
+            argv: vec!["sh".into(), "-c".into(), "echo hi".into()],
+            env: vec![("A".into(), "b".into())],
+            cwd: Some("/tmp".into()),
+            timeout_ms: Some(1500),
+            stdin: true,
+        }),
+        Request::WriteFile {
+            path: "/x".into(),
+            mode: Some(0o600),
+        },
+        Request::ReadFile { path: "/y".into() },
+        Request::Signal {
+            target: 4,
+            signal: 15,
+        },
+        Request::Shutdown {},
+    ];
+    for r in reqs {
+        let back: Request = decode(&encode(&r)).unwrap();
+        assert_eq!(back, r);
+    }
+}
+
+#[test]
+fn unknown_request_fields_and_ops_are_rejected() {
+    assert!(decode::<Request>(br#"{"op":"ping","extra":1}"#).is_err());
+    assert!(decode::<Request>(br#"{"op":"format_disk"}"#).is_err());
+    assert!(decode::<Request>(br#"{"op":"exec","argv":"notalist"}"#).is_err());
+    let minimal: Request = decode(br#"{"op":"exec","argv":["true"]}"#).unwrap();
+    assert_eq!(
+        minimal,
+        Request::Exec(ExecRequest {
+            argv: vec!["true".into()],
+            ..Default::default()
+        })
+    );
+}
+
+#[test]
+fn shell_code_follows_the_shell_convention() {
+    let s = |code, signal| ExitStatus {
+        code,
+        signal,
+        timed_out: false,
+        duration_ms: 0,
+    };
+    assert_eq!(s(Some(3), None).shell_code(), 3);
+    assert_eq!(s(None, Some(9)).shell_code(), 137);
+}
+
+#[test]
+fn magic_constant_matches_header() {
+    assert_eq!(&Header::encode(Kind::Hello, 0, 0)[..2], &MAGIC);
+}

@@ -1,0 +1,310 @@
+//! The QEMU command line, generated from a typed [`VmConfig`]. Pure: the only
+//! place that knows QEMU's option syntax, unit-tested without starting QEMU.
+
+use std::path::{Path, PathBuf};
+
+use crate::accel::Accel;
+
+/// How guest RAM is backed. Later snapshots need RAM in a file on tmpfs; a
+/// plain run can use anonymous memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemoryBackend {
+    /// `memory-backend-ram`: anonymous memory.
+    Anonymous,
+    /// `memory-backend-file,share=on`: RAM lives in this file (on tmpfs), and
+    /// writes reach the file.
+    SharedFile(PathBuf),
+    /// `memory-backend-file,share=off`: the file is mapped copy-on-write
+    /// (MAP_PRIVATE); the guest starts with its contents and never changes it.
+    PrivateFile(PathBuf),
+}
+
+/// A virtio-blk disk: a qcow2 overlay whose backing file is a read-only base.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    pub overlay: PathBuf,
+}
+
+/// Guest networking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Network {
+    #[default]
+    None,
+    /// QEMU's user-mode (slirp) stack: no root, one isolated stack per VM.
+    User,
+}
+
+/// Everything QEMU needs to start a VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    pub qemu: PathBuf,
+    pub accel: Accel,
+    pub cpus: u32,
+    pub mem_mib: u64,
+    pub memory: MemoryBackend,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    /// Extra kernel command-line words (after forkd's own).
+    pub kernel_args: Vec<String>,
+    pub hostname: String,
+    pub disks: Vec<Disk>,
+    pub network: Network,
+    pub qmp_socket: PathBuf,
+    pub agent_socket: PathBuf,
+    pub console_log: PathBuf,
+}
+
+/// Smallest guest the kernel and agent boot in.
+pub const MIN_MEM_MIB: u64 = 64;
+/// Largest vCPU count accepted (microvm's limit is higher; this is a sanity bound).
+pub const MAX_CPUS: u32 = 64;
+
+impl VmConfig {
+    /// Checks values a user controls before QEMU sees them.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.cpus == 0 || self.cpus > MAX_CPUS {
+            return Err(format!(
+                "--cpus {} is out of range 1..={MAX_CPUS}",
+                self.cpus
+            ));
+        }
+        if self.mem_mib < MIN_MEM_MIB {
+            return Err(format!(
+                "--mem {} MiB is too small: the guest needs at least {MIN_MEM_MIB} MiB",
+                self.mem_mib
+            ));
+        }
+        if !valid_hostname(&self.hostname) {
+            return Err(format!(
+                "hostname {:?} is not a valid host name",
+                self.hostname
+            ));
+        }
+        for (what, p) in [("kernel", &self.kernel), ("initramfs", &self.initramfs)] {
+            if !p.is_file() {
+                return Err(format!("{what} {} does not exist", p.display()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The kernel command line.
+    pub fn cmdline(&self) -> String {
+        let mut words: Vec<String> = ["console=ttyS0", "quiet", "panic=-1", "reboot=t"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        words.extend(self.accel.kernel_args().iter().map(|s| s.to_string()));
+        words.push(format!("forkd.hostname={}", self.hostname));
+        if !self.disks.is_empty() {
+            words.push("forkd.root=/dev/vda".into());
+        }
+        if self.network == Network::User {
+            words.push("forkd.net=user".into());
+        }
+        words.extend(self.kernel_args.iter().cloned());
+        words.join(" ")
+    }
+
+    /// The full argument vector after the QEMU binary.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a: Vec<String> = Vec::new();
+        let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
+        push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+        push(&["-machine", "microvm,x-option-roms=off,isa-serial=on,rtc=on"]);
+        match self.accel {
+            Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+            Accel::Tcg => push(&["-accel", "tcg"]),
+        }
+        let cpus = self.cpus.to_string();
+        push(&["-smp", &cpus]);
+        let size = format!("{}M", self.mem_mib);
+        push(&["-m", &size]);
+        match &self.memory {
+            MemoryBackend::Anonymous => {}
+            MemoryBackend::SharedFile(p) | MemoryBackend::PrivateFile(p) => {
+                let share = matches!(self.memory, MemoryBackend::SharedFile(_));
+                let obj = format!(
+                    "memory-backend-file,id=mem0,size={size},mem-path={},share={}",
+                    opt_escape(p),
+                    if share { "on" } else { "off" }
+                );
+                push(&["-object", &obj, "-machine", "memory-backend=mem0"]);
+            }
+        }
+        push(&["-kernel", &path_str(&self.kernel)]);
+        push(&["-initrd", &path_str(&self.initramfs)]);
+        let cmdline = self.cmdline();
+        push(&["-append", &cmdline]);
+
+        let console = format!("file,id=console0,path={}", opt_escape(&self.console_log));
+        push(&["-chardev", &console, "-serial", "chardev:console0"]);
+        let qmp = format!(
+            "socket,id=qmp0,path={},server=on,wait=off",
+            opt_escape(&self.qmp_socket)
+        );
+        push(&["-chardev", &qmp, "-mon", "chardev=qmp0,mode=control"]);
+        let agent = format!(
+            "socket,id=agent0,path={},server=on,wait=off",
+            opt_escape(&self.agent_socket)
+        );
+        push(&["-chardev", &agent, "-device", "virtio-serial-device"]);
+        let port = format!(
+            "virtserialport,chardev=agent0,name={}",
+            forkd_protocol::PORT_NAME
+        );
+        push(&["-device", &port]);
+        push(&["-object", "rng-random,id=rng0,filename=/dev/urandom"]);
+        push(&["-device", "virtio-rng-device,rng=rng0"]);
+
+        for (i, d) in self.disks.iter().enumerate() {
+            // JSON syntax: no comma escaping, the overlay's backing file is
+            // opened from its qcow2 header (read-only).
+            let node = serde_json::json!({
+                "driver": "qcow2",
+                "node-name": format!("disk{i}"),
+                "file": { "driver": "file", "filename": path_str(&d.overlay) },
+            });
+            push(&["-blockdev", &node.to_string()]);
+            let dev = format!("virtio-blk-device,drive=disk{i}");
+            push(&["-device", &dev]);
+        }
+        if self.network == Network::User {
+            push(&[
+                "-netdev",
+                "user,id=net0",
+                "-device",
+                "virtio-net-device,netdev=net0",
+            ]);
+        }
+        a
+    }
+}
+
+fn path_str(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+/// QEMU's option syntax separates with commas; a literal comma is doubled.
+fn opt_escape(p: &Path) -> String {
+    path_str(p).replace(',', ",,")
+}
+
+/// RFC 1123 host name label: 1-63 of `[A-Za-z0-9-]`, not starting or ending with `-`.
+pub fn valid_hostname(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 63
+        && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !h.starts_with('-')
+        && !h.ends_with('-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> VmConfig {
+        VmConfig {
+            qemu: "qemu-system-x86_64".into(),
+            accel: Accel::Tcg,
+            cpus: 2,
+            mem_mib: 256,
+            memory: MemoryBackend::Anonymous,
+            kernel: "/k/vmlinuz".into(),
+            initramfs: "/k/initrd".into(),
+            kernel_args: vec![],
+            hostname: "vm-1".into(),
+            disks: vec![],
+            network: Network::None,
+            qmp_socket: "/run/x/qmp.sock".into(),
+            agent_socket: "/run/x/agent.sock".into(),
+            console_log: "/run/x/console.log".into(),
+        }
+    }
+
+    fn value_after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    #[test]
+    fn tcg_command_line_has_microvm_agent_port_and_tsc_hints() {
+        let args = config().to_args();
+        assert_eq!(value_after(&args, "-accel"), ["tcg"]);
+        assert!(value_after(&args, "-machine")[0].starts_with("microvm"));
+        assert_eq!(value_after(&args, "-m"), ["256M"]);
+        assert_eq!(value_after(&args, "-smp"), ["2"]);
+        let append = value_after(&args, "-append")[0];
+        assert!(append.contains("tsc_early_khz=2000000 lpj=4000000"));
+        assert!(append.contains("forkd.hostname=vm-1"));
+        assert!(!append.contains("forkd.root"));
+        assert!(args
+            .iter()
+            .any(|a| a == "virtserialport,chardev=agent0,name=org.forkd.agent"));
+        assert!(args.contains(&"-no-reboot".to_string()));
+        assert!(!args.iter().any(|a| a.contains("memory-backend")));
+    }
+
+    #[test]
+    fn kvm_uses_host_cpu_and_no_tsc_hints() {
+        let mut c = config();
+        c.accel = Accel::Kvm;
+        let args = c.to_args();
+        assert_eq!(value_after(&args, "-accel"), ["kvm"]);
+        assert_eq!(value_after(&args, "-cpu"), ["host"]);
+        assert!(!value_after(&args, "-append")[0].contains("tsc_early_khz"));
+    }
+
+    #[test]
+    fn disks_network_and_file_memory() {
+        let mut c = config();
+        c.disks = vec![Disk {
+            overlay: "/run/x/root,1.qcow2".into(),
+        }];
+        c.network = Network::User;
+        c.memory = MemoryBackend::SharedFile("/dev/shm/a,b/ram".into());
+        let args = c.to_args();
+        let bd: serde_json::Value =
+            serde_json::from_str(value_after(&args, "-blockdev")[0]).unwrap();
+        assert_eq!(bd["file"]["filename"], "/run/x/root,1.qcow2");
+        assert!(args.iter().any(|a| a == "virtio-blk-device,drive=disk0"));
+        assert!(args.iter().any(|a| a == "virtio-net-device,netdev=net0"));
+        let obj = value_after(&args, "-object")
+            .into_iter()
+            .find(|o| o.starts_with("memory-backend-file"))
+            .unwrap();
+        assert!(obj.contains("mem-path=/dev/shm/a,,b/ram,share=on"), "{obj}");
+        let append = value_after(&args, "-append")[0];
+        assert!(append.contains("forkd.root=/dev/vda") && append.contains("forkd.net=user"));
+        c.memory = MemoryBackend::PrivateFile("/dev/shm/img".into());
+        assert!(c.to_args().iter().any(|a| a.ends_with("share=off")));
+    }
+
+    #[test]
+    fn validation_names_the_bad_value() {
+        let mut c = config();
+        c.cpus = 0;
+        assert!(c.validate().unwrap_err().contains("--cpus 0"));
+        c.cpus = 1;
+        c.mem_mib = 16;
+        assert!(c.validate().unwrap_err().contains("--mem 16"));
+        c.mem_mib = 256;
+        c.hostname = "bad host".into();
+        assert!(c.validate().unwrap_err().contains("host name"));
+        c.hostname = "ok".into();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .contains("kernel /k/vmlinuz does not exist"));
+    }
+
+    #[test]
+    fn hostnames() {
+        assert!(valid_hostname("sb-0a1"));
+        assert!(!valid_hostname("-x"));
+        assert!(!valid_hostname(&"a".repeat(64)));
+        assert!(!valid_hostname("a.b"));
+    }
+}

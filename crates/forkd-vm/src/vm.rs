@@ -1,0 +1,560 @@
+//! A running QEMU: start it, wait until its agent answers, talk to it, stop it.
+//!
+//! Ownership rules that keep hosts clean: every VM lives in its own [`RunDir`]
+//! (sockets, console log, overlays), locked with `flock` by the process that
+//! owns the VM. Dropping a [`Vm`] kills QEMU and removes the directory. If the
+//! owner dies without dropping (SIGKILL), QEMU gets SIGKILL from the kernel
+//! (`PR_SET_PDEATHSIG`) and the next forkd process removes the unlocked
+//! directory ([`sweep_stale`]).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use forkd_protocol::client::{AgentClient, ClientError};
+
+use crate::config::VmConfig;
+use crate::qmp::{Qmp, QmpError};
+
+/// Why a VM operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("invalid VM configuration: {0}")]
+    Config(String),
+    #[error("{0} not found: install QEMU with `apt-get install qemu-system-x86`")]
+    QemuNotFound(String),
+    #[error("cannot start QEMU: {0}")]
+    Spawn(io::Error),
+    #[error("QEMU exited during boot ({status}){}", detail(.stderr, .console))]
+    ExitedDuringBoot {
+        status: String,
+        stderr: String,
+        console: String,
+    },
+    #[error("the guest agent did not answer within {timeout:?} of QEMU starting{}", detail(.stderr, .console))]
+    BootTimeout {
+        timeout: Duration,
+        stderr: String,
+        console: String,
+    },
+    #[error("the VM died ({status}) during {during}{}", detail("", .console))]
+    Died {
+        status: String,
+        during: String,
+        console: String,
+    },
+    #[error("boot cancelled")]
+    Cancelled,
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+    #[error(transparent)]
+    Agent(#[from] ClientError),
+    #[error("VM run directory {path}: {source}")]
+    RunDir { path: String, source: io::Error },
+}
+
+fn detail(stderr: &str, console: &str) -> String {
+    let mut s = String::new();
+    if !stderr.trim().is_empty() {
+        s.push_str(&format!("\nQEMU said: {}", stderr.trim()));
+    }
+    if !console.trim().is_empty() {
+        s.push_str(&format!(
+            "\nlast guest console lines:\n{}",
+            console.trim_end()
+        ));
+    }
+    s
+}
+
+/// A VM's private directory, locked by its owner while it lives.
+pub struct RunDir {
+    path: PathBuf,
+    lock: Option<File>,
+    keep: bool,
+    watchdog: Option<(Option<std::process::ChildStdin>, Child)>,
+}
+
+const LOCK_FILE: &str = "owner.lock";
+
+impl RunDir {
+    /// Creates `parent/name` and takes its lock. Fails if it already exists.
+    pub fn create(parent: &Path, name: &str) -> Result<RunDir, VmError> {
+        let path = parent.join(name);
+        let err = |source| VmError::RunDir {
+            path: path.display().to_string(),
+            source,
+        };
+        fs::create_dir_all(parent).map_err(err)?;
+        fs::create_dir(&path).map_err(err)?;
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(path.join(LOCK_FILE))
+            .map_err(err)?;
+        // SAFETY: flock on a valid fd we own; no memory effects.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(err(io::Error::last_os_error()));
+        }
+        Ok(RunDir {
+            path,
+            lock: Some(lock),
+            keep: false,
+            watchdog: None,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A file inside the directory.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    /// Leaves the directory in place on drop (a detached VM outlives us).
+    pub fn keep(&mut self) {
+        self.keep = true;
+    }
+
+    /// Guarantees removal even if this process is killed with SIGKILL: a
+    /// watchdog shell blocks reading a pipe only we hold open; when we die
+    /// the pipe closes and it removes the directory. It runs in its own
+    /// session so terminal signals meant for us do not end it early.
+    pub fn remove_when_owner_dies(&mut self) -> Result<(), VmError> {
+        let err = |source| VmError::RunDir {
+            path: self.path.display().to_string(),
+            source,
+        };
+        let mut cmd = Command::new("/bin/sh");
+        cmd.arg("-c")
+            .arg("while read -r _; do :; done; rm -rf -- \"$0\"")
+            .arg(&self.path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: setsid is async-signal-safe and has no memory effects.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(err)?;
+        // Keep the write end open for our lifetime; never reap the shell
+        // (init adopts it when it outlives us; we reap it on drop).
+        self.watchdog = Some((child.stdin.take(), child));
+        Ok(())
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+        self.lock.take();
+        if let Some((pipe, mut child)) = self.watchdog.take() {
+            drop(pipe);
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Removes run directories under `parent` whose owner is gone (their lock can
+/// be taken). Returns what it removed.
+pub fn sweep_stale(parent: &Path) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    let Ok(entries) = fs::read_dir(parent) else {
+        return removed;
+    };
+    for e in entries.flatten() {
+        let dir = e.path();
+        let Ok(lock) = File::open(dir.join(LOCK_FILE)) else {
+            continue;
+        };
+        // SAFETY: flock on a valid fd we own.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0
+            && fs::remove_dir_all(&dir).is_ok()
+        {
+            removed.push(dir);
+        }
+    }
+    removed
+}
+
+/// How [`Vm::shutdown`] ended the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shutdown {
+    /// The guest synced and powered off.
+    PoweredOff,
+    /// QEMU exited on QMP `quit`.
+    Quit,
+    /// QEMU was killed.
+    Killed,
+}
+
+/// How to launch.
+#[derive(Debug, Clone)]
+pub struct LaunchOptions {
+    /// From QEMU start until the agent must have answered.
+    pub boot_timeout: Duration,
+    /// Kill QEMU when the thread that started it dies (ephemeral VMs).
+    pub die_with_parent: bool,
+    /// Set to true (from another thread) to abandon the boot.
+    pub cancel: Option<Arc<AtomicBool>>,
+}
+
+impl Default for LaunchOptions {
+    fn default() -> Self {
+        LaunchOptions {
+            boot_timeout: Duration::from_secs(60),
+            die_with_parent: true,
+            cancel: None,
+        }
+    }
+}
+
+/// A running VM with its QMP and agent connections.
+pub struct Vm {
+    config: VmConfig,
+    child: Mutex<Option<Child>>,
+    pid: u32,
+    qmp: Mutex<Qmp>,
+    agent: AgentClient,
+    run_dir: RunDir,
+    boot_time: Duration,
+    stderr_path: PathBuf,
+}
+
+impl Vm {
+    /// Starts QEMU and waits until the guest agent has answered the handshake.
+    pub fn launch(config: VmConfig, run_dir: RunDir, opts: &LaunchOptions) -> Result<Vm, VmError> {
+        config.validate().map_err(VmError::Config)?;
+        let qemu = which(&config.qemu)
+            .ok_or_else(|| VmError::QemuNotFound(config.qemu.display().to_string()))?;
+        let stderr_path = run_dir.file("qemu.stderr");
+        let stderr = File::create(&stderr_path).map_err(|source| VmError::RunDir {
+            path: stderr_path.display().to_string(),
+            source,
+        })?;
+        let started = Instant::now();
+        let mut cmd = Command::new(&qemu);
+        cmd.args(config.to_args())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        let die_with_parent = opts.die_with_parent;
+        // SAFETY: runs in the forked child before exec; setsid and prctl are
+        // async-signal-safe syscalls with no memory effects in the child.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Own session: a Ctrl-C on our terminal is ours to handle,
+                // it must not kill QEMU behind our back.
+                libc::setsid();
+                if die_with_parent {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(VmError::Spawn)?;
+        let pid = child.id();
+        let mut partial = Partial {
+            child: Some(child),
+            stderr_path: stderr_path.clone(),
+            console: config.console_log.clone(),
+        };
+
+        // Sockets appear once QEMU has parsed its options.
+        let deadline = started + opts.boot_timeout;
+        while !(config.qmp_socket.exists() && config.agent_socket.exists()) {
+            partial.check_alive()?;
+            if opts
+                .cancel
+                .as_ref()
+                .is_some_and(|c| c.load(Ordering::SeqCst))
+            {
+                return Err(VmError::Cancelled);
+            }
+            if Instant::now() > deadline {
+                return Err(partial.timeout(opts.boot_timeout));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let qmp = match Qmp::connect(&config.qmp_socket, Duration::from_secs(10)) {
+            Ok(q) => q,
+            Err(e) => {
+                partial.check_alive()?;
+                return Err(e.into());
+            }
+        };
+        let stream = UnixStream::connect(&config.agent_socket).map_err(|e| {
+            partial
+                .check_alive()
+                .err()
+                .unwrap_or(VmError::Agent(ClientError::Io(e)))
+        })?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut exited = None;
+        let mut keep_waiting = || {
+            if opts
+                .cancel
+                .as_ref()
+                .is_some_and(|c| c.load(Ordering::SeqCst))
+            {
+                return Err(ClientError::Cancelled);
+            }
+            if let Err(e) = partial.check_alive() {
+                exited = Some(e);
+                return Err(ClientError::Cancelled);
+            }
+            Ok(())
+        };
+        let connected = AgentClient::connect_while(stream, left, &mut keep_waiting);
+        if let Some(e) = exited {
+            return Err(e);
+        }
+        let agent = match connected {
+            Ok(a) => a,
+            Err(ClientError::Cancelled) => return Err(VmError::Cancelled),
+            Err(ClientError::HandshakeTimeout(_)) => {
+                partial.check_alive()?;
+                return Err(partial.timeout(opts.boot_timeout));
+            }
+            Err(e) => {
+                partial.wait_exit(Duration::from_secs(2));
+                partial.check_alive()?;
+                return Err(e.into());
+            }
+        };
+        let boot_time = started.elapsed();
+        Ok(Vm {
+            config,
+            child: Mutex::new(partial.child.take()),
+            pid,
+            qmp: Mutex::new(qmp),
+            agent,
+            run_dir,
+            boot_time,
+            stderr_path,
+        })
+    }
+
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// QEMU's process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// From QEMU start to the agent's handshake.
+    pub fn boot_time(&self) -> Duration {
+        self.boot_time
+    }
+
+    pub fn agent(&self) -> &AgentClient {
+        &self.agent
+    }
+
+    /// The QMP session (one command at a time).
+    pub fn qmp(&self) -> MutexGuard<'_, Qmp> {
+        self.qmp.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn run_dir(&self) -> &Path {
+        self.run_dir.path()
+    }
+
+    /// The QEMU exit status if it has exited.
+    pub fn try_exit(&self) -> Option<ExitStatus> {
+        let mut child = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Sends SIGKILL to QEMU without waiting (safe from any thread); the
+    /// owner's next agent call fails with [`VmError::Died`].
+    pub fn kill_now(&self) {
+        // SAFETY: kill has no memory effects; the pid is our unreaped child
+        // (reaping happens only through `child`), so it cannot be reused.
+        unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGKILL) };
+    }
+
+    /// Turns an agent error into the real story when QEMU is what died.
+    pub fn explain(&self, err: ClientError, during: &str) -> VmError {
+        if matches!(err, ClientError::Closed(_) | ClientError::Io(_)) {
+            // The socket closes while QEMU is exiting; give it a moment to be reapable.
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < deadline {
+                if let Some(status) = self.try_exit() {
+                    return VmError::Died {
+                        status: describe(status),
+                        during: during.into(),
+                        console: tail(&self.config.console_log, 10),
+                    };
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        VmError::Agent(err)
+    }
+
+    /// Last lines of the guest console.
+    pub fn console_tail(&self, lines: usize) -> String {
+        tail(&self.config.console_log, lines)
+    }
+
+    /// What QEMU wrote to stderr.
+    pub fn qemu_stderr(&self) -> String {
+        fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Powers the guest off through its agent (which syncs its disks), falling
+    /// back to QMP `quit` and then SIGKILL. Removes the run directory. Returns
+    /// how it ended.
+    pub fn shutdown(self, timeout: Duration) -> Shutdown {
+        let deadline = Instant::now() + timeout;
+        if self.agent.shutdown(Duration::from_secs(2)).is_ok() && self.wait_exit(deadline) {
+            return Shutdown::PoweredOff;
+        }
+        if self.qmp().quit().is_ok() && self.wait_exit(Instant::now() + Duration::from_secs(3)) {
+            return Shutdown::Quit;
+        }
+        Shutdown::Killed // by Drop
+    }
+
+    fn wait_exit(&self, deadline: Instant) -> bool {
+        loop {
+            if self.try_exit().is_some() {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Kills QEMU at once (SIGKILL) and removes the run directory.
+    pub fn kill(self) {}
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let mut child = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(mut child) = child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A QEMU that has not finished booting: cleans up after itself on error.
+struct Partial {
+    child: Option<Child>,
+    stderr_path: PathBuf,
+    console: PathBuf,
+}
+
+impl Partial {
+    fn check_alive(&mut self) -> Result<(), VmError> {
+        if let Some(child) = self.child.as_mut() {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Err(VmError::ExitedDuringBoot {
+                    status: describe(status),
+                    stderr: fs::read_to_string(&self.stderr_path).unwrap_or_default(),
+                    console: tail(&self.console, 15),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn wait_exit(&mut self, within: Duration) {
+        let deadline = Instant::now() + within;
+        while let Some(child) = self.child.as_mut() {
+            if matches!(child.try_wait(), Ok(Some(_))) || Instant::now() > deadline {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn timeout(&self, timeout: Duration) -> VmError {
+        VmError::BootTimeout {
+            timeout,
+            stderr: fs::read_to_string(&self.stderr_path).unwrap_or_default(),
+            console: tail(&self.console, 15),
+        }
+    }
+}
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// "exit code 1", "killed by signal 9".
+pub fn describe(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exit code {c}"),
+        (None, Some(s)) => format!("killed by signal {s}"),
+        _ => status.to_string(),
+    }
+}
+
+/// The last `lines` lines of a text file (reads at most its last 64 KiB).
+pub fn tail(path: &Path, lines: usize) -> String {
+    let Ok(mut f) = File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)));
+    let mut buf = Vec::new();
+    let _ = f.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Resolves a program name on PATH (or checks an explicit path).
+pub fn which(program: &Path) -> Option<PathBuf> {
+    if program.components().count() > 1 {
+        return program.is_file().then(|| program.to_path_buf());
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(program))
+            .find(|p| p.is_file())
+    })
+}
+
+/// `qemu-system-x86_64 --version`, first line.
+pub fn qemu_version(qemu: &Path) -> Result<String, VmError> {
+    let exe = which(qemu).ok_or_else(|| VmError::QemuNotFound(qemu.display().to_string()))?;
+    let out = Command::new(exe)
+        .arg("--version")
+        .output()
+        .map_err(VmError::Spawn)?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string())
+}
