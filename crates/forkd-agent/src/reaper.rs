@@ -116,24 +116,23 @@ fn reap_forever(registry: &Registry) {
         tv_nsec: 0,
     };
     loop {
-        loop {
-            let mut status: libc::c_int = 0;
-            // SAFETY: waitpid writes only to `status`.
-            let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
-            if pid <= 0 {
-                break;
+        {
+            // Reap only while holding the registry: spawners hold it across
+            // `spawn`, and std's spawn waits for a child whose exec failed
+            // itself; reaping that child here would make std panic.
+            let mut reg = registry.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                let mut status: libc::c_int = 0;
+                // SAFETY: waitpid writes only to `status`.
+                let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+                if pid <= 0 {
+                    break;
+                }
+                // Orphans that are not ours are reaped and forgotten.
+                if let Some(tx) = reg.remove(&pid) {
+                    let _ = tx.send(Ended::from_raw(status));
+                }
             }
-            let end = Ended::from_raw(status);
-            let reg = registry.lock().unwrap_or_else(|p| p.into_inner());
-            // Orphans that are not ours are reaped and forgotten.
-            if let Some(tx) = reg.get(&pid) {
-                let _ = tx.send(end);
-            }
-            drop(reg);
-            registry
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&pid);
         }
         // A 1 s timeout bounds the delay if a SIGCHLD coalesced with one we
         // already consumed; normally we wake on the signal itself.

@@ -291,19 +291,24 @@ impl Vm {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
+        // A connection failing here usually means QEMU is on its way out:
+        // give it a moment so the error can say why.
         let qmp = match Qmp::connect(&config.qmp_socket, Duration::from_secs(10)) {
             Ok(q) => q,
             Err(e) => {
+                partial.wait_exit(Duration::from_secs(2));
                 partial.check_alive()?;
                 return Err(e.into());
             }
         };
-        let stream = UnixStream::connect(&config.agent_socket).map_err(|e| {
-            partial
-                .check_alive()
-                .err()
-                .unwrap_or(VmError::Agent(ClientError::Io(e)))
-        })?;
+        let stream = match UnixStream::connect(&config.agent_socket) {
+            Ok(s) => s,
+            Err(e) => {
+                partial.wait_exit(Duration::from_secs(2));
+                partial.check_alive()?;
+                return Err(VmError::Agent(ClientError::Io(e)));
+            }
+        };
         let left = deadline.saturating_duration_since(Instant::now());
         let mut exited = None;
         let mut keep_waiting = || {

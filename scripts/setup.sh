@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Installs everything forkd needs on a fresh Debian 12 machine, idempotently:
+# Debian packages, the static guest agent, the forkd binary, and the guest
+# artifacts (Debian cloud kernel, initramfs, busybox root image).
+#
+#   scripts/setup.sh            # release build (what the demo uses)
+#   FORKD_HOME=... scripts/setup.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\033[1msetup:\033[0m %s\n' "$*" >&2; }
+
+# --- Debian packages -------------------------------------------------------
+# Debian 12 ships QEMU 7.2; these machines may come with a newer qemu-utils
+# from backports, which conflicts with qemu-system-x86 7.2. Install both at
+# the same version, in one transaction (a downgrade of qemu-utils if needed).
+PKGS=(qemu-system-x86 busybox-static e2fsprogs cpio kmod dpkg binutils)
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+version_of() { dpkg-query -W -f='${Version}' "$1" 2>/dev/null || true; }
+missing=()
+for p in "${PKGS[@]}"; do installed "$p" || missing+=("$p"); done
+if ! installed qemu-utils || [ "$(version_of qemu-utils)" != "$(version_of qemu-system-x86)" ]; then
+  missing+=(qemu-utils)
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  qver=$(apt-cache policy qemu-system-x86 | sed -n 's/^ *Candidate: //p')
+  [ -n "$qver" ] && [ "$qver" != "(none)" ] || { echo "setup: no qemu-system-x86 in the Debian archive" >&2; exit 1; }
+  pkgs=()
+  for p in "${missing[@]}"; do
+    case "$p" in qemu-system-x86|qemu-utils) ;; *) pkgs+=("$p") ;; esac
+  done
+  apt-get install -y -qq --no-install-recommends --allow-downgrades \
+    "qemu-system-x86=$qver" "qemu-utils=$qver" ${pkgs[@]+"${pkgs[@]}"} >/dev/null
+fi
+
+# --- binaries --------------------------------------------------------------
+scripts/build-agent.sh
+log "building forkd (release)"
+cargo build --release -q -p forkd-cli
+
+# --- guest artifacts -------------------------------------------------------
+log "building guest artifacts (kernel, initramfs, busybox image)"
+./target/release/forkd image build --image busybox >/dev/null
+log "done: $(./target/release/forkd --version)"
