@@ -10,6 +10,7 @@
 //! touch the guest's system (mounts, modules, power-off), and they never run
 //! outside a guest.
 
+pub mod forksafe;
 pub mod init;
 pub mod reaper;
 pub mod server;

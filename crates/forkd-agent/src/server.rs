@@ -182,6 +182,17 @@ impl Server {
                 };
                 self.reply(id, resp);
             }
+            Request::Restore {
+                entropy_hex,
+                unix_time_ns,
+                hostname,
+            } => {
+                let resp = match crate::forksafe::restore(&entropy_hex, unix_time_ns, &hostname) {
+                    Ok(clock_step_ms) => Response::Restored { clock_step_ms },
+                    Err(e) => error(ErrorCode::BadRequest, e),
+                };
+                self.reply(id, resp);
+            }
             Request::Shutdown {} => {
                 self.reply(id, Response::ShuttingDown);
                 self.shutdown.store(true, Ordering::SeqCst);

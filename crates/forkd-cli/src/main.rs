@@ -1,6 +1,7 @@
 //! `forkd`: the command-line front end. It parses arguments, calls
 //! `forkd-core`, and prints; nothing else lives here.
 
+mod fleet;
 mod signals;
 
 use std::io::{IsTerminal, Write};
@@ -47,6 +48,87 @@ enum Command {
     /// Guest images.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Boot a sandbox that keeps running after forkd exits; prints its id.
+    Create(CreateArgs),
+    /// Run CMD in a running sandbox (exit code as for `run`).
+    Exec(ExecArgs),
+    /// List sandboxes.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Kill sandboxes and remove their files.
+    Kill {
+        /// Sandbox ids.
+        ids: Vec<String>,
+        /// Kill every sandbox.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
+    /// Snapshot a running sandbox (it pauses briefly, then goes on).
+    Snapshot {
+        id: String,
+        #[arg(long)]
+        tag: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List snapshots.
+    Snapshots {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a snapshot (refused while sandboxes or snapshots depend on it).
+    Rmi {
+        tag: String,
+        /// Delete even if sandboxes were spawned from it.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Start N copy-on-write children of a snapshot.
+    Spawn {
+        tag: String,
+        /// Number of children.
+        #[arg(short = 'n', long = "count", default_value_t = 1)]
+        n: usize,
+        /// Children started at once (default: number of cores).
+        #[arg(long)]
+        parallel: Option<usize>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct CreateArgs {
+    #[arg(long, default_value_t = 256)]
+    mem: u64,
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    #[arg(long, default_value = "auto")]
+    accel: String,
+    #[arg(long, default_value = "user")]
+    net: String,
+    #[command(flatten)]
+    guest: GuestArgs,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ExecArgs {
+    /// Sandbox id.
+    id: String,
+    #[arg(long)]
+    timeout: Option<f64>,
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    #[arg(long)]
+    cwd: Option<String>,
+    #[arg(short, long)]
+    interactive: bool,
+    #[arg(last = true, required = true, value_name = "CMD")]
+    cmd: Vec<String>,
 }
 
 #[derive(Args, Clone)]
@@ -133,6 +215,19 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Doctor { json } => doctor_cmd(json),
         Command::Image(ImageCommand::Build { guest, json }) => image_build(&guest, json),
+        Command::Create(args) => fleet::create(args),
+        Command::Exec(args) => fleet::exec(args),
+        Command::Ls { json } => fleet::ls(json),
+        Command::Kill { ids, all } => fleet::kill(ids, all),
+        Command::Snapshot { id, tag, json } => fleet::snapshot(&id, &tag, json),
+        Command::Snapshots { json } => fleet::snapshots(json),
+        Command::Rmi { tag, force } => fleet::rmi(&tag, force),
+        Command::Spawn {
+            tag,
+            n,
+            parallel,
+            json,
+        } => fleet::spawn(&tag, n, parallel, json),
     };
     match result {
         Ok(code) => code,
@@ -143,33 +238,46 @@ fn main() -> ExitCode {
     }
 }
 
-fn progress(msg: &str) {
+pub(crate) fn parse_net(net: &str) -> Result<Network> {
+    match net {
+        "user" => Ok(Network::User),
+        "none" => Ok(Network::None),
+        other => anyhow::bail!("unknown --net {other:?}: use user or none"),
+    }
+}
+
+pub(crate) fn parse_env(pairs: &[String]) -> Result<Vec<(String, String)>> {
+    pairs
+        .iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .filter(|(k, _)| !k.is_empty())
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("--env {kv:?} must look like KEY=VALUE"))
+        })
+        .collect()
+}
+
+pub(crate) fn parse_timeout(t: Option<f64>) -> Result<Option<u64>> {
+    match t {
+        Some(t) if !(t > 0.0 && t.is_finite()) => {
+            anyhow::bail!("--timeout must be a positive number of seconds")
+        }
+        Some(t) => Ok(Some((t * 1000.0) as u64)),
+        None => Ok(None),
+    }
+}
+
+pub(crate) fn progress(msg: &str) {
     eprintln!("forkd: {msg}");
 }
 
 fn run(args: RunArgs) -> Result<ExitCode> {
     let env = Env::from_process();
     let accel: AccelRequest = args.accel.parse().map_err(anyhow::Error::msg)?;
-    let network = match args.net.as_str() {
-        "user" => Network::User,
-        "none" => Network::None,
-        other => anyhow::bail!("unknown --net {other:?}: use user or none"),
-    };
-    let mut vars = Vec::new();
-    for kv in &args.env {
-        let (k, v) = kv
-            .split_once('=')
-            .filter(|(k, _)| !k.is_empty())
-            .with_context(|| format!("--env {kv:?} must look like KEY=VALUE"))?;
-        vars.push((k.to_string(), v.to_string()));
-    }
-    let timeout_ms = match args.timeout {
-        Some(t) if !(t > 0.0 && t.is_finite()) => {
-            anyhow::bail!("--timeout must be a positive number of seconds")
-        }
-        Some(t) => Some((t * 1000.0) as u64),
-        None => None,
-    };
+    let network = parse_net(&args.net)?;
+    let vars = parse_env(&args.env)?;
+    let timeout_ms = parse_timeout(args.timeout)?;
 
     let t0 = Instant::now();
     let artifacts =

@@ -1,16 +1,20 @@
 //! Sandboxes: the operations both front ends (CLI, daemon) call.
 //!
 //! Owns the decisions above a single VM: where files live ([`paths`]), which
-//! guest artifacts a sandbox boots from ([`artifacts`]), booting and driving a
-//! sandbox ([`sandbox`]), and the host report ([`doctor`]). It parses no
+//! guest artifacts a sandbox boots from ([`artifacts`]), an ephemeral sandbox
+//! owned by this process ([`sandbox`]), persistent sandboxes with snapshots
+//! and spawn ([`fleet`]), and the host report ([`doctor`]). It parses no
 //! command lines and prints nothing; the CLI does that.
 
 pub mod artifacts;
 pub mod doctor;
+pub mod files;
+pub mod fleet;
 pub mod paths;
 pub mod sandbox;
 
 pub use artifacts::{ArtifactOptions, Artifacts, Image};
+pub use fleet::Fleet;
 pub use paths::Env;
 pub use sandbox::{BootOptions, Sandbox};
 
@@ -27,4 +31,6 @@ pub enum CoreError {
     Guest(#[from] forkd_guest::GuestError),
     #[error(transparent)]
     Vm(#[from] forkd_vm::VmError),
+    #[error(transparent)]
+    Store(#[from] forkd_store::StoreError),
 }

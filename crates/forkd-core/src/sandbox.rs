@@ -71,7 +71,7 @@ impl Sandbox {
         let mut disks = Vec::new();
         if let Some(base) = &artifacts.rootfs {
             let overlay = run_dir.file("root.qcow2");
-            forkd_vm::disk::create_overlay(base, &overlay).map_err(CoreError::Config)?;
+            forkd_vm::disk::create_overlay(base, "raw", &overlay).map_err(CoreError::Config)?;
             disks.push(Disk { overlay });
         }
         let config = VmConfig {
@@ -89,6 +89,7 @@ impl Sandbox {
             qmp_socket: run_dir.file("qmp.sock"),
             agent_socket: run_dir.file("agent.sock"),
             console_log: run_dir.file("console.log"),
+            incoming: false,
         };
         let vm = Vm::launch(
             config,
@@ -97,6 +98,7 @@ impl Sandbox {
                 boot_timeout: opts.boot_timeout,
                 die_with_parent: true,
                 cancel: opts.cancel.clone(),
+                restore: None,
             },
         )?;
         Ok(Sandbox { id, accel, vm })

@@ -380,6 +380,26 @@ impl AgentClient {
         }
     }
 
+    /// Fork safety for a restored guest: reseeds its CRNG with `entropy`,
+    /// steps its clock to now, sets its hostname. Returns the clock step in ms.
+    pub fn restore(&self, entropy: &[u8], hostname: &str) -> Result<i64, ClientError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        let (id, rx) = self.start(&Request::Restore {
+            entropy_hex: crate::to_hex(entropy),
+            unix_time_ns: now,
+            hostname: hostname.to_string(),
+        })?;
+        let r = self.response(&rx, Some(Duration::from_secs(30)));
+        lock(&self.shared.routes).remove(&id);
+        match r? {
+            Response::Restored { clock_step_ms } => Ok(clock_step_ms),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// Asks the guest to sync and power off.
     pub fn shutdown(&self, timeout: Duration) -> Result<(), ClientError> {
         let (_, rx) = self.start(&Request::Shutdown {})?;

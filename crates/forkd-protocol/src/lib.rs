@@ -61,6 +61,16 @@ pub enum Request {
     Signal { target: u32, signal: i32 },
     /// Sync filesystems and power the guest off.
     Shutdown {},
+    /// Make a restored copy of a guest its own (fork safety): mix host
+    /// entropy into the kernel CRNG and reseed it, step the clock to host
+    /// time, set the hostname.
+    Restore {
+        /// Hex-encoded random bytes from the host (at least 32 bytes).
+        entropy_hex: String,
+        /// Host wall-clock time, nanoseconds since the Unix epoch.
+        unix_time_ns: u64,
+        hostname: String,
+    },
 }
 
 /// A command to run in the guest.
@@ -88,10 +98,19 @@ pub struct ExecRequest {
 pub enum Response {
     Pong(Pong),
     Exited(ExitStatus),
-    Written { bytes: u64 },
-    FileDone { bytes: u64 },
+    Written {
+        bytes: u64,
+    },
+    FileDone {
+        bytes: u64,
+    },
     Signalled,
     ShuttingDown,
+    /// Restore done; how far the guest clock was stepped (guest minus host,
+    /// before the step).
+    Restored {
+        clock_step_ms: i64,
+    },
     Error(ErrorReply),
 }
 
@@ -161,6 +180,22 @@ impl ErrorReply {
             message: message.into(),
         }
     }
+}
+
+/// Lower-case hex of `bytes`.
+pub fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Parses lower- or upper-case hex; `None` on odd length or a non-hex digit.
+pub fn from_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 /// JSON-encodes a message for a frame payload.

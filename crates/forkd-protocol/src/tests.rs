@@ -134,6 +134,11 @@ fn requests_round_trip_through_json() {
             signal: 15,
         },
         Request::Shutdown {},
+        Request::Restore {
+            entropy_hex: to_hex(&[1, 2, 0xff]),
+            unix_time_ns: 5,
+            hostname: "sb-1".into(),
+        },
     ];
     for r in reqs {
         let back: Request = decode(&encode(&r)).unwrap();
@@ -171,4 +176,14 @@ fn shell_code_follows_the_shell_convention() {
 #[test]
 fn magic_constant_matches_header() {
     assert_eq!(&Header::encode(Kind::Hello, 0, 0)[..2], &MAGIC);
+}
+
+#[test]
+fn hex_round_trip_and_rejects_garbage() {
+    let b = [0u8, 1, 0x7f, 0xff];
+    assert_eq!(to_hex(&b), "00017fff");
+    assert_eq!(from_hex("00017FFF").unwrap(), b);
+    assert!(from_hex("abc").is_none());
+    assert!(from_hex("zz").is_none());
+    assert!(from_hex("é1").is_none());
 }

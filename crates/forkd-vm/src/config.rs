@@ -7,7 +7,8 @@ use crate::accel::Accel;
 
 /// How guest RAM is backed. Later snapshots need RAM in a file on tmpfs; a
 /// plain run can use anonymous memory.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind", content = "path")]
 pub enum MemoryBackend {
     /// `memory-backend-ram`: anonymous memory.
     Anonymous,
@@ -20,13 +21,14 @@ pub enum MemoryBackend {
 }
 
 /// A virtio-blk disk: a qcow2 overlay whose backing file is a read-only base.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Disk {
     pub overlay: PathBuf,
 }
 
 /// Guest networking.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Network {
     #[default]
     None,
@@ -35,7 +37,7 @@ pub enum Network {
 }
 
 /// Everything QEMU needs to start a VM.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VmConfig {
     pub qemu: PathBuf,
     pub accel: Accel,
@@ -52,6 +54,10 @@ pub struct VmConfig {
     pub qmp_socket: PathBuf,
     pub agent_socket: PathBuf,
     pub console_log: PathBuf,
+    /// Start with `-incoming defer`: the guest state comes from a device-state
+    /// stream loaded over QMP (`migrate-incoming`), not from a boot.
+    #[serde(default)]
+    pub incoming: bool,
 }
 
 /// Smallest guest the kernel and agent boot in.
@@ -166,7 +172,7 @@ impl VmConfig {
                 "file": { "driver": "file", "filename": path_str(&d.overlay) },
             });
             push(&["-blockdev", &node.to_string()]);
-            let dev = format!("virtio-blk-device,drive=disk{i}");
+            let dev = format!("virtio-blk-device,drive=disk{i},id=vd{i}");
             push(&["-device", &dev]);
         }
         if self.network == Network::User {
@@ -176,6 +182,9 @@ impl VmConfig {
                 "-device",
                 "virtio-net-device,netdev=net0",
             ]);
+        }
+        if self.incoming {
+            push(&["-incoming", "defer"]);
         }
         a
     }
@@ -219,6 +228,7 @@ mod tests {
             qmp_socket: "/run/x/qmp.sock".into(),
             agent_socket: "/run/x/agent.sock".into(),
             console_log: "/run/x/console.log".into(),
+            incoming: false,
         }
     }
 
@@ -269,7 +279,9 @@ mod tests {
         let bd: serde_json::Value =
             serde_json::from_str(value_after(&args, "-blockdev")[0]).unwrap();
         assert_eq!(bd["file"]["filename"], "/run/x/root,1.qcow2");
-        assert!(args.iter().any(|a| a == "virtio-blk-device,drive=disk0"));
+        assert!(args
+            .iter()
+            .any(|a| a == "virtio-blk-device,drive=disk0,id=vd0"));
         assert!(args.iter().any(|a| a == "virtio-net-device,netdev=net0"));
         let obj = value_after(&args, "-object")
             .into_iter()
@@ -279,7 +291,12 @@ mod tests {
         let append = value_after(&args, "-append")[0];
         assert!(append.contains("forkd.root=/dev/vda") && append.contains("forkd.net=user"));
         c.memory = MemoryBackend::PrivateFile("/dev/shm/img".into());
-        assert!(c.to_args().iter().any(|a| a.ends_with("share=off")));
+        c.incoming = true;
+        let args = c.to_args();
+        assert!(args.iter().any(|a| a.ends_with("share=off")));
+        assert_eq!(value_after(&args, "-incoming"), ["defer"]);
+        let json = serde_json::to_string(&c).unwrap();
+        assert_eq!(serde_json::from_str::<VmConfig>(&json).unwrap(), c);
     }
 
     #[test]

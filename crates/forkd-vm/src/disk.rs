@@ -3,15 +3,16 @@
 use std::path::Path;
 use std::process::Command;
 
-/// Creates `overlay` (qcow2) backed by the raw image `base`. The base is
+/// Creates `overlay` (qcow2) backed by `base` (of format `base_format`:
+/// `raw` for root images, `qcow2` for a snapshot's frozen disk). The base is
 /// referenced by absolute path and never written: QEMU opens backing files
 /// read-only, so any number of VMs can share it.
-pub fn create_overlay(base: &Path, overlay: &Path) -> Result<(), String> {
+pub fn create_overlay(base: &Path, base_format: &str, overlay: &Path) -> Result<(), String> {
     let base = base
         .canonicalize()
         .map_err(|e| format!("base image {}: {e}", base.display()))?;
     let out = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .args(["create", "-q", "-f", "qcow2", "-F", base_format, "-b"])
         .arg(&base)
         .arg(overlay)
         .output()

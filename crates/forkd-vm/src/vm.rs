@@ -52,6 +52,10 @@ pub enum VmError {
     },
     #[error("boot cancelled")]
     Cancelled,
+    #[error("QEMU (pid {pid}) is not running")]
+    NotRunning { pid: u32 },
+    #[error("restoring the device state failed: {0}")]
+    Restore(String),
     #[error(transparent)]
     Qmp(#[from] QmpError),
     #[error(transparent)]
@@ -212,6 +216,9 @@ pub struct LaunchOptions {
     pub die_with_parent: bool,
     /// Set to true (from another thread) to abandon the boot.
     pub cancel: Option<Arc<AtomicBool>>,
+    /// Restore the guest from this device-state stream (the config must say
+    /// `incoming`) instead of booting it.
+    pub restore: Option<PathBuf>,
 }
 
 impl Default for LaunchOptions {
@@ -220,6 +227,7 @@ impl Default for LaunchOptions {
             boot_timeout: Duration::from_secs(60),
             die_with_parent: true,
             cancel: None,
+            restore: None,
         }
     }
 }
@@ -227,12 +235,20 @@ impl Default for LaunchOptions {
 /// A running VM with its QMP and agent connections.
 pub struct Vm {
     config: VmConfig,
+    /// Present while we spawned QEMU and still hold its handle.
     child: Mutex<Option<Child>>,
     pid: u32,
+    /// Start time of `pid` (clock ticks since host boot), to tell it from a
+    /// later process that reuses the number.
+    pid_start: u64,
+    /// Kill QEMU and remove the run directory on drop.
+    owned: bool,
     qmp: Mutex<Qmp>,
     agent: AgentClient,
-    run_dir: RunDir,
+    run_dir: Option<RunDir>,
+    run_path: PathBuf,
     boot_time: Duration,
+    restore_time: Option<Duration>,
     stderr_path: PathBuf,
 }
 
@@ -269,6 +285,7 @@ impl Vm {
         }
         let child = cmd.spawn().map_err(VmError::Spawn)?;
         let pid = child.id();
+        let pid_start = process_start_time(pid).unwrap_or(0);
         let mut partial = Partial {
             child: Some(child),
             stderr_path: stderr_path.clone(),
@@ -301,6 +318,17 @@ impl Vm {
                 return Err(e.into());
             }
         };
+        let mut qmp = qmp;
+        let mut restore_time = None;
+        if let Some(state) = &opts.restore {
+            let t = Instant::now();
+            if let Err(e) = restore_device_state(&mut qmp, state, deadline) {
+                partial.wait_exit(Duration::from_millis(500));
+                partial.check_alive()?;
+                return Err(e);
+            }
+            restore_time = Some(t.elapsed());
+        }
         let stream = match UnixStream::connect(&config.agent_socket) {
             Ok(s) => s,
             Err(e) => {
@@ -343,16 +371,148 @@ impl Vm {
             }
         };
         let boot_time = started.elapsed();
+        let run_path = run_dir.path().to_path_buf();
         Ok(Vm {
             config,
             child: Mutex::new(partial.child.take()),
             pid,
+            pid_start,
+            owned: true,
             qmp: Mutex::new(qmp),
             agent,
-            run_dir,
+            run_dir: Some(run_dir),
+            run_path,
             boot_time,
+            restore_time,
             stderr_path,
         })
+    }
+
+    /// Connects to a QEMU started earlier (by this or another process) with
+    /// `config`, by pid and sockets. The VM is not owned: dropping the
+    /// returned handle leaves it running.
+    pub fn attach(
+        config: VmConfig,
+        pid: u32,
+        pid_start: u64,
+        run_dir: &Path,
+        timeout: Duration,
+    ) -> Result<Vm, VmError> {
+        if !pid_alive(pid, pid_start) {
+            return Err(VmError::NotRunning { pid });
+        }
+        let qmp = Qmp::connect(&config.qmp_socket, timeout)?;
+        let stream = UnixStream::connect(&config.agent_socket)
+            .map_err(|e| VmError::Agent(ClientError::Io(e)))?;
+        let agent = AgentClient::connect_while(stream, timeout, &mut || {
+            if pid_alive(pid, pid_start) {
+                Ok(())
+            } else {
+                Err(ClientError::Closed("QEMU exited".into()))
+            }
+        })?;
+        Ok(Vm {
+            stderr_path: run_dir.join("qemu.stderr"),
+            config,
+            child: Mutex::new(None),
+            pid,
+            pid_start,
+            owned: false,
+            qmp: Mutex::new(qmp),
+            agent,
+            run_dir: None,
+            run_path: run_dir.to_path_buf(),
+            boot_time: Duration::ZERO,
+            restore_time: None,
+        })
+    }
+
+    /// Lets the VM outlive this handle (and this process): drop no longer
+    /// kills it or removes its run directory. Returns `(pid, pid_start)`,
+    /// which [`Vm::attach`] needs later.
+    pub fn detach(mut self) -> (u32, u64) {
+        self.owned = false;
+        if let Some(rd) = self.run_dir.as_mut() {
+            rd.keep();
+        }
+        // Dropping the Child handle neither kills nor waits.
+        self.child.lock().unwrap_or_else(|p| p.into_inner()).take();
+        (self.pid, self.pid_start)
+    }
+
+    /// Start time of QEMU's process, for [`Vm::attach`].
+    pub fn pid_start(&self) -> u64 {
+        self.pid_start
+    }
+
+    /// How long loading the device state took, for restored VMs.
+    pub fn restore_time(&self) -> Option<Duration> {
+        self.restore_time
+    }
+
+    /// Whether QEMU is still running.
+    pub fn is_alive(&self) -> bool {
+        let mut child = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        match child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => pid_alive(self.pid, self.pid_start),
+        }
+    }
+
+    /// Saves the device state (no RAM: guest RAM must be a shared file) to
+    /// `path` with `x-ignore-shared`. The guest must be paused; QEMU is left
+    /// in `postmigrate` and resumes with `cont`.
+    pub fn save_device_state(&self, path: &Path) -> Result<(), VmError> {
+        let mut qmp = self.qmp();
+        set_ignore_shared(&mut qmp)?;
+        qmp.execute(
+            "migrate",
+            Some(serde_json::json!({ "uri": format!("exec:cat > {}", shell_quote(path)) })),
+        )?;
+        wait_migration(&mut qmp, Instant::now() + Duration::from_secs(60))
+    }
+
+    /// Freezes the disk `vdN`: QEMU goes on writing a new qcow2 overlay at
+    /// `new_overlay` whose backing file is the current top, which is never
+    /// written again. Returns the path of that frozen file.
+    pub fn snapshot_disk(&self, index: usize, new_overlay: &Path) -> Result<PathBuf, VmError> {
+        let mut qmp = self.qmp();
+        let blocks = qmp.execute("query-block", None)?;
+        // `qdev` is the device id ("vd0") or its QOM path, depending on version.
+        let id = format!("vd{index}");
+        let path = format!("/{id}/");
+        let entry = blocks
+            .as_array()
+            .and_then(|l| {
+                l.iter().find(|b| {
+                    b["qdev"]
+                        .as_str()
+                        .is_some_and(|q| q == id || q.contains(&path))
+                })
+            })
+            .ok_or_else(|| VmError::Config(format!("the VM has no disk vd{index}")))?;
+        let top = entry["inserted"]["node-name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let file = entry["inserted"]["file"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        qmp.execute(
+            "blockdev-snapshot-sync",
+            Some(serde_json::json!({
+                "node-name": top,
+                "snapshot-file": new_overlay.to_string_lossy(),
+                "snapshot-node-name": format!("disk{index}-{stamp:x}"),
+                "format": "qcow2",
+            })),
+        )?;
+        Ok(PathBuf::from(file))
     }
 
     pub fn config(&self) -> &VmConfig {
@@ -379,7 +539,29 @@ impl Vm {
     }
 
     pub fn run_dir(&self) -> &Path {
-        self.run_dir.path()
+        &self.run_path
+    }
+
+    /// Kills QEMU and waits (up to 5 s) until it is gone, owned or not.
+    pub fn terminate(self) {
+        self.kill_now();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let gone = {
+                let mut child = self.child.lock().unwrap_or_else(|p| p.into_inner());
+                match child.as_mut() {
+                    Some(c) => c.try_wait().map(|s| s.is_some()).unwrap_or(true),
+                    None => {
+                        reap_if_child(self.pid);
+                        !pid_alive(self.pid, self.pid_start)
+                    }
+                }
+            };
+            if gone || Instant::now() > deadline {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// The QEMU exit status if it has exited.
@@ -457,6 +639,9 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         let mut child = self.child.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(mut child) = child.take() {
             let _ = child.kill();
@@ -562,4 +747,128 @@ pub fn qemu_version(qemu: &Path) -> Result<String, VmError> {
         .next()
         .unwrap_or("")
         .to_string())
+}
+
+/// Loads a device-state stream into a QEMU started with `-incoming defer` and
+/// waits until the guest runs.
+fn restore_device_state(qmp: &mut Qmp, state: &Path, deadline: Instant) -> Result<(), VmError> {
+    set_ignore_shared(qmp)?;
+    qmp.execute(
+        "migrate-incoming",
+        Some(serde_json::json!({ "uri": format!("exec:cat {}", shell_quote(state)) })),
+    )?;
+    loop {
+        let status = qmp.status()?;
+        if status == "running" {
+            return Ok(());
+        }
+        let mig = qmp.execute("query-migrate", None)?;
+        if mig["status"] == "completed" {
+            // The state was saved from a paused source, and QEMU restores the
+            // run state with it: the guest continues only when told to.
+            qmp.cont()?;
+            return Ok(());
+        }
+        if mig["status"] == "failed" {
+            return Err(VmError::Restore(
+                mig["error-desc"]
+                    .as_str()
+                    .unwrap_or("migration failed")
+                    .to_string(),
+            ));
+        }
+        if Instant::now() > deadline {
+            return Err(VmError::Restore(format!(
+                "the guest was not running before the deadline (status {status})"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn set_ignore_shared(qmp: &mut Qmp) -> Result<(), VmError> {
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(serde_json::json!({
+            "capabilities": [{ "capability": "x-ignore-shared", "state": true }]
+        })),
+    )?;
+    Ok(())
+}
+
+/// Polls an outgoing migration until it completes.
+fn wait_migration(qmp: &mut Qmp, deadline: Instant) -> Result<(), VmError> {
+    loop {
+        let mig = qmp.execute("query-migrate", None)?;
+        match mig["status"].as_str().unwrap_or("") {
+            "completed" => return Ok(()),
+            "failed" | "cancelled" => {
+                return Err(VmError::Restore(format!(
+                    "saving the device state failed: {}",
+                    mig["error-desc"].as_str().unwrap_or("unknown error")
+                )))
+            }
+            _ => {}
+        }
+        if Instant::now() > deadline {
+            return Err(VmError::Restore("saving the device state timed out".into()));
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+}
+
+/// Single-quotes a path for the shell QEMU runs `exec:` URIs with.
+fn shell_quote(p: &Path) -> String {
+    format!("'{}'", p.to_string_lossy().replace('\'', "'\\''"))
+}
+
+/// Field 22 of /proc/<pid>/stat: when the process started, in clock ticks.
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces and parentheses: split after the last ')'.
+    let rest = stat.rsplit_once(')')?.1;
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// True when `pid` runs, is not a zombie, and started at `start` (0: any).
+pub fn pid_alive(pid: u32, start: u64) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return false;
+    };
+    let mut fields = rest.split_whitespace();
+    if fields.next() == Some("Z") {
+        return false;
+    }
+    start == 0 || fields.nth(18).and_then(|s| s.parse::<u64>().ok()) == Some(start)
+}
+
+/// Reaps `pid` if it is a zombie child of this process (no-op otherwise).
+fn reap_if_child(pid: u32) {
+    let mut status = 0;
+    // SAFETY: waitpid with WNOHANG on a specific pid; writes only `status`.
+    unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::WNOHANG) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_quoting_survives_quotes_and_spaces() {
+        assert_eq!(shell_quote(Path::new("/a b/c")), "'/a b/c'");
+        assert_eq!(shell_quote(Path::new("/it's")), "'/it'\\''s'");
+    }
+
+    #[test]
+    fn this_process_is_alive_with_its_start_time() {
+        let me = std::process::id();
+        let start = process_start_time(me).unwrap();
+        assert!(pid_alive(me, start));
+        assert!(pid_alive(me, 0));
+        assert!(!pid_alive(me, start + 1));
+        assert!(!pid_alive(u32::MAX - 1, 0));
+    }
 }

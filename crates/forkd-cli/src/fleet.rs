@@ -1,0 +1,238 @@
+//! Commands on persistent sandboxes and snapshots: create, exec, ls, kill,
+//! snapshot, snapshots, rmi, spawn.
+
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Result;
+use forkd_core::{BootOptions, Env, Fleet};
+use forkd_protocol::client::OutputStream;
+use forkd_protocol::ExecRequest;
+
+use crate::{parse_env, parse_net, parse_timeout, progress, CreateArgs, ExecArgs};
+
+fn fleet() -> Result<(Env, Fleet)> {
+    let env = Env::from_process();
+    let fleet = Fleet::open(&env)?;
+    Ok((env, fleet))
+}
+
+pub fn create(args: CreateArgs) -> Result<ExitCode> {
+    let (env, fleet) = fleet()?;
+    let opts = BootOptions {
+        cpus: args.cpus,
+        mem_mib: args.mem,
+        accel: args.accel.parse().map_err(anyhow::Error::msg)?,
+        network: parse_net(&args.net)?,
+        ..BootOptions::default()
+    };
+    let artifacts =
+        forkd_core::artifacts::ensure(&env, &args.guest.artifact_options()?, &progress)?;
+    let t = Instant::now();
+    let sb = fleet.create(&artifacts, &args.guest.image, &opts)?;
+    if args.json {
+        let mut v = serde_json::to_value(&sb)?;
+        v["boot_ms"] = serde_json::json!(t.elapsed().as_secs_f64() * 1000.0);
+        println!("{v}");
+    } else {
+        println!("{}", sb.id);
+        if std::io::stderr().is_terminal() {
+            eprintln!(
+                "forkd: booted in {:.0} ms",
+                t.elapsed().as_secs_f64() * 1000.0
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn exec(args: ExecArgs) -> Result<ExitCode> {
+    let (_, fleet) = fleet()?;
+    let req = ExecRequest {
+        argv: args.cmd.clone(),
+        env: parse_env(&args.env)?,
+        cwd: args.cwd.clone(),
+        timeout_ms: parse_timeout(args.timeout)?,
+        stdin: false,
+    };
+    let stdin: Option<Box<dyn std::io::Read + Send>> =
+        args.interactive.then(|| Box::new(std::io::stdin()) as _);
+    let mut out = std::io::stdout().lock();
+    let mut err = std::io::stderr();
+    let status = fleet.exec(&args.id, req, stdin, |s, b| {
+        let _ = match s {
+            OutputStream::Stdout => out.write_all(b),
+            OutputStream::Stderr => err.write_all(b),
+        };
+    })?;
+    let _ = out.flush();
+    if status.timed_out {
+        eprintln!("forkd: command timed out and was killed");
+        return Ok(ExitCode::from(124));
+    }
+    Ok(ExitCode::from((status.shell_code() & 0xff) as u8))
+}
+
+pub fn ls(json: bool) -> Result<ExitCode> {
+    let (_, fleet) = fleet()?;
+    let list = fleet.list()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<12} {:<8} {:>8} {:>6} {:>4}  {:<10} IMAGE",
+        "ID", "STATE", "PID", "MEM", "CPU", "AGE"
+    );
+    let now = forkd_store::unix_now();
+    for s in list {
+        println!(
+            "{:<12} {:<8} {:>8} {:>5}M {:>4}  {:<10} {}",
+            s.id,
+            s.state,
+            s.pid,
+            s.mem_mib,
+            s.cpus,
+            age(now.saturating_sub(s.created_at)),
+            s.image
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn age(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m", s / 60),
+        s if s < 86400 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
+    }
+}
+
+pub fn kill(ids: Vec<String>, all: bool) -> Result<ExitCode> {
+    let (_, fleet) = fleet()?;
+    let ids: Vec<String> = if all {
+        fleet.list()?.into_iter().map(|s| s.id).collect()
+    } else if ids.is_empty() {
+        anyhow::bail!("name sandboxes to kill, or pass --all");
+    } else {
+        ids
+    };
+    let mut failed = false;
+    for id in ids {
+        match fleet.kill(&id) {
+            Ok(()) => println!("{id}"),
+            Err(e) => {
+                eprintln!("forkd: error: {e}");
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+pub fn snapshot(id: &str, tag: &str, json: bool) -> Result<ExitCode> {
+    let (_, fleet) = fleet()?;
+    let info = fleet.snapshot(id, tag)?;
+    if json {
+        println!("{}", serde_json::to_string(&info)?);
+    } else {
+        println!("{}", info.tag);
+        eprintln!(
+            "forkd: snapshot `{}` of {id}: paused {:.1} ms ({:.1} MiB of RAM copied), ready in {:.0} ms",
+            info.tag,
+            info.pause_ms,
+            info.ram_copied as f64 / (1 << 20) as f64,
+            info.total_ms
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn snapshots(json: bool) -> Result<ExitCode> {
+    let (_, fleet) = fleet()?;
+    let rows = fleet.db().list_snapshots()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<24} {:<8} {:>9} {:<12} DIR",
+        "TAG", "STATUS", "PAUSE ms", "SOURCE"
+    );
+    for r in rows {
+        println!(
+            "{:<24} {:<8} {:>9} {:<12} {}",
+            r.tag,
+            r.status,
+            r.pause_ms.map(|p| format!("{p:.1}")).unwrap_or_default(),
+            r.source.unwrap_or_default(),
+            r.dir.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn rmi(tag: &str, force: bool) -> Result<ExitCode> {
+    let (_, fleet) = fleet()?;
+    fleet.remove_snapshot(tag, force)?;
+    println!("{tag}");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn spawn(tag: &str, n: usize, parallel: Option<usize>, json: bool) -> Result<ExitCode> {
+    let (_, fleet) = fleet()?;
+    let parallel = parallel.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|p| p.get())
+            .unwrap_or(1)
+    });
+    let t = Instant::now();
+    let tty = !json && std::io::stderr().is_terminal();
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let results = fleet.spawn(tag, n, parallel, &|_, r| {
+        let k = done.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        if tty {
+            match r {
+                Ok(c) => eprintln!("[{k}/{n}] {} ready in {:.0} ms", c.id, c.ready_ms),
+                Err(e) => eprintln!("[{k}/{n}] failed: {e}"),
+            }
+        }
+    })?;
+    let wall = t.elapsed().as_secs_f64() * 1000.0;
+    let failed = results.iter().filter(|r| r.is_err()).count();
+    if json {
+        let items: Vec<serde_json::Value> = results
+            .iter()
+            .map(|r| match r {
+                Ok(c) => serde_json::to_value(c).expect("serialises"),
+                Err(e) => serde_json::json!({ "error": e.to_string() }),
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({ "tag": tag, "wall_ms": wall, "children": items })
+        );
+    } else {
+        for r in &results {
+            match r {
+                Ok(c) => println!("{}\t{:.0} ms", c.id, c.ready_ms),
+                Err(e) => eprintln!("forkd: error: a child failed: {e}"),
+            }
+        }
+        eprintln!(
+            "forkd: {} of {n} children ready in {wall:.0} ms",
+            n - failed
+        );
+    }
+    Ok(if failed > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}

@@ -1,0 +1,610 @@
+//! Sandboxes that outlive the process that made them, and snapshots of them.
+//!
+//! A [`Fleet`] is the state database plus the snapshot store plus the runtime
+//! directory. Every sandbox is a detached QEMU (own session, no parent-death
+//! signal) whose guest RAM is a shared file on tmpfs, recorded in SQLite with
+//! its pid and start time; any later process re-attaches by pid and sockets.
+//!
+//! SNAPSHOT pauses the sandbox, freezes its disk (the sandbox goes on in a new
+//! overlay), saves device state without RAM (`x-ignore-shared`), copies the
+//! RAM file, resumes, then publishes atomically. SPAWN starts children with
+//! `-incoming defer`, each mapping the snapshot's RAM image copy-on-write
+//! (`MAP_PRIVATE`) with its own qcow2 overlay on the frozen disk, loads the
+//! device state, and makes each child its own (entropy, clock, hostname).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use forkd_protocol::ExecRequest;
+use forkd_store::{Db, Manifest, SandboxRow, SandboxState, SnapshotStatus, Store};
+use forkd_vm::{AccelChoice, Disk, HostProbe, LaunchOptions, MemoryBackend, RunDir, Vm, VmConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::artifacts::Artifacts;
+use crate::paths::Env;
+use crate::sandbox::{new_id, BootOptions};
+use crate::CoreError;
+
+/// What a sandbox row's `config` column holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SandboxConfig {
+    pub vm: VmConfig,
+    /// Human-readable image name (for `forkd ls`).
+    pub image: String,
+    pub accel_reason: String,
+}
+
+/// A sandbox as `forkd ls` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SandboxView {
+    pub id: String,
+    /// running, dead (its QEMU is gone), pooled.
+    pub state: String,
+    pub pid: u32,
+    pub snapshot: Option<String>,
+    pub image: String,
+    pub mem_mib: u64,
+    pub cpus: u32,
+    pub created_at: u64,
+}
+
+/// Outcome of one child of a spawn.
+#[derive(Debug, Clone, Serialize)]
+pub struct Child {
+    pub id: String,
+    /// From the start of this child's launch until its agent answered and
+    /// fork-safety was applied.
+    pub ready_ms: f64,
+    /// Loading the device state (`migrate-incoming` until running).
+    pub restore_ms: f64,
+    /// How far the child's clock was stepped.
+    pub clock_step_ms: i64,
+}
+
+/// Result of a snapshot.
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotInfo {
+    pub tag: String,
+    pub dir: PathBuf,
+    /// The sandbox was paused this long.
+    pub pause_ms: f64,
+    /// RAM bytes copied during the pause (data extents of the RAM file).
+    pub ram_copied: u64,
+    pub total_ms: f64,
+}
+
+/// The state database, snapshot store and runtime directory together.
+pub struct Fleet {
+    env: Env,
+    db: Mutex<Db>,
+    store: Store,
+}
+
+/// Name of the device-state file in a snapshot.
+pub const DEVICE_STATE: &str = "device.state";
+/// Name of the RAM image in a snapshot.
+pub const RAM_IMAGE: &str = "ram.img";
+/// Name of the frozen disk in a snapshot.
+pub const DISK_IMAGE: &str = "disk.qcow2";
+
+impl Fleet {
+    pub fn open(env: &Env) -> Result<Fleet, CoreError> {
+        let db = Db::open(&env.home.join("state.db"))?;
+        let store = Store::new(env.home.join("snapshots"));
+        store.sweep_staging();
+        Ok(Fleet {
+            env: env.clone(),
+            db: Mutex::new(db),
+            store,
+        })
+    }
+
+    pub fn db(&self) -> MutexGuard<'_, Db> {
+        self.db.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn sandboxes_dir(&self) -> PathBuf {
+        self.env.runtime.join("sandboxes")
+    }
+
+    /// Boots a detached sandbox and records it.
+    pub fn create(
+        &self,
+        artifacts: &Artifacts,
+        image: &str,
+        opts: &BootOptions,
+    ) -> Result<SandboxView, CoreError> {
+        let accel = choose_accel(opts)?;
+        let id = new_id("sb");
+        let mut run_dir = RunDir::create(&self.sandboxes_dir(), &id)?;
+        run_dir.keep();
+        let cleanup = DirGuard(run_dir.path().to_path_buf());
+        let mut disks = Vec::new();
+        if let Some(base) = &artifacts.rootfs {
+            let overlay = run_dir.file("root.qcow2");
+            forkd_vm::disk::create_overlay(base, "raw", &overlay).map_err(CoreError::Config)?;
+            disks.push(Disk { overlay });
+        }
+        let config = VmConfig {
+            qemu: opts.qemu.clone().into(),
+            accel: accel.accel,
+            cpus: opts.cpus,
+            mem_mib: opts.mem_mib,
+            // Shared file on tmpfs: snapshots read RAM from the file instead
+            // of streaming it through the migration channel.
+            memory: MemoryBackend::SharedFile(run_dir.file("ram")),
+            kernel: artifacts.kernel.vmlinuz.clone(),
+            initramfs: artifacts.initramfs.clone(),
+            kernel_args: vec![],
+            hostname: id.clone(),
+            disks,
+            network: opts.network,
+            qmp_socket: run_dir.file("qmp.sock"),
+            agent_socket: run_dir.file("agent.sock"),
+            console_log: run_dir.file("console.log"),
+            incoming: false,
+        };
+        let vm = Vm::launch(
+            config.clone(),
+            run_dir,
+            &LaunchOptions {
+                boot_timeout: opts.boot_timeout,
+                die_with_parent: false,
+                cancel: opts.cancel.clone(),
+                restore: None,
+            },
+        )?;
+        let (pid, pid_start) = vm.detach();
+        let row = self.record(&id, pid, pid_start, &config, image, &accel, None)?;
+        cleanup.disarm();
+        Ok(row)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn record(
+        &self,
+        id: &str,
+        pid: u32,
+        pid_start: u64,
+        vm: &VmConfig,
+        image: &str,
+        accel: &AccelChoice,
+        snapshot: Option<&str>,
+    ) -> Result<SandboxView, CoreError> {
+        let config = SandboxConfig {
+            vm: vm.clone(),
+            image: image.to_string(),
+            accel_reason: accel.reason.clone(),
+        };
+        let row = SandboxRow {
+            id: id.to_string(),
+            state: SandboxState::Running,
+            pid,
+            pid_start,
+            run_dir: vm
+                .qmp_socket
+                .parent()
+                .unwrap_or(Path::new("/"))
+                .to_path_buf(),
+            snapshot: snapshot.map(str::to_string),
+            config: serde_json::to_value(&config).expect("config serialises"),
+            created_at: unix_now(),
+        };
+        self.db().insert_sandbox(&row)?;
+        Ok(view(&row, &config))
+    }
+
+    fn row(&self, id: &str) -> Result<(SandboxRow, SandboxConfig), CoreError> {
+        let row = self.db().get_sandbox(id)?.ok_or_else(|| {
+            CoreError::Config(format!("no sandbox `{id}`; `forkd ls` lists them"))
+        })?;
+        let config: SandboxConfig = serde_json::from_value(row.config.clone()).map_err(|e| {
+            CoreError::Config(format!("sandbox `{id}` has an unreadable config: {e}"))
+        })?;
+        Ok((row, config))
+    }
+
+    /// Connects to a running sandbox.
+    pub fn attach(&self, id: &str) -> Result<Vm, CoreError> {
+        let (row, config) = self.row(id)?;
+        if !forkd_vm::vm::pid_alive(row.pid, row.pid_start) {
+            self.db().update_sandbox_state(id, SandboxState::Dead)?;
+            return Err(CoreError::Config(format!(
+                "sandbox `{id}` is dead (its QEMU, pid {}, is gone); remove it with `forkd kill {id}`",
+                row.pid
+            )));
+        }
+        Ok(Vm::attach(
+            config.vm,
+            row.pid,
+            row.pid_start,
+            &row.run_dir,
+            Duration::from_secs(30),
+        )?)
+    }
+
+    /// Runs a command in a sandbox (see [`crate::Sandbox::exec`]).
+    pub fn exec(
+        &self,
+        id: &str,
+        req: ExecRequest,
+        stdin: Option<Box<dyn std::io::Read + Send>>,
+        on_output: impl FnMut(forkd_protocol::client::OutputStream, &[u8]),
+    ) -> Result<forkd_protocol::ExitStatus, CoreError> {
+        let vm = self.attach(id)?;
+        let what = format!("exec of `{}`", req.argv.join(" "));
+        vm.agent()
+            .exec(req, stdin, on_output)
+            .map_err(|e| explain_detached(&vm, e, &what))
+    }
+
+    /// All sandboxes, with dead ones marked as such.
+    pub fn list(&self) -> Result<Vec<SandboxView>, CoreError> {
+        let rows = self.db().list_sandboxes()?;
+        let mut out = Vec::new();
+        for mut row in rows {
+            if row.state != SandboxState::Dead && !forkd_vm::vm::pid_alive(row.pid, row.pid_start) {
+                self.db()
+                    .update_sandbox_state(&row.id, SandboxState::Dead)?;
+                row.state = SandboxState::Dead;
+            }
+            let config: Option<SandboxConfig> = serde_json::from_value(row.config.clone()).ok();
+            out.push(match config {
+                Some(c) => view(&row, &c),
+                None => SandboxView {
+                    id: row.id.clone(),
+                    state: row.state.to_string(),
+                    pid: row.pid,
+                    snapshot: row.snapshot.clone(),
+                    image: "?".into(),
+                    mem_mib: 0,
+                    cpus: 0,
+                    created_at: row.created_at,
+                },
+            });
+        }
+        Ok(out)
+    }
+
+    /// Kills a sandbox (if it still runs) and removes its files and record.
+    pub fn kill(&self, id: &str) -> Result<(), CoreError> {
+        let (row, _) = self.row(id)?;
+        if forkd_vm::vm::pid_alive(row.pid, row.pid_start) {
+            // SAFETY: kill has no memory effects; pid and start time were
+            // checked just above, so this is the sandbox's QEMU.
+            unsafe { libc::kill(row.pid as libc::pid_t, libc::SIGKILL) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while forkd_vm::vm::pid_alive(row.pid, row.pid_start) && Instant::now() < deadline {
+                let mut status = 0;
+                // SAFETY: reaps the pid only if it is our child; writes `status`.
+                unsafe { libc::waitpid(row.pid as libc::pid_t, &mut status, libc::WNOHANG) };
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        let dir = row.run_dir.as_path();
+        if dir.starts_with(self.sandboxes_dir()) {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        self.db().delete_sandbox(id)?;
+        Ok(())
+    }
+
+    /// Snapshots a running sandbox under `tag` (pause, freeze disk, save
+    /// device state, copy RAM, resume, publish).
+    pub fn snapshot(&self, id: &str, tag: &str) -> Result<SnapshotInfo, CoreError> {
+        forkd_store::validate_tag(tag)?;
+        let t_start = Instant::now();
+        let (_, config) = self.row(id)?;
+        let vm = self.attach(id)?;
+        let ram = match &config.vm.memory {
+            MemoryBackend::SharedFile(p) => p.clone(),
+            _ => return Err(CoreError::Config(format!(
+                "sandbox `{id}` does not keep its RAM in a shared file and cannot be snapshotted"
+            ))),
+        };
+        let staging = self.store.stage(tag)?;
+        let device_state = staging.path().join(DEVICE_STATE);
+        let new_overlay = Path::new(vm.run_dir()).join(format!("root-{}.qcow2", unix_now_ns()));
+
+        // ---- the pause ----
+        let t_pause = Instant::now();
+        vm.qmp().stop().map_err(forkd_vm::VmError::from)?;
+        let paused = (|| -> Result<(Option<PathBuf>, u64), CoreError> {
+            let frozen = if config.vm.disks.is_empty() {
+                None
+            } else {
+                Some(vm.snapshot_disk(0, &new_overlay)?)
+            };
+            vm.save_device_state(&device_state)?;
+            let copied = crate::files::copy_sparse(&ram, &staging.path().join(RAM_IMAGE))
+                .map_err(|e| CoreError::Config(format!("copying guest RAM: {e}")))?;
+            Ok((frozen, copied))
+        })();
+        // Resume whatever happened: the sandbox must keep running.
+        let resumed = vm.qmp().cont();
+        let pause = t_pause.elapsed();
+        let (frozen, ram_copied) = paused?;
+        resumed.map_err(forkd_vm::VmError::from)?;
+        // ---- outside the pause ----
+        if let Some(frozen) = frozen {
+            // Read-only from now on (QEMU writes only the new overlay).
+            crate::files::copy_sparse(&frozen, &staging.path().join(DISK_IMAGE))
+                .map_err(|e| CoreError::Config(format!("copying the frozen disk: {e}")))?;
+        }
+        let pause_ms = pause.as_secs_f64() * 1000.0;
+        let manifest = Manifest {
+            format: forkd_store::MANIFEST_FORMAT,
+            tag: tag.to_string(),
+            created_at: unix_now(),
+            parent: None,
+            source_sandbox: Some(id.to_string()),
+            pause_ms,
+            machine: serde_json::to_value(&config).expect("config serialises"),
+            files: vec![],
+        };
+        let manifest = staging.publish(manifest)?;
+        self.db().insert_snapshot(&forkd_store::SnapshotRow {
+            tag: tag.to_string(),
+            status: SnapshotStatus::Ready,
+            dir: self.store.dir(tag),
+            parent: None,
+            source: Some(id.to_string()),
+            created_at: manifest.created_at,
+            pause_ms: Some(pause_ms),
+            error: None,
+        })?;
+        Ok(SnapshotInfo {
+            tag: tag.to_string(),
+            dir: self.store.dir(tag),
+            pause_ms,
+            ram_copied,
+            total_ms: t_start.elapsed().as_secs_f64() * 1000.0,
+        })
+    }
+
+    /// Starts `n` children of snapshot `tag`, at most `parallel` at a time.
+    /// Fails before starting any QEMU if the snapshot is missing, not ready
+    /// or corrupt. A child that fails is cleaned up and reported in its slot;
+    /// its siblings finish. `on_ready` is called as each child finishes.
+    pub fn spawn(
+        &self,
+        tag: &str,
+        n: usize,
+        parallel: usize,
+        on_ready: &(dyn Fn(usize, &Result<Child, CoreError>) + Sync),
+    ) -> Result<Vec<Result<Child, CoreError>>, CoreError> {
+        forkd_store::validate_tag(tag)?;
+        if n == 0 {
+            return Err(CoreError::Config("-n must be at least 1".into()));
+        }
+        let row = self.db().get_snapshot(tag)?;
+        match row.as_ref().map(|r| r.status) {
+            None => {
+                return Err(CoreError::Config(format!(
+                    "no snapshot `{tag}`; `forkd snapshots` lists them"
+                )))
+            }
+            Some(SnapshotStatus::Ready) => {}
+            Some(other) => {
+                return Err(CoreError::Config(format!(
+                    "snapshot `{tag}` is not ready (status: {other})"
+                )))
+            }
+        }
+        let manifest = {
+            let db = self.db();
+            self.store.verify(&db, tag)?
+        };
+        let parent: SandboxConfig =
+            serde_json::from_value(manifest.machine.clone()).map_err(|e| {
+                CoreError::Config(format!(
+                    "snapshot `{tag}` has an unreadable machine config: {e}"
+                ))
+            })?;
+        for (what, p) in [
+            ("kernel", &parent.vm.kernel),
+            ("initramfs", &parent.vm.initramfs),
+        ] {
+            if !p.is_file() {
+                return Err(CoreError::Config(format!(
+                    "snapshot `{tag}` needs the {what} {} it was made with, which is gone",
+                    p.display()
+                )));
+            }
+        }
+        let accel = forkd_vm::accel::choose(forkd_vm::AccelRequest::Auto, &HostProbe::read())
+            .map_err(CoreError::Config)?;
+        if accel.accel != parent.vm.accel {
+            return Err(CoreError::Config(format!(
+                "snapshot `{tag}` was made under {} but this host runs {}",
+                parent.vm.accel, accel.accel
+            )));
+        }
+        let snap_dir = self.store.dir(tag);
+        let next = AtomicUsize::new(0);
+        let results: Mutex<Vec<Option<Result<Child, CoreError>>>> =
+            Mutex::new((0..n).map(|_| None).collect());
+        std::thread::scope(|s| {
+            for _ in 0..parallel.clamp(1, n) {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= n {
+                        return;
+                    }
+                    let r = self.spawn_one(tag, &snap_dir, &parent, &accel);
+                    on_ready(i, &r);
+                    results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
+                });
+            }
+        });
+        Ok(results
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner())
+            .into_iter()
+            .map(|r| r.expect("every slot is filled"))
+            .collect())
+    }
+
+    fn spawn_one(
+        &self,
+        tag: &str,
+        snap_dir: &Path,
+        parent: &SandboxConfig,
+        accel: &AccelChoice,
+    ) -> Result<Child, CoreError> {
+        let t0 = Instant::now();
+        let id = new_id("sb");
+        let mut run_dir = RunDir::create(&self.sandboxes_dir(), &id)?;
+        // Owned until it is ready: on any error below, dropping the Vm (or
+        // the run dir) kills QEMU and removes the files.
+        let mut config = parent.vm.clone();
+        config.memory = MemoryBackend::PrivateFile(snap_dir.join(RAM_IMAGE));
+        config.qmp_socket = run_dir.file("qmp.sock");
+        config.agent_socket = run_dir.file("agent.sock");
+        config.console_log = run_dir.file("console.log");
+        config.hostname = id.clone();
+        config.incoming = true;
+        if !config.disks.is_empty() {
+            let overlay = run_dir.file("root.qcow2");
+            forkd_vm::disk::create_overlay(&snap_dir.join(DISK_IMAGE), "qcow2", &overlay)
+                .map_err(CoreError::Config)?;
+            config.disks = vec![Disk { overlay }];
+        }
+        run_dir.keep();
+        let guard = DirGuard(run_dir.path().to_path_buf());
+        let vm = Vm::launch(
+            config.clone(),
+            run_dir,
+            &LaunchOptions {
+                boot_timeout: Duration::from_secs(60),
+                die_with_parent: false,
+                cancel: None,
+                restore: Some(snap_dir.join(DEVICE_STATE)),
+            },
+        )?;
+        let restore_ms = vm.restore_time().unwrap_or_default().as_secs_f64() * 1000.0;
+        let mut entropy = [0u8; 64];
+        getrandom(&mut entropy)?;
+        let clock_step_ms = vm
+            .agent()
+            .restore(&entropy, &id)
+            .map_err(|e| vm.explain(e, "fork-safety restore"))?;
+        let ready_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        let (pid, pid_start) = vm.detach();
+        let image = format!("{} (from {tag})", parent.image);
+        let recorded = self.record(&id, pid, pid_start, &config, &image, accel, Some(tag));
+        if let Err(e) = recorded {
+            // SAFETY: our own freshly started QEMU.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            return Err(e);
+        }
+        guard.disarm();
+        Ok(Child {
+            id,
+            ready_ms,
+            restore_ms,
+            clock_step_ms,
+        })
+    }
+
+    /// Deletes a snapshot; refuses while sandboxes or snapshots depend on it
+    /// unless `force`.
+    pub fn remove_snapshot(&self, tag: &str, force: bool) -> Result<(), CoreError> {
+        forkd_store::validate_tag(tag)?;
+        let exists = self.db().get_snapshot(tag)?.is_some() || self.store.exists(tag);
+        if !exists {
+            return Err(CoreError::Config(format!(
+                "no snapshot `{tag}`; `forkd snapshots` lists them"
+            )));
+        }
+        // Sandboxes whose QEMU is gone do not count.
+        self.list()?;
+        let blockers = forkd_store::deletion_blockers(&self.db(), tag)?;
+        if !blockers.is_empty() && !force {
+            return Err(CoreError::Config(format!(
+                "snapshot `{tag}` is in use by {}; kill those first or pass --force",
+                blockers.join(", ")
+            )));
+        }
+        self.store.remove(tag)?;
+        let db = self.db();
+        db.delete_snapshot_row(tag)?;
+        db.forget_verified_under(&self.store.dir(tag))?;
+        Ok(())
+    }
+}
+
+fn choose_accel(opts: &BootOptions) -> Result<AccelChoice, CoreError> {
+    forkd_vm::accel::choose(opts.accel, &HostProbe::read()).map_err(CoreError::Config)
+}
+
+fn view(row: &SandboxRow, c: &SandboxConfig) -> SandboxView {
+    SandboxView {
+        id: row.id.clone(),
+        state: row.state.to_string(),
+        pid: row.pid,
+        snapshot: row.snapshot.clone(),
+        image: c.image.clone(),
+        mem_mib: c.vm.mem_mib,
+        cpus: c.vm.cpus,
+        created_at: row.created_at,
+    }
+}
+
+fn explain_detached(vm: &Vm, e: forkd_protocol::client::ClientError, what: &str) -> CoreError {
+    if !vm.is_alive() {
+        return CoreError::Vm(forkd_vm::VmError::Died {
+            status: "QEMU exited".into(),
+            during: what.into(),
+            console: vm.console_tail(10),
+        });
+    }
+    CoreError::Vm(forkd_vm::VmError::Agent(e))
+}
+
+/// Removes a directory on drop unless disarmed.
+struct DirGuard(PathBuf);
+
+impl DirGuard {
+    fn disarm(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn getrandom(buf: &mut [u8]) -> Result<(), CoreError> {
+    // SAFETY: getrandom writes at most buf.len() bytes into buf.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n != buf.len() as isize {
+        return Err(CoreError::Config(format!(
+            "getrandom: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn unix_now_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
