@@ -304,9 +304,11 @@ impl Fleet {
         let vm = self.attach(id)?;
         let ram = match &config.vm.memory {
             MemoryBackend::SharedFile(p) => p.clone(),
-            _ => return Err(CoreError::Config(format!(
+            _ => {
+                return Err(CoreError::Config(format!(
                 "sandbox `{id}` does not keep its RAM in a shared file and cannot be snapshotted"
-            ))),
+            )))
+            }
         };
         let staging = self.store.stage(tag)?;
         let device_state = staging.path().join(DEVICE_STATE);
