@@ -1,10 +1,50 @@
 #!/usr/bin/env bash
-# The main job, for now: boot a real Linux microVM, run a command in it,
-# print the timings, tear it down.
+# The main job: boot a parent sandbox, warm it (an expensive "model load" and a
+# long-running process holding state in memory), snapshot it, spawn children
+# from the snapshot, and run a command in each: every child already has the
+# warm state, without re-running anything. Prints the timings.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-./target/release/forkd doctor || true
-echo
-./target/release/forkd run --timings -- sh -c \
-  'echo "hello from $(hostname): $(uname -sr)"; echo "root disk: $(df -h / | tail -1)"; ip -4 addr show eth0 | grep inet'
+F=./target/release/forkd
+N=${N:-4}
+TAG=demo-$$
+ms() { python3 -c "import json,sys; print(round(json.load(sys.stdin)['$1']))"; }
+cleanup() { $F kill $($F ls --json | python3 -c "import json,sys; print(' '.join(s['id'] for s in json.load(sys.stdin) if s['id'] in '''${IDS:-}'''.split()))") >/dev/null 2>&1 || true; $F rmi --force "$TAG" >/dev/null 2>&1 || true; }
+trap cleanup EXIT
+
+echo "== boot a parent sandbox"
+OUT=$($F create --json); PARENT=$(echo "$OUT" | python3 -c "import json,sys; print(json.load(sys.stdin)['id'])")
+IDS="$PARENT"
+echo "   $PARENT booted in $(echo "$OUT" | ms boot_ms) ms"
+
+echo "== warm it: load a 'model' (slow), start a server process that holds state"
+T0=$(date +%s%N)
+$F exec "$PARENT" -- sh -c '
+  i=0; while [ $i -lt 40 ]; do head -c 1048576 /dev/urandom; i=$((i+1)); done > /tmp/model.bin
+  md5sum /tmp/model.bin | cut -d" " -f1 > /tmp/model.md5
+  (n=0; while :; do n=$((n+1)); echo "$n" > /tmp/served; sleep 0.2; done) >/dev/null 2>&1 &
+  echo $! > /tmp/server.pid
+  echo "   model $(cat /tmp/model.md5) loaded, server pid $(cat /tmp/server.pid)"'
+echo "   warm-up took $(( ($(date +%s%N) - T0) / 1000000 )) ms"
+
+echo "== snapshot it"
+OUT=$($F snapshot "$PARENT" --tag "$TAG" --json)
+echo "   parent paused $(echo "$OUT" | ms pause_ms) ms; snapshot ready in $(echo "$OUT" | ms total_ms) ms"
+
+echo "== spawn $N copy-on-write children"
+OUT=$($F spawn "$TAG" -n "$N" --json)
+KIDS=$(echo "$OUT" | python3 -c "import json,sys; print(' '.join(c['id'] for c in json.load(sys.stdin)['children'] if 'id' in c))")
+IDS="$IDS $KIDS"
+echo "$OUT" | python3 -c "
+import json,sys; d=json.load(sys.stdin)
+for c in d['children']:
+    print('   %s ready in %.0f ms (device state loaded in %.0f ms)' % (c['id'], c['ready_ms'], c['restore_ms']) if 'id' in c else '   failed: ' + c['error'])
+print('   all %d ready in %.0f ms' % (len(d['children']), d['wall_ms']))"
+
+echo "== run a command in each child"
+for K in $KIDS; do
+  T0=$(date +%s%N)
+  R=$($F exec "$K" -- sh -c 'echo "$(hostname): model $(md5sum /tmp/model.bin | cut -c1-8) (warm copy, not recomputed), server pid $(cat /tmp/server.pid) alive: $(kill -0 $(cat /tmp/server.pid) && echo yes), served $(cat /tmp/served)"')
+  echo "   $R  [exec $(( ($(date +%s%N) - T0) / 1000000 )) ms]"
+done
