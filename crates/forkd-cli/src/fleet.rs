@@ -185,7 +185,49 @@ pub fn rmi(tag: &str, force: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn spawn(tag: &str, n: usize, parallel: Option<usize>, json: bool) -> Result<ExitCode> {
+/// Largest pool and spawn a single command accepts.
+const MAX_CHILDREN: usize = 1000;
+
+pub fn pool(tag: &str, size: usize) -> Result<ExitCode> {
+    if size > MAX_CHILDREN {
+        anyhow::bail!("--size {size} is over the limit of {MAX_CHILDREN}");
+    }
+    let (_, fleet) = fleet()?;
+    let started = fleet.fill_pool(tag, size)?;
+    eprintln!("forkd: pool of `{tag}`: started {started}, now {size}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Refills the pool from a detached process so that this command can return.
+fn refill_in_background(tag: &str, size: usize) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe()?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["pool", tag, "--size", &size.to_string()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: setsid in the child before exec; async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    cmd.spawn()?;
+    Ok(())
+}
+
+pub fn spawn(
+    tag: &str,
+    n: usize,
+    parallel: Option<usize>,
+    pool: Option<usize>,
+    json: bool,
+) -> Result<ExitCode> {
+    if n > MAX_CHILDREN || pool.is_some_and(|k| k > MAX_CHILDREN) {
+        anyhow::bail!("-n and --pool are limited to {MAX_CHILDREN}");
+    }
     let (_, fleet) = fleet()?;
     let parallel = parallel.unwrap_or_else(|| {
         std::thread::available_parallelism()
@@ -199,13 +241,21 @@ pub fn spawn(tag: &str, n: usize, parallel: Option<usize>, json: bool) -> Result
         let k = done.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
         if tty {
             match r {
-                Ok(c) => eprintln!("[{k}/{n}] {} ready in {:.0} ms", c.id, c.ready_ms),
+                Ok(c) => eprintln!(
+                    "[{k}/{n}] {} ready in {:.0} ms{}",
+                    c.id,
+                    c.ready_ms,
+                    if c.from_pool { " (pool)" } else { "" }
+                ),
                 Err(e) => eprintln!("[{k}/{n}] failed: {e}"),
             }
         }
     })?;
     let wall = t.elapsed().as_secs_f64() * 1000.0;
     let failed = results.iter().filter(|r| r.is_err()).count();
+    if let Some(k) = pool {
+        refill_in_background(tag, k)?;
+    }
     if json {
         let items: Vec<serde_json::Value> = results
             .iter()

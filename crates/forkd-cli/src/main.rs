@@ -94,8 +94,18 @@ enum Command {
         /// Children started at once (default: number of cores).
         #[arg(long)]
         parallel: Option<usize>,
+        /// Keep K pre-started QEMUs for this snapshot: spawns take from the
+        /// pool, which refills in the background after this spawn.
+        #[arg(long, value_name = "K")]
+        pool: Option<usize>,
         #[arg(long)]
         json: bool,
+    },
+    /// Fill the warm pool of a snapshot to K pre-started QEMUs (`forkd ls` shows them as pooled).
+    Pool {
+        tag: String,
+        #[arg(long, value_name = "K")]
+        size: usize,
     },
 }
 
@@ -226,8 +236,10 @@ fn main() -> ExitCode {
             tag,
             n,
             parallel,
+            pool,
             json,
-        } => fleet::spawn(&tag, n, parallel, json),
+        } => fleet::spawn(&tag, n, parallel, pool, json),
+        Command::Pool { tag, size } => fleet::pool(&tag, size),
     };
     match result {
         Ok(code) => code,

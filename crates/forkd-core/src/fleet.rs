@@ -61,6 +61,8 @@ pub struct Child {
     pub restore_ms: f64,
     /// How far the child's clock was stepped.
     pub clock_step_ms: i64,
+    /// Whether it was a pre-started pool member.
+    pub from_pool: bool,
 }
 
 /// Result of a snapshot.
@@ -161,7 +163,16 @@ impl Fleet {
             },
         )?;
         let (pid, pid_start) = vm.detach();
-        let row = self.record(&id, pid, pid_start, &config, image, &accel, None)?;
+        let row = self.record(
+            &id,
+            pid,
+            pid_start,
+            &config,
+            image,
+            &accel,
+            None,
+            SandboxState::Running,
+        )?;
         cleanup.disarm();
         Ok(row)
     }
@@ -176,6 +187,7 @@ impl Fleet {
         image: &str,
         accel: &AccelChoice,
         snapshot: Option<&str>,
+        state: SandboxState,
     ) -> Result<SandboxView, CoreError> {
         let config = SandboxConfig {
             vm: vm.clone(),
@@ -184,7 +196,7 @@ impl Fleet {
         };
         let row = SandboxRow {
             id: id.to_string(),
-            state: SandboxState::Running,
+            state,
             pid,
             pid_start,
             run_dir: vm
@@ -385,6 +397,34 @@ impl Fleet {
         if n == 0 {
             return Err(CoreError::Config("-n must be at least 1".into()));
         }
+        let (snap_dir, parent, accel) = self.prepare_spawn(tag)?;
+        let next = AtomicUsize::new(0);
+        let results: Mutex<Vec<Option<Result<Child, CoreError>>>> =
+            Mutex::new((0..n).map(|_| None).collect());
+        std::thread::scope(|s| {
+            for _ in 0..parallel.clamp(1, n) {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= n {
+                        return;
+                    }
+                    let r = self.spawn_one(tag, &snap_dir, &parent, &accel);
+                    on_ready(i, &r);
+                    results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
+                });
+            }
+        });
+        Ok(results
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner())
+            .into_iter()
+            .map(|r| r.expect("every slot is filled"))
+            .collect())
+    }
+
+    /// Checks a snapshot can be spawned from (ready, files intact, kernel
+    /// present, same accelerator) without starting anything.
+    fn prepare_spawn(&self, tag: &str) -> Result<(PathBuf, SandboxConfig, AccelChoice), CoreError> {
         let row = self.db().get_snapshot(tag)?;
         match row.as_ref().map(|r| r.status) {
             None => {
@@ -428,29 +468,103 @@ impl Fleet {
                 parent.vm.accel, accel.accel
             )));
         }
-        let snap_dir = self.store.dir(tag);
-        let next = AtomicUsize::new(0);
-        let results: Mutex<Vec<Option<Result<Child, CoreError>>>> =
-            Mutex::new((0..n).map(|_| None).collect());
-        std::thread::scope(|s| {
-            for _ in 0..parallel.clamp(1, n) {
-                s.spawn(|| loop {
-                    let i = next.fetch_add(1, Ordering::SeqCst);
-                    if i >= n {
-                        return;
-                    }
-                    let r = self.spawn_one(tag, &snap_dir, &parent, &accel);
-                    on_ready(i, &r);
-                    results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
-                });
+        Ok((self.store.dir(tag), parent, accel))
+    }
+
+    /// The configuration of a child of the snapshot in `snap_dir`, with its
+    /// own sockets and a fresh overlay on the frozen disk in `run_dir`.
+    fn child_config(
+        &self,
+        snap_dir: &Path,
+        parent: &SandboxConfig,
+        id: &str,
+        run_dir: &RunDir,
+    ) -> Result<VmConfig, CoreError> {
+        let mut config = parent.vm.clone();
+        config.memory = MemoryBackend::PrivateFile(snap_dir.join(RAM_IMAGE));
+        config.qmp_socket = run_dir.file("qmp.sock");
+        config.agent_socket = run_dir.file("agent.sock");
+        config.console_log = run_dir.file("console.log");
+        config.hostname = id.to_string();
+        config.incoming = true;
+        if !config.disks.is_empty() {
+            let overlay = run_dir.file("root.qcow2");
+            forkd_vm::disk::create_overlay(&snap_dir.join(DISK_IMAGE), "qcow2", &overlay)
+                .map_err(CoreError::Config)?;
+            config.disks = vec![Disk { overlay }];
+        }
+        Ok(config)
+    }
+
+    /// Tops the warm pool of snapshot `tag` up to `size` standby QEMUs
+    /// (started with `-incoming defer`, answering on QMP, no guest yet).
+    /// Returns how many were started.
+    pub fn fill_pool(&self, tag: &str, size: usize) -> Result<usize, CoreError> {
+        let (snap_dir, parent, accel) = self.prepare_spawn(tag)?;
+        self.list()?; // marks dead members
+        let have = self.db().count_from_snapshot(tag, SandboxState::Pooled)?;
+        let mut started = 0;
+        for _ in have..size {
+            let id = new_id("sb");
+            let run_dir = RunDir::create(&self.sandboxes_dir(), &id)?;
+            let guard = DirGuard(run_dir.path().to_path_buf());
+            let config = self.child_config(&snap_dir, &parent, &id, &run_dir)?;
+            let (pid, pid_start) = Vm::launch_standby(
+                &config,
+                run_dir,
+                &LaunchOptions {
+                    boot_timeout: Duration::from_secs(30),
+                    die_with_parent: false,
+                    cancel: None,
+                    restore: None,
+                },
+            )?;
+            let image = format!("{} (from {tag})", parent.image);
+            if let Err(e) = self.record(
+                &id,
+                pid,
+                pid_start,
+                &config,
+                &image,
+                &accel,
+                Some(tag),
+                SandboxState::Pooled,
+            ) {
+                // SAFETY: our own freshly started QEMU.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                return Err(e);
             }
-        });
-        Ok(results
-            .into_inner()
-            .unwrap_or_else(|p| p.into_inner())
-            .into_iter()
-            .map(|r| r.expect("every slot is filled"))
-            .collect())
+            guard.disarm();
+            started += 1;
+        }
+        Ok(started)
+    }
+
+    /// Activates a pooled member of `tag`, if any: loads the device state into
+    /// the waiting QEMU. A member that fails is removed and `None` returned,
+    /// so the caller falls back to a cold start.
+    fn claim_from_pool(&self, tag: &str, snap_dir: &Path) -> Option<(String, Vm, SandboxConfig)> {
+        loop {
+            let row = self.db().claim_pooled(tag).ok()??;
+            let config: Option<SandboxConfig> = serde_json::from_value(row.config.clone()).ok();
+            let activated = config.as_ref().ok_or(()).and_then(|c| {
+                Vm::attach_restoring(
+                    c.vm.clone(),
+                    row.pid,
+                    row.pid_start,
+                    &row.run_dir,
+                    Some(&snap_dir.join(DEVICE_STATE)),
+                    Duration::from_secs(30),
+                )
+                .map_err(|_| ())
+            });
+            match (activated, config) {
+                (Ok(vm), Some(c)) => return Some((row.id, vm, c)),
+                _ => {
+                    let _ = self.kill(&row.id);
+                }
+            }
+        }
     }
 
     fn spawn_one(
@@ -461,23 +575,16 @@ impl Fleet {
         accel: &AccelChoice,
     ) -> Result<Child, CoreError> {
         let t0 = Instant::now();
+        if let Some((id, vm, _)) = self.claim_from_pool(tag, snap_dir) {
+            return self.finish_child(&id, vm, t0, true).inspect_err(|_| {
+                let _ = self.kill(&id);
+            });
+        }
         let id = new_id("sb");
         let mut run_dir = RunDir::create(&self.sandboxes_dir(), &id)?;
         // Owned until it is ready: on any error below, dropping the Vm (or
         // the run dir) kills QEMU and removes the files.
-        let mut config = parent.vm.clone();
-        config.memory = MemoryBackend::PrivateFile(snap_dir.join(RAM_IMAGE));
-        config.qmp_socket = run_dir.file("qmp.sock");
-        config.agent_socket = run_dir.file("agent.sock");
-        config.console_log = run_dir.file("console.log");
-        config.hostname = id.clone();
-        config.incoming = true;
-        if !config.disks.is_empty() {
-            let overlay = run_dir.file("root.qcow2");
-            forkd_vm::disk::create_overlay(&snap_dir.join(DISK_IMAGE), "qcow2", &overlay)
-                .map_err(CoreError::Config)?;
-            config.disks = vec![Disk { overlay }];
-        }
+        let config = self.child_config(snap_dir, parent, &id, &run_dir)?;
         run_dir.keep();
         let guard = DirGuard(run_dir.path().to_path_buf());
         let vm = Vm::launch(
@@ -490,28 +597,51 @@ impl Fleet {
                 restore: Some(snap_dir.join(DEVICE_STATE)),
             },
         )?;
+        let image = format!("{} (from {tag})", parent.image);
+        // Recorded before fork safety so that a failure below is cleaned up
+        // by `kill` like any other sandbox.
+        let (pid, pid_start) = (vm.pid(), vm.pid_start());
+        self.record(
+            &id,
+            pid,
+            pid_start,
+            &config,
+            &image,
+            accel,
+            Some(tag),
+            SandboxState::Running,
+        )?;
+        guard.disarm();
+        let vm_ok = self.finish_child(&id, vm, t0, false);
+        if vm_ok.is_err() {
+            let _ = self.kill(&id);
+        }
+        vm_ok
+    }
+
+    /// Fork safety for a restored child, then detaches it.
+    fn finish_child(
+        &self,
+        id: &str,
+        vm: Vm,
+        t0: Instant,
+        pooled: bool,
+    ) -> Result<Child, CoreError> {
         let restore_ms = vm.restore_time().unwrap_or_default().as_secs_f64() * 1000.0;
         let mut entropy = [0u8; 64];
         getrandom(&mut entropy)?;
         let clock_step_ms = vm
             .agent()
-            .restore(&entropy, &id)
+            .restore(&entropy, id)
             .map_err(|e| vm.explain(e, "fork-safety restore"))?;
         let ready_ms = t0.elapsed().as_secs_f64() * 1000.0;
-        let (pid, pid_start) = vm.detach();
-        let image = format!("{} (from {tag})", parent.image);
-        let recorded = self.record(&id, pid, pid_start, &config, &image, accel, Some(tag));
-        if let Err(e) = recorded {
-            // SAFETY: our own freshly started QEMU.
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-            return Err(e);
-        }
-        guard.disarm();
+        vm.detach();
         Ok(Child {
-            id,
+            id: id.to_string(),
             ready_ms,
             restore_ms,
             clock_step_ms,
+            from_pool: pooled,
         })
     }
 
@@ -525,8 +655,12 @@ impl Fleet {
                 "no snapshot `{tag}`; `forkd snapshots` lists them"
             )));
         }
-        // Sandboxes whose QEMU is gone do not count.
-        self.list()?;
+        // Sandboxes whose QEMU is gone do not count; the warm pool is ours.
+        for s in self.list()? {
+            if s.snapshot.as_deref() == Some(tag) && s.state == "pooled" {
+                self.kill(&s.id)?;
+            }
+        }
         let blockers = forkd_store::deletion_blockers(&self.db(), tag)?;
         if !blockers.is_empty() && !force {
             return Err(CoreError::Config(format!(

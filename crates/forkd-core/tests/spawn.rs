@@ -348,3 +348,46 @@ fn rmi_refuses_while_children_run_and_force_overrides() {
     let _kid = w.spawn("r2", 1);
     w.fleet.remove_snapshot("r2", true).unwrap();
 }
+
+#[test]
+fn pool_members_are_taken_first_and_a_dead_member_falls_back_to_a_cold_start() {
+    let w = World::new("pool");
+    warmed_parent(&w, "p");
+    assert_eq!(w.fleet.fill_pool("p", 2).unwrap(), 2);
+    assert_eq!(w.fleet.fill_pool("p", 2).unwrap(), 0, "already full");
+    let pooled: Vec<_> = w
+        .fleet
+        .list()
+        .unwrap()
+        .into_iter()
+        .filter(|s| s.state == "pooled")
+        .collect();
+    assert_eq!(pooled.len(), 2);
+    // One member dies while waiting: the spawn must not hand it out.
+    // SAFETY: a QEMU this test started.
+    unsafe { libc::kill(pooled[0].pid as i32, libc::SIGKILL) };
+    std::thread::sleep(Duration::from_millis(200));
+    let kids = w.spawn("p", 2);
+    let from_pool = kids.iter().filter(|c| c.from_pool).count();
+    assert_eq!(from_pool, 1, "{kids:?}");
+    assert!(kids.iter().any(|c| c.id == pooled[1].id));
+    for c in &kids {
+        assert_eq!(
+            w.run(&c.id, "hostname; cat /tmp/mem.txt"),
+            format!("{}\nparent-mem\n", c.id)
+        );
+    }
+    assert!(
+        w.fleet.list().unwrap().iter().all(|s| s.state == "running"),
+        "{:?}",
+        w.fleet.list()
+    );
+    assert!(
+        !w.sandbox_dirs().iter().any(|d| d.ends_with(&pooled[0].id)),
+        "dead member's files remain"
+    );
+    // rmi --force also clears the pool.
+    w.fleet.fill_pool("p", 1).unwrap();
+    w.fleet.remove_snapshot("p", true).unwrap();
+    assert!(w.fleet.list().unwrap().iter().all(|s| s.state != "pooled"));
+}

@@ -329,6 +329,51 @@ impl Db {
         Ok(())
     }
 
+    /// Takes one pooled sandbox of snapshot `tag` for a spawn: marks it
+    /// running and returns it, or `None` when the pool is empty. Atomic
+    /// across processes (a single conditional UPDATE), so two spawns never
+    /// get the same member.
+    pub fn claim_pooled(&self, tag: &str) -> Result<Option<SandboxRow>> {
+        loop {
+            let candidate: Option<String> = self
+                .conn
+                .query_row(
+                    "SELECT id FROM sandboxes WHERE snapshot = ?1 AND state = 'pooled' \
+                     ORDER BY created_at, id LIMIT 1",
+                    [tag],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(self.sql())?;
+            let Some(id) = candidate else {
+                return Ok(None);
+            };
+            let won = self
+                .conn
+                .execute(
+                    "UPDATE sandboxes SET state = 'running' WHERE id = ?1 AND state = 'pooled'",
+                    [&id],
+                )
+                .map_err(self.sql())?;
+            if won == 1 {
+                return self.get_sandbox(&id);
+            }
+            // Another process claimed it between our SELECT and UPDATE.
+        }
+    }
+
+    /// How many sandboxes of snapshot `tag` are in `state`.
+    pub fn count_from_snapshot(&self, tag: &str, state: SandboxState) -> Result<usize> {
+        self.conn
+            .query_row(
+                "SELECT COUNT(*) FROM sandboxes WHERE snapshot = ?1 AND state = ?2",
+                params![tag, state],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as usize)
+            .map_err(self.sql())
+    }
+
     pub fn get_sandbox(&self, id: &str) -> Result<Option<SandboxRow>> {
         self.conn
             .query_row(
@@ -687,6 +732,55 @@ mod tests {
             .pragma_query_value(None, "busy_timeout", |r| r.get(0))
             .unwrap();
         assert_eq!(timeout, 10_000);
+    }
+
+    #[test]
+    fn pooled_members_are_claimed_once_each_across_handles() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("forkd.db");
+        let db = Db::open(&path).unwrap();
+        for i in 0..40 {
+            let mut row = sandbox(&format!("p{i:02}"), Some("py"), i);
+            row.state = SandboxState::Pooled;
+            db.insert_sandbox(&row).unwrap();
+        }
+        db.insert_sandbox(&sandbox("busy", Some("py"), 99)).unwrap();
+        assert_eq!(
+            db.count_from_snapshot("py", SandboxState::Pooled).unwrap(),
+            40
+        );
+        let claimers: Vec<_> = (0..2)
+            .map(|_| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    let db = Db::open(&path).unwrap();
+                    let mut got = Vec::new();
+                    while let Some(row) = db.claim_pooled("py").unwrap() {
+                        assert_eq!(row.state, SandboxState::Running);
+                        got.push(row.id);
+                    }
+                    got
+                })
+            })
+            .collect();
+        let mut all: Vec<String> = claimers
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect();
+        all.sort();
+        let before = all.len();
+        all.dedup();
+        assert_eq!(
+            (before, all.len()),
+            (40, 40),
+            "a member was claimed twice or lost"
+        );
+        assert!(db.claim_pooled("py").unwrap().is_none());
+        assert!(db.claim_pooled("other").unwrap().is_none());
+        assert_eq!(
+            db.count_from_snapshot("py", SandboxState::Running).unwrap(),
+            41
+        );
     }
 
     #[test]

@@ -255,69 +255,15 @@ pub struct Vm {
 impl Vm {
     /// Starts QEMU and waits until the guest agent has answered the handshake.
     pub fn launch(config: VmConfig, run_dir: RunDir, opts: &LaunchOptions) -> Result<Vm, VmError> {
-        config.validate().map_err(VmError::Config)?;
-        let qemu = which(&config.qemu)
-            .ok_or_else(|| VmError::QemuNotFound(config.qemu.display().to_string()))?;
-        let stderr_path = run_dir.file("qemu.stderr");
-        let stderr = File::create(&stderr_path).map_err(|source| VmError::RunDir {
-            path: stderr_path.display().to_string(),
-            source,
-        })?;
-        let started = Instant::now();
-        let mut cmd = Command::new(&qemu);
-        cmd.args(config.to_args())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr);
-        let die_with_parent = opts.die_with_parent;
-        // SAFETY: runs in the forked child before exec; setsid and prctl are
-        // async-signal-safe syscalls with no memory effects in the child.
-        unsafe {
-            cmd.pre_exec(move || {
-                // Own session: a Ctrl-C on our terminal is ours to handle,
-                // it must not kill QEMU behind our back.
-                libc::setsid();
-                if die_with_parent {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
-                }
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().map_err(VmError::Spawn)?;
-        let pid = child.id();
-        let pid_start = process_start_time(pid).unwrap_or(0);
-        let mut partial = Partial {
-            child: Some(child),
-            stderr_path: stderr_path.clone(),
-            console: config.console_log.clone(),
-        };
-
-        // Sockets appear once QEMU has parsed its options.
+        let Started {
+            mut partial,
+            qmp,
+            started,
+            stderr_path,
+            pid,
+            pid_start,
+        } = start_qemu(&config, &run_dir, opts)?;
         let deadline = started + opts.boot_timeout;
-        while !(config.qmp_socket.exists() && config.agent_socket.exists()) {
-            partial.check_alive()?;
-            if opts
-                .cancel
-                .as_ref()
-                .is_some_and(|c| c.load(Ordering::SeqCst))
-            {
-                return Err(VmError::Cancelled);
-            }
-            if Instant::now() > deadline {
-                return Err(partial.timeout(opts.boot_timeout));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        // A connection failing here usually means QEMU is on its way out:
-        // give it a moment so the error can say why.
-        let qmp = match Qmp::connect(&config.qmp_socket, Duration::from_secs(10)) {
-            Ok(q) => q,
-            Err(e) => {
-                partial.wait_exit(Duration::from_secs(2));
-                partial.check_alive()?;
-                return Err(e.into());
-            }
-        };
         let mut qmp = qmp;
         let mut restore_time = None;
         if let Some(state) = &opts.restore {
@@ -329,47 +275,7 @@ impl Vm {
             }
             restore_time = Some(t.elapsed());
         }
-        let stream = match UnixStream::connect(&config.agent_socket) {
-            Ok(s) => s,
-            Err(e) => {
-                partial.wait_exit(Duration::from_secs(2));
-                partial.check_alive()?;
-                return Err(VmError::Agent(ClientError::Io(e)));
-            }
-        };
-        let left = deadline.saturating_duration_since(Instant::now());
-        let mut exited = None;
-        let mut keep_waiting = || {
-            if opts
-                .cancel
-                .as_ref()
-                .is_some_and(|c| c.load(Ordering::SeqCst))
-            {
-                return Err(ClientError::Cancelled);
-            }
-            if let Err(e) = partial.check_alive() {
-                exited = Some(e);
-                return Err(ClientError::Cancelled);
-            }
-            Ok(())
-        };
-        let connected = AgentClient::connect_while(stream, left, &mut keep_waiting);
-        if let Some(e) = exited {
-            return Err(e);
-        }
-        let agent = match connected {
-            Ok(a) => a,
-            Err(ClientError::Cancelled) => return Err(VmError::Cancelled),
-            Err(ClientError::HandshakeTimeout(_)) => {
-                partial.check_alive()?;
-                return Err(partial.timeout(opts.boot_timeout));
-            }
-            Err(e) => {
-                partial.wait_exit(Duration::from_secs(2));
-                partial.check_alive()?;
-                return Err(e.into());
-            }
-        };
+        let agent = connect_agent(&config, &mut partial, deadline, opts)?;
         let boot_time = started.elapsed();
         let run_path = run_dir.path().to_path_buf();
         Ok(Vm {
@@ -388,6 +294,29 @@ impl Vm {
         })
     }
 
+    /// Starts QEMU for a later restore (`config.incoming`) and returns as soon
+    /// as it answers on QMP: a warm-pool member that skips QEMU start-up when
+    /// it is activated with [`Vm::attach_restoring`]. The process is detached.
+    pub fn launch_standby(
+        config: &VmConfig,
+        mut run_dir: RunDir,
+        opts: &LaunchOptions,
+    ) -> Result<(u32, u64), VmError> {
+        if !config.incoming {
+            return Err(VmError::Config("a standby VM needs `incoming`".into()));
+        }
+        let Started {
+            mut partial,
+            pid,
+            pid_start,
+            ..
+        } = start_qemu(config, &run_dir, opts)?;
+        // QEMU keeps listening on QMP after we hang up; the activator reconnects.
+        run_dir.keep();
+        partial.child.take();
+        Ok((pid, pid_start))
+    }
+
     /// Connects to a QEMU started earlier (by this or another process) with
     /// `config`, by pid and sockets. The VM is not owned: dropping the
     /// returned handle leaves it running.
@@ -398,10 +327,29 @@ impl Vm {
         run_dir: &Path,
         timeout: Duration,
     ) -> Result<Vm, VmError> {
+        Self::attach_restoring(config, pid, pid_start, run_dir, None, timeout)
+    }
+
+    /// [`Vm::attach`] to a standby QEMU (from [`Vm::launch_standby`]),
+    /// loading the device state `restore` first when given.
+    pub fn attach_restoring(
+        config: VmConfig,
+        pid: u32,
+        pid_start: u64,
+        run_dir: &Path,
+        restore: Option<&Path>,
+        timeout: Duration,
+    ) -> Result<Vm, VmError> {
         if !pid_alive(pid, pid_start) {
             return Err(VmError::NotRunning { pid });
         }
-        let qmp = Qmp::connect(&config.qmp_socket, timeout)?;
+        let mut qmp = Qmp::connect(&config.qmp_socket, timeout)?;
+        let mut restore_time = None;
+        if let Some(state) = restore {
+            let t = Instant::now();
+            restore_device_state(&mut qmp, state, Instant::now() + timeout)?;
+            restore_time = Some(t.elapsed());
+        }
         let stream = UnixStream::connect(&config.agent_socket)
             .map_err(|e| VmError::Agent(ClientError::Io(e)))?;
         let agent = AgentClient::connect_while(stream, timeout, &mut || {
@@ -423,7 +371,7 @@ impl Vm {
             run_dir: None,
             run_path: run_dir.to_path_buf(),
             boot_time: Duration::ZERO,
-            restore_time: None,
+            restore_time,
         })
     }
 
@@ -747,6 +695,147 @@ pub fn qemu_version(qemu: &Path) -> Result<String, VmError> {
         .next()
         .unwrap_or("")
         .to_string())
+}
+
+/// A QEMU process that has started and answers on QMP.
+struct Started {
+    partial: Partial,
+    qmp: Qmp,
+    started: Instant,
+    stderr_path: PathBuf,
+    pid: u32,
+    pid_start: u64,
+}
+
+/// Spawns QEMU for `config` in `run_dir` and waits until QMP answers.
+fn start_qemu(
+    config: &VmConfig,
+    run_dir: &RunDir,
+    opts: &LaunchOptions,
+) -> Result<Started, VmError> {
+    config.validate().map_err(VmError::Config)?;
+    let qemu = which(&config.qemu)
+        .ok_or_else(|| VmError::QemuNotFound(config.qemu.display().to_string()))?;
+    let stderr_path = run_dir.file("qemu.stderr");
+    let stderr = File::create(&stderr_path).map_err(|source| VmError::RunDir {
+        path: stderr_path.display().to_string(),
+        source,
+    })?;
+    let started = Instant::now();
+    let mut cmd = Command::new(&qemu);
+    cmd.args(config.to_args())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr);
+    let die_with_parent = opts.die_with_parent;
+    // SAFETY: runs in the forked child before exec; setsid and prctl are
+    // async-signal-safe syscalls with no memory effects in the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Own session: a Ctrl-C on our terminal is ours to handle,
+            // it must not kill QEMU behind our back.
+            libc::setsid();
+            if die_with_parent {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(VmError::Spawn)?;
+    let pid = child.id();
+    let pid_start = process_start_time(pid).unwrap_or(0);
+    let mut partial = Partial {
+        child: Some(child),
+        stderr_path: stderr_path.clone(),
+        console: config.console_log.clone(),
+    };
+
+    // Sockets appear once QEMU has parsed its options.
+    let deadline = started + opts.boot_timeout;
+    while !(config.qmp_socket.exists() && config.agent_socket.exists()) {
+        partial.check_alive()?;
+        if opts
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::SeqCst))
+        {
+            return Err(VmError::Cancelled);
+        }
+        if Instant::now() > deadline {
+            return Err(partial.timeout(opts.boot_timeout));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // A connection failing here usually means QEMU is on its way out:
+    // give it a moment so the error can say why.
+    let qmp = match Qmp::connect(&config.qmp_socket, Duration::from_secs(10)) {
+        Ok(q) => q,
+        Err(e) => {
+            partial.wait_exit(Duration::from_secs(2));
+            partial.check_alive()?;
+            return Err(e.into());
+        }
+    };
+    Ok(Started {
+        partial,
+        qmp,
+        started,
+        stderr_path,
+        pid,
+        pid_start,
+    })
+}
+
+/// Connects to the agent of a starting QEMU, failing fast if QEMU exits or
+/// the caller cancels.
+fn connect_agent(
+    config: &VmConfig,
+    partial: &mut Partial,
+    deadline: Instant,
+    opts: &LaunchOptions,
+) -> Result<AgentClient, VmError> {
+    let stream = match UnixStream::connect(&config.agent_socket) {
+        Ok(s) => s,
+        Err(e) => {
+            partial.wait_exit(Duration::from_secs(2));
+            partial.check_alive()?;
+            return Err(VmError::Agent(ClientError::Io(e)));
+        }
+    };
+    let left = deadline.saturating_duration_since(Instant::now());
+    let mut exited = None;
+    let mut keep_waiting = || {
+        if opts
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::SeqCst))
+        {
+            return Err(ClientError::Cancelled);
+        }
+        if let Err(e) = partial.check_alive() {
+            exited = Some(e);
+            return Err(ClientError::Cancelled);
+        }
+        Ok(())
+    };
+    let connected = AgentClient::connect_while(stream, left, &mut keep_waiting);
+    if let Some(e) = exited {
+        return Err(e);
+    }
+    let agent = match connected {
+        Ok(a) => a,
+        Err(ClientError::Cancelled) => return Err(VmError::Cancelled),
+        Err(ClientError::HandshakeTimeout(_)) => {
+            partial.check_alive()?;
+            return Err(partial.timeout(opts.boot_timeout));
+        }
+        Err(e) => {
+            partial.wait_exit(Duration::from_secs(2));
+            partial.check_alive()?;
+            return Err(e.into());
+        }
+    };
+    Ok(agent)
 }
 
 /// Loads a device-state stream into a QEMU started with `-incoming defer` and
