@@ -25,6 +25,7 @@ pub fn create(args: CreateArgs) -> Result<ExitCode> {
         mem_mib: args.mem,
         accel: args.accel.parse().map_err(anyhow::Error::msg)?,
         network: parse_net(&args.net)?,
+        tcg_tb_mib: args.tcg_tb_mib,
         ..BootOptions::default()
     };
     let artifacts =

@@ -119,6 +119,9 @@ struct CreateArgs {
     accel: String,
     #[arg(long, default_value = "user")]
     net: String,
+    /// TCG translation-cache size in MiB (smaller: less memory per VM).
+    #[arg(long, value_name = "MIB")]
+    tcg_tb_mib: Option<u32>,
     #[command(flatten)]
     guest: GuestArgs,
     #[arg(long)]

@@ -151,6 +151,7 @@ impl Fleet {
             agent_socket: run_dir.file("agent.sock"),
             console_log: run_dir.file("console.log"),
             incoming: false,
+            tcg_tb_mib: opts.tcg_tb_mib,
         };
         let vm = Vm::launch(
             config.clone(),

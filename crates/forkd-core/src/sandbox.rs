@@ -31,6 +31,8 @@ pub struct BootOptions {
     pub qemu: String,
     /// Set from another thread to abandon a boot in progress.
     pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// TCG translation-cache size in MiB (QEMU's default when `None`).
+    pub tcg_tb_mib: Option<u32>,
 }
 
 impl Default for BootOptions {
@@ -43,6 +45,7 @@ impl Default for BootOptions {
             boot_timeout: Duration::from_secs(60),
             qemu: "qemu-system-x86_64".into(),
             cancel: None,
+            tcg_tb_mib: None,
         }
     }
 }
@@ -90,6 +93,7 @@ impl Sandbox {
             agent_socket: run_dir.file("agent.sock"),
             console_log: run_dir.file("console.log"),
             incoming: false,
+            tcg_tb_mib: opts.tcg_tb_mib,
         };
         let vm = Vm::launch(
             config,

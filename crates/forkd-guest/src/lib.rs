@@ -41,4 +41,5 @@ pub const GUEST_MODULES: &[&str] = &[
     "virtio_blk",
     "virtio_net",
     "virtio_rng",
+    "virtio_balloon",
 ];

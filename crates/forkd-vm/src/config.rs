@@ -58,6 +58,11 @@ pub struct VmConfig {
     /// stream loaded over QMP (`migrate-incoming`), not from a boot.
     #[serde(default)]
     pub incoming: bool,
+    /// TCG translation-cache size in MiB (`-accel tcg,tb-size=`); QEMU's
+    /// default when absent. Ignored under KVM. Not part of the migrated
+    /// state, so children may differ from their parent.
+    #[serde(default)]
+    pub tcg_tb_mib: Option<u32>,
 }
 
 /// Smallest guest the kernel and agent boot in.
@@ -120,7 +125,13 @@ impl VmConfig {
         push(&["-machine", "microvm,x-option-roms=off,isa-serial=on,rtc=on"]);
         match self.accel {
             Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
-            Accel::Tcg => push(&["-accel", "tcg"]),
+            Accel::Tcg => match self.tcg_tb_mib {
+                Some(mib) => {
+                    let accel = format!("tcg,tb-size={mib}");
+                    push(&["-accel", &accel]);
+                }
+                None => push(&["-accel", "tcg"]),
+            },
         }
         let cpus = self.cpus.to_string();
         push(&["-smp", &cpus]);
@@ -162,6 +173,10 @@ impl VmConfig {
         push(&["-device", &port]);
         push(&["-object", "rng-random,id=rng0,filename=/dev/urandom"]);
         push(&["-device", "virtio-rng-device,rng=rng0"]);
+        // The guest reports free 2 MiB blocks and QEMU discards them: holes in
+        // a shared RAM file, so snapshots and their children carry only the
+        // memory the guest uses, not stale free pages.
+        push(&["-device", "virtio-balloon-device,free-page-reporting=on"]);
 
         for (i, d) in self.disks.iter().enumerate() {
             // JSON syntax: no comma escaping, the overlay's backing file is
@@ -229,6 +244,7 @@ mod tests {
             agent_socket: "/run/x/agent.sock".into(),
             console_log: "/run/x/console.log".into(),
             incoming: false,
+            tcg_tb_mib: None,
         }
     }
 
@@ -243,6 +259,9 @@ mod tests {
     fn tcg_command_line_has_microvm_agent_port_and_tsc_hints() {
         let args = config().to_args();
         assert_eq!(value_after(&args, "-accel"), ["tcg"]);
+        let mut small = config();
+        small.tcg_tb_mib = Some(16);
+        assert_eq!(value_after(&small.to_args(), "-accel"), ["tcg,tb-size=16"]);
         assert!(value_after(&args, "-machine")[0].starts_with("microvm"));
         assert_eq!(value_after(&args, "-m"), ["256M"]);
         assert_eq!(value_after(&args, "-smp"), ["2"]);
@@ -254,6 +273,9 @@ mod tests {
             .iter()
             .any(|a| a == "virtserialport,chardev=agent0,name=org.forkd.agent"));
         assert!(args.contains(&"-no-reboot".to_string()));
+        assert!(args
+            .iter()
+            .any(|a| a == "virtio-balloon-device,free-page-reporting=on"));
         assert!(!args.iter().any(|a| a.contains("memory-backend")));
     }
 
