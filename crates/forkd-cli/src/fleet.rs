@@ -224,12 +224,14 @@ pub fn spawn(
     n: usize,
     parallel: Option<usize>,
     pool: Option<usize>,
+    no_wait: bool,
     json: bool,
 ) -> Result<ExitCode> {
     if n > MAX_CHILDREN || pool.is_some_and(|k| k > MAX_CHILDREN) {
         anyhow::bail!("-n and --pool are limited to {MAX_CHILDREN}");
     }
     let (_, fleet) = fleet()?;
+    fleet.set_no_wait(no_wait);
     let parallel = parallel.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|p| p.get())
@@ -286,4 +288,41 @@ pub fn spawn(
     } else {
         ExitCode::SUCCESS
     })
+}
+
+pub fn branch(
+    id: &str,
+    tag: Option<String>,
+    mode: &str,
+    no_wait: bool,
+    json: bool,
+) -> Result<ExitCode> {
+    let (_, fleet) = fleet()?;
+    let mode: forkd_core::branch::Mode = mode.parse().map_err(anyhow::Error::msg)?;
+    let tag = tag.unwrap_or_else(|| format!("{id}-branch-{}", forkd_store::unix_now()));
+    let launch = if no_wait {
+        // The writer must outlive this command.
+        forkd_core::branch::WriterLaunch::Process(std::env::current_exe()?)
+    } else {
+        forkd_core::branch::WriterLaunch::Thread
+    };
+    let info = fleet.branch(id, &tag, mode, !no_wait, launch)?;
+    if json {
+        println!("{}", serde_json::to_string(&info)?);
+    } else {
+        println!("{}", info.tag);
+        let downtime = info
+            .qemu_downtime_ms
+            .map(|d| format!(", QEMU downtime {d:.0} ms"))
+            .unwrap_or_default();
+        let ready = info
+            .ready_ms
+            .map(|r| format!("; ready in {r:.0} ms"))
+            .unwrap_or_else(|| " (writing in the background)".into());
+        eprintln!(
+            "forkd: {:?} branch of {id}: paused {:.1} ms{downtime}{ready}",
+            info.mode, info.pause_ms
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }

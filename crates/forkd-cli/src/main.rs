@@ -98,9 +98,31 @@ enum Command {
         /// pool, which refills in the background after this spawn.
         #[arg(long, value_name = "K")]
         pool: Option<usize>,
+        /// Fail at once if the snapshot is still being written (default: wait).
+        #[arg(long)]
+        no_wait: bool,
         #[arg(long)]
         json: bool,
     },
+    /// Snapshot a running sandbox while it runs (live: the pause does not
+    /// grow with its memory); the branch is a snapshot `spawn` can fan out.
+    Branch {
+        id: String,
+        /// Snapshot tag (default: ID-branch-UNIXTIME).
+        #[arg(long)]
+        tag: Option<String>,
+        /// live (background snapshot) or full (stop, copy, resume).
+        #[arg(long, default_value = "live")]
+        mode: String,
+        /// Return right after the pause; the snapshot is `writing` until ready.
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// (internal) Receive a live branch in a detached process.
+    #[command(name = "_branch-writer", hide = true)]
+    BranchWriter { job: String },
     /// Fill the warm pool of a snapshot to K pre-started QEMUs (`forkd ls` shows them as pooled).
     Pool {
         tag: String,
@@ -240,8 +262,19 @@ fn main() -> ExitCode {
             n,
             parallel,
             pool,
+            no_wait,
             json,
-        } => fleet::spawn(&tag, n, parallel, pool, json),
+        } => fleet::spawn(&tag, n, parallel, pool, no_wait, json),
+        Command::Branch {
+            id,
+            tag,
+            mode,
+            no_wait,
+            json,
+        } => fleet::branch(&id, tag, &mode, no_wait, json),
+        Command::BranchWriter { job } => forkd_core::branch::run_writer_process(&job)
+            .map(|_| ExitCode::SUCCESS)
+            .map_err(Into::into),
         Command::Pool { tag, size } => fleet::pool(&tag, size),
     };
     match result {

@@ -82,6 +82,7 @@ pub struct Fleet {
     env: Env,
     db: Mutex<Db>,
     store: Store,
+    no_wait: std::sync::atomic::AtomicBool,
 }
 
 /// Name of the device-state file in a snapshot.
@@ -100,6 +101,7 @@ impl Fleet {
             env: env.clone(),
             db: Mutex::new(db),
             store,
+            no_wait: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -109,6 +111,10 @@ impl Fleet {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    pub fn env(&self) -> &Env {
+        &self.env
     }
 
     fn sandboxes_dir(&self) -> PathBuf {
@@ -213,7 +219,8 @@ impl Fleet {
         Ok(view(&row, &config))
     }
 
-    fn row(&self, id: &str) -> Result<(SandboxRow, SandboxConfig), CoreError> {
+    /// A sandbox's record and configuration.
+    pub fn sandbox(&self, id: &str) -> Result<(SandboxRow, SandboxConfig), CoreError> {
         let row = self.db().get_sandbox(id)?.ok_or_else(|| {
             CoreError::Config(format!("no sandbox `{id}`; `forkd ls` lists them"))
         })?;
@@ -225,7 +232,7 @@ impl Fleet {
 
     /// Connects to a running sandbox.
     pub fn attach(&self, id: &str) -> Result<Vm, CoreError> {
-        let (row, config) = self.row(id)?;
+        let (row, config) = self.sandbox(id)?;
         if !forkd_vm::vm::pid_alive(row.pid, row.pid_start) {
             self.db().update_sandbox_state(id, SandboxState::Dead)?;
             return Err(CoreError::Config(format!(
@@ -287,19 +294,22 @@ impl Fleet {
 
     /// Kills a sandbox (if it still runs) and removes its files and record.
     pub fn kill(&self, id: &str) -> Result<(), CoreError> {
-        let (row, _) = self.row(id)?;
+        let (row, _) = self.sandbox(id)?;
         if forkd_vm::vm::pid_alive(row.pid, row.pid_start) {
             // SAFETY: kill has no memory effects; pid and start time were
             // checked just above, so this is the sandbox's QEMU.
             unsafe { libc::kill(row.pid as libc::pid_t, libc::SIGKILL) };
             let deadline = Instant::now() + Duration::from_secs(10);
             while forkd_vm::vm::pid_alive(row.pid, row.pid_start) && Instant::now() < deadline {
-                let mut status = 0;
-                // SAFETY: reaps the pid only if it is our child; writes `status`.
-                unsafe { libc::waitpid(row.pid as libc::pid_t, &mut status, libc::WNOHANG) };
-                std::thread::sleep(Duration::from_millis(5));
+                std::thread::sleep(Duration::from_millis(2));
             }
         }
+        // If this process started it (spawn, pool, create in a long-lived
+        // process), it is our child: reap it, or it stays a zombie.
+        let mut status = 0;
+        // SAFETY: waitpid on one pid with WNOHANG; writes only `status`. A pid
+        // that is not our child just returns ECHILD.
+        unsafe { libc::waitpid(row.pid as libc::pid_t, &mut status, libc::WNOHANG) };
         let dir = row.run_dir.as_path();
         if dir.starts_with(self.sandboxes_dir()) {
             let _ = std::fs::remove_dir_all(dir);
@@ -313,14 +323,14 @@ impl Fleet {
     pub fn snapshot(&self, id: &str, tag: &str) -> Result<SnapshotInfo, CoreError> {
         forkd_store::validate_tag(tag)?;
         let t_start = Instant::now();
-        let (_, config) = self.row(id)?;
+        let (row, config) = self.sandbox(id)?;
         let vm = self.attach(id)?;
         let ram = match &config.vm.memory {
             MemoryBackend::SharedFile(p) => p.clone(),
             _ => {
                 return Err(CoreError::Config(format!(
-                "sandbox `{id}` does not keep its RAM in a shared file and cannot be snapshotted"
-            )))
+                    "sandbox `{id}` maps its RAM from a snapshot; branch it with --mode live"
+                )))
             }
         };
         let staging = self.store.stage(tag)?;
@@ -357,7 +367,7 @@ impl Fleet {
             format: forkd_store::MANIFEST_FORMAT,
             tag: tag.to_string(),
             created_at: unix_now(),
-            parent: None,
+            parent: row.snapshot.clone(),
             source_sandbox: Some(id.to_string()),
             pause_ms,
             machine: serde_json::to_value(&config).expect("config serialises"),
@@ -368,7 +378,7 @@ impl Fleet {
             tag: tag.to_string(),
             status: SnapshotStatus::Ready,
             dir: self.store.dir(tag),
-            parent: None,
+            parent: row.snapshot.clone(),
             source: Some(id.to_string()),
             created_at: manifest.created_at,
             pause_ms: Some(pause_ms),
@@ -426,6 +436,7 @@ impl Fleet {
     /// Checks a snapshot can be spawned from (ready, files intact, kernel
     /// present, same accelerator) without starting anything.
     fn prepare_spawn(&self, tag: &str) -> Result<(PathBuf, SandboxConfig, AccelChoice), CoreError> {
+        self.wait_until_written(tag)?;
         let row = self.db().get_snapshot(tag)?;
         match row.as_ref().map(|r| r.status) {
             None => {
@@ -472,6 +483,64 @@ impl Fleet {
         Ok((self.store.dir(tag), parent, accel))
     }
 
+    /// Spawning from a snapshot that is still being written waits for it
+    /// (never maps a half-written image), unless `no_wait` was set.
+    fn wait_until_written(&self, tag: &str) -> Result<(), CoreError> {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let status = self.db().get_snapshot(tag)?.map(|r| r.status);
+            if status != Some(SnapshotStatus::Writing) {
+                return Ok(());
+            }
+            if self.no_wait.load(Ordering::Relaxed) {
+                return Err(CoreError::Config(format!(
+                    "snapshot `{tag}` is still being written (status: writing); retry when `forkd snapshots` says ready, or spawn without --no-wait"
+                )));
+            }
+            if Instant::now() > deadline {
+                return Err(CoreError::Config(format!(
+                    "snapshot `{tag}` is still being written after 10 minutes"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Fail instead of waiting when a snapshot is still being written.
+    pub fn set_no_wait(&self, no_wait: bool) {
+        self.no_wait.store(no_wait, Ordering::Relaxed);
+    }
+
+    /// The RAM image children of `tag` map. It must be on tmpfs (shmem) for
+    /// them to be live-branchable: userfaultfd write-protect does not work on
+    /// private mappings of disk files. When the store is not on tmpfs, a copy
+    /// is made once per snapshot in the runtime directory.
+    fn ram_for_children(&self, tag: &str, snap_dir: &Path) -> Result<PathBuf, CoreError> {
+        let stored = snap_dir.join(RAM_IMAGE);
+        if crate::paths::is_tmpfs(snap_dir) {
+            return Ok(stored);
+        }
+        let dir = self.env.runtime.join("images");
+        let image = dir.join(format!("{tag}.ram"));
+        if image.exists() {
+            return Ok(image);
+        }
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| CoreError::Config(format!("{}: {e}", dir.display())))?;
+        let tmp = dir.join(format!(
+            ".{tag}.ram.{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_file(&tmp);
+        crate::files::copy_sparse(&stored, &tmp).map_err(|e| {
+            CoreError::Config(format!("copying the RAM image of `{tag}` to tmpfs: {e}"))
+        })?;
+        std::fs::rename(&tmp, &image)
+            .map_err(|e| CoreError::Config(format!("{}: {e}", image.display())))?;
+        Ok(image)
+    }
+
     /// The configuration of a child of the snapshot in `snap_dir`, with its
     /// own sockets and a fresh overlay on the frozen disk in `run_dir`.
     fn child_config(
@@ -482,7 +551,11 @@ impl Fleet {
         run_dir: &RunDir,
     ) -> Result<VmConfig, CoreError> {
         let mut config = parent.vm.clone();
-        config.memory = MemoryBackend::PrivateFile(snap_dir.join(RAM_IMAGE));
+        let tag = snap_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        config.memory = MemoryBackend::PrivateFile(self.ram_for_children(tag, snap_dir)?);
         config.qmp_socket = run_dir.file("qmp.sock");
         config.agent_socket = run_dir.file("agent.sock");
         config.console_log = run_dir.file("console.log");
@@ -670,6 +743,7 @@ impl Fleet {
             )));
         }
         self.store.remove(tag)?;
+        let _ = std::fs::remove_file(self.env.runtime.join("images").join(format!("{tag}.ram")));
         let db = self.db();
         db.delete_snapshot_row(tag)?;
         db.forget_verified_under(&self.store.dir(tag))?;
@@ -703,6 +777,22 @@ fn explain_detached(vm: &Vm, e: forkd_protocol::client::ClientError, what: &str)
         });
     }
     CoreError::Vm(forkd_vm::VmError::Agent(e))
+}
+
+/// Takes an exclusive `flock` on `path` (created if needed); released when
+/// the returned file is dropped or the process dies.
+pub(crate) fn lock_file(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::io::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    // SAFETY: flock on a valid fd we own; no memory effects.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(f)
 }
 
 /// Removes a directory on drop unless disarmed.

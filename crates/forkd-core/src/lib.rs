@@ -7,10 +7,12 @@
 //! command lines and prints nothing; the CLI does that.
 
 pub mod artifacts;
+pub mod branch;
 pub mod doctor;
 pub mod files;
 pub mod fleet;
 pub mod paths;
+pub mod ramimage;
 pub mod sandbox;
 
 pub use artifacts::{ArtifactOptions, Artifacts, Image};

@@ -35,6 +35,12 @@ pub enum QmpError {
     Timeout(String, Duration),
 }
 
+/// When an event happened, in seconds, from its QMP timestamp.
+pub fn event_time(event: &Value) -> Option<f64> {
+    let t = &event["timestamp"];
+    Some(t["seconds"].as_f64()? + t["microseconds"].as_f64()? / 1e6)
+}
+
 /// A connected QMP session in command mode.
 pub struct Qmp {
     reader: BufReader<UnixStream>,
@@ -140,6 +146,34 @@ impl Qmp {
                 });
             }
             return Err(QmpError::BadJson(reply.to_string()));
+        }
+    }
+
+    /// Waits for an event named `name` (checking those already received) and
+    /// returns it; other events stay queued.
+    pub fn wait_event(&mut self, name: &str, timeout: Duration) -> Result<Value, QmpError> {
+        if let Some(i) = self.events.iter().position(|e| e["event"] == name) {
+            return Ok(self.events.remove(i));
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(QmpError::Timeout(format!("event {name}"), timeout));
+            }
+            self.reader.get_ref().set_read_timeout(Some(left))?;
+            let msg = match self.read_message() {
+                Err(QmpError::Timeout(..)) => {
+                    return Err(QmpError::Timeout(format!("event {name}"), timeout))
+                }
+                other => other?,
+            };
+            if msg["event"] == name {
+                return Ok(msg);
+            }
+            if msg.get("event").is_some() {
+                self.events.push(msg);
+            }
         }
     }
 

@@ -420,33 +420,18 @@ impl Vm {
         wait_migration(&mut qmp, Instant::now() + Duration::from_secs(60))
     }
 
+    /// The file QEMU currently writes for disk `vdN` (the top of its chain).
+    pub fn disk_top(&self, index: usize) -> Result<PathBuf, VmError> {
+        let (_, file) = top_node(&mut self.qmp(), index)?;
+        Ok(PathBuf::from(file))
+    }
+
     /// Freezes the disk `vdN`: QEMU goes on writing a new qcow2 overlay at
     /// `new_overlay` whose backing file is the current top, which is never
     /// written again. Returns the path of that frozen file.
     pub fn snapshot_disk(&self, index: usize, new_overlay: &Path) -> Result<PathBuf, VmError> {
         let mut qmp = self.qmp();
-        let blocks = qmp.execute("query-block", None)?;
-        // `qdev` is the device id ("vd0") or its QOM path, depending on version.
-        let id = format!("vd{index}");
-        let path = format!("/{id}/");
-        let entry = blocks
-            .as_array()
-            .and_then(|l| {
-                l.iter().find(|b| {
-                    b["qdev"]
-                        .as_str()
-                        .is_some_and(|q| q == id || q.contains(&path))
-                })
-            })
-            .ok_or_else(|| VmError::Config(format!("the VM has no disk vd{index}")))?;
-        let top = entry["inserted"]["node-name"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        let file = entry["inserted"]["file"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
+        let (top, file) = top_node(&mut qmp, index)?;
         let stamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
@@ -500,8 +485,10 @@ impl Vm {
                 match child.as_mut() {
                     Some(c) => c.try_wait().map(|s| s.is_some()).unwrap_or(true),
                     None => {
+                        let gone = !pid_alive(self.pid, self.pid_start);
+                        // A zombie counts as gone; reap it if it is ours.
                         reap_if_child(self.pid);
-                        !pid_alive(self.pid, self.pid_start)
+                        gone
                     }
                 }
             };
@@ -838,6 +825,33 @@ fn connect_agent(
     Ok(agent)
 }
 
+/// The node name and file of the top of disk `vdN`'s chain.
+fn top_node(qmp: &mut Qmp, index: usize) -> Result<(String, String), VmError> {
+    let blocks = qmp.execute("query-block", None)?;
+    // `qdev` is the device id ("vd0") or its QOM path, depending on version.
+    let id = format!("vd{index}");
+    let path = format!("/{id}/");
+    let entry = blocks
+        .as_array()
+        .and_then(|l| {
+            l.iter().find(|b| {
+                b["qdev"]
+                    .as_str()
+                    .is_some_and(|q| q == id || q.contains(&path))
+            })
+        })
+        .ok_or_else(|| VmError::Config(format!("the VM has no disk vd{index}")))?;
+    let top = entry["inserted"]["node-name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let file = entry["inserted"]["file"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    Ok((top, file))
+}
+
 /// Loads a device-state stream into a QEMU started with `-incoming defer` and
 /// waits until the guest runs.
 fn restore_device_state(qmp: &mut Qmp, state: &Path, deadline: Instant) -> Result<(), VmError> {
@@ -876,10 +890,15 @@ fn restore_device_state(qmp: &mut Qmp, state: &Path, deadline: Instant) -> Resul
 }
 
 fn set_ignore_shared(qmp: &mut Qmp) -> Result<(), VmError> {
+    // Capabilities persist in QEMU: a live branch before this left
+    // background-snapshot on, which would turn this save into another one.
     qmp.execute(
         "migrate-set-capabilities",
         Some(serde_json::json!({
-            "capabilities": [{ "capability": "x-ignore-shared", "state": true }]
+            "capabilities": [
+                { "capability": "background-snapshot", "state": false },
+                { "capability": "x-ignore-shared", "state": true },
+            ]
         })),
     )?;
     Ok(())
