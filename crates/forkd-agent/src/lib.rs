@@ -12,6 +12,7 @@
 
 pub mod forksafe;
 pub mod init;
+pub mod memtest;
 pub mod reaper;
 pub mod server;
 

@@ -140,13 +140,21 @@ impl Writer {
             File::create(dir.join(DEVICE_STATE))
                 .map_err(|e| fail("creating the device state", &e))?,
         );
-        let summary = forkd_migstream::split(
-            BufReader::with_capacity(1 << 20, stream),
+        let mut input = BufReader::with_capacity(1 << 20, stream);
+        let split = forkd_migstream::split(
+            &mut input,
             &mut device,
             &mut ram,
             &forkd_migstream::Options::live_snapshot(RAM_BLOCK),
-        )
-        .map_err(|e| fail("splitting the stream", &e))?;
+        );
+        if let Err(e) = split {
+            // Never cut QEMU off mid-stream: QEMU 7.2 leaves guest RAM
+            // write-protected when a background snapshot fails, and the
+            // source would hang on its next write. Take the rest of the
+            // stream so that QEMU completes and unprotects RAM, then fail.
+            let _ = std::io::copy(&mut input, &mut std::io::sink());
+            return Err(fail("splitting the stream", &e));
+        }
         device
             .flush()
             .map_err(|e| fail("writing the device state", &e))?;
@@ -175,7 +183,6 @@ impl Writer {
             machine: self.job.machine.clone(),
             files: vec![],
         };
-        let _ = summary;
         self.staging.publish(manifest)?;
         Ok(())
     }
@@ -261,9 +268,18 @@ impl Fleet {
         }
         let t_start = Instant::now();
         let (row, config) = self.sandbox(id)?;
-        if let MemoryBackend::Anonymous = config.vm.memory {
+        let ram = match &config.vm.memory {
+            MemoryBackend::Anonymous => {
+                return Err(CoreError::Config(format!(
+                    "sandbox `{id}` has anonymous RAM and cannot be branched"
+                )))
+            }
+            MemoryBackend::SharedFile(p) | MemoryBackend::PrivateFile(p) => p.clone(),
+        };
+        if !crate::paths::is_tmpfs(&ram) {
             return Err(CoreError::Config(format!(
-                "sandbox `{id}` has anonymous RAM and cannot be branched"
+                "sandbox `{id}` keeps its RAM in {}, which is not on tmpfs: a live branch write-protects RAM with userfaultfd, which needs shmem. Use --mode full, or run sandboxes with FORKD_RUNTIME_DIR on tmpfs (e.g. /dev/shm/forkd)",
+                ram.display()
             )));
         }
         let _lock = crate::fleet::lock_file(&row.run_dir.join("branch.lock")).map_err(|_| {

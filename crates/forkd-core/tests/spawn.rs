@@ -72,6 +72,7 @@ impl Drop for World {
             let _ = self.fleet.kill(&s.id);
         }
         let _ = std::fs::remove_dir_all(self.env.home.parent().unwrap());
+        let _ = std::fs::remove_dir_all(&self.env.runtime);
     }
 }
 
