@@ -368,6 +368,14 @@ impl Fleet {
             let status = self.wait_snapshot(tag, writer)?;
             info.status = status;
             info.ready_ms = Some(t_start.elapsed().as_secs_f64() * 1000.0);
+            // QEMU reports the guest downtime once the snapshot completed.
+            if info.qemu_downtime_ms.is_none() {
+                info.qemu_downtime_ms =
+                    forkd_vm::qmp::Qmp::connect(&config.vm.qmp_socket, Duration::from_secs(5))
+                        .ok()
+                        .and_then(|mut q| q.execute("query-migrate", None).ok())
+                        .and_then(|m| m["downtime"].as_f64());
+            }
             if status == SnapshotStatus::Failed {
                 let err = self
                     .db()

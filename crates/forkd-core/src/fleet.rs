@@ -306,10 +306,7 @@ impl Fleet {
         }
         // If this process started it (spawn, pool, create in a long-lived
         // process), it is our child: reap it, or it stays a zombie.
-        let mut status = 0;
-        // SAFETY: waitpid on one pid with WNOHANG; writes only `status`. A pid
-        // that is not our child just returns ECHILD.
-        unsafe { libc::waitpid(row.pid as libc::pid_t, &mut status, libc::WNOHANG) };
+        forkd_vm::vm::reap_if_child(row.pid, row.pid_start);
         let dir = row.run_dir.as_path();
         if dir.starts_with(self.sandboxes_dir()) {
             let _ = std::fs::remove_dir_all(dir);

@@ -191,6 +191,12 @@ fn killing_children_frees_their_processes_and_files() {
             "QEMU {} survived kill",
             row.pid
         );
+        // We started it, so we reaped it: no zombie left behind.
+        assert!(
+            !std::path::Path::new(&format!("/proc/{}", row.pid)).exists(),
+            "zombie QEMU {}",
+            row.pid
+        );
     }
     assert_eq!(
         w.sandbox_dirs().len(),

@@ -487,7 +487,7 @@ impl Vm {
                     None => {
                         let gone = !pid_alive(self.pid, self.pid_start);
                         // A zombie counts as gone; reap it if it is ours.
-                        reap_if_child(self.pid);
+                        reap_if_child(self.pid, self.pid_start);
                         gone
                     }
                 }
@@ -953,11 +953,29 @@ pub fn pid_alive(pid: u32, start: u64) -> bool {
     start == 0 || fields.nth(18).and_then(|s| s.parse::<u64>().ok()) == Some(start)
 }
 
-/// Reaps `pid` if it is a zombie child of this process (no-op otherwise).
-fn reap_if_child(pid: u32) {
+/// Reaps `pid` if it is a child of this process that has been killed. Blocks
+/// until its whole thread group is gone: the leader of a multi-threaded
+/// process (QEMU) shows as a zombie while its other threads are still
+/// exiting, and a non-blocking wait then reaps nothing, leaving a zombie that
+/// nobody reaps later. No-op for other processes, and for a process that
+/// merely reuses the pid (its start time differs from `start`).
+/// Call it only after the process was killed.
+pub fn reap_if_child(pid: u32, start: u64) {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return;
+    };
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ppid = fields.get(1).and_then(|p| p.parse::<u32>().ok());
+    let started = fields.get(19).and_then(|p| p.parse::<u64>().ok());
+    if ppid != Some(std::process::id()) || (start != 0 && started != Some(start)) {
+        return;
+    }
     let mut status = 0;
-    // SAFETY: waitpid with WNOHANG on a specific pid; writes only `status`.
-    unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::WNOHANG) };
+    // SAFETY: waitpid on our own child; writes only `status`.
+    unsafe { libc::waitpid(pid as libc::pid_t, &mut status, 0) };
 }
 
 #[cfg(test)]
