@@ -298,7 +298,7 @@ impl Fleet {
                 busy.tag
             )));
         }
-        let vm = self.attach(id)?;
+        let vm = self.control(id)?;
         let frozen_disk = if config.vm.disks.is_empty() {
             None
         } else {

@@ -249,6 +249,25 @@ impl Fleet {
         )?)
     }
 
+    /// Connects to a running sandbox for QEMU control only (no agent
+    /// session), so that it does not wait for another client's exec.
+    pub fn control(&self, id: &str) -> Result<Vm, CoreError> {
+        let (row, config) = self.sandbox(id)?;
+        if !forkd_vm::vm::pid_alive(row.pid, row.pid_start) {
+            self.db().update_sandbox_state(id, SandboxState::Dead)?;
+            return Err(CoreError::Config(format!(
+                "sandbox `{id}` is dead (its QEMU, pid {}, is gone); remove it with `forkd kill {id}`",
+                row.pid
+            )));
+        }
+        Ok(Vm::attach_control(
+            config.vm,
+            row.pid,
+            row.pid_start,
+            &row.run_dir,
+        )?)
+    }
+
     /// Runs a command in a sandbox (see [`crate::Sandbox::exec`]).
     pub fn exec(
         &self,
@@ -321,7 +340,7 @@ impl Fleet {
         forkd_store::validate_tag(tag)?;
         let t_start = Instant::now();
         let (row, config) = self.sandbox(id)?;
-        let vm = self.attach(id)?;
+        let vm = self.control(id)?;
         let ram = match &config.vm.memory {
             MemoryBackend::SharedFile(p) => p.clone(),
             _ => {

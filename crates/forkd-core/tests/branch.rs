@@ -224,11 +224,16 @@ fn branch_while_an_exec_streams_output_and_the_disk_is_busy() {
     let streamer = std::thread::spawn(move || {
         w2.run(
             &p2,
-            "i=0; while [ $i -lt 4000 ]; do echo line-$i; i=$((i+1)); done",
+            "i=0; while [ $i -lt 4000 ]; do echo line-$i; i=$((i+1)); [ $((i % 100)) = 0 ] && sleep 0.2; done",
         )
     });
     std::thread::sleep(Duration::from_millis(500));
     w.branch(&p, "busy");
+    // The branch did not wait for the exec: the exec is still streaming.
+    assert!(
+        !streamer.is_finished(),
+        "the branch waited for the exec to end"
+    );
     let out = streamer.join().unwrap();
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(

@@ -142,7 +142,10 @@ impl AgentClient {
         Ok(AgentClient {
             writer: Arc::new(Mutex::new(writer)),
             shared,
-            next_id: AtomicU32::new(1),
+            // A random base: a restored guest's agent may still run requests
+            // of an earlier session (its parent's) under small ids, whose
+            // late frames must not be mistaken for ours.
+            next_id: AtomicU32::new(((nonce >> 16) as u32 | 1) & 0x7fff_ffff),
             reader: Some(handle),
             agent_version: ack.agent_version,
         })

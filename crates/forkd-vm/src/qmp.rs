@@ -31,7 +31,9 @@ pub enum QmpError {
         class: String,
         desc: String,
     },
-    #[error("QMP command `{0}` got no reply within {1:?}")]
+    #[error(
+        "QMP command `{0}` got no reply within {1:?} (another QMP client connected, or QEMU busy)"
+    )]
     Timeout(String, Duration),
 }
 
@@ -41,47 +43,81 @@ pub fn event_time(event: &Value) -> Option<f64> {
     Some(t["seconds"].as_f64()? + t["microseconds"].as_f64()? / 1e6)
 }
 
-/// A connected QMP session in command mode.
+/// A QMP session in command mode.
+///
+/// QEMU's QMP socket serves one client at a time: a session that holds it
+/// blocks every other forkd process that needs QMP (a long `exec` would
+/// block a `branch`). A session made with [`Qmp::lazy`] therefore connects
+/// only when a command is first sent.
 pub struct Qmp {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
+    path: std::path::PathBuf,
+    timeout: Duration,
+    conn: Option<(BufReader<UnixStream>, UnixStream)>,
     events: Vec<Value>,
-    /// QEMU version reported in the greeting, e.g. "7.2.22".
+    /// QEMU version reported in the greeting, e.g. "7.2.22" (once connected).
     pub version: String,
 }
 
 impl Qmp {
-    /// Connects, reads the greeting and negotiates capabilities.
+    /// Connects now, reads the greeting and negotiates capabilities.
     pub fn connect(path: &Path, timeout: Duration) -> Result<Qmp, QmpError> {
-        let stream = UnixStream::connect(path).map_err(|source| QmpError::Connect {
-            path: path.display().to_string(),
-            source,
-        })?;
-        stream.set_read_timeout(Some(timeout))?;
-        let writer = stream.try_clone()?;
-        let mut qmp = Qmp {
-            reader: BufReader::new(stream),
-            writer,
+        let mut qmp = Qmp::lazy(path, timeout);
+        qmp.ensure()?;
+        Ok(qmp)
+    }
+
+    /// A session that connects on its first command.
+    pub fn lazy(path: &Path, timeout: Duration) -> Qmp {
+        Qmp {
+            path: path.to_path_buf(),
+            timeout,
+            conn: None,
             events: Vec::new(),
             version: String::new(),
+        }
+    }
+
+    fn ensure(&mut self) -> Result<(), QmpError> {
+        if self.conn.is_some() {
+            return Ok(());
+        }
+        let stream = UnixStream::connect(&self.path).map_err(|source| QmpError::Connect {
+            path: self.path.display().to_string(),
+            source,
+        })?;
+        stream.set_read_timeout(Some(self.timeout))?;
+        let writer = stream.try_clone()?;
+        self.conn = Some((BufReader::new(stream), writer));
+        let greeting = match self.read_message() {
+            Ok(g) => g,
+            Err(e) => {
+                self.conn = None;
+                return Err(e);
+            }
         };
-        let greeting = qmp.read_message()?;
         let v = &greeting["QMP"]["version"]["qemu"];
-        qmp.version = format!("{}.{}.{}", v["major"], v["minor"], v["micro"]);
-        qmp.execute("qmp_capabilities", None)?;
-        Ok(qmp)
+        self.version = format!("{}.{}.{}", v["major"], v["minor"], v["micro"]);
+        if let Err(e) = self.execute("qmp_capabilities", None) {
+            self.conn = None;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn reader(&mut self) -> Result<&mut BufReader<UnixStream>, QmpError> {
+        self.conn.as_mut().map(|c| &mut c.0).ok_or(QmpError::Closed)
     }
 
     fn read_message(&mut self) -> Result<Value, QmpError> {
         let mut line = String::new();
         loop {
             line.clear();
-            let n = self.reader.read_line(&mut line).map_err(|e| {
+            let n = self.reader()?.read_line(&mut line).map_err(|e| {
                 if matches!(
                     e.kind(),
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) {
-                    QmpError::Timeout("(read)".into(), Duration::ZERO)
+                    QmpError::Timeout("(waiting for QEMU on QMP)".into(), self.timeout)
                 } else {
                     QmpError::Io(e)
                 }
@@ -108,13 +144,17 @@ impl Qmp {
         arguments: Option<Value>,
         timeout: Duration,
     ) -> Result<Value, QmpError> {
+        if command != "qmp_capabilities" {
+            self.ensure()?;
+        }
         let mut msg = json!({ "execute": command });
         if let Some(args) = arguments {
             msg["arguments"] = args;
         }
         let mut bytes = serde_json::to_vec(&msg).expect("a JSON value always serialises");
         bytes.push(b'\n');
-        self.writer.write_all(&bytes).map_err(|e| match e.kind() {
+        let writer = &mut self.conn.as_mut().ok_or(QmpError::Closed)?.1;
+        writer.write_all(&bytes).map_err(|e| match e.kind() {
             io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => QmpError::Closed,
             _ => QmpError::Io(e),
         })?;
@@ -124,7 +164,7 @@ impl Qmp {
             if left.is_zero() {
                 return Err(QmpError::Timeout(command.into(), timeout));
             }
-            self.reader.get_ref().set_read_timeout(Some(left))?;
+            self.reader()?.get_ref().set_read_timeout(Some(left))?;
             let reply = match self.read_message() {
                 Err(QmpError::Timeout(..)) => {
                     return Err(QmpError::Timeout(command.into(), timeout))
@@ -152,6 +192,7 @@ impl Qmp {
     /// Waits for an event named `name` (checking those already received) and
     /// returns it; other events stay queued.
     pub fn wait_event(&mut self, name: &str, timeout: Duration) -> Result<Value, QmpError> {
+        self.ensure()?;
         if let Some(i) = self.events.iter().position(|e| e["event"] == name) {
             return Ok(self.events.remove(i));
         }
@@ -161,7 +202,7 @@ impl Qmp {
             if left.is_zero() {
                 return Err(QmpError::Timeout(format!("event {name}"), timeout));
             }
-            self.reader.get_ref().set_read_timeout(Some(left))?;
+            self.reader()?.get_ref().set_read_timeout(Some(left))?;
             let msg = match self.read_message() {
                 Err(QmpError::Timeout(..)) => {
                     return Err(QmpError::Timeout(format!("event {name}"), timeout))

@@ -244,7 +244,8 @@ pub struct Vm {
     /// Kill QEMU and remove the run directory on drop.
     owned: bool,
     qmp: Mutex<Qmp>,
-    agent: AgentClient,
+    /// Absent on handles from [`Vm::attach_control`].
+    agent: Option<AgentClient>,
     run_dir: Option<RunDir>,
     run_path: PathBuf,
     boot_time: Duration,
@@ -285,7 +286,7 @@ impl Vm {
             pid_start,
             owned: true,
             qmp: Mutex::new(qmp),
-            agent,
+            agent: Some(agent),
             run_dir: Some(run_dir),
             run_path,
             boot_time,
@@ -343,7 +344,9 @@ impl Vm {
         if !pid_alive(pid, pid_start) {
             return Err(VmError::NotRunning { pid });
         }
-        let mut qmp = Qmp::connect(&config.qmp_socket, timeout)?;
+        // Connect QMP only if needed now (restore) or later (a command): an
+        // exec must not hold QEMU's single QMP connection.
+        let mut qmp = Qmp::lazy(&config.qmp_socket, timeout);
         let mut restore_time = None;
         if let Some(state) = restore {
             let t = Instant::now();
@@ -367,7 +370,7 @@ impl Vm {
             pid_start,
             owned: false,
             qmp: Mutex::new(qmp),
-            agent,
+            agent: Some(agent),
             run_dir: None,
             run_path: run_dir.to_path_buf(),
             boot_time: Duration::ZERO,
@@ -462,8 +465,40 @@ impl Vm {
         self.boot_time
     }
 
+    /// The agent session. Handles from [`Vm::attach_control`] have none:
+    /// calling this on one is a bug in the caller.
     pub fn agent(&self) -> &AgentClient {
-        &self.agent
+        self.agent
+            .as_ref()
+            .expect("a control-only VM handle has no agent session (use Vm::attach)")
+    }
+
+    /// Attaches for QEMU control only (QMP, lazily), without the agent:
+    /// QEMU's agent socket serves one client at a time, and a branch or
+    /// snapshot must not wait for a running `exec` to finish.
+    pub fn attach_control(
+        config: VmConfig,
+        pid: u32,
+        pid_start: u64,
+        run_dir: &Path,
+    ) -> Result<Vm, VmError> {
+        if !pid_alive(pid, pid_start) {
+            return Err(VmError::NotRunning { pid });
+        }
+        Ok(Vm {
+            stderr_path: run_dir.join("qemu.stderr"),
+            qmp: Mutex::new(Qmp::lazy(&config.qmp_socket, Duration::from_secs(30))),
+            config,
+            child: Mutex::new(None),
+            pid,
+            pid_start,
+            owned: false,
+            agent: None,
+            run_dir: None,
+            run_path: run_dir.to_path_buf(),
+            boot_time: Duration::ZERO,
+            restore_time: None,
+        })
     }
 
     /// The QMP session (one command at a time).
@@ -547,7 +582,12 @@ impl Vm {
     /// how it ended.
     pub fn shutdown(self, timeout: Duration) -> Shutdown {
         let deadline = Instant::now() + timeout;
-        if self.agent.shutdown(Duration::from_secs(2)).is_ok() && self.wait_exit(deadline) {
+        if self
+            .agent
+            .as_ref()
+            .is_some_and(|a| a.shutdown(Duration::from_secs(2)).is_ok())
+            && self.wait_exit(deadline)
+        {
             return Shutdown::PoweredOff;
         }
         if self.qmp().quit().is_ok() && self.wait_exit(Instant::now() + Duration::from_secs(3)) {
