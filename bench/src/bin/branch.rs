@@ -44,12 +44,14 @@ fn parse_list(v: Option<String>, what: &str) -> Result<Vec<u64>> {
 
 fn main() -> Result<()> {
     let (mut sizes, mut count, mut full_count) = (vec![512u64, 2048, 8192], 20usize, 5usize);
+    let mut out = String::from("branch");
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--sizes" => sizes = parse_list(args.next(), "--sizes 512,2048")?,
             "--count" => count = args.next().context("--count N")?.parse()?,
             "--full-count" => full_count = args.next().context("--full-count N")?.parse()?,
+            "--out" => out = args.next().context("--out NAME")?,
             other => bail!("unknown argument {other:?}"),
         }
     }
@@ -184,7 +186,7 @@ fn main() -> Result<()> {
     }
     md += "\nReproduce: `scripts/build-agent.sh && cargo build --release -p forkd-bench && target/release/branch`.\n";
     write_results(
-        "branch",
+        &out,
         &serde_json::json!({ "machine": machine, "results": json }),
         &md,
     )?;
