@@ -201,21 +201,9 @@ pub fn pool(tag: &str, size: usize) -> Result<ExitCode> {
 
 /// Refills the pool from a detached process so that this command can return.
 fn refill_in_background(tag: &str, size: usize) -> Result<()> {
-    use std::os::unix::process::CommandExt;
-    let exe = std::env::current_exe()?;
-    let mut cmd = std::process::Command::new(exe);
-    cmd.args(["pool", tag, "--size", &size.to_string()])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    // SAFETY: setsid in the child before exec; async-signal-safe.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
-    cmd.spawn()?;
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args(["pool", tag, "--size", &size.to_string()]);
+    forkd_core::spawn_detached(&mut cmd)?;
     Ok(())
 }
 

@@ -410,21 +410,10 @@ impl Fleet {
                 Ok(WriterHandle::Thread(h))
             }
             WriterLaunch::Process(exe) => {
-                use std::os::unix::process::CommandExt;
                 let mut cmd = std::process::Command::new(exe);
                 cmd.arg("_branch-writer")
-                    .arg(serde_json::to_string(&job).expect("job serialises"))
-                    .stdin(std::process::Stdio::null())
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null());
-                // SAFETY: setsid in the child before exec; async-signal-safe.
-                unsafe {
-                    cmd.pre_exec(|| {
-                        libc::setsid();
-                        Ok(())
-                    });
-                }
-                cmd.spawn()
+                    .arg(serde_json::to_string(&job).expect("job serialises"));
+                crate::spawn_detached(&mut cmd)
                     .map_err(|e| CoreError::Config(format!("starting the branch writer: {e}")))?;
                 let deadline = Instant::now() + Duration::from_secs(10);
                 while !job.socket.exists() {

@@ -139,26 +139,11 @@ impl Fleet {
             forkd_vm::disk::create_overlay(base, "raw", &overlay).map_err(CoreError::Config)?;
             disks.push(Disk { overlay });
         }
-        let config = VmConfig {
-            qemu: opts.qemu.clone().into(),
-            accel: accel.accel,
-            cpus: opts.cpus,
-            mem_mib: opts.mem_mib,
-            // Shared file on tmpfs: snapshots read RAM from the file instead
-            // of streaming it through the migration channel.
-            memory: MemoryBackend::SharedFile(run_dir.file("ram")),
-            kernel: artifacts.kernel.vmlinuz.clone(),
-            initramfs: artifacts.initramfs.clone(),
-            kernel_args: vec![],
-            hostname: id.clone(),
-            disks,
-            network: opts.network,
-            qmp_socket: run_dir.file("qmp.sock"),
-            agent_socket: run_dir.file("agent.sock"),
-            console_log: run_dir.file("console.log"),
-            incoming: false,
-            tcg_tb_mib: opts.tcg_tb_mib,
-        };
+        // Shared file on tmpfs: snapshots read RAM from the file instead of
+        // streaming it through the migration channel.
+        let memory = MemoryBackend::SharedFile(run_dir.file("ram"));
+        let config =
+            crate::sandbox::boot_config(artifacts, opts, &accel, &run_dir, &id, memory, disks);
         let vm = Vm::launch(
             config.clone(),
             run_dir,
@@ -230,8 +215,9 @@ impl Fleet {
         Ok((row, config))
     }
 
-    /// Connects to a running sandbox.
-    pub fn attach(&self, id: &str) -> Result<Vm, CoreError> {
+    /// A sandbox's record and configuration, if its QEMU still runs; a dead
+    /// one is marked so and reported with the fix.
+    fn live(&self, id: &str) -> Result<(SandboxRow, SandboxConfig), CoreError> {
         let (row, config) = self.sandbox(id)?;
         if !forkd_vm::vm::pid_alive(row.pid, row.pid_start) {
             self.db().update_sandbox_state(id, SandboxState::Dead)?;
@@ -240,6 +226,12 @@ impl Fleet {
                 row.pid
             )));
         }
+        Ok((row, config))
+    }
+
+    /// Connects to a running sandbox.
+    pub fn attach(&self, id: &str) -> Result<Vm, CoreError> {
+        let (row, config) = self.live(id)?;
         Ok(Vm::attach(
             config.vm,
             row.pid,
@@ -252,14 +244,7 @@ impl Fleet {
     /// Connects to a running sandbox for QEMU control only (no agent
     /// session), so that it does not wait for another client's exec.
     pub fn control(&self, id: &str) -> Result<Vm, CoreError> {
-        let (row, config) = self.sandbox(id)?;
-        if !forkd_vm::vm::pid_alive(row.pid, row.pid_start) {
-            self.db().update_sandbox_state(id, SandboxState::Dead)?;
-            return Err(CoreError::Config(format!(
-                "sandbox `{id}` is dead (its QEMU, pid {}, is gone); remove it with `forkd kill {id}`",
-                row.pid
-            )));
-        }
+        let (row, config) = self.live(id)?;
         Ok(Vm::attach_control(
             config.vm,
             row.pid,

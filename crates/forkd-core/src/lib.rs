@@ -20,6 +20,24 @@ pub use fleet::Fleet;
 pub use paths::Env;
 pub use sandbox::{BootOptions, Sandbox};
 
+/// Starts `cmd` in its own session with no standard streams, so that it
+/// outlives this process and its terminal (background pool refills, branch
+/// writers for `--no-wait`).
+pub fn spawn_detached(cmd: &mut std::process::Command) -> std::io::Result<std::process::Child> {
+    use std::os::unix::process::CommandExt;
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: setsid runs in the child before exec; async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}
+
 /// Why a sandbox operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CoreError {

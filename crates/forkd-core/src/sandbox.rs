@@ -77,24 +77,15 @@ impl Sandbox {
             forkd_vm::disk::create_overlay(base, "raw", &overlay).map_err(CoreError::Config)?;
             disks.push(Disk { overlay });
         }
-        let config = VmConfig {
-            qemu: opts.qemu.clone().into(),
-            accel: accel.accel,
-            cpus: opts.cpus,
-            mem_mib: opts.mem_mib,
-            memory: MemoryBackend::Anonymous,
-            kernel: artifacts.kernel.vmlinuz.clone(),
-            initramfs: artifacts.initramfs.clone(),
-            kernel_args: vec![],
-            hostname: id.clone(),
+        let config = boot_config(
+            artifacts,
+            opts,
+            &accel,
+            &run_dir,
+            &id,
+            MemoryBackend::Anonymous,
             disks,
-            network: opts.network,
-            qmp_socket: run_dir.file("qmp.sock"),
-            agent_socket: run_dir.file("agent.sock"),
-            console_log: run_dir.file("console.log"),
-            incoming: false,
-            tcg_tb_mib: opts.tcg_tb_mib,
-        };
+        );
         let vm = Vm::launch(
             config,
             run_dir,
@@ -198,6 +189,37 @@ impl Sandbox {
     /// The run directory (gone after shutdown).
     pub fn run_dir(&self) -> &Path {
         self.vm.run_dir()
+    }
+}
+
+/// The configuration of a VM booted from `artifacts`, with its sockets and
+/// console log in `run_dir`.
+pub(crate) fn boot_config(
+    artifacts: &Artifacts,
+    opts: &BootOptions,
+    accel: &AccelChoice,
+    run_dir: &RunDir,
+    id: &str,
+    memory: MemoryBackend,
+    disks: Vec<Disk>,
+) -> VmConfig {
+    VmConfig {
+        qemu: opts.qemu.clone().into(),
+        accel: accel.accel,
+        cpus: opts.cpus,
+        mem_mib: opts.mem_mib,
+        memory,
+        kernel: artifacts.kernel.vmlinuz.clone(),
+        initramfs: artifacts.initramfs.clone(),
+        kernel_args: vec![],
+        hostname: id.to_string(),
+        disks,
+        network: opts.network,
+        qmp_socket: run_dir.file("qmp.sock"),
+        agent_socket: run_dir.file("agent.sock"),
+        console_log: run_dir.file("console.log"),
+        incoming: false,
+        tcg_tb_mib: opts.tcg_tb_mib,
     }
 }
 
