@@ -163,19 +163,77 @@ pub fn snapshots(json: bool) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<24} {:<8} {:>9} {:<12} DIR",
-        "TAG", "STATUS", "PAUSE ms", "SOURCE"
+        "{:<24} {:<8} {:>9} {:<12} {:<24} {:>9} DIR",
+        "TAG", "STATUS", "PAUSE ms", "SOURCE", "PARENT", "SIZE"
     );
     for r in rows {
+        let detail = fleet.snapshot_detail(&r.tag).ok();
         println!(
-            "{:<24} {:<8} {:>9} {:<12} {}",
+            "{:<24} {:<8} {:>9} {:<12} {:<24} {:>9} {}",
             r.tag,
             r.status,
             r.pause_ms.map(|p| format!("{p:.1}")).unwrap_or_default(),
             r.source.unwrap_or_default(),
+            r.parent.unwrap_or_default(),
+            detail.map(|d| mib(d.allocated)).unwrap_or_default(),
             r.dir.display()
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+}
+
+pub fn info(tag: &str, json: bool) -> Result<ExitCode> {
+    let (_, fleet) = fleet()?;
+    let d = fleet.snapshot_detail(tag)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&d)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("tag:         {}", d.row.tag);
+    println!("status:      {}", d.row.status);
+    if let Some(e) = &d.row.error {
+        println!("error:       {e}");
+    }
+    println!("dir:         {}", d.row.dir.display());
+    if let Some(s) = &d.row.source {
+        println!("source:      {s}");
+    }
+    if let Some(p) = d.row.pause_ms {
+        println!("pause:       {p:.1} ms");
+    }
+    let chain = if d.chain.is_empty() {
+        "(none)".to_string()
+    } else {
+        d.chain.join(" <- ")
+    };
+    println!("parents:     {chain}");
+    match (&d.ram_parent, d.layer_pages) {
+        (Some(p), Some(n)) => println!(
+            "ram:         layer over `{p}`: {n} pages ({})",
+            mib(n * 4096)
+        ),
+        (Some(p), None) => println!("ram:         layer over `{p}` (unreadable map)"),
+        _ => println!("ram:         full image"),
+    }
+    println!("size:        {} on disk", mib(d.allocated));
+    for f in &d.files {
+        println!(
+            "  {:<16} {:>12} allocated of {}",
+            f.name,
+            mib(f.allocated),
+            mib(f.size)
+        );
+    }
+    let deps = if d.dependents.is_empty() {
+        "(none)".to_string()
+    } else {
+        d.dependents.join(", ")
+    };
+    println!("dependents:  {deps}");
     Ok(ExitCode::SUCCESS)
 }
 

@@ -78,6 +78,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show one snapshot: files and real sizes, parent chain, RAM layer,
+    /// dependents.
+    Info {
+        tag: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Delete a snapshot (refused while sandboxes or snapshots depend on it).
     Rmi {
         tag: String,
@@ -256,6 +263,7 @@ fn main() -> ExitCode {
         Command::Kill { ids, all } => fleet::kill(ids, all),
         Command::Snapshot { id, tag, json } => fleet::snapshot(&id, &tag, json),
         Command::Snapshots { json } => fleet::snapshots(json),
+        Command::Info { tag, json } => fleet::info(&tag, json),
         Command::Rmi { tag, force } => fleet::rmi(&tag, force),
         Command::Spawn {
             tag,

@@ -78,6 +78,10 @@ pub struct WriterJob {
     pub frozen_disk: Option<PathBuf>,
     pub machine: serde_json::Value,
     pub parent: Option<String>,
+    /// The flat RAM image the source was started from (snapshot `parent`'s):
+    /// when set, the branch stores only the pages that differ from it.
+    #[serde(default)]
+    pub ram_base: Option<PathBuf>,
     pub home: PathBuf,
     pub runtime: PathBuf,
 }
@@ -135,7 +139,17 @@ impl Writer {
             .create_new(true)
             .open(dir.join(RAM_IMAGE))
             .map_err(|e| fail("creating the RAM image", &e))?;
-        let mut ram = RamImage::new(ram_file, RAM_BLOCK);
+        // A diff layer when the source runs from a parent image that is
+        // still there; a full image otherwise.
+        let base = match (&self.job.ram_base, &self.job.parent) {
+            (Some(path), Some(_)) => File::open(path).ok(),
+            _ => None,
+        };
+        let diff = base.is_some();
+        let mut ram = match base {
+            Some(base) => RamImage::with_base(ram_file, RAM_BLOCK, base),
+            None => RamImage::new(ram_file, RAM_BLOCK),
+        };
         let mut device = BufWriter::new(
             File::create(dir.join(DEVICE_STATE))
                 .map_err(|e| fail("creating the device state", &e))?,
@@ -162,6 +176,13 @@ impl Writer {
         if ram.is_empty() {
             return Err(fail("the stream", &"carried no RAM block `mem0`"));
         }
+        if let Some(map) = ram
+            .finish()
+            .map_err(|e| fail("finishing the RAM layer", &e))?
+        {
+            std::fs::write(dir.join(crate::ramimage::LAYER_MAP), map.encode())
+                .map_err(|e| fail("writing the RAM layer map", &e))?;
+        }
         wait_completed(&self.job.qmp_socket)
             .map_err(|e| fail("QEMU did not complete the snapshot", &e))?;
         if let Some(disk) = &self.job.frozen_disk {
@@ -180,6 +201,7 @@ impl Writer {
             parent: self.job.parent.clone(),
             source_sandbox: Some(self.job.source.clone()),
             pause_ms,
+            ram_parent: if diff { self.job.parent.clone() } else { None },
             machine: self.job.machine.clone(),
             files: vec![],
         };
@@ -299,6 +321,12 @@ impl Fleet {
             )));
         }
         let vm = self.control(id)?;
+        // A spawned child maps its snapshot's flat image privately: the
+        // branch then needs to keep only the pages that differ from it.
+        let ram_base = match (&config.vm.memory, &row.snapshot) {
+            (MemoryBackend::PrivateFile(p), Some(_)) => Some(p.clone()),
+            _ => None,
+        };
         let frozen_disk = if config.vm.disks.is_empty() {
             None
         } else {
@@ -314,6 +342,7 @@ impl Fleet {
             frozen_disk,
             machine: serde_json::to_value(&config).expect("config serialises"),
             parent: row.snapshot.clone(),
+            ram_base,
             home: self.env().home.clone(),
             runtime: self.env().runtime.clone(),
         };

@@ -371,6 +371,7 @@ impl Fleet {
             parent: row.snapshot.clone(),
             source_sandbox: Some(id.to_string()),
             pause_ms,
+            ram_parent: None,
             machine: serde_json::to_value(&config).expect("config serialises"),
             files: vec![],
         };
@@ -512,13 +513,27 @@ impl Fleet {
         self.no_wait.store(no_wait, Ordering::Relaxed);
     }
 
-    /// The RAM image children of `tag` map. It must be on tmpfs (shmem) for
-    /// them to be live-branchable: userfaultfd write-protect does not work on
-    /// private mappings of disk files. When the store is not on tmpfs, a copy
-    /// is made once per snapshot in the runtime directory.
+    /// The flat RAM image children of `tag` map. It must be on tmpfs (shmem)
+    /// for them to be live-branchable: userfaultfd write-protect does not
+    /// work on private mappings of disk files. A full image in a store on
+    /// tmpfs is mapped where it is; otherwise the image is made once per
+    /// snapshot in the runtime directory: a copy, or for a diff layer the
+    /// parent's flat image with the layer's pages written over it (see
+    /// [`crate::ramimage`] for the cost model).
     fn ram_for_children(&self, tag: &str, snap_dir: &Path) -> Result<PathBuf, CoreError> {
         let stored = snap_dir.join(RAM_IMAGE);
-        if crate::paths::is_tmpfs(snap_dir) {
+        let layer_map = snap_dir.join(crate::ramimage::LAYER_MAP);
+        let ram_parent = if layer_map.exists() {
+            let manifest = self.store.load(tag)?;
+            Some(manifest.ram_parent.ok_or_else(|| {
+                CoreError::Config(format!(
+                    "snapshot `{tag}` has a RAM layer map but names no RAM parent"
+                ))
+            })?)
+        } else {
+            None
+        };
+        if ram_parent.is_none() && crate::paths::is_tmpfs(snap_dir) {
             return Ok(stored);
         }
         let dir = self.env.runtime.join("images");
@@ -534,9 +549,28 @@ impl Fleet {
             std::thread::current().id()
         ));
         let _ = std::fs::remove_file(&tmp);
-        crate::files::copy_sparse(&stored, &tmp).map_err(|e| {
-            CoreError::Config(format!("copying the RAM image of `{tag}` to tmpfs: {e}"))
-        })?;
+        let made = match &ram_parent {
+            None => crate::files::copy_sparse(&stored, &tmp).map(|_| ()),
+            Some(parent) => {
+                {
+                    let db = self.db();
+                    self.store.verify(&db, parent).map_err(|e| {
+                        CoreError::Config(format!(
+                            "snapshot `{tag}` keeps its RAM as a layer over `{parent}`, which is unusable: {e}"
+                        ))
+                    })?;
+                }
+                let base = self.ram_for_children(parent, &self.store.dir(parent))?;
+                crate::ramimage::flatten(&base, &stored, &layer_map, &tmp).map(|_| ())
+            }
+        };
+        if let Err(e) = made {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(CoreError::Config(format!(
+                "making the RAM image of `{tag}` in {}: {e}",
+                dir.display()
+            )));
+        }
         std::fs::rename(&tmp, &image)
             .map_err(|e| CoreError::Config(format!("{}: {e}", image.display())))?;
         Ok(image)

@@ -14,6 +14,7 @@ pub mod fleet;
 pub mod paths;
 pub mod ramimage;
 pub mod sandbox;
+pub mod snapinfo;
 
 pub use artifacts::{ArtifactOptions, Artifacts, Image};
 pub use fleet::Fleet;

@@ -33,6 +33,10 @@ pub struct BootOptions {
     pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     /// TCG translation-cache size in MiB (QEMU's default when `None`).
     pub tcg_tb_mib: Option<u32>,
+    /// Huge pages for the sandbox's own RAM (see [`forkd_vm::HugePages`]).
+    pub huge_pages: forkd_vm::HugePages,
+    /// Populate all guest RAM at start (QEMU `prealloc=on`).
+    pub prealloc: bool,
 }
 
 impl Default for BootOptions {
@@ -46,6 +50,8 @@ impl Default for BootOptions {
             qemu: "qemu-system-x86_64".into(),
             cancel: None,
             tcg_tb_mib: None,
+            huge_pages: forkd_vm::HugePages::Off,
+            prealloc: false,
         }
     }
 }
@@ -220,6 +226,8 @@ pub(crate) fn boot_config(
         console_log: run_dir.file("console.log"),
         incoming: false,
         tcg_tb_mib: opts.tcg_tb_mib,
+        huge_pages: opts.huge_pages,
+        prealloc: opts.prealloc,
     }
 }
 

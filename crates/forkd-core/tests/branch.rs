@@ -175,6 +175,41 @@ fn a_live_branch_captures_one_instant_of_256_mib_being_rewritten() {
         w.run(&c, "kill -0 $(cat /tmp/mt.pid) && echo alive"),
         "alive\n"
     );
+
+    // Branch the child while its writer goes on: the branch is a diff layer
+    // over `instant`, and the flat image children map is again one instant.
+    std::thread::sleep(Duration::from_secs(2));
+    let info = w.branch(&c, "instant2");
+    assert_eq!(info.status, SnapshotStatus::Ready);
+    let manifest = w.fleet.store().load("instant2").unwrap();
+    assert_eq!(manifest.ram_parent.as_deref(), Some("instant"));
+    let dir = w.fleet.store().dir("instant2");
+    let map = forkd_core::ramimage::LayerMap::decode(
+        &std::fs::read(dir.join("ram.map")).unwrap(),
+        512 << 20,
+    )
+    .unwrap();
+    eprintln!(
+        "instant2: layer of {} pages out of {}",
+        map.pages.count(),
+        map.pages.capacity()
+    );
+    assert!(map.pages.count() > 0 && map.pages.count() < map.pages.capacity() / 2 + 1024);
+    let gc = w.spawn1("instant2");
+    let flat = std::fs::read(w.env.runtime.join("images").join("instant2.ram")).unwrap();
+    let later = forkd_agent::memtest::verify_image(&flat, 4242, 256 * 256).unwrap();
+    eprintln!(
+        "instant2: sweep {} page {}",
+        later.control_seq, later.control_index
+    );
+    assert!(
+        (later.control_seq, later.control_index) > (verdict.control_seq, verdict.control_index),
+        "the layer holds no newer pages: {later:?} vs {verdict:?}"
+    );
+    assert_eq!(
+        w.run(&gc, "kill -0 $(cat /tmp/mt.pid) && echo alive"),
+        "alive\n"
+    );
 }
 
 #[test]
@@ -187,6 +222,24 @@ fn children_and_grandchildren_can_be_branched_and_spawned() {
     w.run(&c, "echo gen1 >> /root/gen; echo child-mem > /tmp/m; sync");
     let b1 = w.branch(&c, "g1");
     assert_eq!(b1.status, SnapshotStatus::Ready);
+    // g1 keeps only the pages the child changed: a small layer over g0.
+    let allocated = |tag: &str, file: &str| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(w.fleet.store().dir(tag).join(file))
+            .unwrap()
+            .blocks()
+            * 512
+    };
+    let (full, layer) = (allocated("g0", "ram.img"), allocated("g1", "ram.img"));
+    eprintln!("g0 image {} KiB, g1 layer {} KiB", full >> 10, layer >> 10);
+    assert!(
+        layer * 4 < full,
+        "g1 is not a small layer: {layer} vs {full}"
+    );
+    assert_eq!(
+        w.fleet.store().load("g1").unwrap().ram_parent.as_deref(),
+        Some("g0")
+    );
     let gc = w.spawn1("g1");
     assert_eq!(
         w.run(&gc, "cat /root/gen /tmp/m"),
@@ -196,6 +249,18 @@ fn children_and_grandchildren_can_be_branched_and_spawned() {
     w.branch(&gc, "g2");
     let ggc = w.spawn1("g2");
     assert_eq!(w.run(&ggc, "cat /root/gen"), "gen0\ngen1\ngen2\n");
+    let d = w.fleet.snapshot_detail("g2").unwrap();
+    assert_eq!(d.chain, ["g1", "g0"]);
+    assert_eq!((d.ram, d.ram_parent.as_deref()), ("layer", Some("g1")));
+    assert!(d.layer_pages.unwrap() > 0 && d.bootable);
+    assert!(d.files.iter().any(|f| f.name == "ram.map"));
+    let d0 = w.fleet.snapshot_detail("g0").unwrap();
+    assert_eq!((d0.ram, d0.chain.len()), ("full", 0));
+    assert!(
+        d0.dependents.contains(&"snapshot g1".to_string()),
+        "{:?}",
+        d0.dependents
+    );
     // The chain is recorded: g1's parent is g0, and g0 cannot go while g1 needs it.
     assert_eq!(
         w.fleet
@@ -349,6 +414,7 @@ fn garbage_on_the_branch_socket_fails_cleanly() {
         frozen_disk: None,
         machine: serde_json::json!({}),
         parent: None,
+        ram_base: None,
         home: w.env.home.clone(),
         runtime: w.env.runtime.clone(),
     };

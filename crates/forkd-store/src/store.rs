@@ -35,6 +35,10 @@ pub struct Manifest {
     pub parent: Option<String>,
     pub source_sandbox: Option<String>,
     pub pause_ms: f64,
+    /// When set, the RAM image is a diff layer over this snapshot's RAM:
+    /// only the pages listed in the layer map differ from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ram_parent: Option<String>,
     /// The VM configuration needed to restore; owned by the caller.
     pub machine: serde_json::Value,
     /// Every file of the snapshot, sorted by name.
@@ -558,6 +562,7 @@ mod tests {
             parent: None,
             source_sandbox: Some("sb-1".to_owned()),
             pause_ms: 42.5,
+            ram_parent: None,
             machine: serde_json::json!({"mem_mib": 256, "cpus": 1}),
             files: Vec::new(),
         }
