@@ -8,7 +8,11 @@
 //! largest gap between heartbeat lines the host saw around the branch, and
 //! the time until the snapshot was ready. Writes `bench/results/branch.{json,md}`.
 //!
-//!     cargo run --release -p forkd-bench --bin branch -- [--sizes 512,2048,8192] [--count 20] [--full-count 5]
+//! `--hugepages` backs each sandbox's RAM with 2 MiB hugetlb pages (the host
+//! needs `vm.nr_hugepages` reserved), `--prealloc` populates it at start;
+//! full branches copy the RAM file and are skipped with `--hugepages`.
+//!
+//!     cargo run --release -p forkd-bench --bin branch -- [--sizes 512,2048,8192] [--count 20] [--full-count 5] [--hugepages] [--prealloc] [--out NAME]
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -45,6 +49,7 @@ fn parse_list(v: Option<String>, what: &str) -> Result<Vec<u64>> {
 fn main() -> Result<()> {
     let (mut sizes, mut count, mut full_count) = (vec![512u64, 2048, 8192], 20usize, 5usize);
     let mut out = String::from("branch");
+    let (mut huge_pages, mut prealloc) = (forkd_vm::HugePages::Off, false);
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -52,6 +57,8 @@ fn main() -> Result<()> {
             "--count" => count = args.next().context("--count N")?.parse()?,
             "--full-count" => full_count = args.next().context("--full-count N")?.parse()?,
             "--out" => out = args.next().context("--out NAME")?,
+            "--hugepages" => huge_pages = forkd_vm::HugePages::Hugetlb,
+            "--prealloc" => prealloc = true,
             other => bail!("unknown argument {other:?}"),
         }
     }
@@ -84,9 +91,14 @@ fn main() -> Result<()> {
         let opts = BootOptions {
             mem_mib: mib,
             boot_timeout: Duration::from_secs(600),
+            huge_pages,
+            prealloc,
             ..BootOptions::default()
         };
+        let t_create = Instant::now();
         let id = fleet.create(&artifacts, "busybox", &opts)?.id;
+        let create_ms = t_create.elapsed().as_secs_f64() * 1000.0;
+        eprintln!("{mib} MiB: created in {create_ms:.0} ms");
         let dirty = (mib / 4).max(64);
         {
             let vm = fleet.attach(&id)?;
@@ -126,6 +138,12 @@ fn main() -> Result<()> {
         );
 
         let mut runs: Vec<Run> = Vec::new();
+        // Full mode copies the RAM file; hugetlb RAM is in a memfd instead.
+        let full_count = if huge_pages == forkd_vm::HugePages::Off {
+            full_count
+        } else {
+            0
+        };
         for (mode, n) in [(Mode::Live, count), (Mode::Full, full_count)] {
             for i in 0..n {
                 let tag = format!("b{mib}-{mode:?}-{i}").to_lowercase();
@@ -157,6 +175,10 @@ fn main() -> Result<()> {
                 .collect()
         };
         for mode in [Mode::Live, Mode::Full] {
+            if !runs.iter().any(|r| r.0 == mode) {
+                continue;
+            }
+            let first = runs.iter().find(|r| r.0 == mode).map(|r| r.1.pause_ms);
             let pause = Stats::of(&pick(mode, &|r| Some(r.1.pause_ms)));
             let down = pick(mode, &|r| r.1.qemu_downtime_ms);
             let gap = Stats::of(&pick(mode, &|r| Some(r.2)));
@@ -164,8 +186,9 @@ fn main() -> Result<()> {
             let gibps = (mib as f64 / 1024.0) / (ready.median_ms / 1000.0);
             let down_s = (!down.is_empty()).then(|| Stats::of(&down));
             md_rows.push(format!(
-                "| {mib} MiB | {mode:?} | {} | {:.1} / {:.1} / {:.1} | {} | {:.1} / {:.1} / {:.1} | {:.0} | {:.2} |",
+                "| {mib} MiB | {mode:?} | {} | {:.1} | {:.1} / {:.1} / {:.1} | {} | {:.1} / {:.1} / {:.1} | {:.0} | {:.2} |",
                 pause.n,
+                first.unwrap_or(0.0),
                 pause.median_ms, pause.p90_ms, p99(&pick(mode, &|r| Some(r.1.pause_ms))),
                 down_s.as_ref().map(|d| format!("{:.0} / {:.0}", d.median_ms, d.max_ms)).unwrap_or_else(|| "-".into()),
                 gap.median_ms, gap.p90_ms, p99(&pick(mode, &|r| Some(r.2))),
@@ -173,13 +196,25 @@ fn main() -> Result<()> {
             ));
             json.push(serde_json::json!({
                 "mem_mib": mib, "mode": mode, "dirtying_mib": dirty, "heartbeat_baseline_gap_ms": baseline,
+                "huge_pages": huge_pages, "prealloc": prealloc, "create_ms": create_ms,
+                "first_pause_ms": first, "pause_ms_each": runs.iter().filter(|r| r.0 == mode).map(|r| r.1.pause_ms).collect::<Vec<_>>(),
+                "qemu_downtime_ms_each": runs.iter().filter(|r| r.0 == mode).map(|r| r.1.qemu_downtime_ms).collect::<Vec<_>>(),
                 "pause": pause, "qemu_downtime": down_s, "heartbeat_gap": gap, "ready": ready, "gib_per_s": gibps,
             }));
         }
     }
     let mut md = String::from("# bench/branch\n\nBRANCH of a running sandbox whose guest rewrites a quarter of its RAM continuously (forkd-memtest), live and full in the same run. Pause: STOP to RESUME by QEMU's event timestamps. QEMU downtime: `query-migrate` (median / max). Heartbeat gap: largest gap the host saw between lines of a 1 ms heartbeat loop in the guest, from just before the branch call until 50 ms after it returned (includes the exec channel's own jitter). Ready: branch call until the snapshot was published; GiB/s is guest RAM over that time. Times in ms; p50 / p90 / p99.\n\n");
+    md += &format!(
+        "Guest RAM: {}{}.\n\n",
+        match huge_pages {
+            forkd_vm::HugePages::Off => "`memory-backend-file,share=on` on tmpfs (4 KiB pages)",
+            forkd_vm::HugePages::Hugetlb =>
+                "`memory-backend-memfd,hugetlb=on,hugetlbsize=2M` (2 MiB hugetlb pages)",
+        },
+        if prealloc { ", `prealloc=on`" } else { "" }
+    );
     md += &machine.markdown();
-    md += "\n| guest RAM | mode | n | pause p50/p90/p99 | QEMU downtime | heartbeat gap p50/p90/p99 | ready p50 | GiB/s |\n|---|---|---|---|---|---|---|---|\n";
+    md += "\n| guest RAM | mode | n | first pause | pause p50/p90/p99 | QEMU downtime | heartbeat gap p50/p90/p99 | ready p50 | GiB/s |\n|---|---|---|---|---|---|---|---|---|\n";
     for r in &md_rows {
         md += r;
         md += "\n";

@@ -20,6 +20,25 @@ pub enum MemoryBackend {
     PrivateFile(PathBuf),
 }
 
+/// Page size of a sandbox's own RAM ([`MemoryBackend::SharedFile`]).
+///
+/// A live branch write-protects all guest RAM with userfaultfd while the guest
+/// is stopped; on 4 KiB pages that costs time in proportion to guest size.
+/// Huge pages make it nearly constant (bench/results/hugepages.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HugePages {
+    /// The RAM file on tmpfs, 4 KiB pages.
+    #[default]
+    Off,
+    /// 2 MiB hugetlb pages: `memory-backend-memfd,hugetlb=on,hugetlbsize=2M`.
+    /// The host must have them reserved (`vm.nr_hugepages`), or QEMU fails
+    /// at start. RAM lives in an anonymous memfd, not in the backend's file
+    /// path (nothing to clean up; it goes when QEMU exits); a live branch
+    /// streams it, a snapshot that copies the RAM file cannot be taken.
+    Hugetlb,
+}
+
 /// A virtio-blk disk: a qcow2 overlay whose backing file is a read-only base.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Disk {
@@ -63,6 +82,19 @@ pub struct VmConfig {
     /// state, so children may differ from their parent.
     #[serde(default)]
     pub tcg_tb_mib: Option<u32>,
+    /// Huge pages for a sandbox's own RAM. Applies to
+    /// [`MemoryBackend::SharedFile`] only: children map a snapshot image
+    /// ([`MemoryBackend::PrivateFile`]) and ignore it, so a child may
+    /// inherit its parent's config unchanged.
+    #[serde(default)]
+    pub huge_pages: HugePages,
+    /// Populate all of a sandbox's own RAM when QEMU starts (`prealloc=on`):
+    /// the first live branch then no longer populates it inside the pause.
+    /// Costs the whole guest size in host memory from the start. Like
+    /// `huge_pages`, [`MemoryBackend::SharedFile`] only (prealloc of a
+    /// private mapping would copy the whole image).
+    #[serde(default)]
+    pub prealloc: bool,
 }
 
 /// Smallest guest the kernel and agent boot in.
@@ -89,6 +121,12 @@ impl VmConfig {
             return Err(format!(
                 "hostname {:?} is not a valid host name",
                 self.hostname
+            ));
+        }
+        if self.huge_pages == HugePages::Hugetlb && !self.mem_mib.is_multiple_of(2) {
+            return Err(format!(
+                "--mem {} MiB is not a multiple of the 2 MiB huge page size",
+                self.mem_mib
             ));
         }
         for (what, p) in [("kernel", &self.kernel), ("initramfs", &self.initramfs)] {
@@ -141,11 +179,18 @@ impl VmConfig {
             MemoryBackend::Anonymous => {}
             MemoryBackend::SharedFile(p) | MemoryBackend::PrivateFile(p) => {
                 let share = matches!(self.memory, MemoryBackend::SharedFile(_));
-                let obj = format!(
-                    "memory-backend-file,id=mem0,size={size},mem-path={},share={}",
-                    opt_escape(p),
-                    if share { "on" } else { "off" }
-                );
+                let mut obj = if share && self.huge_pages == HugePages::Hugetlb {
+                    format!("memory-backend-memfd,id=mem0,size={size},share=on,hugetlb=on,hugetlbsize=2M")
+                } else {
+                    format!(
+                        "memory-backend-file,id=mem0,size={size},mem-path={},share={}",
+                        opt_escape(p),
+                        if share { "on" } else { "off" }
+                    )
+                };
+                if share && self.prealloc {
+                    obj.push_str(",prealloc=on");
+                }
                 push(&["-object", &obj, "-machine", "memory-backend=mem0"]);
             }
         }
@@ -245,6 +290,8 @@ mod tests {
             console_log: "/run/x/console.log".into(),
             incoming: false,
             tcg_tb_mib: None,
+            huge_pages: HugePages::Off,
+            prealloc: false,
         }
     }
 
@@ -319,6 +366,49 @@ mod tests {
         assert_eq!(value_after(&args, "-incoming"), ["defer"]);
         let json = serde_json::to_string(&c).unwrap();
         assert_eq!(serde_json::from_str::<VmConfig>(&json).unwrap(), c);
+    }
+
+    fn mem_object(c: &VmConfig) -> String {
+        value_after(&c.to_args(), "-object")
+            .into_iter()
+            .find(|o| o.starts_with("memory-backend"))
+            .unwrap()
+            .to_string()
+    }
+
+    #[test]
+    fn hugetlb_and_prealloc_apply_to_a_sandbox_own_ram_only() {
+        let mut c = config();
+        c.memory = MemoryBackend::SharedFile("/dev/shm/x/ram".into());
+        c.huge_pages = HugePages::Hugetlb;
+        c.prealloc = true;
+        assert_eq!(
+            mem_object(&c),
+            "memory-backend-memfd,id=mem0,size=256M,share=on,hugetlb=on,hugetlbsize=2M,prealloc=on"
+        );
+        assert!(c.to_args().iter().any(|a| a == "memory-backend=mem0"));
+        c.huge_pages = HugePages::Off;
+        assert_eq!(
+            mem_object(&c),
+            "memory-backend-file,id=mem0,size=256M,mem-path=/dev/shm/x/ram,share=on,prealloc=on"
+        );
+        // A child inherits its parent's options but maps the snapshot image.
+        c.huge_pages = HugePages::Hugetlb;
+        c.memory = MemoryBackend::PrivateFile("/dev/shm/snap/ram.img".into());
+        assert_eq!(
+            mem_object(&c),
+            "memory-backend-file,id=mem0,size=256M,mem-path=/dev/shm/snap/ram.img,share=off"
+        );
+        // Configs recorded before these options existed still load.
+        let mut old = serde_json::to_value(config()).unwrap();
+        old.as_object_mut().unwrap().remove("huge_pages");
+        old.as_object_mut().unwrap().remove("prealloc");
+        let back: VmConfig = serde_json::from_value(old).unwrap();
+        assert_eq!((back.huge_pages, back.prealloc), (HugePages::Off, false));
+        let mut odd = config();
+        odd.huge_pages = HugePages::Hugetlb;
+        odd.mem_mib = 257;
+        assert!(odd.validate().unwrap_err().contains("2 MiB huge page"));
     }
 
     #[test]

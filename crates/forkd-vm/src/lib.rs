@@ -14,5 +14,5 @@ pub mod qmp;
 pub mod vm;
 
 pub use accel::{Accel, AccelChoice, AccelRequest, HostProbe};
-pub use config::{Disk, MemoryBackend, Network, VmConfig};
+pub use config::{Disk, HugePages, MemoryBackend, Network, VmConfig};
 pub use vm::{LaunchOptions, RunDir, Vm, VmError};
