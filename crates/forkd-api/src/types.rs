@@ -1,0 +1,740 @@
+//! The typed bodies of every `/v1` route: requests (strict: unknown fields are
+//! refused) and responses.
+//!
+//! The legacy routes keep the field names, defaults and shapes of the runtime
+//! forkd grew from, so its clients work unchanged; forkd's own fields sit beside
+//! them and are optional. Flags that mean nothing on forkd are accepted and
+//! documented as no-ops on the field itself, which is also what the OpenAPI
+//! document shows.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::error::ApiError;
+use crate::validate::{self, Validate};
+
+/// Most children one spawn call may ask for.
+pub const MAX_SPAWN: usize = 1000;
+/// Longest exec timeout, in seconds (one day).
+pub const MAX_EXEC_TIMEOUT_SECS: u64 = 86_400;
+/// Largest pool a snapshot may keep.
+pub const MAX_POOL_SIZE: u32 = 1000;
+
+fn default_one() -> usize {
+    1
+}
+fn default_exec_timeout() -> u64 {
+    30
+}
+fn default_true() -> bool {
+    true
+}
+
+// ---------------------------------------------------------------- snapshots
+
+/// Lifecycle of a snapshot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotStatus {
+    /// Still being written by a branch that did not wait; not spawnable yet.
+    Writing,
+    /// Complete; children can be spawned from it.
+    Ready,
+    /// Writing failed; kept for diagnosis, never spawnable.
+    Failed,
+}
+
+impl From<forkd_store::SnapshotStatus> for SnapshotStatus {
+    fn from(status: forkd_store::SnapshotStatus) -> Self {
+        match status {
+            forkd_store::SnapshotStatus::Writing => Self::Writing,
+            forkd_store::SnapshotStatus::Ready => Self::Ready,
+            forkd_store::SnapshotStatus::Failed => Self::Failed,
+        }
+    }
+}
+
+/// One snapshot, as `GET /v1/snapshots` lists it and a branch returns it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct SnapshotInfo {
+    /// The snapshot's tag (`[A-Za-z0-9._-]{1,64}`, not starting with `.`).
+    pub tag: String,
+    /// Its directory in the store.
+    pub dir: String,
+    /// When it was taken (Unix seconds).
+    pub created_at_unix: u64,
+    /// Id of the sandbox it was branched from; absent for snapshots not made by
+    /// a branch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branched_from: Option<String>,
+    /// How long the source sandbox was paused, in whole milliseconds (rounded
+    /// up, so a sub-millisecond pause reads 1). Absent for snapshots not made by
+    /// a branch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_ms: Option<u64>,
+    /// forkd: the same pause in microseconds, for pauses of a few milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_us: Option<u64>,
+    /// `writing`, `ready` or `failed`.
+    pub status: SnapshotStatus,
+    /// Whether children can be spawned from it now (`status` is `ready` and its
+    /// whole parent chain is present).
+    pub bootable: bool,
+    /// forkd: the snapshot this one is layered on, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_tag: Option<String>,
+    /// forkd: why writing failed, for `status: failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl SnapshotInfo {
+    /// Converts a pause measured in (fractional) milliseconds into the
+    /// `pause_ms` / `pause_us` pair: legacy clients read `pause_ms` as an
+    /// integer, so it is rounded up rather than sent as a float.
+    pub fn pause_fields(pause_ms: Option<f64>) -> (Option<u64>, Option<u64>) {
+        match pause_ms {
+            Some(ms) if ms.is_finite() && ms >= 0.0 => {
+                (Some(ms.ceil() as u64), Some((ms * 1000.0).round() as u64))
+            }
+            _ => (None, None),
+        }
+    }
+}
+
+/// One file of a snapshot, in `GET /v1/snapshots/{tag}/info`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct SnapshotFile {
+    /// File name inside the snapshot directory.
+    pub name: String,
+    /// Apparent size (`st_size`).
+    pub logical_bytes: u64,
+    /// Allocated size (`st_blocks * 512`); smaller than `logical_bytes` for
+    /// sparse RAM images.
+    pub physical_bytes: u64,
+}
+
+/// `GET /v1/snapshots/{tag}/info`: a snapshot with its files, sizes, parent
+/// chain and dependents.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct SnapshotDetail {
+    /// Everything `GET /v1/snapshots` says about it.
+    #[serde(flatten)]
+    pub snapshot: SnapshotInfo,
+    /// Number of ancestors (0 for a snapshot with no parent).
+    pub chain_depth: usize,
+    /// Tags from the root of the chain down to the direct parent.
+    pub ancestors: Vec<String>,
+    /// Tags of the snapshots layered directly on this one; a delete without
+    /// `cascade` or `force` is refused while this is not empty.
+    pub dependents: Vec<String>,
+    /// forkd: ids of live sandboxes spawned from this snapshot.
+    #[serde(default)]
+    pub sandboxes: Vec<String>,
+    /// Every file of the snapshot directory.
+    pub files: Vec<SnapshotFile>,
+    /// Apparent size of the guest RAM image.
+    pub memory_logical_bytes: u64,
+    /// Allocated size of the guest RAM image.
+    pub memory_physical_bytes: u64,
+    /// Size of the device-state file.
+    pub vmstate_bytes: u64,
+    /// forkd: sum of `logical_bytes` over `files`.
+    pub total_logical_bytes: u64,
+    /// forkd: sum of `physical_bytes` over `files`.
+    pub total_physical_bytes: u64,
+}
+
+/// Query of `DELETE /v1/snapshots/{tag}`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteSnapshotQuery {
+    /// Delete the snapshots that depend on this one too, recursively.
+    #[serde(default)]
+    pub cascade: bool,
+    /// Delete even though other snapshots depend on it, leaving them broken
+    /// (they are marked `failed`). Exclusive with `cascade`.
+    #[serde(default)]
+    pub force: bool,
+}
+
+impl Validate for DeleteSnapshotQuery {
+    fn validate(&self) -> Result<(), ApiError> {
+        if self.cascade && self.force {
+            return Err(ApiError::field(
+                "force",
+                "`cascade` and `force` are exclusive: cascade deletes the dependents, \
+                 force orphans them; pass one",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `POST /v1/snapshots/{tag}/pool`: keep `size` pre-started children of the
+/// snapshot waiting, so a spawn with `use_pool` takes them instead of starting
+/// QEMU. `size: 0` drops the pool.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PoolRequest {
+    /// How many pre-started children to keep (0 to 1000).
+    pub size: u32,
+}
+
+impl Validate for PoolRequest {
+    fn validate(&self) -> Result<(), ApiError> {
+        validate::range("size", self.size, 0, MAX_POOL_SIZE)
+    }
+}
+
+/// The state of one snapshot's pool.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct PoolInfo {
+    /// The snapshot the pool spawns from.
+    pub tag: String,
+    /// The size asked for.
+    pub size: u32,
+    /// Children started and waiting now.
+    pub ready: u32,
+}
+
+// ---------------------------------------------------------------- sandboxes
+
+/// Lifecycle of a sandbox.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxState {
+    /// Running and handed out.
+    Running,
+    /// Started and waiting in a snapshot's pool.
+    Pooled,
+    /// Its QEMU is gone.
+    Dead,
+}
+
+impl From<forkd_store::SandboxState> for SandboxState {
+    fn from(state: forkd_store::SandboxState) -> Self {
+        match state {
+            forkd_store::SandboxState::Running => Self::Running,
+            forkd_store::SandboxState::Pooled => Self::Pooled,
+            forkd_store::SandboxState::Dead => Self::Dead,
+        }
+    }
+}
+
+/// One sandbox.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct SandboxInfo {
+    /// The sandbox id (also the guest's hostname).
+    pub id: String,
+    /// The snapshot it was spawned from; empty for a sandbox booted fresh.
+    pub snapshot_tag: String,
+    /// Always null on forkd: each child has its own user-mode network and no
+    /// host network namespace.
+    pub netns: Option<String>,
+    /// Where the guest is reachable from the host, as forkd sees it.
+    pub guest_addr: String,
+    /// When it was started (Unix seconds).
+    pub created_at_unix: u64,
+    /// Host pid of its QEMU.
+    pub pid: Option<u32>,
+    /// The memory limit asked for at spawn, if any.
+    pub memory_limit_mib: Option<u64>,
+    /// Whether any branch has been taken from it.
+    #[serde(default)]
+    pub has_branched: bool,
+    /// How many branches have been taken from it.
+    #[serde(default)]
+    pub branch_count: u32,
+    /// forkd: `running`, `pooled` or `dead`.
+    pub state: SandboxState,
+}
+
+/// `POST /v1/sandboxes`: SPAWN `n` children from the snapshot `snapshot_tag`
+/// (the legacy request, unchanged). Answers 201 with one [`SandboxInfo`] per
+/// child, 404 for an unknown tag, 409 for a snapshot that is not ready.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SpawnRequest {
+    /// The snapshot to spawn from.
+    pub snapshot_tag: String,
+    /// How many children (1 to 1000).
+    #[serde(default = "default_one")]
+    pub n: usize,
+    /// No-op on forkd: every child already has its own user-mode network.
+    #[serde(default)]
+    pub per_child_netns: bool,
+    /// Memory limit of each child's QEMU process, in MiB (at least 1).
+    #[serde(default)]
+    pub memory_limit_mib: Option<u64>,
+    /// No-op on forkd: children map the parent's RAM copy-on-write from tmpfs,
+    /// so the first branch of a child has no cold-cache penalty to pre-pay.
+    #[serde(default)]
+    pub prewarm: bool,
+    /// No-op on forkd: every sandbox's RAM is a shared file on tmpfs, so every
+    /// sandbox can take a live branch.
+    #[serde(default)]
+    pub live_fork: bool,
+    /// No-op on forkd (accepted for compatibility; RAM uses normal pages).
+    #[serde(default)]
+    pub hugepages: bool,
+    /// forkd: take children from the snapshot's pool first (see
+    /// `POST /v1/snapshots/{tag}/pool`) and start only the rest.
+    #[serde(default)]
+    pub use_pool: bool,
+}
+
+impl Validate for SpawnRequest {
+    fn validate(&self) -> Result<(), ApiError> {
+        validate::tag("snapshot_tag", &self.snapshot_tag)?;
+        validate::range("n", self.n, 1, MAX_SPAWN)?;
+        if let Some(mib) = self.memory_limit_mib {
+            validate::range("memory_limit_mib", mib, 1, u64::from(u32::MAX))?;
+        }
+        Ok(())
+    }
+}
+
+/// Root disk of a freshly booted sandbox.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Image {
+    /// A small busybox root.
+    #[default]
+    Busybox,
+    /// Debian with Python 3 (needed by `eval`); built once on first use.
+    DebianPython,
+}
+
+/// `POST /v1/sandboxes/boot`: boot a fresh sandbox (forkd's `create`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BootRequest {
+    /// Root disk: `busybox` (default) or `debian-python`.
+    #[serde(default)]
+    pub image: Image,
+    /// Guest memory in MiB (64 to 65536; default 256).
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
+    /// Virtual CPUs (1 to 64; default 1).
+    #[serde(default)]
+    pub vcpus: Option<u32>,
+    /// When set, a full snapshot of the booted sandbox is taken under this tag
+    /// once its agent answers, ready to spawn from.
+    #[serde(default)]
+    pub tag: Option<String>,
+}
+
+impl Validate for BootRequest {
+    fn validate(&self) -> Result<(), ApiError> {
+        if let Some(mib) = self.memory_mib {
+            validate::range("memory_mib", mib, 64, 65_536)?;
+        }
+        if let Some(vcpus) = self.vcpus {
+            validate::range("vcpus", vcpus, 1, 64)?;
+        }
+        if let Some(tag) = &self.tag {
+            validate::tag("tag", tag)?;
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------- exec, eval, ping
+
+/// `POST /v1/sandboxes/{id}/exec`: run a command in the guest and wait for it.
+/// Legacy clients send `args` and `timeout_secs`; the rest is forkd's.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    /// The command and its arguments (`args[0]` is looked up in `PATH`).
+    pub args: Vec<String>,
+    /// Kill the command after this many seconds (1 to 86400; default 30).
+    #[serde(default = "default_exec_timeout")]
+    pub timeout_secs: u64,
+    /// forkd: environment added to the agent's.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// forkd: working directory (absolute guest path).
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// forkd: bytes fed to the command's stdin (standard base64); stdin is
+    /// empty when absent.
+    #[serde(default)]
+    pub stdin_b64: Option<String>,
+}
+
+impl Validate for ExecRequest {
+    fn validate(&self) -> Result<(), ApiError> {
+        if self.args.is_empty() {
+            return Err(ApiError::field(
+                "args",
+                "must name a command, e.g. [\"uname\", \"-a\"]",
+            ));
+        }
+        if self.args[0].is_empty() {
+            return Err(ApiError::field("args[0]", "the command must not be empty"));
+        }
+        if let Some(i) = self.args.iter().position(|a| a.contains('\0')) {
+            return Err(ApiError::field(
+                format!("args[{i}]"),
+                "must not contain a NUL byte",
+            ));
+        }
+        validate::range("timeout_secs", self.timeout_secs, 1, MAX_EXEC_TIMEOUT_SECS)?;
+        for (key, value) in &self.env {
+            if key.is_empty() || key.contains(['=', '\0']) {
+                return Err(ApiError::field(
+                    format!("env.{key}"),
+                    "a variable name must be non-empty without `=` or NUL",
+                ));
+            }
+            if value.contains('\0') {
+                return Err(ApiError::field(
+                    format!("env.{key}"),
+                    "a value must not contain a NUL byte",
+                ));
+            }
+        }
+        if let Some(cwd) = &self.cwd {
+            validate::guest_path("cwd", cwd)?;
+        }
+        if let Some(stdin) = &self.stdin_b64 {
+            validate::base64("stdin_b64", stdin)?;
+        }
+        Ok(())
+    }
+}
+
+/// The result of an exec.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ExecResponse {
+    /// Standard output (invalid UTF-8 replaced by U+FFFD).
+    pub stdout: String,
+    /// Standard error (invalid UTF-8 replaced by U+FFFD).
+    pub stderr: String,
+    /// Exit code; 128+N for a signal, 124 when `timeout_secs` ran out.
+    pub exit_code: i64,
+    /// forkd: whether the command was killed because `timeout_secs` ran out.
+    #[serde(default)]
+    pub timed_out: bool,
+}
+
+/// `POST /v1/sandboxes/{id}/eval`: run Python code in the guest (needs a
+/// Python image, e.g. `debian-python`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EvalRequest {
+    /// Python source; the value of a final expression is the result.
+    pub code: String,
+}
+
+impl Validate for EvalRequest {
+    fn validate(&self) -> Result<(), ApiError> {
+        if self.code.contains('\0') {
+            return Err(ApiError::field("code", "must not contain a NUL byte"));
+        }
+        Ok(())
+    }
+}
+
+/// The result of an eval.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct EvalResponse {
+    /// `repr` of the final expression's value, if there was one and no error.
+    pub result: Option<String>,
+    /// The Python traceback, if the code raised.
+    pub error: Option<String>,
+    /// 0 on success.
+    pub exit_code: i64,
+}
+
+/// `POST /v1/sandboxes/{id}/ping`: a round trip to the guest agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct PingResponse {
+    /// Always true.
+    pub pong: bool,
+    /// The sandbox that answered.
+    pub id: String,
+    /// Round-trip time to the agent, in microseconds.
+    pub rtt_us: u64,
+}
+
+// ---------------------------------------------------------------- branch
+
+/// How a branch writes the snapshot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum BranchMode {
+    /// Stop, copy the whole RAM image, resume: the pause grows with the memory
+    /// the guest has touched.
+    Full,
+    /// Mapped to `live` on forkd (a live branch pauses for less than a diff
+    /// snapshot would).
+    Diff,
+    /// Pause for milliseconds; RAM streams out while the source keeps running.
+    Live,
+}
+
+/// `POST /v1/sandboxes/{id}/branch`: snapshot a running sandbox under a new
+/// tag. 201 with the snapshot; 202 with `status: writing` when `wait` is false
+/// and the snapshot is still being written; 409 when the tag exists.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BranchRequest {
+    /// Tag of the new snapshot; generated (`branch-<id>-<unix time>`) when absent.
+    #[serde(default)]
+    pub tag: Option<String>,
+    /// `full`, `diff` (mapped to `live`) or `live` (the default when neither this
+    /// nor a legacy boolean is set).
+    #[serde(default)]
+    pub mode: Option<BranchMode>,
+    /// Answer once the snapshot is complete (default). When false a live branch
+    /// answers right after the pause, with `status: writing`; a full branch
+    /// always completes within the pause, so it answers 201 either way.
+    #[serde(default = "default_true")]
+    pub wait: bool,
+    /// Must equal the source sandbox's own snapshot tag when set (the daemon
+    /// checks); forkd records the parent chain itself.
+    #[serde(default)]
+    pub parent_tag: Option<String>,
+    /// Legacy: the same as `mode: "diff"`.
+    #[serde(default)]
+    pub diff: bool,
+    /// Legacy: the same as `mode: "live"`.
+    #[serde(default)]
+    pub live: bool,
+    /// Legacy measurement hook; a no-op on forkd, which reports `pause_ms` for
+    /// every branch.
+    #[serde(default)]
+    pub measure_diff: bool,
+}
+
+impl Default for BranchRequest {
+    fn default() -> Self {
+        Self {
+            tag: None,
+            mode: None,
+            wait: true,
+            parent_tag: None,
+            diff: false,
+            live: false,
+            measure_diff: false,
+        }
+    }
+}
+
+impl BranchRequest {
+    /// What forkd does for this request: `Full` or `Live` (never `Diff`, which
+    /// maps to `Live`). Call after [`Validate::validate`].
+    pub fn effective_mode(&self) -> BranchMode {
+        match self.mode {
+            Some(BranchMode::Full) => BranchMode::Full,
+            Some(BranchMode::Diff | BranchMode::Live) | None => BranchMode::Live,
+        }
+    }
+}
+
+impl Validate for BranchRequest {
+    fn validate(&self) -> Result<(), ApiError> {
+        if let Some(tag) = &self.tag {
+            validate::tag("tag", tag)?;
+        }
+        if let Some(parent) = &self.parent_tag {
+            validate::tag("parent_tag", parent)?;
+        }
+        if self.diff && self.live {
+            return Err(ApiError::field(
+                "live",
+                "`diff` and `live` are exclusive; set `mode` instead",
+            ));
+        }
+        if self.mode == Some(BranchMode::Full) && (self.diff || self.live) {
+            let legacy = if self.diff { "diff" } else { "live" };
+            return Err(ApiError::field(
+                "mode",
+                format!("`mode: \"full\"` contradicts the legacy `{legacy}: true`; drop one"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------- files
+
+/// `PUT /v1/sandboxes/{id}/files`: write a file in the guest (created or
+/// truncated; parent directories must exist). Answers 204.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FileWriteRequest {
+    /// Absolute guest path.
+    pub path: String,
+    /// The content, standard base64.
+    pub content_b64: String,
+    /// Permission bits (e.g. 493 for 0755); 0644 when absent.
+    #[serde(default)]
+    pub mode: Option<u32>,
+}
+
+impl FileWriteRequest {
+    /// The decoded content. Validation has already checked it decodes.
+    pub fn content(&self) -> Result<Vec<u8>, ApiError> {
+        validate::base64("content_b64", &self.content_b64)
+    }
+}
+
+impl Validate for FileWriteRequest {
+    fn validate(&self) -> Result<(), ApiError> {
+        validate::guest_path("path", &self.path)?;
+        if let Some(mode) = self.mode {
+            validate::range("mode", mode, 0, 0o7777)?;
+        }
+        self.content().map(drop)
+    }
+}
+
+/// Query of `GET /v1/sandboxes/{id}/files`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FileReadQuery {
+    /// Absolute guest path of the file to read.
+    pub path: String,
+}
+
+impl Validate for FileReadQuery {
+    fn validate(&self) -> Result<(), ApiError> {
+        validate::guest_path("path", &self.path)
+    }
+}
+
+/// A file read from the guest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct FileContent {
+    /// The path that was read.
+    pub path: String,
+    /// The content, standard base64.
+    pub content_b64: String,
+}
+
+// ---------------------------------------------------------------- status
+
+/// `GET /healthz`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct HealthResponse {
+    /// Always true while the daemon answers.
+    pub ok: bool,
+}
+
+/// `GET /version`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct VersionResponse {
+    /// forkd's version.
+    pub version: String,
+    /// The API version, `v1`.
+    pub api: String,
+}
+
+impl VersionResponse {
+    /// This build's version and API.
+    pub fn current() -> Self {
+        Self {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            api: "v1".to_owned(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn snapshot_info_wire_shape() {
+        let (pause_ms, pause_us) = SnapshotInfo::pause_fields(Some(3.2));
+        assert_eq!((pause_ms, pause_us), (Some(4), Some(3200)));
+        assert_eq!(SnapshotInfo::pause_fields(Some(f64::NAN)), (None, None));
+        let info = SnapshotInfo {
+            tag: "cp".into(),
+            dir: "/s/cp".into(),
+            created_at_unix: 1,
+            branched_from: Some("sb-1".into()),
+            pause_ms,
+            pause_us,
+            status: SnapshotStatus::Writing,
+            bootable: false,
+            parent_tag: None,
+            error: None,
+        };
+        assert_eq!(
+            serde_json::to_value(&info).unwrap(),
+            json!({"tag": "cp", "dir": "/s/cp", "created_at_unix": 1, "branched_from": "sb-1",
+                   "pause_ms": 4, "pause_us": 3200, "status": "writing", "bootable": false})
+        );
+        let detail = SnapshotDetail {
+            snapshot: info,
+            chain_depth: 0,
+            ancestors: vec![],
+            dependents: vec!["x".into()],
+            sandboxes: vec![],
+            files: vec![],
+            memory_logical_bytes: 0,
+            memory_physical_bytes: 0,
+            vmstate_bytes: 0,
+            total_logical_bytes: 0,
+            total_physical_bytes: 0,
+        };
+        let value = serde_json::to_value(&detail).unwrap();
+        assert_eq!(
+            value["tag"], "cp",
+            "the snapshot's fields sit at the top level"
+        );
+        assert_eq!(value["dependents"], json!(["x"]));
+    }
+
+    #[test]
+    fn sandbox_info_keeps_the_legacy_keys() {
+        let info = SandboxInfo {
+            id: "sb-1".into(),
+            snapshot_tag: "py".into(),
+            netns: None,
+            guest_addr: "10.0.2.15".into(),
+            created_at_unix: 2,
+            pid: Some(42),
+            memory_limit_mib: None,
+            has_branched: false,
+            branch_count: 0,
+            state: SandboxState::Running,
+        };
+        let value = serde_json::to_value(&info).unwrap();
+        for key in [
+            "id",
+            "snapshot_tag",
+            "netns",
+            "guest_addr",
+            "created_at_unix",
+            "pid",
+            "memory_limit_mib",
+            "has_branched",
+            "branch_count",
+        ] {
+            assert!(value.get(key).is_some(), "missing legacy key {key}");
+        }
+        assert_eq!(value["netns"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn store_states_map() {
+        assert_eq!(
+            SnapshotStatus::from(forkd_store::SnapshotStatus::Failed),
+            SnapshotStatus::Failed
+        );
+        assert_eq!(
+            SandboxState::from(forkd_store::SandboxState::Pooled),
+            SandboxState::Pooled
+        );
+    }
+}

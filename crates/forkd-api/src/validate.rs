@@ -1,0 +1,91 @@
+//! Checks on decoded requests that serde's types cannot express (ranges, tags,
+//! paths, base64), each failing with an [`ApiError::InvalidField`] that names the
+//! field.
+//!
+//! Tags go through [`forkd_store::validate_tag`], the one tag rule shared by the
+//! API, the CLI and the store.
+
+use base64::Engine;
+
+use crate::error::ApiError;
+
+/// A decoded request that can still be wrong.
+pub trait Validate {
+    /// `Ok` when every field is acceptable; otherwise the first bad field.
+    fn validate(&self) -> Result<(), ApiError>;
+}
+
+/// The engine every `*_b64` field uses: standard alphabet, padded.
+pub const BASE64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+/// Checks a snapshot tag with the store's rule.
+pub fn tag(field: &str, value: &str) -> Result<(), ApiError> {
+    forkd_store::validate_tag(value).map_err(|e| ApiError::field(field, e.to_string()))
+}
+
+/// Checks that `value` lies in `min..=max`.
+pub fn range<T>(field: &str, value: T, min: T, max: T) -> Result<(), ApiError>
+where
+    T: PartialOrd + std::fmt::Display,
+{
+    if value < min || value > max {
+        return Err(ApiError::field(
+            field,
+            format!("{value} is out of range; it must be between {min} and {max}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks an absolute guest path: starts with `/`, no NUL byte, at most 4096
+/// bytes (`PATH_MAX`).
+pub fn guest_path(field: &str, value: &str) -> Result<(), ApiError> {
+    if !value.starts_with('/') {
+        return Err(ApiError::field(
+            field,
+            format!("{value:?} is not an absolute path; paths in the guest start with `/`"),
+        ));
+    }
+    if value.contains('\0') {
+        return Err(ApiError::field(field, "a path must not contain a NUL byte"));
+    }
+    if value.len() > 4096 {
+        return Err(ApiError::field(field, "a path is at most 4096 bytes long"));
+    }
+    Ok(())
+}
+
+/// Decodes a standard, padded base64 field.
+pub fn base64(field: &str, value: &str) -> Result<Vec<u8>, ApiError> {
+    BASE64
+        .decode(value)
+        .map_err(|e| ApiError::field(field, format!("not valid base64 (standard, padded): {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tag_rule_is_the_stores() {
+        assert!(tag("tag", "py-3.12_a").is_ok());
+        for bad in ["", ".hidden", "..", "a/b", "a b", &"x".repeat(65)] {
+            let err = tag("tag", bad).unwrap_err();
+            assert_eq!(err.field_name(), Some("tag"), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn range_names_the_bounds() {
+        let err = range("n", 0, 1, 1000).unwrap_err();
+        assert!(err.to_string().contains("between 1 and 1000"), "{err}");
+        assert!(range("n", 1000, 1, 1000).is_ok());
+    }
+
+    #[test]
+    fn guest_paths() {
+        assert!(guest_path("path", "/tmp/x").is_ok());
+        assert!(guest_path("path", "tmp/x").is_err());
+        assert!(guest_path("path", "/a\0b").is_err());
+    }
+}
