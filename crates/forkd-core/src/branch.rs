@@ -94,12 +94,29 @@ pub struct Writer {
     job: WriterJob,
     listener: UnixListener,
     staging: forkd_store::Staging,
+    /// Held while this writer lives; [`Fleet::recover`] fails `writing`
+    /// snapshots whose lock is free (their writer died).
+    _alive: File,
+}
+
+/// The lock a live writer of snapshot `tag` holds.
+pub fn writer_lock(runtime: &Path, tag: &str) -> PathBuf {
+    runtime.join("writers").join(format!("{tag}.lock"))
 }
 
 impl Writer {
     /// Creates the staging directory and starts listening. Once this returns,
     /// QEMU may connect.
     pub fn prepare(fleet: &Fleet, job: WriterJob) -> Result<Writer, CoreError> {
+        let lock = writer_lock(&fleet.env().runtime, &job.tag);
+        let _ = std::fs::create_dir_all(lock.parent().expect("has a parent"));
+        let alive = crate::fleet::lock_file(&lock).map_err(|e| {
+            CoreError::Busy(format!(
+                "snapshot `{}` already has a writer ({}: {e})",
+                job.tag,
+                lock.display()
+            ))
+        })?;
         let staging = fleet.store().stage(&job.tag)?;
         let _ = std::fs::remove_file(&job.socket);
         let listener = UnixListener::bind(&job.socket).map_err(|e| {
@@ -109,6 +126,7 @@ impl Writer {
             job,
             listener,
             staging,
+            _alive: alive,
         })
     }
 
@@ -116,8 +134,10 @@ impl Writer {
     pub fn run(self, fleet: &Fleet) -> Result<(), CoreError> {
         let tag = self.job.tag.clone();
         let socket = self.job.socket.clone();
+        let lock = writer_lock(&fleet.env().runtime, &tag);
         let r = self.receive_and_publish(fleet);
         let _ = std::fs::remove_file(socket);
+        let _ = std::fs::remove_file(lock);
         let db = fleet.db();
         match &r {
             Ok(()) => db.set_snapshot_status(&tag, SnapshotStatus::Ready, None)?,
@@ -305,7 +325,7 @@ impl Fleet {
             )));
         }
         let _lock = crate::fleet::lock_file(&row.run_dir.join("branch.lock")).map_err(|_| {
-            CoreError::Config(format!(
+            CoreError::Busy(format!(
                 "sandbox `{id}` is being branched right now; retry when that branch is done"
             ))
         })?;
@@ -315,7 +335,7 @@ impl Fleet {
             .into_iter()
             .find(|s| s.source.as_deref() == Some(id) && s.status == SnapshotStatus::Writing)
         {
-            return Err(CoreError::Config(format!(
+            return Err(CoreError::Busy(format!(
                 "sandbox `{id}` is still being branched into `{}` (status: writing); retry when `forkd snapshots` says it is ready",
                 busy.tag
             )));
@@ -578,4 +598,62 @@ fn now_ns() -> u128 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0)
+}
+
+/// What [`Fleet::recover`] found and did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Recovery {
+    /// Sandboxes whose QEMU still runs.
+    pub running: Vec<String>,
+    /// Sandboxes whose QEMU is gone (marked dead).
+    pub dead: Vec<String>,
+    /// `writing` snapshots whose writer still runs (they finish by themselves).
+    pub writing: Vec<String>,
+    /// `writing` snapshots whose writer is gone (marked failed).
+    pub failed: Vec<String>,
+}
+
+impl Fleet {
+    /// Brings the state database in line with the processes that exist,
+    /// after a crash or restart of whatever drove the fleet: sandboxes whose
+    /// QEMU is gone are marked dead (running ones are left alone), and
+    /// `writing` snapshots whose writer is gone are marked failed, their
+    /// staging removed. Writers that still run are left to finish.
+    pub fn recover(&self) -> Result<Recovery, CoreError> {
+        let mut out = Recovery::default();
+        for s in self.list()? {
+            match s.state.as_str() {
+                "dead" => out.dead.push(s.id),
+                _ => out.running.push(s.id),
+            }
+        }
+        let now = forkd_store::unix_now();
+        let snapshots = self.db().list_snapshots()?;
+        for snap in snapshots {
+            if snap.status != SnapshotStatus::Writing {
+                continue;
+            }
+            let lock = writer_lock(&self.env().runtime, &snap.tag);
+            // A writer takes its lock within milliseconds of the row being
+            // written; a young row may not have one yet.
+            let orphaned = now.saturating_sub(snap.created_at) > 10
+                && match crate::fleet::lock_file(&lock) {
+                    Ok(_held) => true,
+                    Err(e) => e.raw_os_error() != Some(libc::EWOULDBLOCK),
+                };
+            if orphaned {
+                let _ = std::fs::remove_file(&lock);
+                self.db().set_snapshot_status(
+                    &snap.tag,
+                    SnapshotStatus::Failed,
+                    Some("its writer died before it was complete (recovered after a restart)"),
+                )?;
+                out.failed.push(snap.tag);
+            } else {
+                out.writing.push(snap.tag);
+            }
+        }
+        self.store().sweep_staging();
+        Ok(out)
+    }
 }

@@ -207,7 +207,7 @@ impl Fleet {
     /// A sandbox's record and configuration.
     pub fn sandbox(&self, id: &str) -> Result<(SandboxRow, SandboxConfig), CoreError> {
         let row = self.db().get_sandbox(id)?.ok_or_else(|| {
-            CoreError::Config(format!("no sandbox `{id}`; `forkd ls` lists them"))
+            CoreError::NotFound(format!("no sandbox `{id}`; `forkd ls` lists them"))
         })?;
         let config: SandboxConfig = serde_json::from_value(row.config.clone()).map_err(|e| {
             CoreError::Config(format!("sandbox `{id}` has an unreadable config: {e}"))
@@ -221,7 +221,7 @@ impl Fleet {
         let (row, config) = self.sandbox(id)?;
         if !forkd_vm::vm::pid_alive(row.pid, row.pid_start) {
             self.db().update_sandbox_state(id, SandboxState::Dead)?;
-            return Err(CoreError::Config(format!(
+            return Err(CoreError::Conflict(format!(
                 "sandbox `{id}` is dead (its QEMU, pid {}, is gone); remove it with `forkd kill {id}`",
                 row.pid
             )));
@@ -442,13 +442,13 @@ impl Fleet {
         let row = self.db().get_snapshot(tag)?;
         match row.as_ref().map(|r| r.status) {
             None => {
-                return Err(CoreError::Config(format!(
+                return Err(CoreError::NotFound(format!(
                     "no snapshot `{tag}`; `forkd snapshots` lists them"
                 )))
             }
             Some(SnapshotStatus::Ready) => {}
             Some(other) => {
-                return Err(CoreError::Config(format!(
+                return Err(CoreError::Conflict(format!(
                     "snapshot `{tag}` is not ready (status: {other})"
                 )))
             }
@@ -495,12 +495,12 @@ impl Fleet {
                 return Ok(());
             }
             if self.no_wait.load(Ordering::Relaxed) {
-                return Err(CoreError::Config(format!(
+                return Err(CoreError::Conflict(format!(
                     "snapshot `{tag}` is still being written (status: writing); retry when `forkd snapshots` says ready, or spawn without --no-wait"
                 )));
             }
             if Instant::now() > deadline {
-                return Err(CoreError::Config(format!(
+                return Err(CoreError::Busy(format!(
                     "snapshot `{tag}` is still being written after 10 minutes"
                 )));
             }
@@ -760,7 +760,7 @@ impl Fleet {
         forkd_store::validate_tag(tag)?;
         let exists = self.db().get_snapshot(tag)?.is_some() || self.store.exists(tag);
         if !exists {
-            return Err(CoreError::Config(format!(
+            return Err(CoreError::NotFound(format!(
                 "no snapshot `{tag}`; `forkd snapshots` lists them"
             )));
         }
@@ -772,7 +772,7 @@ impl Fleet {
         }
         let blockers = forkd_store::deletion_blockers(&self.db(), tag)?;
         if !blockers.is_empty() && !force {
-            return Err(CoreError::Config(format!(
+            return Err(CoreError::Conflict(format!(
                 "snapshot `{tag}` is in use by {}; kill those first or pass --force",
                 blockers.join(", ")
             )));

@@ -44,6 +44,16 @@ pub fn spawn_detached(cmd: &mut std::process::Command) -> std::io::Result<std::p
 pub enum CoreError {
     #[error("{0}")]
     Config(String),
+    /// The sandbox or snapshot named does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The target exists but is in the wrong state for the request (a
+    /// snapshot not ready or in use, a dead sandbox).
+    #[error("{0}")]
+    Conflict(String),
+    /// Someone else is doing this right now; retrying later may work.
+    #[error("{0}")]
+    Busy(String),
     #[error(
         "the static guest agent binary was not found ({0}); build it with `scripts/build-agent.sh`"
     )]
@@ -54,4 +64,41 @@ pub enum CoreError {
     Vm(#[from] forkd_vm::VmError),
     #[error(transparent)]
     Store(#[from] forkd_store::StoreError),
+}
+
+/// What kind of failure a [`CoreError`] is, for front ends that map errors
+/// to status codes (the daemon) or exit codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request itself is wrong (a bad tag, an impossible option).
+    BadInput,
+    NotFound,
+    Conflict,
+    Busy,
+    /// Everything else: the host, QEMU or the guest failed.
+    Internal,
+}
+
+impl CoreError {
+    pub fn kind(&self) -> ErrorKind {
+        use forkd_store::StoreError as S;
+        match self {
+            CoreError::NotFound(_) => ErrorKind::NotFound,
+            CoreError::Conflict(_) => ErrorKind::Conflict,
+            CoreError::Busy(_) => ErrorKind::Busy,
+            CoreError::Store(e) => match e {
+                S::InvalidTag { .. } => ErrorKind::BadInput,
+                S::NoSandbox { .. } | S::NoSnapshot { .. } => ErrorKind::NotFound,
+                S::SandboxExists { .. }
+                | S::SnapshotExists { .. }
+                | S::SnapshotWriting { .. }
+                | S::SnapshotFailed { .. } => ErrorKind::Conflict,
+                _ => ErrorKind::Internal,
+            },
+            CoreError::Config(_)
+            | CoreError::AgentNotFound(_)
+            | CoreError::Guest(_)
+            | CoreError::Vm(_) => ErrorKind::Internal,
+        }
+    }
 }

@@ -46,7 +46,7 @@ impl Fleet {
     pub fn snapshot_detail(&self, tag: &str) -> Result<SnapshotDetail, CoreError> {
         forkd_store::validate_tag(tag)?;
         let row = self.db().get_snapshot(tag)?.ok_or_else(|| {
-            CoreError::Config(format!("no snapshot `{tag}`; `forkd snapshots` lists them"))
+            CoreError::NotFound(format!("no snapshot `{tag}`; `forkd snapshots` lists them"))
         })?;
         let mut chain = Vec::new();
         let mut next = row.parent.clone();

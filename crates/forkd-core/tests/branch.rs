@@ -472,3 +472,47 @@ fn concurrent_branches_are_refused_and_spawn_waits_for_writing_snapshots() {
     // Once done, the source can be branched again.
     assert_eq!(w.branch(&p, "two").status, SnapshotStatus::Ready);
 }
+
+#[test]
+fn recovery_fails_branches_whose_writer_died_and_leaves_live_ones() {
+    let w = World::new("recover");
+    let old = forkd_store::unix_now() - 60;
+    for tag in ["orphan", "alive", "young"] {
+        w.fleet
+            .db()
+            .insert_snapshot(&forkd_store::SnapshotRow {
+                tag: tag.into(),
+                status: SnapshotStatus::Writing,
+                dir: w.fleet.store().dir(tag),
+                parent: None,
+                source: None,
+                created_at: if tag == "young" {
+                    forkd_store::unix_now()
+                } else {
+                    old
+                },
+                pause_ms: None,
+                error: None,
+            })
+            .unwrap();
+    }
+    // A writer of `alive` holds its lock.
+    let lock = forkd_core::branch::writer_lock(&w.env.runtime, "alive");
+    std::fs::create_dir_all(lock.parent().unwrap()).unwrap();
+    let held = std::fs::File::create(&lock).unwrap();
+    {
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: flock on a file we own.
+        assert_eq!(unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX) }, 0);
+    }
+    let r = w.fleet.recover().unwrap();
+    assert_eq!(r.failed, ["orphan"]);
+    assert_eq!(r.writing, ["alive", "young"]);
+    let row = w.fleet.db().get_snapshot("orphan").unwrap().unwrap();
+    assert_eq!(row.status, SnapshotStatus::Failed);
+    assert!(row.error.unwrap().contains("writer died"));
+    assert_eq!(
+        w.fleet.db().get_snapshot("alive").unwrap().unwrap().status,
+        SnapshotStatus::Writing
+    );
+}
