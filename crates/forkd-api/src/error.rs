@@ -48,6 +48,11 @@ pub enum ApiError {
         name: String,
     },
 
+    /// 404 with a message of its own (e.g. from the fleet, which names what is
+    /// missing and how to list what exists).
+    #[error("{0}")]
+    Gone(String),
+
     /// 409: the target exists but its state forbids the call (a tag that is
     /// taken, a snapshot still being written, a snapshot others depend on).
     #[error("{message}")]
@@ -147,7 +152,7 @@ impl ApiError {
         match self {
             Self::InvalidField { .. } | Self::BadRequest(_) => 400,
             Self::Unauthorized(_) => 401,
-            Self::NotFound { .. } => 404,
+            Self::NotFound { .. } | Self::Gone(_) => 404,
             Self::Conflict { .. } => 409,
             Self::PayloadTooLarge { .. } => 413,
             Self::Unprocessable(_) => 422,
@@ -194,6 +199,7 @@ mod tests {
             (ApiError::BadRequest("x".into()), 400),
             (ApiError::Unauthorized("x".into()), 401),
             (ApiError::sandbox_not_found("sb1"), 404),
+            (ApiError::Gone("x".into()), 404),
             (ApiError::conflict("x"), 409),
             (ApiError::PayloadTooLarge { limit: 1 }, 413),
             (ApiError::Unprocessable("x".into()), 422),

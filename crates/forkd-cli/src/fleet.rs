@@ -10,7 +10,7 @@ use forkd_core::{BootOptions, Env, Fleet};
 use forkd_protocol::client::OutputStream;
 use forkd_protocol::ExecRequest;
 
-use crate::{parse_env, parse_net, parse_timeout, progress, CreateArgs, ExecArgs};
+use crate::{parse_env, parse_timeout, progress, CreateArgs, ExecArgs};
 
 fn fleet() -> Result<(Env, Fleet)> {
     let env = Env::from_process();
@@ -21,12 +21,13 @@ fn fleet() -> Result<(Env, Fleet)> {
 pub fn create(args: CreateArgs) -> Result<ExitCode> {
     let (env, fleet) = fleet()?;
     let opts = BootOptions {
-        cpus: args.cpus,
-        mem_mib: args.mem,
-        accel: args.accel.parse().map_err(anyhow::Error::msg)?,
-        network: parse_net(&args.net)?,
-        tcg_tb_mib: args.tcg_tb_mib,
-        ..BootOptions::default()
+        huge_pages: if args.hugepages {
+            forkd_vm::HugePages::Hugetlb
+        } else {
+            forkd_vm::HugePages::Off
+        },
+        prealloc: args.prealloc,
+        ..args.machine.boot_options()?
     };
     let artifacts =
         forkd_core::artifacts::ensure(&env, &args.guest.artifact_options()?, &progress)?;

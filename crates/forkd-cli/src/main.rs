@@ -16,7 +16,7 @@ use clap::{Args, Parser, Subcommand};
 use forkd_core::{doctor, ArtifactOptions, BootOptions, Env, Image, Sandbox};
 use forkd_protocol::client::OutputStream;
 use forkd_protocol::ExecRequest;
-use forkd_vm::{AccelRequest, Network};
+use forkd_vm::Network;
 
 /// Exit code when forkd itself fails (not the command in the guest).
 const EXIT_FORKD_ERROR: u8 = 125;
@@ -128,6 +128,10 @@ enum Command {
         json: bool,
     },
     /// (internal) Receive a live branch in a detached process.
+    /// Serve the REST API (see docs/openapi.json) on a UNIX socket, or on
+    /// TCP with --listen. Sandboxes outlive the daemon: restarting it never
+    /// kills one.
+    Daemon(DaemonArgs),
     #[command(name = "_branch-writer", hide = true)]
     BranchWriter { job: String },
     /// Fill the warm pool of a snapshot to K pre-started QEMUs (`forkd ls` shows them as pooled).
@@ -138,19 +142,57 @@ enum Command {
     },
 }
 
+/// The virtual machine: flags `run` and `create` share.
 #[derive(Args)]
-struct CreateArgs {
+struct MachineArgs {
+    /// Guest memory in MiB.
     #[arg(long, default_value_t = 256)]
     mem: u64,
+    /// Virtual CPUs.
     #[arg(long, default_value_t = 1)]
     cpus: u32,
+    /// Accelerator: auto (KVM where hardware virtualization works, else TCG), kvm or tcg.
     #[arg(long, default_value = "auto")]
     accel: String,
+    /// Guest network: user (QEMU user-mode stack) or none.
     #[arg(long, default_value = "user")]
     net: String,
     /// TCG translation-cache size in MiB (smaller: less memory per VM).
     #[arg(long, value_name = "MIB")]
     tcg_tb_mib: Option<u32>,
+}
+
+impl MachineArgs {
+    fn boot_options(&self) -> Result<BootOptions> {
+        Ok(BootOptions {
+            cpus: self.cpus,
+            mem_mib: self.mem,
+            accel: self.accel.parse().map_err(anyhow::Error::msg)?,
+            network: parse_net(&self.net)?,
+            tcg_tb_mib: self.tcg_tb_mib,
+            ..BootOptions::default()
+        })
+    }
+}
+
+#[derive(Args)]
+struct CreateArgs {
+    #[command(flatten)]
+    machine: MachineArgs,
+    /// Back guest RAM with 2 MiB hugetlb pages: a live branch then pauses
+    /// for a few ms at any guest size (on 4 KiB pages the pause grows with
+    /// it). The host must have them reserved first, at least MEM/2 pages
+    /// for each such sandbox: `sysctl -w vm.nr_hugepages=N` (as root).
+    /// Full-mode snapshots (`snapshot`, `branch --mode full`) are not
+    /// available for such a sandbox: its RAM is in a memfd; branch it live.
+    #[arg(long)]
+    hugepages: bool,
+    /// Populate all guest RAM at start, so the first live branch does not
+    /// do it inside its pause. Costs the whole --mem in host memory from
+    /// the start (nothing extra with --hugepages: the pool is set aside
+    /// anyway); QEMU starts slower for large guests.
+    #[arg(long)]
+    prealloc: bool,
     #[command(flatten)]
     guest: GuestArgs,
     #[arg(long)]
@@ -203,18 +245,8 @@ impl GuestArgs {
 
 #[derive(Args)]
 struct RunArgs {
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = 256)]
-    mem: u64,
-    /// Virtual CPUs.
-    #[arg(long, default_value_t = 1)]
-    cpus: u32,
-    /// Accelerator: auto (KVM where hardware virtualization works, else TCG), kvm or tcg.
-    #[arg(long, default_value = "auto")]
-    accel: String,
-    /// Guest network: user (QEMU user-mode stack) or none.
-    #[arg(long, default_value = "user")]
-    net: String,
+    #[command(flatten)]
+    machine: MachineArgs,
     #[command(flatten)]
     guest: GuestArgs,
     /// Kill CMD after this many seconds (exit code 124).
@@ -284,6 +316,7 @@ fn main() -> ExitCode {
             .map(|_| ExitCode::SUCCESS)
             .map_err(Into::into),
         Command::Pool { tag, size } => fleet::pool(&tag, size),
+        Command::Daemon(args) => daemon(args),
     };
     match result {
         Ok(code) => code,
@@ -330,8 +363,7 @@ pub(crate) fn progress(msg: &str) {
 
 fn run(args: RunArgs) -> Result<ExitCode> {
     let env = Env::from_process();
-    let accel: AccelRequest = args.accel.parse().map_err(anyhow::Error::msg)?;
-    let network = parse_net(&args.net)?;
+    let boot = args.machine.boot_options()?;
     let vars = parse_env(&args.env)?;
     let timeout_ms = parse_timeout(args.timeout)?;
 
@@ -343,12 +375,8 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     let cancel = Arc::new(AtomicBool::new(false));
     let signals = signals::Handler::start(Arc::clone(&cancel));
     let opts = BootOptions {
-        cpus: args.cpus,
-        mem_mib: args.mem,
-        accel,
-        network,
         cancel: Some(Arc::clone(&cancel)),
-        ..BootOptions::default()
+        ..boot
     };
     let sandbox = match Sandbox::boot(&env, &artifacts, &opts) {
         Ok(s) => Arc::new(s),
@@ -473,5 +501,56 @@ fn image_build(guest: &GuestArgs, json: bool) -> Result<ExitCode> {
         }
         eprintln!("forkd: ready in {:.1} s", took.as_secs_f64());
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(clap::Args)]
+struct DaemonArgs {
+    /// Where to listen: a socket path (`unix:/path` or `/path`; default
+    /// `$FORKD_RUNTIME_DIR/forkd.sock`, mode 0600) or `tcp:HOST:PORT`.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Listen on TCP 127.0.0.1:8889 (the legacy default).
+    #[arg(long, conflicts_with = "listen")]
+    tcp: bool,
+    /// File holding the bearer token (at least 16 bytes) every call must
+    /// present; also read from $FORKD_TOKEN. Required off loopback.
+    #[arg(long, value_name = "PATH")]
+    token_file: Option<PathBuf>,
+    /// Audit log (one JSON line per mutating call); default $FORKD_HOME/audit.log.
+    #[arg(long, value_name = "PATH")]
+    audit_log: Option<PathBuf>,
+    /// Concurrent spawn calls before answering 429.
+    #[arg(long, default_value_t = 4)]
+    max_spawn: usize,
+    /// Concurrent branch calls before answering 429.
+    #[arg(long, default_value_t = 2)]
+    max_branch: usize,
+}
+
+fn daemon(args: DaemonArgs) -> Result<ExitCode> {
+    signals::unblock_termination_signals();
+    let env = Env::from_process();
+    let mut opts = forkd_daemon::DaemonOptions::defaults(&env);
+    if args.tcp {
+        opts.listen = forkd_api::auth::ListenAddr::Tcp(forkd_api::auth::DEFAULT_TCP);
+    } else if let Some(l) = &args.listen {
+        opts.listen = forkd_api::auth::ListenAddr::parse(l)?;
+    }
+    opts.token = match &args.token_file {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .map_err(|e| anyhow::anyhow!("reading the token file {}: {e}", p.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => std::env::var("FORKD_TOKEN").ok().filter(|t| !t.is_empty()),
+    };
+    if let Some(a) = args.audit_log {
+        opts.audit_log = a;
+    }
+    opts.max_spawn = args.max_spawn;
+    opts.max_branch = args.max_branch;
+    forkd_daemon::run(&env, opts, &|line| eprintln!("forkd daemon: {line}"))?;
     Ok(ExitCode::SUCCESS)
 }

@@ -33,6 +33,14 @@ pub fn block_termination_signals() {
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
 }
 
+/// Undoes [`block_termination_signals`] for this thread (and the threads it
+/// starts afterwards): the daemon handles SIGTERM/SIGINT itself.
+pub fn unblock_termination_signals() {
+    let set = sigset();
+    // SAFETY: valid sigset; changes only this thread's mask.
+    unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) };
+}
+
 struct State {
     target: Mutex<Option<(Weak<Sandbox>, u32)>>,
     received: AtomicI32,

@@ -1,0 +1,109 @@
+//! forkd as a service: `forkd daemon` serves every SPAWN and BRANCH
+//! operation over a REST API (the routes, types and rules are in
+//! `forkd-api`), on a UNIX socket by default or on TCP with a bearer token.
+//! It shares the state database with the CLI and owns no sandbox: every QEMU
+//! and every branch writer is a detached process, so a restart (or a
+//! `kill -9`) of the daemon never kills a sandbox; at start it re-attaches by
+//! reconciling the database with the processes that exist
+//! ([`forkd_core::Fleet::recover`]).
+//!
+//! [`client::Client`] is the small HTTP client the CLI's `--remote` and the
+//! API benchmark use.
+
+pub mod client;
+pub mod ops;
+pub mod server;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use forkd_api::auth::{ListenAddr, ListenPolicy};
+use forkd_api::limits::ConcurrencyLimit;
+use forkd_core::Env;
+
+/// How `forkd daemon` runs.
+#[derive(Debug, Clone)]
+pub struct DaemonOptions {
+    pub listen: ListenAddr,
+    /// The bearer token (at least 16 bytes); required for non-loopback TCP.
+    pub token: Option<String>,
+    /// One JSON line per mutating call.
+    pub audit_log: PathBuf,
+    /// Concurrent spawn/boot calls before answering 429.
+    pub max_spawn: usize,
+    /// Concurrent branch calls before answering 429.
+    pub max_branch: usize,
+}
+
+impl DaemonOptions {
+    /// The defaults under `env`: socket `$FORKD_RUNTIME_DIR/forkd.sock`, audit
+    /// log `$FORKD_HOME/audit.log`.
+    pub fn defaults(env: &Env) -> DaemonOptions {
+        DaemonOptions {
+            listen: ListenAddr::Unix(default_socket(env)),
+            token: None,
+            audit_log: env.home.join("audit.log"),
+            max_spawn: 4,
+            max_branch: 2,
+        }
+    }
+}
+
+/// Where the daemon listens unless told otherwise.
+pub fn default_socket(env: &Env) -> PathBuf {
+    env.runtime.join("forkd.sock")
+}
+
+/// Why the daemon did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("{0}")]
+    Policy(#[from] forkd_api::auth::AuthError),
+    #[error(transparent)]
+    Core(#[from] forkd_core::CoreError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Runs the daemon until SIGTERM or SIGINT. `log` receives start-up and
+/// recovery lines.
+pub fn run(env: &Env, opts: DaemonOptions, log: &dyn Fn(&str)) -> Result<(), DaemonError> {
+    let policy = ListenPolicy::new(opts.listen.clone(), opts.token.as_deref())?;
+    let exe = std::env::current_exe()?;
+    let daemon = ops::Daemon::new(env.clone(), exe)?;
+    let rec = daemon.fleet.recover()?;
+    log(&format!(
+        "recovered: {} running sandboxes re-attached, {} dead, {} branches still writing, {} interrupted branches failed",
+        rec.running.len(),
+        rec.dead.len(),
+        rec.writing.len(),
+        rec.failed.len()
+    ));
+    let audit = server::open_audit(&opts.audit_log)?;
+    let app = Arc::new(server::App {
+        daemon: Arc::new(daemon),
+        policy,
+        spawn_limit: ConcurrencyLimit::new("spawn", opts.max_spawn.max(1), 2),
+        branch_limit: ConcurrencyLimit::new("branch", opts.max_branch.max(1), 1),
+        audit: Mutex::new(Some(audit)),
+        audit_path: opts.audit_log.clone(),
+    });
+    log(&format!(
+        "listening on {}{}; audit log {}",
+        opts.listen,
+        if opts.token.is_some() {
+            " (bearer token required)"
+        } else {
+            ""
+        },
+        opts.audit_log.display()
+    ));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(256)
+        .enable_all()
+        .build()?;
+    rt.block_on(server::serve(app))?;
+    log("stopped; sandboxes keep running");
+    Ok(())
+}

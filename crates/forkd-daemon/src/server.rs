@@ -1,0 +1,326 @@
+//! HTTP: listening (UNIX socket or TCP), routing by the route table,
+//! authorization, body limits, concurrency caps, the audit log and request
+//! metrics. Everything a route does is in [`crate::ops`].
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::connect_info::{ConnectInfo, Connected};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::serve::IncomingStream;
+use forkd_api::auth::{ListenAddr, ListenPolicy};
+use forkd_api::limits::ConcurrencyLimit;
+use forkd_api::routes::{Limit, Method, Route, ROUTES};
+use forkd_api::ApiError;
+
+use crate::ops::{Daemon, Reply};
+
+/// Who is calling, for the audit log.
+#[derive(Clone, Debug)]
+pub struct Caller(pub String);
+
+impl Connected<IncomingStream<'_, tokio::net::TcpListener>> for Caller {
+    fn connect_info(stream: IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        Caller(format!("tcp:{}", stream.remote_addr()))
+    }
+}
+
+impl Connected<IncomingStream<'_, tokio::net::UnixListener>> for Caller {
+    fn connect_info(stream: IncomingStream<'_, tokio::net::UnixListener>) -> Self {
+        match stream.io().peer_cred() {
+            Ok(c) => Caller(format!(
+                "unix:uid={},pid={}",
+                c.uid(),
+                c.pid().map(|p| p.to_string()).unwrap_or_else(|| "?".into())
+            )),
+            Err(_) => Caller("unix:?".into()),
+        }
+    }
+}
+
+/// The server's shared state.
+pub struct App {
+    pub daemon: Arc<Daemon>,
+    pub policy: ListenPolicy,
+    pub spawn_limit: ConcurrencyLimit,
+    pub branch_limit: ConcurrencyLimit,
+    pub audit: Mutex<Option<std::fs::File>>,
+    pub audit_path: PathBuf,
+}
+
+/// Finds the route for `method` and `path`, with its path parameters. A
+/// literal segment beats a parameter (`/v1/sandboxes/boot` is not sandbox
+/// `boot`). `Err(true)` when the path exists under another method.
+pub fn match_route(
+    method: Method,
+    path: &str,
+) -> Result<(&'static Route, HashMap<&'static str, String>), bool> {
+    let segs: Vec<&str> = path.trim_end_matches('/').split('/').collect();
+    let mut best: Option<(&'static Route, HashMap<&'static str, String>)> = None;
+    let mut other_method = false;
+    for route in ROUTES {
+        let pat: Vec<&str> = route.path.split('/').collect();
+        if pat.len() != segs.len() {
+            continue;
+        }
+        let mut params = HashMap::new();
+        let ok = pat.iter().zip(&segs).all(|(p, s)| {
+            match p.strip_prefix('{').and_then(|p| p.strip_suffix('}')) {
+                Some(name) if !s.is_empty() => {
+                    params.insert(name, s.to_string());
+                    true
+                }
+                Some(_) => false,
+                None => p == s,
+            }
+        });
+        if !ok {
+            continue;
+        }
+        if route.method != method {
+            other_method = true;
+            continue;
+        }
+        if best.as_ref().is_none_or(|(_, b)| params.len() < b.len()) {
+            best = Some((route, params));
+        }
+    }
+    best.ok_or(other_method)
+}
+
+fn method_of(m: &axum::http::Method) -> Option<Method> {
+    Some(match *m {
+        axum::http::Method::GET => Method::Get,
+        axum::http::Method::POST => Method::Post,
+        axum::http::Method::PUT => Method::Put,
+        axum::http::Method::DELETE => Method::Delete,
+        _ => return None,
+    })
+}
+
+fn error_response(e: &ApiError) -> Response {
+    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut r = (status, axum::Json(e.body())).into_response();
+    if let Some(secs) = e.retry_after_secs() {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    if e.status() == 401 {
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    r
+}
+
+fn reply_response(reply: Reply) -> Response {
+    match reply {
+        Reply::Json(s, v) => (
+            StatusCode::from_u16(s).unwrap_or(StatusCode::OK),
+            axum::Json(v),
+        )
+            .into_response(),
+        Reply::Text(s, ct, text) => (
+            StatusCode::from_u16(s).unwrap_or(StatusCode::OK),
+            [(header::CONTENT_TYPE, ct)],
+            text,
+        )
+            .into_response(),
+        Reply::Empty(s) => StatusCode::from_u16(s)
+            .unwrap_or(StatusCode::NO_CONTENT)
+            .into_response(),
+    }
+}
+
+/// The one handler: every request goes through here.
+pub async fn handle(
+    State(app): State<Arc<App>>,
+    ConnectInfo(caller): ConnectInfo<Caller>,
+    req: Request,
+) -> Response {
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().map(str::to_string);
+    let Some(method) = method_of(req.method()) else {
+        return error_response(&ApiError::BadRequest(format!(
+            "method {} is not used by this API",
+            req.method()
+        )));
+    };
+    let (route, params) = match match_route(method, &path) {
+        Ok(found) => found,
+        Err(true) => {
+            return error_response(&ApiError::BadRequest(format!(
+                "{} is not allowed on {path}; see /v1/openapi.json",
+                method.as_str()
+            )))
+        }
+        Err(false) => {
+            return error_response(&ApiError::NotFound {
+                what: "route",
+                name: path,
+            })
+        }
+    };
+    let auth = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let target = params
+        .get("id")
+        .or_else(|| params.get("tag"))
+        .cloned()
+        .unwrap_or_default();
+    let result = serve_route(&app, route, params, query, auth, req).await;
+    let status = match &result {
+        Ok(r) => r.status(),
+        Err(e) => e.status(),
+    };
+    app.daemon.metrics.count_request(route.operation_id, status);
+    if route.mutating {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let rec = forkd_api::audit::AuditRecord::new(
+            now_ms,
+            caller.0,
+            route,
+            target,
+            result.as_ref().map(|r| r.status()),
+        );
+        let mut audit = app.audit.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = audit.as_mut() {
+            let _ = writeln!(f, "{}", rec.to_line());
+        }
+    }
+    match result {
+        Ok(reply) => reply_response(reply),
+        Err(e) => error_response(&e),
+    }
+}
+
+async fn serve_route(
+    app: &Arc<App>,
+    route: &'static Route,
+    params: HashMap<&'static str, String>,
+    query: Option<String>,
+    auth: Option<String>,
+    req: Request,
+) -> Result<Reply, ApiError> {
+    app.policy.authorize(route.auth, auth.as_deref())?;
+    let body = axum::body::to_bytes(req.into_body(), route.body_limit)
+        .await
+        .map_err(|_| ApiError::PayloadTooLarge {
+            limit: route.body_limit,
+        })?;
+    let permit = match route.limit {
+        Some(Limit::Spawn) => Some(app.spawn_limit.try_acquire()?),
+        Some(Limit::Branch) => Some(app.branch_limit.try_acquire()?),
+        None => None,
+    };
+    let daemon = app.daemon.clone();
+    let op = route.operation_id;
+    let limit = route.body_limit;
+    let joined = tokio::task::spawn_blocking(move || {
+        let r = daemon.dispatch(op, &params, query.as_deref(), &body, limit);
+        drop(permit);
+        r
+    })
+    .await;
+    joined.unwrap_or_else(|e| {
+        Err(ApiError::Internal(format!(
+            "the `{op}` handler failed: {e}"
+        )))
+    })
+}
+
+/// Serves until SIGTERM/SIGINT.
+pub async fn serve(app: Arc<App>) -> std::io::Result<()> {
+    let router = axum::Router::new().fallback(handle).with_state(app.clone());
+    {
+        let d = app.daemon.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                let d = d.clone();
+                let _ = tokio::task::spawn_blocking(move || d.close_idle_sessions()).await;
+            }
+        });
+    }
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = tokio::signal::ctrl_c() => {},
+        }
+    };
+    match app.policy.addr().clone() {
+        ListenAddr::Unix(path) => {
+            let listener = bind_unix(&path)?;
+            let r = axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<Caller>(),
+            )
+            .with_graceful_shutdown(shutdown)
+            .await;
+            let _ = std::fs::remove_file(&path);
+            r
+        }
+        ListenAddr::Tcp(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| std::io::Error::new(e.kind(), format!("listening on {addr}: {e}")))?;
+            axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<Caller>(),
+            )
+            .with_graceful_shutdown(shutdown)
+            .await
+        }
+    }
+}
+
+/// Binds the UNIX socket with mode 0600, replacing a stale socket file but
+/// refusing to steal one a live daemon answers on.
+fn bind_unix(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("{} is in use by a running daemon", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    // Created with no access for others from the start, then 0600.
+    // SAFETY: umask only changes this process's file-creation mask.
+    let old = unsafe { libc::umask(0o177) };
+    let l = tokio::net::UnixListener::bind(path);
+    // SAFETY: as above; restores the previous mask.
+    unsafe { libc::umask(old) };
+    let l = l.map_err(|e| {
+        std::io::Error::new(e.kind(), format!("listening on {}: {e}", path.display()))
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+/// Opens the audit log for appending.
+pub fn open_audit(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+}
