@@ -146,10 +146,17 @@ impl Client {
             head.push_str(&format!("Authorization: Bearer {t}\r\n"));
         }
         head.push_str("\r\n");
-        stream.write_all(head.as_bytes())?;
-        stream.write_all(&body)?;
-        stream.flush()?;
-        read_response(BufReader::new(stream))
+        let sent = stream
+            .write_all(head.as_bytes())
+            .and_then(|_| stream.write_all(&body))
+            .and_then(|_| stream.flush());
+        // The daemon may answer (413) and close before taking the whole
+        // body: its answer is still there to read.
+        match (sent, read_response(BufReader::new(stream))) {
+            (_, Ok(answer)) => Ok(answer),
+            (Err(e), Err(_)) => Err(e.into()),
+            (Ok(()), Err(e)) => Err(e),
+        }
     }
 }
 

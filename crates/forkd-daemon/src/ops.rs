@@ -489,6 +489,11 @@ impl Daemon {
                 self.metrics.exec_latency.observe_duration(t.elapsed());
                 Ok(o)
             }
+            // The agent refused this request (e.g. no such command): the
+            // session is fine and the caller asked for the impossible.
+            Err(e @ forkd_protocol::client::ClientError::Agent(_)) => {
+                Err(ApiError::Unprocessable(format!("exec in `{id}`: {e}")))
+            }
             Err(e) => {
                 self.drop_session(id);
                 Err(ApiError::Internal(format!("exec in `{id}`: {e}")))
@@ -532,24 +537,31 @@ impl Daemon {
     }
 
     fn eval(&self, id: &str, req: EvalRequest) -> Result<Reply, ApiError> {
-        let out = self.run(
-            id,
-            forkd_protocol::ExecRequest {
-                argv: vec!["python3".into(), "-c".into(), req.code],
-                env: vec![],
-                cwd: None,
-                timeout_ms: Some(30_000),
-                stdin: false,
-            },
-            None,
-        )?;
+        let no_python = |detail: &str| {
+            ApiError::Unprocessable(format!(
+                "sandbox `{id}` has no python3 (boot it with image `debian-python`): {detail}"
+            ))
+        };
+        let out = self
+            .run(
+                id,
+                forkd_protocol::ExecRequest {
+                    argv: vec!["python3".into(), "-c".into(), req.code],
+                    env: vec![],
+                    cwd: None,
+                    timeout_ms: Some(30_000),
+                    stdin: false,
+                },
+                None,
+            )
+            .map_err(|e| match e {
+                ApiError::Unprocessable(m) => no_python(&m),
+                other => other,
+            })?;
         let code = out.status.shell_code() as i64;
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         if code == 127 {
-            return Err(ApiError::Unprocessable(format!(
-                "sandbox `{id}` has no python3 (boot it with image `debian-python`): {}",
-                stderr.trim()
-            )));
+            return Err(no_python(stderr.trim()));
         }
         Ok(Reply::json(
             200,
@@ -706,5 +718,29 @@ fn snapshot_info(row: &SnapshotRow) -> forkd_api::types::SnapshotInfo {
         bootable: row.status == forkd_store::SnapshotStatus::Ready,
         parent_tag: row.parent.clone(),
         error: row.error.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_route_of_the_table_is_implemented_and_nothing_else() {
+        for r in forkd_api::routes::ROUTES {
+            assert!(
+                Daemon::implements(r.operation_id),
+                "route {} {} ({}) has no implementation",
+                r.method.as_str(),
+                r.path,
+                r.operation_id
+            );
+        }
+        for op in IMPLEMENTED {
+            assert!(
+                forkd_api::routes::by_operation(op).is_some(),
+                "`{op}` is implemented but not in the route table"
+            );
+        }
     }
 }

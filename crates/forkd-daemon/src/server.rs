@@ -194,7 +194,7 @@ pub async fn handle(
         );
         let mut audit = app.audit.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(f) = audit.as_mut() {
-            let _ = writeln!(f, "{}", rec.to_line());
+            let _ = f.write_all(rec.to_line().as_bytes());
         }
     }
     match result {
@@ -323,4 +323,33 @@ pub fn open_audit(path: &std::path::Path) -> std::io::Result<std::fs::File> {
         .create(true)
         .append(true)
         .open(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_match_literals_before_parameters_and_report_wrong_methods() {
+        let (r, p) = match_route(Method::Post, "/v1/sandboxes/boot").unwrap();
+        assert_eq!((r.operation_id, p.len()), ("bootSandbox", 0));
+        let (r, p) = match_route(Method::Get, "/v1/sandboxes/sb-1").unwrap();
+        assert_eq!((r.operation_id, p["id"].as_str()), ("getSandbox", "sb-1"));
+        let (r, p) = match_route(Method::Delete, "/v1/snapshots/a.b-c").unwrap();
+        assert_eq!(
+            (r.operation_id, p["tag"].as_str()),
+            ("deleteSnapshot", "a.b-c")
+        );
+        let (r, _) = match_route(Method::Post, "/v1/sandboxes/").unwrap();
+        assert_eq!(r.operation_id, "spawnSandboxes");
+        assert!(match_route(Method::Put, "/v1/sandboxes").unwrap_err());
+        assert!(!match_route(Method::Get, "/v2/nothing").unwrap_err());
+        assert!(!match_route(Method::Get, "/v1/sandboxes//exec").unwrap_err());
+        // Every route of the table is reachable at its own path.
+        for route in ROUTES {
+            let path = route.path.replace("{id}", "sb-x").replace("{tag}", "t");
+            let (found, _) = match_route(route.method, &path).unwrap();
+            assert_eq!(found.operation_id, route.operation_id, "{path}");
+        }
+    }
 }

@@ -1,0 +1,575 @@
+//! `forkd daemon` end to end over its REST API: real QEMU, real kernel, the
+//! real binary. Every test runs its own daemon with a private state
+//! database (guest artifacts are shared with the rest of the suite).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use forkd_daemon::client::{Client, ClientError};
+use serde_json::{json, Value};
+
+struct World {
+    home: PathBuf,
+    runtime: PathBuf,
+    socket: PathBuf,
+    daemon: Option<Child>,
+    extra: Vec<(String, String)>,
+    args: Vec<String>,
+}
+
+impl World {
+    fn new(name: &str) -> World {
+        World::with(name, &[], &[])
+    }
+
+    fn with(name: &str, args: &[&str], env: &[(&str, &str)]) -> World {
+        let base = format!("forkd-daemon-{name}-{}", std::process::id());
+        let home = std::env::temp_dir().join(&base);
+        let runtime = PathBuf::from("/dev/shm").join(&base);
+        let _ = std::fs::remove_dir_all(&home);
+        let _ = std::fs::remove_dir_all(&runtime);
+        std::fs::create_dir_all(&home).unwrap();
+        // Share the suite's built guest artifacts; the state is private.
+        let shared = std::env::var_os("FORKD_HOME")
+            .map(PathBuf::from)
+            .expect("FORKD_HOME (scripts/test.sh sets it)");
+        for d in ["kernels", "images", "initramfs"] {
+            if shared.join(d).exists() {
+                std::os::unix::fs::symlink(shared.join(d), home.join(d)).unwrap();
+            }
+        }
+        let mut w = World {
+            socket: runtime.join("api.sock"),
+            home,
+            runtime,
+            daemon: None,
+            extra: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+        };
+        w.start();
+        w
+    }
+
+    fn command(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_forkd"));
+        c.env("FORKD_HOME", &self.home)
+            .env("FORKD_RUNTIME_DIR", &self.runtime);
+        for (k, v) in &self.extra {
+            c.env(k, v);
+        }
+        c
+    }
+
+    /// Starts the daemon on the private socket (unless the extra arguments
+    /// say where to listen) and waits until it answers there.
+    fn start(&mut self) {
+        let mut c = self.command();
+        c.arg("daemon");
+        let own_listen = self.args.iter().any(|a| a == "--listen" || a == "--tcp");
+        if !own_listen {
+            c.arg("--listen").arg(&self.socket);
+        }
+        c.args(&self.args);
+        let log = std::fs::File::create(self.home.join("daemon.log")).unwrap();
+        let child = c.stdout(Stdio::null()).stderr(log).spawn().unwrap();
+        self.daemon = Some(child);
+        if !own_listen {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while self.client().call("GET", "/healthz", None).is_err() {
+                assert!(
+                    Instant::now() < deadline,
+                    "the daemon did not come up: {}",
+                    self.log()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.home.join("daemon.log")).unwrap_or_default()
+    }
+
+    fn client(&self) -> Client {
+        Client::new(self.socket.to_str().unwrap(), None).unwrap()
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        match self
+            .client()
+            .raw(method, path, body.map(|b| b.to_string().into_bytes()))
+        {
+            Ok(a) => (
+                a.status,
+                if a.body.is_empty() {
+                    Value::Null
+                } else {
+                    serde_json::from_slice(&a.body)
+                        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&a.body).into()))
+                },
+            ),
+            Err(e) => panic!("{method} {path}: {e}\n{}", self.log()),
+        }
+    }
+
+    fn ok(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let (status, v) = self.call(method, path, body);
+        assert!(status < 300, "{method} {path} -> {status}: {v}");
+        v
+    }
+
+    fn boot(&self) -> String {
+        let v = self.ok("POST", "/v1/sandboxes/boot", Some(json!({})));
+        v["id"].as_str().unwrap().to_string()
+    }
+
+    fn sh(&self, id: &str, script: &str) -> Value {
+        self.ok(
+            "POST",
+            &format!("/v1/sandboxes/{id}/exec"),
+            Some(json!({ "args": ["sh", "-c", script] })),
+        )
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            let _ = d.kill();
+            let _ = d.wait();
+        }
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        self.kill9();
+        // Sandboxes outlive the daemon by design: kill them here.
+        let _ = self.command().args(["kill", "--all"]).output();
+        let _ = std::fs::remove_dir_all(&self.home);
+        let _ = std::fs::remove_dir_all(&self.runtime);
+    }
+}
+
+fn pid_alive(pid: u64) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[test]
+fn the_api_boots_execs_branches_spawns_and_deletes() {
+    let w = World::new("e2e");
+    let p = w.boot();
+    let out = w.sh(&p, "echo warm > /tmp/state; echo out; echo err >&2; exit 3");
+    assert_eq!(
+        (
+            out["stdout"].as_str(),
+            out["stderr"].as_str(),
+            out["exit_code"].as_i64()
+        ),
+        (Some("out\n"), Some("err\n"), Some(3))
+    );
+    assert_eq!(
+        w.ok("POST", &format!("/v1/sandboxes/{p}/ping"), None)["pong"],
+        true
+    );
+    // Files both ways (base64).
+    w.ok(
+        "PUT",
+        &format!("/v1/sandboxes/{p}/files"),
+        Some(json!({"path": "/tmp/f", "content_b64": "aGVsbG8=", "mode": 0o600})),
+    );
+    let f = w.ok("GET", &format!("/v1/sandboxes/{p}/files?path=/tmp/f"), None);
+    assert_eq!(f["content_b64"], "aGVsbG8=");
+    // No python in busybox: a clear 422.
+    let (st, e) = w.call(
+        "POST",
+        &format!("/v1/sandboxes/{p}/eval"),
+        Some(json!({"code": "print(1)"})),
+    );
+    assert_eq!(st, 422, "{e}");
+    assert!(
+        e["error"].as_str().unwrap().contains("debian-python"),
+        "{e}"
+    );
+
+    // Live branch, waited: 201 and ready.
+    let (st, snap) = w.call(
+        "POST",
+        &format!("/v1/sandboxes/{p}/branch"),
+        Some(json!({"tag": "warm", "mode": "live"})),
+    );
+    assert_eq!(st, 201, "{snap}");
+    assert_eq!(
+        (snap["status"].as_str(), snap["bootable"].as_bool()),
+        (Some("ready"), Some(true))
+    );
+    assert_eq!(snap["branched_from"].as_str(), Some(p.as_str()));
+    // The tag is taken now.
+    let (st, _) = w.call(
+        "POST",
+        &format!("/v1/sandboxes/{p}/branch"),
+        Some(json!({"tag": "warm"})),
+    );
+    assert_eq!(st, 409);
+
+    // Spawn two children (legacy request shape, legacy no-op flags included).
+    let (st, kids) = w.call(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"snapshot_tag": "warm", "n": 2, "per_child_netns": false, "prewarm": false, "live_fork": true, "hugepages": false})),
+    );
+    assert_eq!(st, 201, "{kids}");
+    let kids: Vec<String> = kids
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| {
+            assert_eq!(k["snapshot_tag"], "warm");
+            k["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(kids.len(), 2);
+    for k in &kids {
+        assert_eq!(w.sh(k, "cat /tmp/state")["stdout"], "warm\n");
+    }
+    let listed = w.ok("GET", "/v1/sandboxes", None);
+    assert_eq!(listed.as_array().unwrap().len(), 3);
+    let parent = w.ok("GET", &format!("/v1/sandboxes/{p}"), None);
+    assert_eq!(
+        (
+            parent["has_branched"].as_bool(),
+            parent["branch_count"].as_u64()
+        ),
+        (Some(true), Some(1))
+    );
+
+    // A branch of a child, not waited for: 202 writing, then ready, a layer.
+    let (st, b) = w.call(
+        "POST",
+        &format!("/v1/sandboxes/{}/branch", kids[0]),
+        Some(json!({"tag": "kid", "wait": false, "parent_tag": "warm"})),
+    );
+    assert!(st == 202 || st == 201, "{st} {b}");
+    if st == 202 {
+        assert_eq!(b["status"], "writing");
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let info = w.ok("GET", "/v1/snapshots/kid/info", None);
+        if info["status"] == "ready" {
+            assert_eq!(info["ancestors"], json!(["warm"]));
+            assert!(
+                info["memory_physical_bytes"].as_u64().unwrap()
+                    < info["memory_logical_bytes"].as_u64().unwrap() / 4
+            );
+            break;
+        }
+        assert_ne!(info["status"], "failed", "{info}");
+        assert!(Instant::now() < deadline, "branch never ready: {info}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Deleting `warm` is refused while `kid` and the children need it.
+    let (st, e) = w.call("DELETE", "/v1/snapshots/warm", None);
+    assert_eq!(st, 409, "{e}");
+    let msg = e["error"].as_str().unwrap();
+    assert!(
+        msg.contains("snapshot kid") && msg.contains(&kids[1]),
+        "{msg}"
+    );
+    for k in &kids {
+        let (st, _) = w.call("DELETE", &format!("/v1/sandboxes/{k}"), None);
+        assert_eq!(st, 204);
+    }
+    let (st, _) = w.call("GET", &format!("/v1/sandboxes/{}", kids[0]), None);
+    assert_eq!(st, 404);
+    let (st, e) = w.call("DELETE", "/v1/snapshots/warm?cascade=true", None);
+    assert_eq!(st, 204, "{e}");
+    assert_eq!(w.ok("GET", "/v1/snapshots", None), json!([]));
+
+    // The metrics saw it all; the audit log names every mutating call.
+    let (_, m) = w.call("GET", "/metrics", None);
+    let m = m.as_str().unwrap().to_string();
+    assert!(m.contains("forkd_spawn_seconds_count"), "{m}");
+    assert!(m.contains("forkd_branch_pause_seconds_count 2"), "{m}");
+    let audit = std::fs::read_to_string(w.home.join("audit.log")).unwrap();
+    for op in [
+        "bootSandbox",
+        "branch",
+        "spawnSandboxes",
+        "deleteSandbox",
+        "deleteSnapshot",
+        "exec",
+    ] {
+        assert!(
+            audit.contains(&format!("\"operation\":\"{op}\"")),
+            "{op} missing:\n{audit}"
+        );
+    }
+    for line in audit.lines() {
+        let v: Value = serde_json::from_str(line).unwrap();
+        assert!(
+            v["caller"].as_str().unwrap().starts_with("unix:uid="),
+            "{line}"
+        );
+    }
+    assert!(!audit.contains("\"operation\":\"listSandboxes\""));
+}
+
+#[test]
+fn bad_input_gets_a_4xx_naming_the_problem() {
+    let w = World::new("bad");
+    let cases: &[(&str, &str, Value, u16, &str)] = &[
+        (
+            "POST",
+            "/v1/sandboxes",
+            json!({"snapshot_tag": "x", "n": 0}),
+            400,
+            "`n`",
+        ),
+        (
+            "POST",
+            "/v1/sandboxes",
+            json!({"snapshot_tag": "x", "n": 1001}),
+            400,
+            "`n`",
+        ),
+        (
+            "POST",
+            "/v1/sandboxes",
+            json!({"snapshot_tag": "x", "frobnicate": 1}),
+            400,
+            "frobnicate",
+        ),
+        (
+            "POST",
+            "/v1/sandboxes",
+            json!({"snapshot_tag": 7}),
+            400,
+            "snapshot_tag",
+        ),
+        (
+            "POST",
+            "/v1/sandboxes",
+            json!({"snapshot_tag": "../etc"}),
+            400,
+            "snapshot_tag",
+        ),
+        (
+            "POST",
+            "/v1/sandboxes",
+            json!({"snapshot_tag": "nope"}),
+            404,
+            "nope",
+        ),
+        (
+            "POST",
+            "/v1/sandboxes/sb-none/exec",
+            json!({"args": ["true"]}),
+            404,
+            "sb-none",
+        ),
+        (
+            "POST",
+            "/v1/sandboxes/sb-none/exec",
+            json!({"args": []}),
+            400,
+            "args",
+        ),
+        (
+            "POST",
+            "/v1/sandboxes/sb-none/branch",
+            json!({"mode": "sideways"}),
+            400,
+            "mode",
+        ),
+        ("GET", "/v1/snapshots/nope/info", Value::Null, 404, "nope"),
+        ("GET", "/v2/what", Value::Null, 404, "route"),
+        ("PUT", "/v1/sandboxes", Value::Null, 400, "not allowed"),
+    ];
+    for (method, path, body, status, needle) in cases {
+        let body = (!body.is_null()).then(|| body.clone());
+        let (st, e) = w.call(method, path, body);
+        assert_eq!(st, *status, "{method} {path}: {e}");
+        let msg = e["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error field: {e}"));
+        assert!(
+            msg.contains(needle),
+            "{method} {path}: `{msg}` does not name {needle}"
+        );
+    }
+    // Not JSON, and too big.
+    let a = w
+        .client()
+        .raw("POST", "/v1/sandboxes", Some(b"{not json".to_vec()))
+        .unwrap();
+    assert_eq!(a.status, 400);
+    let big = format!("{{\"snapshot_tag\":\"{}\"}}", "a".repeat(2 << 20));
+    let a = w
+        .client()
+        .raw("POST", "/v1/sandboxes", Some(big.into_bytes()))
+        .unwrap();
+    assert_eq!(a.status, 413, "{}", String::from_utf8_lossy(&a.body));
+    // The served OpenAPI document is the committed one.
+    let served = w.ok("GET", "/v1/openapi.json", None);
+    let committed: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../docs/openapi.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(served, committed, "docs/openapi.json is stale");
+}
+
+#[test]
+fn spawn_over_the_cap_answers_429_with_retry_after() {
+    let w = std::sync::Arc::new(World::with("cap", &["--max-spawn", "1"], &[]));
+    let w2 = w.clone();
+    let slow = std::thread::spawn(move || w2.call("POST", "/v1/sandboxes/boot", Some(json!({}))));
+    std::thread::sleep(Duration::from_millis(500));
+    let a = w
+        .client()
+        .raw("POST", "/v1/sandboxes/boot", Some(b"{}".to_vec()))
+        .unwrap();
+    assert_eq!(a.status, 429, "{}", String::from_utf8_lossy(&a.body));
+    let (st, v) = slow.join().unwrap();
+    assert_eq!(st, 201, "{v}");
+    // The cap is free again.
+    assert!(matches!(
+        w.client().call(
+            "POST",
+            "/v1/sandboxes/boot",
+            Some(&json!({"memory_mib": 1}))
+        ),
+        Err(ClientError::Api { status: 400, .. })
+    ));
+}
+
+#[test]
+fn tcp_needs_the_token_and_bad_configurations_are_refused_at_start() {
+    let token = "0123456789abcdef-token";
+    let port = 20000 + (std::process::id() % 20000) as u16;
+    let addr = format!("127.0.0.1:{port}");
+    let w = World::with(
+        "tcp",
+        &["--listen", &format!("tcp:{addr}")],
+        &[("FORKD_TOKEN", token)],
+    );
+    let url = format!("http://{addr}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Client::new(&url, None)
+        .unwrap()
+        .call("GET", "/healthz", None)
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "{}", w.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let anon = Client::new(&url, None).unwrap();
+    let a = anon.raw("GET", "/v1/sandboxes", None).unwrap();
+    assert_eq!(a.status, 401);
+    let wrong = Client::new(&url, Some("0123456789abcdef-wrong".into())).unwrap();
+    assert_eq!(wrong.raw("GET", "/v1/sandboxes", None).unwrap().status, 401);
+    let good = Client::new(&url, Some(token.into())).unwrap();
+    assert_eq!(
+        good.call("GET", "/v1/sandboxes", None)
+            .unwrap()
+            .json()
+            .unwrap(),
+        json!([])
+    );
+
+    // Refused at start: a short token, and no token off loopback.
+    for (args, env, needle) in [
+        (vec!["--tcp"], vec![("FORKD_TOKEN", "short")], "16"),
+        (vec!["--listen", "tcp:0.0.0.0:1"], vec![], "token"),
+    ] {
+        let mut c = w.command();
+        c.env_remove("FORKD_TOKEN").arg("daemon").args(&args);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let out = c.output().unwrap();
+        assert!(!out.status.success(), "{args:?} started");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn kill_9_of_the_daemon_touches_no_sandbox_and_the_branch_finishes() {
+    let mut w = World::new("restart");
+    let p = w.boot();
+    let pid = w.ok("GET", &format!("/v1/sandboxes/{p}"), None)["pid"]
+        .as_u64()
+        .unwrap();
+    // A process in the guest whose progress shows the guest kept running.
+    w.sh(&p, "(i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done) >/dev/null 2>&1 &");
+    let (st, b) = w.call(
+        "POST",
+        &format!("/v1/sandboxes/{p}/branch"),
+        Some(json!({"tag": "mid", "wait": false})),
+    );
+    assert!(st == 202 || st == 201, "{st} {b}");
+    // Kill the daemon while the branch may still be writing.
+    w.kill9();
+    assert!(pid_alive(pid), "the sandbox died with the daemon");
+    w.start();
+    assert!(w.log().contains("recovered: 1 running"), "{}", w.log());
+    let before: u64 = w.sh(&p, "cat /tmp/count")["stdout"]
+        .as_str()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let after: u64 = w.sh(&p, "cat /tmp/count")["stdout"]
+        .as_str()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        after > before,
+        "the guest is not running ({before} -> {after})"
+    );
+    assert_eq!(
+        w.ok("GET", &format!("/v1/sandboxes/{p}"), None)["pid"].as_u64(),
+        Some(pid)
+    );
+    // The branch's writer was a separate process: it finishes.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let info = w.ok("GET", "/v1/snapshots/mid/info", None);
+        if info["status"] == "ready" {
+            break;
+        }
+        assert_ne!(info["status"], "failed", "{info}");
+        assert!(
+            Instant::now() < deadline,
+            "the branch never finished: {info}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let kids = w.ok(
+        "POST",
+        "/v1/sandboxes",
+        Some(json!({"snapshot_tag": "mid"})),
+    );
+    let kid = kids[0]["id"].as_str().unwrap();
+    assert!(w.sh(kid, "cat /tmp/count")["stdout"]
+        .as_str()
+        .unwrap()
+        .trim()
+        .parse::<u64>()
+        .is_ok());
+    // A second restart changes nothing either.
+    w.kill9();
+    w.start();
+    assert!(w.log().contains("recovered: 2 running"), "{}", w.log());
+}
