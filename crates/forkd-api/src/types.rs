@@ -88,6 +88,24 @@ pub struct SnapshotInfo {
     /// forkd: why writing failed, for `status: failed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// forkd: how the branch that made it went; only in branch answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<BranchReport>,
+}
+
+/// forkd: the timings of one branch.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct BranchReport {
+    /// `live` or `full` (what the request's mode mapped to).
+    pub mode: BranchMode,
+    /// The source's pause in milliseconds, unrounded.
+    pub pause_ms: f64,
+    /// Guest downtime as QEMU reports it (live branches).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qemu_downtime_ms: Option<f64>,
+    /// From the call until the snapshot was ready (waited branches).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_ms: Option<f64>,
 }
 
 impl SnapshotInfo {
@@ -145,6 +163,12 @@ pub struct SnapshotDetail {
     pub total_logical_bytes: u64,
     /// forkd: sum of `physical_bytes` over `files`.
     pub total_physical_bytes: u64,
+    /// forkd: when set, the RAM image is a diff layer over this snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ram_parent: Option<String>,
+    /// forkd: pages held by the RAM layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_pages: Option<u64>,
 }
 
 /// Query of `DELETE /v1/snapshots/{tag}`.
@@ -250,6 +274,31 @@ pub struct SandboxInfo {
     pub branch_count: u32,
     /// forkd: `running`, `pooled` or `dead`.
     pub state: SandboxState,
+    /// forkd: the root disk it booted with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// forkd: guest memory in MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_mib: Option<u64>,
+    /// forkd: virtual CPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+    /// forkd: how its spawn went; only in spawn answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spawn: Option<SpawnReport>,
+}
+
+/// forkd: the timings of one spawned child.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct SpawnReport {
+    /// From its launch until its agent answered and fork-safety was applied.
+    pub ready_ms: f64,
+    /// Loading the device state.
+    pub restore_ms: f64,
+    /// How far its clock was stepped.
+    pub clock_step_ms: i64,
+    /// Whether it came from the warm pool.
+    pub from_pool: bool,
 }
 
 /// `POST /v1/sandboxes`: SPAWN `n` children from the snapshot `snapshot_tag`
@@ -668,6 +717,7 @@ mod tests {
             bootable: false,
             parent_tag: None,
             error: None,
+            branch: None,
         };
         assert_eq!(
             serde_json::to_value(&info).unwrap(),
@@ -686,6 +736,8 @@ mod tests {
             vmstate_bytes: 0,
             total_logical_bytes: 0,
             total_physical_bytes: 0,
+            ram_parent: None,
+            layer_pages: None,
         };
         let value = serde_json::to_value(&detail).unwrap();
         assert_eq!(
@@ -708,6 +760,10 @@ mod tests {
             has_branched: false,
             branch_count: 0,
             state: SandboxState::Running,
+            image: None,
+            mem_mib: None,
+            cpus: None,
+            spawn: None,
         };
         let value = serde_json::to_value(&info).unwrap();
         for key in [

@@ -232,7 +232,8 @@ impl Daemon {
             SnapshotDetail {
                 snapshot: snapshot_info(&row),
                 chain_depth: d.chain.len(),
-                ancestors: d.chain.clone(),
+                // Root first, direct parent last.
+                ancestors: d.chain.iter().rev().cloned().collect(),
                 dependents,
                 sandboxes,
                 files: d
@@ -249,6 +250,8 @@ impl Daemon {
                 vmstate_bytes: size("device.state").map(|f| f.size).unwrap_or(0),
                 total_logical_bytes: d.files.iter().map(|f| f.size).sum(),
                 total_physical_bytes: d.allocated,
+                ram_parent: d.ram_parent.clone(),
+                layer_pages: d.layer_pages,
             },
         ))
     }
@@ -333,6 +336,10 @@ impl Daemon {
                         .state
                         .parse::<forkd_store::SandboxState>()
                         .map_or(SandboxState::Dead, SandboxState::from),
+                    image: Some(v.image),
+                    mem_mib: Some(v.mem_mib),
+                    cpus: Some(v.cpus),
+                    spawn: None,
                     id: v.id,
                 }
             })
@@ -376,14 +383,20 @@ impl Daemon {
             }
             return Err(ApiError::Internal(message));
         }
-        let ids: Vec<String> = results.into_iter().flatten().map(|c| c.id).collect();
+        let children: Vec<forkd_core::fleet::Child> = results.into_iter().flatten().collect();
         let all = self.sandbox_infos()?;
-        let out: Vec<SandboxInfo> = ids
+        let out: Vec<SandboxInfo> = children
             .iter()
-            .filter_map(|id| all.iter().find(|s| &s.id == id).cloned())
-            .map(|mut s| {
+            .filter_map(|c| {
+                let mut s = all.iter().find(|s| s.id == c.id).cloned()?;
                 s.memory_limit_mib = req.memory_limit_mib;
-                s
+                s.spawn = Some(SpawnReport {
+                    ready_ms: c.ready_ms,
+                    restore_ms: c.restore_ms,
+                    clock_step_ms: c.clock_step_ms,
+                    from_pool: c.from_pool,
+                });
+                Some(s)
             })
             .collect();
         Ok(Reply::json(201, out))
@@ -635,7 +648,17 @@ impl Daemon {
         } else {
             201
         };
-        Ok(Reply::json(status, snapshot_info(&row)))
+        let mut snap = snapshot_info(&row);
+        snap.branch = Some(BranchReport {
+            mode: match info.mode {
+                Mode::Full => BranchMode::Full,
+                Mode::Live => BranchMode::Live,
+            },
+            pause_ms: info.pause_ms,
+            qemu_downtime_ms: info.qemu_downtime_ms,
+            ready_ms: info.ready_ms,
+        });
+        Ok(Reply::json(status, snap))
     }
 
     fn write_file(&self, id: &str, req: FileWriteRequest) -> Result<Reply, ApiError> {
@@ -718,6 +741,7 @@ fn snapshot_info(row: &SnapshotRow) -> forkd_api::types::SnapshotInfo {
         bootable: row.status == forkd_store::SnapshotStatus::Ready,
         parent_tag: row.parent.clone(),
         error: row.error.clone(),
+        branch: None,
     }
 }
 
