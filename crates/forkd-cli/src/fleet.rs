@@ -10,7 +10,7 @@ use forkd_core::{BootOptions, Env, Fleet};
 use forkd_protocol::client::OutputStream;
 use forkd_protocol::ExecRequest;
 
-use crate::{parse_env, parse_timeout, progress, CreateArgs, ExecArgs};
+use crate::{parse_env, parse_timeout, progress, remote, CreateArgs, ExecArgs};
 
 fn fleet() -> Result<(Env, Fleet)> {
     let env = Env::from_process();
@@ -19,6 +19,25 @@ fn fleet() -> Result<(Env, Fleet)> {
 }
 
 pub fn create(args: CreateArgs) -> Result<ExitCode> {
+    if let Some(c) = remote::client() {
+        let m = &args.machine;
+        let g = &args.guest;
+        if m.accel != "auto"
+            || m.net != "user"
+            || m.tcg_tb_mib.is_some()
+            || args.hugepages
+            || args.prealloc
+            || g.kernel.is_some()
+            || g.agent.is_some()
+        {
+            anyhow::bail!(
+                "with --remote, create takes --mem, --cpus, --image (busybox or debian-python) and --json only"
+            );
+        }
+        let t = Instant::now();
+        let sb = remote::create(c, &g.image, m.mem, m.cpus)?;
+        return print_created(&sb, t, args.json);
+    }
     let (env, fleet) = fleet()?;
     let opts = BootOptions {
         huge_pages: if args.hugepages {
@@ -33,8 +52,12 @@ pub fn create(args: CreateArgs) -> Result<ExitCode> {
         forkd_core::artifacts::ensure(&env, &args.guest.artifact_options()?, &progress)?;
     let t = Instant::now();
     let sb = fleet.create(&artifacts, &args.guest.image, &opts)?;
-    if args.json {
-        let mut v = serde_json::to_value(&sb)?;
+    print_created(&sb, t, args.json)
+}
+
+fn print_created(sb: &forkd_core::fleet::SandboxView, t: Instant, json: bool) -> Result<ExitCode> {
+    if json {
+        let mut v = serde_json::to_value(sb)?;
         v["boot_ms"] = serde_json::json!(t.elapsed().as_secs_f64() * 1000.0);
         println!("{v}");
     } else {
@@ -50,7 +73,6 @@ pub fn create(args: CreateArgs) -> Result<ExitCode> {
 }
 
 pub fn exec(args: ExecArgs) -> Result<ExitCode> {
-    let (_, fleet) = fleet()?;
     let req = ExecRequest {
         argv: args.cmd.clone(),
         env: parse_env(&args.env)?,
@@ -58,6 +80,26 @@ pub fn exec(args: ExecArgs) -> Result<ExitCode> {
         timeout_ms: parse_timeout(args.timeout)?,
         stdin: false,
     };
+    if let Some(c) = remote::client() {
+        // The API takes stdin whole and answers with the whole output.
+        let input = if args.interactive {
+            let mut buf = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)?;
+            Some(buf)
+        } else {
+            None
+        };
+        let r = remote::exec(c, &args.id, &req, input)?;
+        let _ = std::io::stdout().write_all(r.stdout.as_bytes());
+        let _ = std::io::stdout().flush();
+        let _ = std::io::stderr().write_all(r.stderr.as_bytes());
+        if r.timed_out {
+            eprintln!("forkd: command timed out and was killed");
+            return Ok(ExitCode::from(124));
+        }
+        return Ok(ExitCode::from((r.exit_code & 0xff) as u8));
+    }
+    let (_, fleet) = fleet()?;
     let stdin: Option<Box<dyn std::io::Read + Send>> =
         args.interactive.then(|| Box::new(std::io::stdin()) as _);
     let mut out = std::io::stdout().lock();
@@ -77,8 +119,10 @@ pub fn exec(args: ExecArgs) -> Result<ExitCode> {
 }
 
 pub fn ls(json: bool) -> Result<ExitCode> {
-    let (_, fleet) = fleet()?;
-    let list = fleet.list()?;
+    let list = match remote::client() {
+        Some(c) => remote::list(c)?,
+        None => fleet()?.1.list()?,
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(&list)?);
         return Ok(ExitCode::SUCCESS);
@@ -113,9 +157,20 @@ fn age(secs: u64) -> String {
 }
 
 pub fn kill(ids: Vec<String>, all: bool) -> Result<ExitCode> {
-    let (_, fleet) = fleet()?;
+    let remote = remote::client();
+    let fleet = match remote {
+        Some(_) => None,
+        None => Some(fleet()?.1),
+    };
     let ids: Vec<String> = if all {
-        fleet.list()?.into_iter().map(|s| s.id).collect()
+        match (&fleet, remote) {
+            (Some(f), _) => f.list()?,
+            (None, Some(c)) => remote::list(c)?,
+            (None, None) => unreachable!("one of the two is set"),
+        }
+        .into_iter()
+        .map(|s| s.id)
+        .collect()
     } else if ids.is_empty() {
         anyhow::bail!("name sandboxes to kill, or pass --all");
     } else {
@@ -123,7 +178,12 @@ pub fn kill(ids: Vec<String>, all: bool) -> Result<ExitCode> {
     };
     let mut failed = false;
     for id in ids {
-        match fleet.kill(&id) {
+        let killed = match (&fleet, remote) {
+            (Some(f), _) => f.kill(&id).map_err(anyhow::Error::from),
+            (None, Some(c)) => remote::kill(c, &id),
+            (None, None) => unreachable!("one of the two is set"),
+        };
+        match killed {
             Ok(()) => println!("{id}"),
             Err(e) => {
                 eprintln!("forkd: error: {e}");
@@ -157,8 +217,15 @@ pub fn snapshot(id: &str, tag: &str, json: bool) -> Result<ExitCode> {
 }
 
 pub fn snapshots(json: bool) -> Result<ExitCode> {
-    let (_, fleet) = fleet()?;
-    let rows = fleet.db().list_snapshots()?;
+    let fleet = match remote::client() {
+        Some(_) => None,
+        None => Some(fleet()?.1),
+    };
+    let rows = match (&fleet, remote::client()) {
+        (Some(f), _) => f.db().list_snapshots()?,
+        (None, Some(c)) => remote::snapshots(c)?,
+        (None, None) => unreachable!("one of the two is set"),
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(ExitCode::SUCCESS);
@@ -168,7 +235,11 @@ pub fn snapshots(json: bool) -> Result<ExitCode> {
         "TAG", "STATUS", "PAUSE ms", "SOURCE", "PARENT", "SIZE"
     );
     for r in rows {
-        let detail = fleet.snapshot_detail(&r.tag).ok();
+        let detail = match (&fleet, remote::client()) {
+            (Some(f), _) => f.snapshot_detail(&r.tag).ok(),
+            (None, Some(c)) => remote::detail(c, &r.tag).ok(),
+            (None, None) => None,
+        };
         println!(
             "{:<24} {:<8} {:>9} {:<12} {:<24} {:>9} {}",
             r.tag,
@@ -188,8 +259,10 @@ fn mib(bytes: u64) -> String {
 }
 
 pub fn info(tag: &str, json: bool) -> Result<ExitCode> {
-    let (_, fleet) = fleet()?;
-    let d = fleet.snapshot_detail(tag)?;
+    let d = match remote::client() {
+        Some(c) => remote::detail(c, tag)?,
+        None => fleet()?.1.snapshot_detail(tag)?,
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(&d)?);
         return Ok(ExitCode::SUCCESS);
@@ -239,8 +312,10 @@ pub fn info(tag: &str, json: bool) -> Result<ExitCode> {
 }
 
 pub fn rmi(tag: &str, force: bool) -> Result<ExitCode> {
-    let (_, fleet) = fleet()?;
-    fleet.remove_snapshot(tag, force)?;
+    match remote::client() {
+        Some(c) => remote::rmi(c, tag, force)?,
+        None => fleet()?.1.remove_snapshot(tag, force)?,
+    }
     println!("{tag}");
     Ok(ExitCode::SUCCESS)
 }
@@ -251,6 +326,11 @@ const MAX_CHILDREN: usize = 1000;
 pub fn pool(tag: &str, size: usize) -> Result<ExitCode> {
     if size > MAX_CHILDREN {
         anyhow::bail!("--size {size} is over the limit of {MAX_CHILDREN}");
+    }
+    if let Some(c) = remote::client() {
+        let ready = remote::pool(c, tag, size)?;
+        eprintln!("forkd: pool of `{tag}`: {ready} ready, target {size}");
+        return Ok(ExitCode::SUCCESS);
     }
     let (_, fleet) = fleet()?;
     let started = fleet.fill_pool(tag, size)?;
@@ -277,8 +357,16 @@ pub fn spawn(
     if n > MAX_CHILDREN || pool.is_some_and(|k| k > MAX_CHILDREN) {
         anyhow::bail!("-n and --pool are limited to {MAX_CHILDREN}");
     }
-    let (_, fleet) = fleet()?;
-    fleet.set_no_wait(no_wait);
+    if remote::client().is_some() && (parallel.is_some() || pool.is_some()) {
+        anyhow::bail!("with --remote, spawn takes -n, --no-wait and --json (the daemon chooses parallelism; use `forkd pool` for pools)");
+    }
+    let fleet = match remote::client() {
+        Some(_) => None,
+        None => Some(fleet()?.1),
+    };
+    if let Some(f) = &fleet {
+        f.set_no_wait(no_wait);
+    }
     let parallel = parallel.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|p| p.get())
@@ -287,7 +375,7 @@ pub fn spawn(
     let t = Instant::now();
     let tty = !json && std::io::stderr().is_terminal();
     let done = std::sync::atomic::AtomicUsize::new(0);
-    let results = fleet.spawn(tag, n, parallel, &|_, r| {
+    let on_ready = |_: usize, r: &Result<forkd_core::fleet::Child, forkd_core::CoreError>| {
         let k = done.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
         if tty {
             match r {
@@ -300,7 +388,20 @@ pub fn spawn(
                 Err(e) => eprintln!("[{k}/{n}] failed: {e}"),
             }
         }
-    })?;
+    };
+    let results = match (&fleet, remote::client()) {
+        (Some(f), _) => f.spawn(tag, n, parallel, &on_ready)?,
+        (None, Some(c)) => {
+            let kids = remote::spawn(c, tag, n, no_wait)?;
+            let results: Vec<Result<forkd_core::fleet::Child, forkd_core::CoreError>> =
+                kids.into_iter().map(Ok).collect();
+            for (i, r) in results.iter().enumerate() {
+                on_ready(i, r);
+            }
+            results
+        }
+        (None, None) => unreachable!("one of the two is set"),
+    };
     let wall = t.elapsed().as_secs_f64() * 1000.0;
     let failed = results.iter().filter(|r| r.is_err()).count();
     if let Some(k) = pool {
@@ -344,9 +445,13 @@ pub fn branch(
     no_wait: bool,
     json: bool,
 ) -> Result<ExitCode> {
-    let (_, fleet) = fleet()?;
     let mode: forkd_core::branch::Mode = mode.parse().map_err(anyhow::Error::msg)?;
     let tag = tag.unwrap_or_else(|| format!("{id}-branch-{}", forkd_store::unix_now()));
+    if let Some(c) = remote::client() {
+        let info = remote::branch(c, id, &tag, mode, no_wait)?;
+        return print_branch(id, &info, json);
+    }
+    let (_, fleet) = fleet()?;
     let launch = if no_wait {
         // The writer must outlive this command.
         forkd_core::branch::WriterLaunch::Process(std::env::current_exe()?)
@@ -354,8 +459,12 @@ pub fn branch(
         forkd_core::branch::WriterLaunch::Thread
     };
     let info = fleet.branch(id, &tag, mode, !no_wait, launch)?;
+    print_branch(id, &info, json)
+}
+
+fn print_branch(id: &str, info: &forkd_core::branch::BranchInfo, json: bool) -> Result<ExitCode> {
     if json {
-        println!("{}", serde_json::to_string(&info)?);
+        println!("{}", serde_json::to_string(info)?);
     } else {
         println!("{}", info.tag);
         let downtime = info

@@ -2,6 +2,7 @@
 //! `forkd-core`, and prints; nothing else lives here.
 
 mod fleet;
+mod remote;
 mod signals;
 
 use std::io::{IsTerminal, Write};
@@ -30,6 +31,12 @@ const EXIT_TIMEOUT: u8 = 124;
     about = "MicroVM sandboxes for AI-agent fan-out"
 )]
 struct Cli {
+    /// Talk to a forkd daemon instead of this host's state: its socket path
+    /// or http://HOST:PORT (also $FORKD_REMOTE; bearer token from
+    /// $FORKD_TOKEN). create, exec, ls, kill, snapshots, info, rmi, spawn,
+    /// pool and branch work remotely, with the same output.
+    #[arg(long, global = true, value_name = "SOCKET|URL")]
+    remote: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -285,6 +292,25 @@ fn main() -> ExitCode {
     // the signal thread is the only one that sees these signals.
     signals::block_termination_signals();
     let cli = Cli::parse();
+    if let Err(e) = remote::configure(cli.remote.clone()) {
+        eprintln!("forkd: error: {e:#}");
+        return ExitCode::from(EXIT_FORKD_ERROR);
+    }
+    let local_only = match &cli.command {
+        Command::Run(_) => Some("run"),
+        Command::Doctor { .. } => Some("doctor"),
+        Command::Image(_) => Some("image"),
+        Command::Snapshot { .. } => Some("snapshot"),
+        Command::Daemon(_) => Some("daemon"),
+        Command::BranchWriter { .. } => Some("_branch-writer"),
+        _ => None,
+    };
+    if let Some(cmd) = local_only {
+        if let Err(e) = remote::local_only(cmd) {
+            eprintln!("forkd: error: {e:#}");
+            return ExitCode::from(EXIT_FORKD_ERROR);
+        }
+    }
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Doctor { json } => doctor_cmd(json),

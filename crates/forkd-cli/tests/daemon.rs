@@ -271,6 +271,52 @@ fn the_api_boots_execs_branches_spawns_and_deletes() {
         std::thread::sleep(Duration::from_millis(200));
     }
 
+    // The CLI says the same with and without --remote.
+    let sock = w.socket.display().to_string();
+    for args in [
+        vec!["ls"],
+        vec!["ls", "--json"],
+        vec!["snapshots"],
+        vec!["info", "warm"],
+        vec!["info", "kid"],
+    ] {
+        let local = w.command().args(&args).output().unwrap();
+        let remote = w
+            .command()
+            .arg("--remote")
+            .arg(&sock)
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            local.status.success() && remote.status.success(),
+            "{args:?}"
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&local.stdout),
+            String::from_utf8_lossy(&remote.stdout),
+            "forkd {args:?} differs with --remote"
+        );
+    }
+    let out = w
+        .command()
+        .args([
+            "--remote",
+            &sock,
+            "exec",
+            &kids[1],
+            "--",
+            "sh",
+            "-c",
+            "cat /tmp/state; exit 5",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        (out.status.code(), &out.stdout[..]),
+        (Some(5), &b"warm\n"[..])
+    );
+
     // Deleting `warm` is refused while `kid` and the children need it.
     let (st, e) = w.call("DELETE", "/v1/snapshots/warm", None);
     assert_eq!(st, 409, "{e}");

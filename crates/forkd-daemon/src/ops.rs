@@ -56,6 +56,10 @@ pub struct Daemon {
     /// This binary, for detached branch writers that survive a restart.
     pub exe: PathBuf,
     sessions: Mutex<HashMap<String, Arc<Session>>>,
+    /// One lock per sandbox around opening its session: two calls that
+    /// arrive together must share one connection, not open two (the agent
+    /// serves one connection at a time, so the second would wait).
+    opening: Mutex<HashMap<String, Arc<Mutex<()>>>>,
 }
 
 fn core(e: CoreError) -> ApiError {
@@ -80,6 +84,7 @@ impl Daemon {
             metrics: forkd_api::metrics::Metrics::new(),
             exe,
             sessions: Mutex::new(HashMap::new()),
+            opening: Mutex::new(HashMap::new()),
         })
     }
 
@@ -432,16 +437,20 @@ impl Daemon {
     /// The shared agent session of a running sandbox.
     fn session(&self, id: &str) -> Result<Arc<Session>, ApiError> {
         forkd_store::validate_tag(id).map_err(|_| ApiError::sandbox_not_found(id))?;
-        if let Some(s) = self
-            .sessions
+        if let Some(s) = self.cached_session(id) {
+            return Ok(s);
+        }
+        let gate = self
+            .opening
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-        {
-            if s.vm.is_alive() && s.vm.agent().closed_reason().is_none() {
-                *s.last_used.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
-                return Ok(s.clone());
-            }
+            .entry(id.to_string())
+            .or_default()
+            .clone();
+        let _opening = gate.lock().unwrap_or_else(|p| p.into_inner());
+        // Someone else may have opened it while we waited.
+        if let Some(s) = self.cached_session(id) {
+            return Ok(s);
         }
         let (row, _) = self
             .fleet
@@ -467,7 +476,21 @@ impl Daemon {
         Ok(s)
     }
 
+    fn cached_session(&self, id: &str) -> Option<Arc<Session>> {
+        let map = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        let s = map.get(id)?;
+        if s.vm.is_alive() && s.vm.agent().closed_reason().is_none() {
+            *s.last_used.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+            return Some(s.clone());
+        }
+        None
+    }
+
     fn drop_session(&self, id: &str) {
+        self.opening
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
         self.sessions
             .lock()
             .unwrap_or_else(|p| p.into_inner())
