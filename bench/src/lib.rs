@@ -14,6 +14,8 @@ pub struct Stats {
     pub median_ms: f64,
     pub min_ms: f64,
     pub p90_ms: f64,
+    /// Nearest rank: with fewer than 100 samples this is the maximum.
+    pub p99_ms: f64,
     pub max_ms: f64,
 }
 
@@ -28,6 +30,7 @@ impl Stats {
             median_ms: pick(0.5),
             min_ms: ms[0],
             p90_ms: pick(0.9),
+            p99_ms: pick(0.99),
             max_ms: ms[ms.len() - 1],
         }
     }
@@ -118,6 +121,6 @@ mod tests {
     fn stats_pick_order_statistics() {
         let s = Stats::of(&[5, 1, 3, 2, 4].map(Duration::from_millis));
         assert_eq!((s.n, s.median_ms, s.min_ms, s.max_ms), (5, 3.0, 1.0, 5.0));
-        assert_eq!(s.p90_ms, 5.0);
+        assert_eq!((s.p90_ms, s.p99_ms), (5.0, 5.0));
     }
 }
