@@ -55,6 +55,9 @@ pub enum Body {
     Json(&'static str),
     /// A JSON array of the named component schema.
     JsonArray(&'static str),
+    /// Newline-delimited JSON objects of the named schema, streamed as they
+    /// happen (`application/x-ndjson`).
+    NdJson(&'static str),
     /// Prometheus text exposition (`GET /metrics`).
     PrometheusText,
     /// An OpenAPI document (`GET /v1/openapi.json`).
@@ -371,6 +374,26 @@ pub const ROUTES: &[Route] = &[
     },
     Route {
         mutating: true,
+        request: Some("ExecRequest"),
+        responses: &[
+            ok(
+                200,
+                "One JSON object per line as the command runs: output chunks, then its exit.",
+                Body::NdJson("ExecEvent"),
+            ),
+            SANDBOX_404,
+            SANDBOX_NOT_RUNNING,
+        ],
+        ..route(
+            Method::Post,
+            "/v1/sandboxes/{id}/exec/stream",
+            "execStream",
+            "forkd: run a command and stream its output as it comes (NDJSON).",
+            "sandboxes",
+        )
+    },
+    Route {
+        mutating: true,
         request: Some("EvalRequest"),
         responses: &[
             ok(200, "The code ran.", Body::Json("EvalResponse")),
@@ -489,6 +512,7 @@ fn component_schemas() -> Map<String, Value> {
     gen.subschema_for::<BootRequest>();
     gen.subschema_for::<ExecRequest>();
     gen.subschema_for::<ExecResponse>();
+    gen.subschema_for::<ExecEvent>();
     gen.subschema_for::<EvalRequest>();
     gen.subschema_for::<EvalResponse>();
     gen.subschema_for::<PingResponse>();
@@ -523,6 +547,7 @@ fn body_content(body: Body) -> Value {
         Body::JsonArray(name) => {
             json!({ "application/json": { "schema": { "type": "array", "items": schema_ref(name) } } })
         }
+        Body::NdJson(name) => json!({ "application/x-ndjson": { "schema": schema_ref(name) } }),
         Body::PrometheusText => {
             json!({ "text/plain; version=0.0.4": { "schema": { "type": "string" } } })
         }

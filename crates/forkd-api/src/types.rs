@@ -471,6 +471,28 @@ pub struct ExecResponse {
     pub timed_out: bool,
 }
 
+/// forkd: one line of `POST /v1/sandboxes/{id}/exec/stream`: a chunk of
+/// output (`stream` and `data_b64`), or, last, the exit (`exit_code`,
+/// `timed_out`), or an `error` if the exec broke off.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ExecEvent {
+    /// `stdout` or `stderr`, for an output chunk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<String>,
+    /// The chunk's bytes (standard base64).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_b64: Option<String>,
+    /// The exit code (128+N for a signal, 124 on timeout), on the last line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i64>,
+    /// Whether the command was killed at its timeout, on the last line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timed_out: Option<bool>,
+    /// Why the exec broke off, on the last line instead of `exit_code`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 /// `POST /v1/sandboxes/{id}/eval`: run Python code in the guest (needs a
 /// Python image, e.g. `debian-python`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

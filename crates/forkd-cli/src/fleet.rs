@@ -89,15 +89,12 @@ pub fn exec(args: ExecArgs) -> Result<ExitCode> {
         } else {
             None
         };
-        let r = remote::exec(c, &args.id, &req, input)?;
-        let _ = std::io::stdout().write_all(r.stdout.as_bytes());
-        let _ = std::io::stdout().flush();
-        let _ = std::io::stderr().write_all(r.stderr.as_bytes());
-        if r.timed_out {
+        let (code, timed_out) = remote::exec(c, &args.id, &req, input)?;
+        if timed_out {
             eprintln!("forkd: command timed out and was killed");
             return Ok(ExitCode::from(124));
         }
-        return Ok(ExitCode::from((r.exit_code & 0xff) as u8));
+        return Ok(ExitCode::from((code & 0xff) as u8));
     }
     let (_, fleet) = fleet()?;
     let stdin: Option<Box<dyn std::io::Read + Send>> =

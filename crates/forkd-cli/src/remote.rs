@@ -205,14 +205,16 @@ pub fn branch(c: &Client, id: &str, tag: &str, mode: Mode, no_wait: bool) -> Res
     })
 }
 
-/// Runs a command; returns stdout, stderr, exit code and whether it timed out.
+/// Runs a command through the streaming route, writing its output here as
+/// it arrives; returns its exit code and whether it timed out.
 pub fn exec(
     c: &Client,
     id: &str,
     req: &forkd_protocol::ExecRequest,
     stdin: Option<Vec<u8>>,
-) -> Result<api::ExecResponse> {
+) -> Result<(i64, bool)> {
     use base64::Engine as _;
+    use std::io::Write as _;
     let timeout_secs = req
         .timeout_ms
         .map(|ms| ms.div_ceil(1000).max(1))
@@ -228,12 +230,53 @@ pub fn exec(
     if let Some(input) = stdin {
         body["stdin_b64"] = json!(base64::engine::general_purpose::STANDARD.encode(input));
     }
-    parse(call(
-        c,
+    let mut pending: Vec<u8> = Vec::new();
+    let mut end: Option<api::ExecEvent> = None;
+    let mut bad: Option<String> = None;
+    c.stream(
         "POST",
-        &format!("/v1/sandboxes/{id}/exec"),
-        Some(body),
-    )?)
+        &format!("/v1/sandboxes/{id}/exec/stream"),
+        Some(&body),
+        &mut |bytes| {
+            pending.extend_from_slice(bytes);
+            while let Some(nl) = pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=nl).collect();
+                let ev: api::ExecEvent = match serde_json::from_slice(&line) {
+                    Ok(ev) => ev,
+                    Err(e) => {
+                        bad.get_or_insert(e.to_string());
+                        continue;
+                    }
+                };
+                match (&ev.stream, &ev.data_b64) {
+                    (Some(s), Some(d)) => {
+                        let data = base64::engine::general_purpose::STANDARD
+                            .decode(d)
+                            .unwrap_or_default();
+                        let _ = if s == "stderr" {
+                            std::io::stderr().write_all(&data)
+                        } else {
+                            let mut out = std::io::stdout();
+                            out.write_all(&data).and_then(|_| out.flush())
+                        };
+                    }
+                    _ => end = Some(ev),
+                }
+            }
+        },
+    )?;
+    if let Some(e) = bad {
+        bail!("the daemon sent a malformed exec stream: {e}");
+    }
+    match end {
+        Some(api::ExecEvent {
+            exit_code: Some(code),
+            timed_out,
+            ..
+        }) => Ok((code, timed_out.unwrap_or(false))),
+        Some(api::ExecEvent { error: Some(e), .. }) => bail!("exec in `{id}` broke off: {e}"),
+        _ => bail!("the exec stream of `{id}` ended without an exit status"),
+    }
 }
 
 pub fn create(c: &Client, image: &str, mem_mib: u64, cpus: u32) -> Result<SandboxView> {

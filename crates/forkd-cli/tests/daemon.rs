@@ -174,6 +174,41 @@ fn the_api_boots_execs_branches_spawns_and_deletes() {
         w.ok("POST", &format!("/v1/sandboxes/{p}/ping"), None)["pong"],
         true
     );
+    // The streaming exec: NDJSON lines as the command runs, the exit last.
+    let mut lines = Vec::new();
+    let mut buf = Vec::new();
+    let status = w
+        .client()
+        .stream(
+            "POST",
+            &format!("/v1/sandboxes/{p}/exec/stream"),
+            Some(&json!({"args": ["sh", "-c", "for i in 1 2 3; do echo $i; sleep 0.2; done; echo e >&2; exit 2"]})),
+            &mut |b| {
+                buf.extend_from_slice(b);
+                while let Some(nl) = buf.iter().position(|&c| c == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=nl).collect();
+                    lines.push(serde_json::from_slice::<Value>(&line).unwrap());
+                }
+            },
+        )
+        .unwrap();
+    assert_eq!(status, 200);
+    let text = |which: &str| {
+        use base64::Engine as _;
+        lines
+            .iter()
+            .filter(|l| l["stream"] == which)
+            .flat_map(|l| {
+                base64::engine::general_purpose::STANDARD
+                    .decode(l["data_b64"].as_str().unwrap())
+                    .unwrap()
+            })
+            .collect::<Vec<u8>>()
+    };
+    assert_eq!(text("stdout"), b"1\n2\n3\n");
+    assert_eq!(text("stderr"), b"e\n");
+    assert!(lines.len() >= 4, "output did not come in pieces: {lines:?}");
+    assert_eq!(lines.last().unwrap()["exit_code"], 2);
     // Files both ways (base64).
     w.ok(
         "PUT",

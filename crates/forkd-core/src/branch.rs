@@ -318,7 +318,8 @@ impl Fleet {
             }
             MemoryBackend::SharedFile(p) | MemoryBackend::PrivateFile(p) => p.clone(),
         };
-        if !crate::paths::is_tmpfs(&ram) {
+        // Hugetlb RAM is in a memfd (not at `ram`) and can always be write-protected.
+        if !config.vm.ram_in_hugetlb_memfd() && !crate::paths::is_tmpfs(&ram) {
             return Err(CoreError::Config(format!(
                 "sandbox `{id}` keeps its RAM in {}, which is not on tmpfs: a live branch write-protects RAM with userfaultfd, which needs shmem. Use --mode full, or run sandboxes with FORKD_RUNTIME_DIR on tmpfs (e.g. /dev/shm/forkd)",
                 ram.display()

@@ -187,6 +187,8 @@ pub fn run(env: &Env, qemu: &str) -> Vec<Check> {
         )
     });
 
+    out.push(huge_pages_check());
+
     let unpriv = std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "?".into());
@@ -198,4 +200,38 @@ pub fn run(env: &Env, qemu: &str) -> Vec<Check> {
         check("userfaultfd", Level::Warn, format!("vm.unprivileged_userfaultfd={unpriv} and not root: live BRANCH (background-snapshot) will fail"), Some("sysctl -w vm.unprivileged_userfaultfd=1 (or run forkd as root / with CAP_SYS_PTRACE)"))
     });
     out
+}
+
+/// The 2 MiB huge-page pool `forkd create --hugepages` sandboxes use.
+fn huge_pages_check() -> Check {
+    use crate::hugepages::HugePagePool;
+    match HugePagePool::read() {
+        Err(e) => check(
+            "hugepages",
+            Level::Warn,
+            format!("{e}: `forkd create --hugepages` will fail"),
+            None,
+        ),
+        Ok(pool) if pool.total == 0 => check(
+            "hugepages",
+            Level::Ok,
+            format!(
+                "no 2 MiB huge pages reserved (only `forkd create --hugepages` needs them, MEM/2 per sandbox; it keeps live-branch pauses flat): `{}` reserves 1 GiB",
+                pool.reserve_command(512)
+            ),
+            None,
+        ),
+        Ok(pool) => {
+            let largest = pool.available() * 2;
+            check(
+                "hugepages",
+                Level::Ok,
+                format!(
+                    "2 MiB pool: {} pages total, {} free ({} of them reserved by running sandboxes): `forkd create --hugepages` sandboxes can use it, up to --mem {largest} more",
+                    pool.total, pool.free, pool.reserved
+                ),
+                None,
+            )
+        }
+    }
 }

@@ -2,8 +2,10 @@
 //!
 //! A [`Fleet`] is the state database plus the snapshot store plus the runtime
 //! directory. Every sandbox is a detached QEMU (own session, no parent-death
-//! signal) whose guest RAM is a shared file on tmpfs, recorded in SQLite with
-//! its pid and start time; any later process re-attaches by pid and sockets.
+//! signal) whose guest RAM is a shared file on tmpfs (or, with huge pages, a
+//! hugetlb memfd, which only a live branch can snapshot), recorded in SQLite
+//! with its pid and start time; any later process re-attaches by pid and
+//! sockets.
 //!
 //! SNAPSHOT pauses the sandbox, freezes its disk (the sandbox goes on in a new
 //! overlay), saves device state without RAM (`x-ignore-shared`), copies the
@@ -129,6 +131,9 @@ impl Fleet {
         opts: &BootOptions,
     ) -> Result<SandboxView, CoreError> {
         let accel = choose_accel(opts)?;
+        if opts.huge_pages == forkd_vm::HugePages::Hugetlb {
+            crate::hugepages::preflight(opts.mem_mib)?;
+        }
         let id = new_id("sb");
         let mut run_dir = RunDir::create(&self.sandboxes_dir(), &id)?;
         run_dir.keep();
@@ -325,6 +330,11 @@ impl Fleet {
         forkd_store::validate_tag(tag)?;
         let t_start = Instant::now();
         let (row, config) = self.sandbox(id)?;
+        if config.vm.ram_in_hugetlb_memfd() {
+            return Err(CoreError::Conflict(format!(
+                "sandbox `{id}` runs on huge pages (--hugepages): its RAM is in a hugetlb memfd, not a file that a full snapshot (`forkd snapshot`, `branch --mode full`) could copy. Branch it live instead: `forkd branch {id}` (--mode live is the default)"
+            )));
+        }
         let vm = self.control(id)?;
         let ram = match &config.vm.memory {
             MemoryBackend::SharedFile(p) => p.clone(),

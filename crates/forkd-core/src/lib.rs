@@ -11,6 +11,7 @@ pub mod branch;
 pub mod doctor;
 pub mod files;
 pub mod fleet;
+pub mod hugepages;
 pub mod paths;
 pub mod ramimage;
 pub mod sandbox;

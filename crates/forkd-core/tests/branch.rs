@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::sh;
 use forkd_core::branch::{Mode, WriterLaunch};
+use forkd_core::hugepages::HugePagePool;
 use forkd_core::{BootOptions, Env, Fleet};
 use forkd_store::SnapshotStatus;
 
@@ -515,4 +516,136 @@ fn recovery_fails_branches_whose_writer_died_and_leaves_live_ones() {
         w.fleet.db().get_snapshot("alive").unwrap().unwrap().status,
         SnapshotStatus::Writing
     );
+}
+
+/// Sets the 2 MiB huge-page pool (`vm.nr_hugepages`) for a test and puts
+/// the previous size back when dropped, whatever happened in between.
+struct HugePagePoolGuard {
+    previous: u64,
+}
+
+const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
+
+impl HugePagePoolGuard {
+    fn new() -> HugePagePoolGuard {
+        let previous = std::fs::read_to_string(NR_HUGEPAGES)
+            .unwrap_or_else(|e| panic!("reading {NR_HUGEPAGES}: {e}"))
+            .trim()
+            .parse()
+            .unwrap();
+        HugePagePoolGuard { previous }
+    }
+
+    /// Resizes the pool so that exactly `available` pages are free for new
+    /// mappings (whatever other processes hold stays theirs).
+    fn make_available(&self, available: u64) -> HugePagePool {
+        let pool = HugePagePool::read().unwrap();
+        assert!(
+            pool.is_default_size,
+            "this test sizes the pool with vm.nr_hugepages, which needs 2 MiB default huge pages"
+        );
+        let want = pool.total - pool.available() + available;
+        if let Err(e) = std::fs::write(NR_HUGEPAGES, want.to_string()) {
+            panic!("cannot reserve huge pages for this test: writing {want} to {NR_HUGEPAGES} failed ({e}); run the tests as root");
+        }
+        let pool = HugePagePool::read().unwrap();
+        assert_eq!(
+            pool.available(),
+            available,
+            "the kernel did not reserve the huge pages asked for (HugePages_Total {} of {want}; memory too fragmented?)",
+            pool.total
+        );
+        pool
+    }
+}
+
+impl Drop for HugePagePoolGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::write(NR_HUGEPAGES, self.previous.to_string());
+    }
+}
+
+#[test]
+fn a_hugetlb_sandbox_branches_live_and_refuses_what_it_cannot_do() {
+    // Declared first, dropped last: after World has killed the sandboxes.
+    let pool = HugePagePoolGuard::new();
+    let w = World::new("hugetlb");
+    let opts = BootOptions {
+        mem_mib: 256,
+        huge_pages: forkd_vm::HugePages::Hugetlb,
+        prealloc: true,
+        ..BootOptions::default()
+    };
+    let need = HugePagePool::pages_for(256);
+    assert_eq!(need, 128);
+
+    // Too small a pool: refused before QEMU starts, with the fix.
+    let short = pool.make_available(need / 2);
+    let e = w
+        .fleet
+        .create(common::artifacts(), "busybox", &opts)
+        .unwrap_err()
+        .to_string();
+    let fix = format!("`sysctl -w vm.nr_hugepages={}`", short.total + need / 2);
+    assert!(
+        e.contains("needs 128 free 2 MiB huge pages") && e.contains(&fix),
+        "{e}"
+    );
+    assert!(w.fleet.list().unwrap().is_empty());
+
+    let before = pool.make_available(need + 8);
+    let p = w
+        .fleet
+        .create(common::artifacts(), "busybox", &opts)
+        .unwrap()
+        .id;
+    // prealloc: all 128 pages are taken at start, none merely reserved.
+    let after = HugePagePool::read().unwrap();
+    assert_eq!(before.free - after.free, need, "{before:?} -> {after:?}");
+    w.run(&p, "echo hugetlb-state > /tmp/state");
+    w.start_memtest(&p, 64, 2718);
+
+    let b1 = w.branch(&p, "hp1");
+    std::thread::sleep(Duration::from_secs(1));
+    let b2 = w.branch(&p, "hp2");
+    for b in [&b1, &b2] {
+        assert_eq!(b.status, SnapshotStatus::Ready);
+        eprintln!(
+            "{}: pause {:.1} ms, qemu downtime {:?} ms, ready {:?} ms",
+            b.tag, b.pause_ms, b.qemu_downtime_ms, b.ready_ms
+        );
+    }
+    // Each branch is one instant of the writer's memory.
+    let image = std::fs::read(w.fleet.store().dir("hp2").join("ram.img")).unwrap();
+    let v = forkd_agent::memtest::verify_image(&image, 2718, 64 * 256).unwrap();
+    assert!(v.control_seq >= 2, "the writer was mid-run: {v:?}");
+
+    // A child of the second branch inherits files, memory and processes.
+    let c = w.spawn1("hp2");
+    assert_eq!(
+        w.run(
+            &c,
+            "cat /tmp/state; kill -0 $(cat /tmp/mt.pid) && echo writer-alive"
+        ),
+        "hugetlb-state\nwriter-alive\n"
+    );
+
+    // Full mode would copy a RAM file; this RAM is in a memfd.
+    for e in [
+        w.fleet
+            .branch(&p, "hpfull", Mode::Full, true, WriterLaunch::Thread)
+            .unwrap_err(),
+        w.fleet.snapshot(&p, "hpsnap").unwrap_err(),
+    ] {
+        assert_eq!(e.kind(), forkd_core::ErrorKind::Conflict);
+        let e = e.to_string();
+        assert!(
+            e.contains("hugetlb memfd") && e.contains("--mode live"),
+            "{e}"
+        );
+    }
+    assert!(w.fleet.store().load("hpfull").is_err() && w.staging_dirs().is_empty());
+    // The source runs on, and branches live again.
+    assert_eq!(w.run(&p, "cat /tmp/state"), "hugetlb-state\n");
+    assert_eq!(w.branch(&p, "hp3").status, SnapshotStatus::Ready);
 }

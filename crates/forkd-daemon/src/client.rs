@@ -97,17 +97,21 @@ impl Client {
         body: Option<&Value>,
     ) -> Result<Answer, ClientError> {
         let raw = self.raw(method, path, body.map(|b| b.to_string().into_bytes()))?;
-        if raw.status >= 400 {
-            let message = serde_json::from_slice::<Value>(&raw.body)
-                .ok()
-                .and_then(|v| v["error"].as_str().map(str::to_string))
-                .unwrap_or_else(|| String::from_utf8_lossy(&raw.body).into_owned());
-            return Err(ClientError::Api {
-                status: raw.status,
-                message,
-            });
-        }
-        Ok(raw)
+        api_error(raw)
+    }
+
+    /// Sends one request and passes a 2xx body to `on_data` as it arrives
+    /// (for `application/x-ndjson` streams); `Err(Api)` for error statuses.
+    pub fn stream(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        on_data: &mut dyn FnMut(&[u8]),
+    ) -> Result<u16, ClientError> {
+        let body = body.map(|b| b.to_string().into_bytes());
+        let raw = self.exchange(method, path, body, Some(on_data))?;
+        Ok(api_error(raw)?.status)
     }
 
     /// Sends one request and returns whatever status came back.
@@ -116,6 +120,16 @@ impl Client {
         method: &str,
         path: &str,
         body: Option<Vec<u8>>,
+    ) -> Result<Answer, ClientError> {
+        self.exchange(method, path, body, None)
+    }
+
+    fn exchange(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+        on_data: Option<&mut OnData<'_>>,
     ) -> Result<Answer, ClientError> {
         let connect_err = |source| ClientError::Connect {
             target: self.describe(),
@@ -152,7 +166,7 @@ impl Client {
             .and_then(|_| stream.flush());
         // The daemon may answer (413) and close before taking the whole
         // body: its answer is still there to read.
-        match (sent, read_response(BufReader::new(stream))) {
+        match (sent, read_response(BufReader::new(stream), on_data)) {
             (_, Ok(answer)) => Ok(answer),
             (Err(e), Err(_)) => Err(e.into()),
             (Ok(()), Err(e)) => Err(e),
@@ -160,10 +174,33 @@ impl Client {
     }
 }
 
+/// `Err(Api)` with the daemon's message for 4xx and 5xx answers.
+fn api_error(raw: Answer) -> Result<Answer, ClientError> {
+    if raw.status >= 400 {
+        let message = serde_json::from_slice::<Value>(&raw.body)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_string))
+            .unwrap_or_else(|| String::from_utf8_lossy(&raw.body).into_owned());
+        return Err(ClientError::Api {
+            status: raw.status,
+            message,
+        });
+    }
+    Ok(raw)
+}
+
+/// Receives a streamed body as it arrives.
+type OnData<'a> = dyn FnMut(&[u8]) + 'a;
+
 trait ReadWrite: Read + Write {}
 impl<T: Read + Write> ReadWrite for T {}
 
-fn read_response(mut r: impl BufRead) -> Result<Answer, ClientError> {
+/// Reads one response. With `on_data`, a 2xx body goes to it as it arrives
+/// instead of into [`Answer::body`].
+fn read_response(
+    mut r: impl BufRead,
+    mut on_data: Option<&mut OnData<'_>>,
+) -> Result<Answer, ClientError> {
     let mut line = String::new();
     r.read_line(&mut line)?;
     let status: u16 = line
@@ -190,6 +227,11 @@ fn read_response(mut r: impl BufRead) -> Result<Answer, ClientError> {
         }
     }
     let mut body = Vec::new();
+    let streaming = status < 300;
+    let mut deliver = |body: &mut Vec<u8>, bytes: &[u8]| match on_data.as_mut() {
+        Some(f) if streaming => f(bytes),
+        _ => body.extend_from_slice(bytes),
+    };
     if chunked {
         loop {
             line.clear();
@@ -199,17 +241,20 @@ fn read_response(mut r: impl BufRead) -> Result<Answer, ClientError> {
             if size == 0 {
                 break;
             }
-            let start = body.len();
-            body.resize(start + size, 0);
-            r.read_exact(&mut body[start..])?;
+            let mut chunk = vec![0u8; size];
+            r.read_exact(&mut chunk)?;
+            deliver(&mut body, &chunk);
             line.clear();
             r.read_line(&mut line)?;
         }
     } else if let Some(n) = length {
-        body.resize(n, 0);
-        r.read_exact(&mut body)?;
+        let mut all = vec![0u8; n];
+        r.read_exact(&mut all)?;
+        deliver(&mut body, &all);
     } else {
-        r.read_to_end(&mut body)?;
+        let mut all = Vec::new();
+        r.read_to_end(&mut all)?;
+        deliver(&mut body, &all);
     }
     Ok(Answer { status, body })
 }
@@ -218,18 +263,41 @@ fn read_response(mut r: impl BufRead) -> Result<Answer, ClientError> {
 mod tests {
     use super::*;
 
+    fn read_response_all(bytes: &[u8]) -> Result<Answer, ClientError> {
+        read_response(bytes, None)
+    }
+
     #[test]
-    fn responses_with_length_chunks_or_neither_are_read() {
-        let a = read_response(&b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\n{}"[..]).unwrap();
-        assert_eq!((a.status, &a.body[..]), (201, &b"{}"[..]));
+    fn chunks_are_delivered_as_they_come() {
+        let mut seen = Vec::new();
         let a = read_response(
             &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"[..],
+            Some(&mut |b: &[u8]| seen.push(b.to_vec())),
+        )
+        .unwrap();
+        assert_eq!((a.status, a.body.len()), (200, 0));
+        assert_eq!(seen, [b"abc".to_vec(), b"de".to_vec()]);
+        // An error body is kept for the message, not streamed.
+        let a = read_response(
+            &b"HTTP/1.1 404 Not Found\r\ncontent-length: 2\r\n\r\n{}"[..],
+            Some(&mut |_: &[u8]| panic!("streamed an error")),
+        )
+        .unwrap();
+        assert_eq!(a.body, b"{}");
+    }
+
+    #[test]
+    fn responses_with_length_chunks_or_neither_are_read() {
+        let a =
+            read_response_all(&b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\n{}"[..]).unwrap();
+        assert_eq!((a.status, &a.body[..]), (201, &b"{}"[..]));
+        let a = read_response_all(&b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"[..],
         )
         .unwrap();
         assert_eq!(a.body, b"abcde");
-        let a = read_response(&b"HTTP/1.1 204 No Content\r\n\r\n"[..]).unwrap();
+        let a = read_response_all(&b"HTTP/1.1 204 No Content\r\n\r\n"[..]).unwrap();
         assert_eq!((a.status, a.body.len()), (204, 0));
-        assert!(read_response(&b"garbage\r\n\r\n"[..]).is_err());
+        assert!(read_response_all(&b"garbage\r\n\r\n"[..]).is_err());
     }
 
     #[test]

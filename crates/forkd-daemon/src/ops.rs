@@ -23,6 +23,8 @@ pub enum Reply {
     Json(u16, Value),
     Text(u16, &'static str, String),
     Empty(u16),
+    /// 200 with `application/x-ndjson` lines as they are produced.
+    Stream(tokio::sync::mpsc::Receiver<Vec<u8>>),
 }
 
 impl Reply {
@@ -33,6 +35,7 @@ impl Reply {
     pub fn status(&self) -> u16 {
         match self {
             Reply::Json(s, _) | Reply::Text(s, _, _) | Reply::Empty(s) => *s,
+            Reply::Stream(_) => 200,
         }
     }
 }
@@ -52,7 +55,7 @@ const SESSION_IDLE: Duration = Duration::from_secs(2);
 pub struct Daemon {
     pub fleet: Fleet,
     pub env: Env,
-    pub metrics: forkd_api::metrics::Metrics,
+    pub metrics: Arc<forkd_api::metrics::Metrics>,
     /// This binary, for detached branch writers that survive a restart.
     pub exe: PathBuf,
     sessions: Mutex<HashMap<String, Arc<Session>>>,
@@ -81,7 +84,7 @@ impl Daemon {
         Ok(Daemon {
             fleet,
             env,
-            metrics: forkd_api::metrics::Metrics::new(),
+            metrics: Arc::new(forkd_api::metrics::Metrics::new()),
             exe,
             sessions: Mutex::new(HashMap::new()),
             opening: Mutex::new(HashMap::new()),
@@ -125,6 +128,7 @@ impl Daemon {
                 Ok(Reply::Empty(204))
             }
             "exec" => self.exec(&id(), decode_json(body, body_limit)?),
+            "execStream" => self.exec_stream(&id(), decode_json(body, body_limit)?),
             "eval" => self.eval(&id(), decode_json(body, body_limit)?),
             "ping" => self.ping(&id()),
             "branch" => self.branch(&id(), decode_json(body, body_limit)?),
@@ -537,6 +541,86 @@ impl Daemon {
         }
     }
 
+    /// Starts the command and answers at once; a thread streams its output
+    /// as NDJSON lines and ends with its exit (or the error that broke it).
+    fn exec_stream(&self, id: &str, req: ExecRequest) -> Result<Reply, ApiError> {
+        let stdin = match &req.stdin_b64 {
+            Some(b) => Some(
+                base64::engine::general_purpose::STANDARD
+                    .decode(b)
+                    .map_err(|e| ApiError::field("stdin_b64", e.to_string()))?,
+            ),
+            None => None,
+        };
+        let session = self.session(id)?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
+        let exec = forkd_protocol::ExecRequest {
+            argv: req.args.clone(),
+            env: req.env.into_iter().collect(),
+            cwd: req.cwd,
+            timeout_ms: Some(req.timeout_secs.saturating_mul(1000)),
+            stdin: false,
+        };
+        let line = |ev: &ExecEvent| {
+            let mut l = serde_json::to_vec(ev).expect("events serialise");
+            l.push(b'\n');
+            l
+        };
+        let metrics = self.metrics.clone();
+        std::thread::Builder::new()
+            .name(format!("exec-stream-{id}"))
+            .spawn(move || {
+                let t = Instant::now();
+                let input = stdin
+                    .map(|b| Box::new(std::io::Cursor::new(b)) as Box<dyn std::io::Read + Send>);
+                let r = session.vm.agent().exec(exec, input, |s, b| {
+                    let ev = ExecEvent {
+                        stream: Some(
+                            match s {
+                                forkd_protocol::client::OutputStream::Stdout => "stdout",
+                                forkd_protocol::client::OutputStream::Stderr => "stderr",
+                            }
+                            .into(),
+                        ),
+                        data_b64: Some(base64::engine::general_purpose::STANDARD.encode(b)),
+                        exit_code: None,
+                        timed_out: None,
+                        error: None,
+                    };
+                    // A client that went away stops receiving; the command
+                    // still runs to its end (or its timeout).
+                    let _ = tx.blocking_send(line(&ev));
+                });
+                *session.last_used.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+                let last = match r {
+                    Ok(st) => {
+                        metrics.exec_latency.observe_duration(t.elapsed());
+                        ExecEvent {
+                            stream: None,
+                            data_b64: None,
+                            exit_code: Some(if st.timed_out {
+                                124
+                            } else {
+                                st.shell_code() as i64
+                            }),
+                            timed_out: Some(st.timed_out),
+                            error: None,
+                        }
+                    }
+                    Err(e) => ExecEvent {
+                        stream: None,
+                        data_b64: None,
+                        exit_code: None,
+                        timed_out: None,
+                        error: Some(e.to_string()),
+                    },
+                };
+                let _ = tx.blocking_send(line(&last));
+            })
+            .map_err(|e| ApiError::Internal(format!("starting the exec stream: {e}")))?;
+        Ok(Reply::Stream(rx))
+    }
+
     fn exec(&self, id: &str, req: ExecRequest) -> Result<Reply, ApiError> {
         let stdin = match &req.stdin_b64 {
             Some(b) => Some(
@@ -737,6 +821,7 @@ const IMPLEMENTED: &[&str] = &[
     "getSandbox",
     "deleteSandbox",
     "exec",
+    "execStream",
     "eval",
     "ping",
     "branch",

@@ -129,6 +129,17 @@ fn reply_response(reply: Reply) -> Response {
             text,
         )
             .into_response(),
+        Reply::Stream(rx) => {
+            use tokio_stream::StreamExt as _;
+            let stream = tokio_stream::wrappers::ReceiverStream::new(rx)
+                .map(Ok::<_, std::convert::Infallible>);
+            (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/x-ndjson")],
+                axum::body::Body::from_stream(stream),
+            )
+                .into_response()
+        }
         Reply::Empty(s) => StatusCode::from_u16(s)
             .unwrap_or(StatusCode::NO_CONTENT)
             .into_response(),

@@ -2,6 +2,7 @@
 //! place that knows QEMU's option syntax, unit-tested without starting QEMU.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::accel::Accel;
 
@@ -137,6 +138,24 @@ impl VmConfig {
         Ok(())
     }
 
+    /// Whether this VM's own RAM is in a hugetlb memfd: it has no file a
+    /// snapshot could copy (only a live branch, which streams RAM, works).
+    pub fn ram_in_hugetlb_memfd(&self) -> bool {
+        self.huge_pages == HugePages::Hugetlb && matches!(self.memory, MemoryBackend::SharedFile(_))
+    }
+
+    /// Extra time QEMU may take before it answers on QMP and the guest
+    /// boots. With `prealloc` QEMU first populates all guest RAM in its main
+    /// thread, which grows with the guest (8 GiB took more than 10 s on a
+    /// loaded 2-core host): 5 s per GiB then, nothing otherwise.
+    pub fn prealloc_allowance(&self) -> Duration {
+        if self.prealloc && matches!(self.memory, MemoryBackend::SharedFile(_)) {
+            Duration::from_secs(5 * self.mem_mib.div_ceil(1024))
+        } else {
+            Duration::ZERO
+        }
+    }
+
     /// The kernel command line.
     pub fn cmdline(&self) -> String {
         let mut words: Vec<String> = ["console=ttyS0", "quiet", "panic=-1", "reboot=t"]
@@ -179,7 +198,7 @@ impl VmConfig {
             MemoryBackend::Anonymous => {}
             MemoryBackend::SharedFile(p) | MemoryBackend::PrivateFile(p) => {
                 let share = matches!(self.memory, MemoryBackend::SharedFile(_));
-                let mut obj = if share && self.huge_pages == HugePages::Hugetlb {
+                let mut obj = if self.ram_in_hugetlb_memfd() {
                     format!("memory-backend-memfd,id=mem0,size={size},share=on,hugetlb=on,hugetlbsize=2M")
                 } else {
                     format!(
@@ -406,9 +425,26 @@ mod tests {
         let back: VmConfig = serde_json::from_value(old).unwrap();
         assert_eq!((back.huge_pages, back.prealloc), (HugePages::Off, false));
         let mut odd = config();
+        odd.memory = MemoryBackend::SharedFile("/dev/shm/x/ram".into());
         odd.huge_pages = HugePages::Hugetlb;
+        assert!(odd.ram_in_hugetlb_memfd());
         odd.mem_mib = 257;
         assert!(odd.validate().unwrap_err().contains("2 MiB huge page"));
+    }
+
+    #[test]
+    fn start_allowance_grows_with_preallocated_ram_only() {
+        let mut c = config();
+        c.memory = MemoryBackend::SharedFile("/dev/shm/x/ram".into());
+        c.mem_mib = 8192;
+        assert_eq!(c.prealloc_allowance(), Duration::ZERO);
+        c.prealloc = true;
+        assert_eq!(c.prealloc_allowance(), Duration::from_secs(40));
+        c.mem_mib = 512;
+        assert_eq!(c.prealloc_allowance(), Duration::from_secs(5));
+        // A child maps its image privately; nothing is preallocated.
+        c.memory = MemoryBackend::PrivateFile("/dev/shm/img".into());
+        assert_eq!(c.prealloc_allowance(), Duration::ZERO);
     }
 
     #[test]

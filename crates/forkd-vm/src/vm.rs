@@ -264,7 +264,8 @@ impl Vm {
             pid,
             pid_start,
         } = start_qemu(&config, &run_dir, opts)?;
-        let deadline = started + opts.boot_timeout;
+        // Preallocation happens before the guest boots: not boot time.
+        let deadline = started + opts.boot_timeout + config.prealloc_allowance();
         let mut qmp = qmp;
         let mut restore_time = None;
         if let Some(state) = &opts.restore {
@@ -794,8 +795,10 @@ fn start_qemu(
         std::thread::sleep(Duration::from_millis(5));
     }
     // A connection failing here usually means QEMU is on its way out:
-    // give it a moment so the error can say why.
-    let qmp = match Qmp::connect(&config.qmp_socket, Duration::from_secs(10)) {
+    // give it a moment so the error can say why. QEMU answers only after it
+    // has preallocated guest RAM, hence a wait that grows with the guest.
+    let qmp_wait = Duration::from_secs(10) + config.prealloc_allowance();
+    let qmp = match Qmp::connect(&config.qmp_socket, qmp_wait) {
         Ok(q) => q,
         Err(e) => {
             partial.wait_exit(Duration::from_secs(2));
