@@ -8,11 +8,18 @@
 //! largest gap between heartbeat lines the host saw around the branch, and
 //! the time until the snapshot was ready. Writes `bench/results/branch.{json,md}`.
 //!
-//! `--hugepages` backs each sandbox's RAM with 2 MiB hugetlb pages (the host
-//! needs `vm.nr_hugepages` reserved), `--prealloc` populates it at start;
-//! full branches copy the RAM file and are skipped with `--hugepages`.
+//! `--backings 4k,hugetlb-prealloc` runs every size once per RAM backing,
+//! in the same run so that their ratios are comparable: `4k` (the RAM file
+//! on tmpfs), `hugetlb` (2 MiB hugetlb pages in a memfd; the host needs
+//! `vm.nr_hugepages`), either with `-prealloc` (populated at start). Full
+//! branches copy the RAM file and run on the `4k` backings only.
+//! `--reserve-hugepages` (root) grows the huge-page pool to what each
+//! hugetlb sandbox needs just before it starts and puts the previous value
+//! back after it, so that the pool does not hold memory while 4 KiB
+//! sandboxes run. `--hugepages` / `--prealloc` alone are short for one
+//! backing.
 //!
-//!     cargo run --release -p forkd-bench --bin branch -- [--sizes 512,2048,8192] [--count 20] [--full-count 5] [--hugepages] [--prealloc] [--out NAME]
+//!     cargo run --release -p forkd-bench --bin branch -- [--sizes 512,2048,8192] [--count 20] [--full-count 5] [--backings 4k,hugetlb-prealloc] [--reserve-hugepages] [--out NAME]
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,10 +27,81 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use forkd_bench::{write_results, Machine, Stats};
 use forkd_core::branch::{Mode, WriterLaunch};
+use forkd_core::hugepages::HugePagePool;
 use forkd_core::{ArtifactOptions, BootOptions, Env, Fleet};
+use forkd_vm::HugePages;
 
 /// One branch: its mode, what it reported, the heartbeat gap around it.
 type Run = (Mode, forkd_core::branch::BranchInfo, f64);
+
+/// What backs a sandbox's guest RAM in one configuration of the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Backing {
+    huge_pages: HugePages,
+    prealloc: bool,
+}
+
+impl Backing {
+    fn parse(s: &str) -> Result<Backing> {
+        let (base, prealloc) = match s.strip_suffix("-prealloc") {
+            Some(b) => (b, true),
+            None => (s, false),
+        };
+        let huge_pages = match base {
+            "4k" => HugePages::Off,
+            "hugetlb" => HugePages::Hugetlb,
+            _ => bail!("unknown backing {s:?}: 4k, hugetlb, 4k-prealloc or hugetlb-prealloc"),
+        };
+        Ok(Backing {
+            huge_pages,
+            prealloc,
+        })
+    }
+
+    fn name(&self) -> String {
+        let base = match self.huge_pages {
+            HugePages::Off => "4k",
+            HugePages::Hugetlb => "hugetlb",
+        };
+        format!("{base}{}", if self.prealloc { "-prealloc" } else { "" })
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{}{}",
+            match self.huge_pages {
+                HugePages::Off => "`memory-backend-file,share=on` on tmpfs (4 KiB pages)",
+                HugePages::Hugetlb =>
+                    "`memory-backend-memfd,share=on,hugetlb=on,hugetlbsize=2M` (2 MiB hugetlb pages)",
+            },
+            if self.prealloc { ", `prealloc=on`" } else { "" }
+        )
+    }
+}
+
+const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
+
+/// Grows the huge-page pool for one sandbox; puts the old size back on drop.
+struct PoolReservation(u64);
+
+impl PoolReservation {
+    fn grow_for(mem_mib: u64) -> Result<PoolReservation> {
+        let old: u64 = std::fs::read_to_string(NR_HUGEPAGES)?.trim().parse()?;
+        let want = old + HugePagePool::pages_for(mem_mib) + 16;
+        std::fs::write(NR_HUGEPAGES, want.to_string())
+            .with_context(|| format!("writing {want} to {NR_HUGEPAGES} (needs root)"))?;
+        let guard = PoolReservation(old);
+        let pool = HugePagePool::read()?;
+        pool.check(mem_mib).map_err(anyhow::Error::msg)?;
+        Ok(guard)
+    }
+}
+
+impl Drop for PoolReservation {
+    fn drop(&mut self) {
+        let _ = std::fs::write(NR_HUGEPAGES, self.0.to_string());
+    }
+}
 
 struct Cleanup<'a>(&'a Fleet, std::path::PathBuf);
 
@@ -49,7 +127,9 @@ fn parse_list(v: Option<String>, what: &str) -> Result<Vec<u64>> {
 fn main() -> Result<()> {
     let (mut sizes, mut count, mut full_count) = (vec![512u64, 2048, 8192], 20usize, 5usize);
     let mut out = String::from("branch");
-    let (mut huge_pages, mut prealloc) = (forkd_vm::HugePages::Off, false);
+    let (mut huge_pages, mut prealloc) = (HugePages::Off, false);
+    let mut backings: Option<Vec<Backing>> = None;
+    let mut reserve = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -57,11 +137,27 @@ fn main() -> Result<()> {
             "--count" => count = args.next().context("--count N")?.parse()?,
             "--full-count" => full_count = args.next().context("--full-count N")?.parse()?,
             "--out" => out = args.next().context("--out NAME")?,
-            "--hugepages" => huge_pages = forkd_vm::HugePages::Hugetlb,
+            "--hugepages" => huge_pages = HugePages::Hugetlb,
             "--prealloc" => prealloc = true,
+            "--backings" => {
+                backings = Some(
+                    args.next()
+                        .context("--backings 4k,hugetlb-prealloc")?
+                        .split(',')
+                        .map(Backing::parse)
+                        .collect::<Result<_>>()?,
+                )
+            }
+            "--reserve-hugepages" => reserve = true,
             other => bail!("unknown argument {other:?}"),
         }
     }
+    let backings = backings.unwrap_or_else(|| {
+        vec![Backing {
+            huge_pages,
+            prealloc,
+        }]
+    });
     if count < 20 {
         eprintln!("note: fewer than 20 live branches per size; p99 is then the maximum");
     }
@@ -88,138 +184,48 @@ fn main() -> Result<()> {
     let mut md_rows = Vec::new();
     let mut json = Vec::new();
     for &mib in &sizes {
-        let opts = BootOptions {
-            mem_mib: mib,
-            boot_timeout: Duration::from_secs(600),
-            huge_pages,
-            prealloc,
-            ..BootOptions::default()
-        };
-        let t_create = Instant::now();
-        let id = fleet.create(&artifacts, "busybox", &opts)?.id;
-        let create_ms = t_create.elapsed().as_secs_f64() * 1000.0;
-        eprintln!("{mib} MiB: created in {create_ms:.0} ms");
-        let dirty = (mib / 4).max(64);
-        {
-            let vm = fleet.attach(&id)?;
-            vm.agent()
-                .write_file("/root/forkd-memtest", Some(0o755), &memtest_bin[..])?;
-        }
-        exec(
-            &fleet,
-            &id,
-            &format!("/root/forkd-memtest write --mib {dirty} --run 1 > /tmp/mt.log 2>&1 &"),
-        )?;
-        let t = Instant::now();
-        while !exec(&fleet, &id, "cat /tmp/mt.log")?.contains("sweeping") {
-            if t.elapsed() > Duration::from_secs(600) {
-                bail!("the dirtying workload never got going");
-            }
-            std::thread::sleep(Duration::from_millis(500));
-        }
-        // The heartbeat: a line per millisecond, timestamped on arrival.
-        let beats: Arc<Mutex<Vec<Instant>>> = Arc::new(Mutex::new(Vec::new()));
-        let hb = {
-            let (beats, env, id) = (Arc::clone(&beats), env.clone(), id.clone());
-            std::thread::spawn(move || {
-                let fleet = Fleet::open(&env).expect("state database");
-                let mut req = sh("/root/forkd-memtest heartbeat");
-                req.timeout_ms = Some(3_600_000);
-                let _ = fleet.exec(&id, req, None, |_, _| {
-                    beats.lock().unwrap().push(Instant::now())
-                });
-            })
-        };
-        std::thread::sleep(Duration::from_secs(2));
-        let baseline = max_gap(
-            &beats.lock().unwrap(),
-            Instant::now() - Duration::from_secs(1),
-            Instant::now(),
-        );
-
-        let mut runs: Vec<Run> = Vec::new();
-        // Full mode copies the RAM file; hugetlb RAM is in a memfd instead.
-        let full_count = if huge_pages == forkd_vm::HugePages::Off {
-            full_count
-        } else {
-            0
-        };
-        for (mode, n) in [(Mode::Live, count), (Mode::Full, full_count)] {
-            for i in 0..n {
-                let tag = format!("b{mib}-{mode:?}-{i}").to_lowercase();
-                let before = Instant::now();
-                let info = fleet.branch(&id, &tag, mode, true, WriterLaunch::Thread)?;
-                let after = Instant::now();
-                std::thread::sleep(Duration::from_millis(50));
-                let gap = max_gap(
-                    &beats.lock().unwrap(),
-                    before,
-                    after + Duration::from_millis(50),
-                );
-                eprintln!(
-                    "{mib} MiB {mode:?} #{i}: pause {:.1} ms, qemu downtime {:?} ms, heartbeat gap {gap:.1} ms, ready {:.0} ms",
-                    info.pause_ms, info.qemu_downtime_ms, info.ready_ms.unwrap_or(0.0)
-                );
-                runs.push((mode, info, gap));
-                fleet.remove_snapshot(&tag, true)?;
-            }
-        }
-        fleet.kill(&id)?;
-        let _ = hb.join();
-
-        let pick = |mode: Mode, f: &dyn Fn(&Run) -> Option<f64>| -> Vec<Duration> {
-            runs.iter()
-                .filter(|r| r.0 == mode)
-                .filter_map(f)
-                .map(|ms| Duration::from_secs_f64(ms / 1000.0))
-                .collect()
-        };
-        for mode in [Mode::Live, Mode::Full] {
-            if !runs.iter().any(|r| r.0 == mode) {
-                continue;
-            }
-            let first = runs.iter().find(|r| r.0 == mode).map(|r| r.1.pause_ms);
-            let pause = Stats::of(&pick(mode, &|r| Some(r.1.pause_ms)));
-            let down = pick(mode, &|r| r.1.qemu_downtime_ms);
-            let gap = Stats::of(&pick(mode, &|r| Some(r.2)));
-            let ready = Stats::of(&pick(mode, &|r| r.1.ready_ms));
-            let gibps = (mib as f64 / 1024.0) / (ready.median_ms / 1000.0);
-            let down_s = (!down.is_empty()).then(|| Stats::of(&down));
-            md_rows.push(format!(
-                "| {mib} MiB | {mode:?} | {} | {:.1} | {:.1} / {:.1} / {:.1} | {} | {:.1} / {:.1} / {:.1} | {:.0} | {:.2} |",
-                pause.n,
-                first.unwrap_or(0.0),
-                pause.median_ms, pause.p90_ms, p99(&pick(mode, &|r| Some(r.1.pause_ms))),
-                down_s.as_ref().map(|d| format!("{:.0} / {:.0}", d.median_ms, d.max_ms)).unwrap_or_else(|| "-".into()),
-                gap.median_ms, gap.p90_ms, p99(&pick(mode, &|r| Some(r.2))),
-                ready.median_ms, gibps
-            ));
-            json.push(serde_json::json!({
-                "mem_mib": mib, "mode": mode, "dirtying_mib": dirty, "heartbeat_baseline_gap_ms": baseline,
-                "huge_pages": huge_pages, "prealloc": prealloc, "create_ms": create_ms,
-                "first_pause_ms": first, "pause_ms_each": runs.iter().filter(|r| r.0 == mode).map(|r| r.1.pause_ms).collect::<Vec<_>>(),
-                "qemu_downtime_ms_each": runs.iter().filter(|r| r.0 == mode).map(|r| r.1.qemu_downtime_ms).collect::<Vec<_>>(),
-                "pause": pause, "qemu_downtime": down_s, "heartbeat_gap": gap, "ready": ready, "gib_per_s": gibps,
-            }));
+        for &backing in &backings {
+            let hugetlb = backing.huge_pages == HugePages::Hugetlb;
+            let _pool = if hugetlb && reserve {
+                Some(PoolReservation::grow_for(mib)?)
+            } else {
+                None
+            };
+            let opts = BootOptions {
+                mem_mib: mib,
+                boot_timeout: Duration::from_secs(600),
+                huge_pages: backing.huge_pages,
+                prealloc: backing.prealloc,
+                ..BootOptions::default()
+            };
+            // Full mode copies the RAM file; hugetlb RAM is in a memfd instead.
+            let full_count = if hugetlb { 0 } else { full_count };
+            let (rows, results) = measure(
+                &fleet,
+                &env,
+                &artifacts,
+                &memtest_bin,
+                &opts,
+                backing,
+                count,
+                full_count,
+            )?;
+            md_rows.extend(rows);
+            json.extend(results);
         }
     }
-    let mut md = String::from("# bench/branch\n\nBRANCH of a running sandbox whose guest rewrites a quarter of its RAM continuously (forkd-memtest), live and full in the same run. Pause: STOP to RESUME by QEMU's event timestamps. QEMU downtime: `query-migrate` (median / max). Heartbeat gap: largest gap the host saw between lines of a 1 ms heartbeat loop in the guest, from just before the branch call until 50 ms after it returned (includes the exec channel's own jitter). Ready: branch call until the snapshot was published; GiB/s is guest RAM over that time. Times in ms; p50 / p90 / p99.\n\n");
-    md += &format!(
-        "Guest RAM: {}{}.\n\n",
-        match huge_pages {
-            forkd_vm::HugePages::Off => "`memory-backend-file,share=on` on tmpfs (4 KiB pages)",
-            forkd_vm::HugePages::Hugetlb =>
-                "`memory-backend-memfd,hugetlb=on,hugetlbsize=2M` (2 MiB hugetlb pages)",
-        },
-        if prealloc { ", `prealloc=on`" } else { "" }
-    );
+    let mut md = String::from("# bench/branch\n\nBRANCH of a running sandbox whose guest rewrites a quarter of its RAM continuously (forkd-memtest), live and full in the same run, for each RAM backing. Pause: STOP to RESUME by QEMU's event timestamps. QEMU downtime: `query-migrate`. Heartbeat gap: largest gap the host saw between lines of a 1 ms heartbeat loop in the guest, from just before the branch call until 50 ms after it returned (includes the exec channel's own jitter). Ready: branch call until the snapshot was published; GiB/s is guest RAM over the ready p50. The first branch of each sandbox populates its RAM (see hugepages.md) and is reported on its own: the p50 / p90 / p99 columns of live rows are over the branches after it (n = 1 + 19), those of full rows over all of them (p99 is the maximum with fewer than 100 samples). Times in ms.\n\nRAM backings:\n\n");
+    for b in &backings {
+        md += &format!("- `{}`: {}\n", b.name(), b.describe());
+    }
+    md += "\n";
     md += &machine.markdown();
-    md += "\n| guest RAM | mode | n | first pause | pause p50/p90/p99 | QEMU downtime | heartbeat gap p50/p90/p99 | ready p50 | GiB/s |\n|---|---|---|---|---|---|---|---|---|\n";
+    md += "\n| guest RAM | backing | mode | n | first pause | first ready | pause p50 / p90 / p99 | QEMU downtime p50 / p90 / p99 | heartbeat gap p50 / p90 / p99 | ready p50 / p90 / p99 | GiB/s |\n|---|---|---|---|---|---|---|---|---|---|---|\n";
     for r in &md_rows {
         md += r;
         md += "\n";
     }
-    md += "\nReproduce: `scripts/build-agent.sh && cargo build --release -p forkd-bench && target/release/branch`.\n";
+    md += "\nReproduce: `scripts/build-agent.sh && cargo build --release -p forkd-bench && target/release/branch --backings 4k,hugetlb-prealloc --reserve-hugepages`.\n";
     write_results(
         &out,
         &serde_json::json!({ "machine": machine, "results": json }),
@@ -227,6 +233,146 @@ fn main() -> Result<()> {
     )?;
     println!("{md}");
     Ok(())
+}
+
+/// One sandbox of `opts`, branched `count` times live and `full_count` times
+/// full: its markdown rows and JSON results.
+#[allow(clippy::too_many_arguments)]
+fn measure(
+    fleet: &Fleet,
+    env: &Env,
+    artifacts: &forkd_core::Artifacts,
+    memtest_bin: &[u8],
+    opts: &BootOptions,
+    backing: Backing,
+    count: usize,
+    full_count: usize,
+) -> Result<(Vec<String>, Vec<serde_json::Value>)> {
+    let mib = opts.mem_mib;
+    let name = backing.name();
+    let t_create = Instant::now();
+    let id = fleet.create(artifacts, "busybox", opts)?.id;
+    let create_ms = t_create.elapsed().as_secs_f64() * 1000.0;
+    eprintln!("{mib} MiB {name}: created in {create_ms:.0} ms");
+    let dirty = (mib / 4).max(64);
+    {
+        let vm = fleet.attach(&id)?;
+        vm.agent()
+            .write_file("/root/forkd-memtest", Some(0o755), memtest_bin)?;
+    }
+    exec(
+        fleet,
+        &id,
+        &format!("/root/forkd-memtest write --mib {dirty} --run 1 > /tmp/mt.log 2>&1 &"),
+    )?;
+    let t = Instant::now();
+    while !exec(fleet, &id, "cat /tmp/mt.log")?.contains("sweeping") {
+        if t.elapsed() > Duration::from_secs(600) {
+            bail!("the dirtying workload never got going");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // The heartbeat: a line per millisecond, timestamped on arrival.
+    let beats: Arc<Mutex<Vec<Instant>>> = Arc::new(Mutex::new(Vec::new()));
+    let hb = {
+        let (beats, env, id) = (Arc::clone(&beats), env.clone(), id.clone());
+        std::thread::spawn(move || {
+            let fleet = Fleet::open(&env).expect("state database");
+            let mut req = sh("/root/forkd-memtest heartbeat");
+            req.timeout_ms = Some(3_600_000);
+            let _ = fleet.exec(&id, req, None, |_, _| {
+                beats.lock().unwrap().push(Instant::now())
+            });
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let baseline = max_gap(
+        &beats.lock().unwrap(),
+        Instant::now() - Duration::from_secs(1),
+        Instant::now(),
+    );
+
+    let mut runs: Vec<Run> = Vec::new();
+    let t_branches = Instant::now();
+    for (mode, n) in [(Mode::Live, count), (Mode::Full, full_count)] {
+        for i in 0..n {
+            let tag = format!("b{mib}-{name}-{mode:?}-{i}").to_lowercase();
+            let before = Instant::now();
+            let info = fleet.branch(&id, &tag, mode, true, WriterLaunch::Thread)?;
+            let after = Instant::now();
+            std::thread::sleep(Duration::from_millis(50));
+            let gap = max_gap(
+                &beats.lock().unwrap(),
+                before,
+                after + Duration::from_millis(50),
+            );
+            eprintln!(
+                "{mib} MiB {name} {mode:?} #{i}: pause {:.1} ms, qemu downtime {:?} ms, heartbeat gap {gap:.1} ms, ready {:.0} ms",
+                info.pause_ms, info.qemu_downtime_ms, info.ready_ms.unwrap_or(0.0)
+            );
+            runs.push((mode, info, gap));
+            fleet.remove_snapshot(&tag, true)?;
+        }
+    }
+    let branches_s = t_branches.elapsed().as_secs_f64();
+    fleet.kill(&id)?;
+    let _ = hb.join();
+
+    let (mut rows, mut results) = (Vec::new(), Vec::new());
+    for mode in [Mode::Live, Mode::Full] {
+        let all: Vec<&Run> = runs.iter().filter(|r| r.0 == mode).collect();
+        let Some(first) = all.first() else { continue };
+        // Full mode has no first-branch effect: all of its branches count.
+        let steady: &[&Run] = if mode == Mode::Live && all.len() > 1 {
+            &all[1..]
+        } else {
+            &all
+        };
+        let stats = |f: &dyn Fn(&Run) -> Option<f64>| -> Option<Stats> {
+            let v: Vec<Duration> = steady
+                .iter()
+                .filter_map(|r| f(r))
+                .map(|ms| Duration::from_secs_f64(ms / 1000.0))
+                .collect();
+            (!v.is_empty()).then(|| Stats::of(&v))
+        };
+        let pause = stats(&|r| Some(r.1.pause_ms)).expect("one branch at least");
+        let down = stats(&|r| r.1.qemu_downtime_ms);
+        let gap = stats(&|r| Some(r.2)).expect("one branch at least");
+        let ready = stats(&|r| r.1.ready_ms).expect("waited for");
+        let gibps = (mib as f64 / 1024.0) / (ready.median_ms / 1000.0);
+        let three = |s: &Stats| format!("{:.1} / {:.1} / {:.1}", s.median_ms, s.p90_ms, s.p99_ms);
+        let first_ready = first.1.ready_ms.unwrap_or(0.0);
+        rows.push(format!(
+            "| {mib} MiB | {name} | {mode:?} | {} | {:.1} | {:.0} | {} | {} | {} | {:.0} / {:.0} / {:.0} | {:.2} |",
+            if steady.len() < all.len() {
+                format!("1 + {}", steady.len())
+            } else {
+                format!("{} (all)", all.len())
+            },
+            first.1.pause_ms,
+            first_ready,
+            three(&pause),
+            down.as_ref().map(|d| format!("{:.0} / {:.0} / {:.0}", d.median_ms, d.p90_ms, d.p99_ms)).unwrap_or_else(|| "-".into()),
+            three(&gap),
+            ready.median_ms, ready.p90_ms, ready.p99_ms,
+            gibps
+        ));
+        results.push(serde_json::json!({
+            "mem_mib": mib, "backing": name, "mode": mode, "dirtying_mib": dirty, "heartbeat_baseline_gap_ms": baseline,
+            "huge_pages": opts.huge_pages, "prealloc": opts.prealloc, "create_ms": create_ms,
+            "first_pause_ms": first.1.pause_ms, "first_ready_ms": first.1.ready_ms,
+            "first_qemu_downtime_ms": first.1.qemu_downtime_ms, "first_heartbeat_gap_ms": first.2,
+            "stats_exclude_first": mode == Mode::Live && all.len() > 1,
+            "pause_ms_each": all.iter().map(|r| r.1.pause_ms).collect::<Vec<_>>(),
+            "qemu_downtime_ms_each": all.iter().map(|r| r.1.qemu_downtime_ms).collect::<Vec<_>>(),
+            "heartbeat_gap_ms_each": all.iter().map(|r| r.2).collect::<Vec<_>>(),
+            "ready_ms_each": all.iter().map(|r| r.1.ready_ms).collect::<Vec<_>>(),
+            "pause": pause, "qemu_downtime": down, "heartbeat_gap": gap, "ready": ready, "gib_per_s": gibps,
+            "wall_s_all_branches_of_sandbox": branches_s,
+        }));
+    }
+    Ok((rows, results))
 }
 
 fn sh(s: &str) -> forkd_protocol::ExecRequest {
@@ -262,12 +408,4 @@ fn max_gap(beats: &[Instant], from: Instant, to: Instant) -> f64 {
         .windows(2)
         .map(|w| (w[1] - w[0]).as_secs_f64() * 1000.0)
         .fold(0.0, f64::max)
-}
-
-fn p99(samples: &[Duration]) -> f64 {
-    let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
-    ms.sort_by(f64::total_cmp);
-    ms.get(((ms.len() as f64 - 1.0) * 0.99).round() as usize)
-        .copied()
-        .unwrap_or(0.0)
 }
