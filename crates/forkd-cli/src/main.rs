@@ -552,6 +552,9 @@ struct DaemonArgs {
     /// Concurrent branch calls before answering 429.
     #[arg(long, default_value_t = 2)]
     max_branch: usize,
+    /// Let this group use the UNIX socket too (mode 0660 instead of 0600).
+    #[arg(long, value_name = "GROUP")]
+    socket_group: Option<String>,
 }
 
 fn daemon(args: DaemonArgs) -> Result<ExitCode> {
@@ -577,6 +580,9 @@ fn daemon(args: DaemonArgs) -> Result<ExitCode> {
     }
     opts.max_spawn = args.max_spawn;
     opts.max_branch = args.max_branch;
+    if let Some(g) = args.socket_group {
+        opts.socket_access = forkd_api::auth::SocketAccess::Group(g);
+    }
     forkd_daemon::run(&env, opts, &|line| eprintln!("forkd daemon: {line}"))?;
     Ok(ExitCode::SUCCESS)
 }

@@ -33,6 +33,8 @@ pub struct DaemonOptions {
     pub max_spawn: usize,
     /// Concurrent branch calls before answering 429.
     pub max_branch: usize,
+    /// Who may open the UNIX socket (owner only, or a group too).
+    pub socket_access: forkd_api::auth::SocketAccess,
 }
 
 impl DaemonOptions {
@@ -45,6 +47,7 @@ impl DaemonOptions {
             audit_log: env.home.join("audit.log"),
             max_spawn: 4,
             max_branch: 2,
+            socket_access: forkd_api::auth::SocketAccess::Owner,
         }
     }
 }
@@ -69,6 +72,9 @@ pub enum DaemonError {
 /// recovery lines.
 pub fn run(env: &Env, opts: DaemonOptions, log: &dyn Fn(&str)) -> Result<(), DaemonError> {
     let policy = ListenPolicy::new(opts.listen.clone(), opts.token.as_deref())?;
+    if let forkd_api::auth::SocketAccess::Group(g) = &opts.socket_access {
+        server::group_id(g)?; // refuse an unknown group before anything starts
+    }
     let exe = std::env::current_exe()?;
     let daemon = ops::Daemon::new(env.clone(), exe)?;
     let rec = daemon.fleet.recover()?;
@@ -87,6 +93,7 @@ pub fn run(env: &Env, opts: DaemonOptions, log: &dyn Fn(&str)) -> Result<(), Dae
         branch_limit: ConcurrencyLimit::new("branch", opts.max_branch.max(1), 1),
         audit: Mutex::new(Some(audit)),
         audit_path: opts.audit_log.clone(),
+        socket_access: opts.socket_access.clone(),
     });
     log(&format!(
         "listening on {}{}; audit log {}",

@@ -50,6 +50,8 @@ pub struct App {
     pub branch_limit: ConcurrencyLimit,
     pub audit: Mutex<Option<std::fs::File>>,
     pub audit_path: PathBuf,
+    /// Who may open the UNIX socket.
+    pub socket_access: forkd_api::auth::SocketAccess,
 }
 
 /// Finds the route for `method` and `path`, with its path parameters. A
@@ -272,7 +274,7 @@ pub async fn serve(app: Arc<App>) -> std::io::Result<()> {
     };
     match app.policy.addr().clone() {
         ListenAddr::Unix(path) => {
-            let listener = bind_unix(&path)?;
+            let listener = bind_unix(&path, &app.socket_access)?;
             let r = axum::serve(
                 listener,
                 router.into_make_service_with_connect_info::<Caller>(),
@@ -296,9 +298,15 @@ pub async fn serve(app: Arc<App>) -> std::io::Result<()> {
     }
 }
 
-/// Binds the UNIX socket with mode 0600, replacing a stale socket file but
-/// refusing to steal one a live daemon answers on.
-fn bind_unix(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
+/// Binds the UNIX socket with mode 0600 (0660 and the group for
+/// [`SocketAccess::Group`]), replacing a stale socket file but refusing to
+/// steal one a live daemon answers on.
+///
+/// [`SocketAccess::Group`]: forkd_api::auth::SocketAccess::Group
+fn bind_unix(
+    path: &std::path::Path,
+    access: &forkd_api::auth::SocketAccess,
+) -> std::io::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt;
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -321,8 +329,34 @@ fn bind_unix(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener
     let l = l.map_err(|e| {
         std::io::Error::new(e.kind(), format!("listening on {}: {e}", path.display()))
     })?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    if let forkd_api::auth::SocketAccess::Group(name) = access {
+        let gid = group_id(name)?;
+        std::os::unix::fs::chown(path, None, Some(gid))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(access.mode()))?;
     Ok(l)
+}
+
+/// The id of group `name` (or a numeric id).
+pub fn group_id(name: &str) -> std::io::Result<u32> {
+    if let Ok(gid) = name.parse::<u32>() {
+        return Ok(gid);
+    }
+    let cname = std::ffi::CString::new(name).map_err(|_| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "a group name has no NUL")
+    })?;
+    // SAFETY: getgrnam reads a NUL-terminated string and returns a pointer
+    // to static storage or NULL; we copy the gid out at once, before any
+    // other call could overwrite it (the daemon calls this once, at start).
+    let gr = unsafe { libc::getgrnam(cname.as_ptr()) };
+    if gr.is_null() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("no group `{name}` (--socket-group)"),
+        ));
+    }
+    // SAFETY: non-null pointer from getgrnam to a valid `struct group`.
+    Ok(unsafe { (*gr).gr_gid })
 }
 
 /// Opens the audit log for appending.
