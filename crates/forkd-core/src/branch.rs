@@ -495,13 +495,27 @@ impl Fleet {
         )
         .map_err(forkd_vm::VmError::from)?;
         drop(qmp);
+        // Everything that can happen while the guest runs happens first:
+        // the new overlay is created and attached before the pause.
+        let prepared = if job.frozen_disk.is_some() {
+            let next = vm.run_dir().join(format!("root-{}.qcow2", now_ns()));
+            Some(vm.prepare_disk_snapshot(0, &next)?)
+        } else {
+            None
+        };
         let t0 = Instant::now();
         vm.qmp().take_events();
-        vm.qmp().stop().map_err(forkd_vm::VmError::from)?;
+        if let Err(e) = vm.qmp().stop() {
+            if let Some(p) = prepared {
+                vm.abandon_disk_snapshot(p);
+            }
+            return Err(forkd_vm::VmError::from(e).into());
+        }
+        let mut committed = false;
         let started = (|| -> Result<(), CoreError> {
-            if job.frozen_disk.is_some() {
-                let next = vm.run_dir().join(format!("root-{}.qcow2", now_ns()));
-                vm.snapshot_disk(0, &next)?;
+            if let Some(p) = &prepared {
+                vm.commit_disk_snapshot(p)?;
+                committed = true;
             }
             vm.qmp()
                 .execute(
@@ -513,6 +527,9 @@ impl Fleet {
         })();
         if let Err(e) = started {
             let _ = vm.qmp().cont();
+            if let (Some(p), false) = (prepared, committed) {
+                vm.abandon_disk_snapshot(p);
+            }
             return Err(e);
         }
         // QEMU resumes the guest itself once RAM is write-protected. QMP can

@@ -15,4 +15,4 @@ pub mod vm;
 
 pub use accel::{Accel, AccelChoice, AccelRequest, HostProbe};
 pub use config::{Disk, HugePages, MemoryBackend, Network, VmConfig};
-pub use vm::{LaunchOptions, RunDir, Vm, VmError};
+pub use vm::{LaunchOptions, PreparedDiskSnapshot, RunDir, Vm, VmError};

@@ -452,6 +452,79 @@ impl Vm {
         Ok(PathBuf::from(file))
     }
 
+    /// The slow half of [`Vm::snapshot_disk`], done while the guest runs:
+    /// creates `new_overlay` on top of disk `index`'s current image and
+    /// attaches it to QEMU as a node without a backing. Inside the pause,
+    /// [`Vm::commit_disk_snapshot`] is then a single graph change.
+    pub fn prepare_disk_snapshot(
+        &self,
+        index: usize,
+        new_overlay: &Path,
+    ) -> Result<PreparedDiskSnapshot, VmError> {
+        let mut qmp = self.qmp();
+        let (top, file) = top_node(&mut qmp, index)?;
+        let size = disk_virtual_size(&mut qmp, index)?;
+        // `-u`: QEMU holds the write lock on the current image, so qemu-img
+        // must not open it; the size comes from QEMU instead.
+        let out = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(&file)
+            .arg(new_overlay)
+            .arg(size.to_string())
+            .output()
+            .map_err(|e| VmError::Config(format!("cannot run qemu-img: {e}")))?;
+        if !out.status.success() {
+            return Err(VmError::Config(format!(
+                "qemu-img create {} failed: {}",
+                new_overlay.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let node = format!("disk{index}-{stamp:x}");
+        let added = qmp.execute(
+            "blockdev-add",
+            Some(serde_json::json!({
+                "driver": "qcow2",
+                "node-name": node,
+                "file": { "driver": "file", "filename": new_overlay.to_string_lossy() },
+                "backing": null,
+            })),
+        );
+        if let Err(e) = added {
+            let _ = std::fs::remove_file(new_overlay);
+            return Err(e.into());
+        }
+        Ok(PreparedDiskSnapshot {
+            top_node: top,
+            frozen: PathBuf::from(file),
+            overlay_node: node,
+            overlay: new_overlay.to_path_buf(),
+        })
+    }
+
+    /// Makes a prepared overlay the disk's top (the guest should be
+    /// stopped); returns the image that is frozen from now on.
+    pub fn commit_disk_snapshot(&self, p: &PreparedDiskSnapshot) -> Result<PathBuf, VmError> {
+        self.qmp().execute(
+            "blockdev-snapshot",
+            Some(serde_json::json!({ "node": p.top_node, "overlay": p.overlay_node })),
+        )?;
+        Ok(p.frozen.clone())
+    }
+
+    /// Detaches and deletes a prepared overlay that was never committed.
+    pub fn abandon_disk_snapshot(&self, p: PreparedDiskSnapshot) {
+        let _ = self.qmp().execute(
+            "blockdev-del",
+            Some(serde_json::json!({ "node-name": p.overlay_node })),
+        );
+        let _ = std::fs::remove_file(&p.overlay);
+    }
+
     pub fn config(&self) -> &VmConfig {
         &self.config
     }
@@ -869,6 +942,33 @@ fn connect_agent(
 }
 
 /// The node name and file of the top of disk `vdN`'s chain.
+/// An overlay made by [`Vm::prepare_disk_snapshot`], not yet the top.
+#[derive(Debug)]
+pub struct PreparedDiskSnapshot {
+    top_node: String,
+    frozen: PathBuf,
+    overlay_node: String,
+    overlay: PathBuf,
+}
+
+/// The guest-visible size of disk `index`.
+fn disk_virtual_size(qmp: &mut Qmp, index: usize) -> Result<u64, VmError> {
+    let blocks = qmp.execute("query-block", None)?;
+    let id = format!("vd{index}");
+    let path = format!("/{id}/");
+    blocks
+        .as_array()
+        .and_then(|l| {
+            l.iter().find(|b| {
+                b["qdev"]
+                    .as_str()
+                    .is_some_and(|q| q == id || q.contains(&path))
+            })
+        })
+        .and_then(|b| b["inserted"]["image"]["virtual-size"].as_u64())
+        .ok_or_else(|| VmError::Config(format!("QEMU reports no size for disk vd{index}")))
+}
+
 fn top_node(qmp: &mut Qmp, index: usize) -> Result<(String, String), VmError> {
     let blocks = qmp.execute("query-block", None)?;
     // `qdev` is the device id ("vd0") or its QOM path, depending on version.
