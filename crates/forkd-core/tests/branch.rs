@@ -8,7 +8,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::sh;
 use forkd_core::branch::{Mode, WriterLaunch};
 use forkd_core::hugepages::HugePagePool;
 use forkd_core::{BootOptions, Env, Fleet};
@@ -66,18 +65,7 @@ impl World {
     }
 
     fn run(&self, id: &str, script: &str) -> String {
-        let mut out = Vec::new();
-        let st = self
-            .fleet
-            .exec(id, sh(script), None, |_, b| out.extend_from_slice(b))
-            .unwrap();
-        assert_eq!(
-            st.code,
-            Some(0),
-            "`{script}` in {id}: {}",
-            String::from_utf8_lossy(&out)
-        );
-        String::from_utf8(out).unwrap()
+        common::run_ok(&self.fleet, id, script)
     }
 
     /// Uploads forkd-memtest and starts a writer sweeping `mib` MiB.
@@ -128,9 +116,7 @@ impl World {
 
 impl Drop for World {
     fn drop(&mut self) {
-        for s in self.fleet.list().unwrap_or_default() {
-            let _ = self.fleet.kill(&s.id);
-        }
+        common::kill_all(&self.fleet);
         if let Some(m) = &self.mounted {
             let _ = std::process::Command::new("umount")
                 .arg("-l")

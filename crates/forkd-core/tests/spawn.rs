@@ -36,18 +36,7 @@ impl World {
     }
 
     fn run(&self, id: &str, script: &str) -> String {
-        let mut out = Vec::new();
-        let st = self
-            .fleet
-            .exec(id, sh(script), None, |_, b| out.extend_from_slice(b))
-            .unwrap();
-        assert_eq!(
-            st.code,
-            Some(0),
-            "`{script}` in {id}: {}",
-            String::from_utf8_lossy(&out)
-        );
-        String::from_utf8(out).unwrap()
+        common::run_ok(&self.fleet, id, script)
     }
 
     fn spawn(&self, tag: &str, n: usize) -> Vec<Child> {
@@ -68,9 +57,7 @@ impl World {
 
 impl Drop for World {
     fn drop(&mut self) {
-        for s in self.fleet.list().unwrap_or_default() {
-            let _ = self.fleet.kill(&s.id);
-        }
+        common::kill_all(&self.fleet);
         let _ = std::fs::remove_dir_all(self.env.home.parent().unwrap());
         let _ = std::fs::remove_dir_all(&self.env.runtime);
     }

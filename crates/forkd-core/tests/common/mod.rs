@@ -28,6 +28,29 @@ pub fn boot_with(opts: &BootOptions) -> Sandbox {
     Sandbox::boot(&Env::from_process(), artifacts(), opts).expect("boot")
 }
 
+/// Runs `script` in fleet sandbox `id`, asserts it exits 0, returns its
+/// output (stdout and stderr together).
+pub fn run_ok(fleet: &forkd_core::Fleet, id: &str, script: &str) -> String {
+    let mut out = Vec::new();
+    let st = fleet
+        .exec(id, sh(script), None, |_, b| out.extend_from_slice(b))
+        .unwrap();
+    assert_eq!(
+        st.code,
+        Some(0),
+        "`{script}` in {id}: {}",
+        String::from_utf8_lossy(&out)
+    );
+    String::from_utf8(out).unwrap()
+}
+
+/// Kills every sandbox of `fleet` (test cleanup).
+pub fn kill_all(fleet: &forkd_core::Fleet) {
+    for s in fleet.list().unwrap_or_default() {
+        let _ = fleet.kill(&s.id);
+    }
+}
+
 pub fn sh(script: &str) -> ExecRequest {
     ExecRequest {
         argv: vec!["sh".into(), "-c".into(), script.into()],
