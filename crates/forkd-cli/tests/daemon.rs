@@ -654,3 +654,27 @@ fn kill_9_of_the_daemon_touches_no_sandbox_and_the_branch_finishes() {
     w.start();
     assert!(w.log().contains("recovered: 2 running"), "{}", w.log());
 }
+
+#[test]
+fn a_sandbox_the_cli_kills_does_not_stay_a_zombie_of_the_daemon() {
+    let w = World::new("reap");
+    let id = w.boot();
+    let pid = w.ok("GET", &format!("/v1/sandboxes/{id}"), None)["pid"]
+        .as_u64()
+        .unwrap();
+    let out = w.command().args(["kill", &id]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pid_alive(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "QEMU {pid} is still there (a zombie of the daemon?): {}",
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -63,6 +63,9 @@ pub struct Daemon {
     /// arrive together must share one connection, not open two (the agent
     /// serves one connection at a time, so the second would wait).
     opening: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// QEMUs this daemon started (pid, start time): their parent is the
+    /// daemon, so whoever kills them, the daemon must reap them.
+    children: Mutex<Vec<(u32, u64)>>,
 }
 
 fn core(e: CoreError) -> ApiError {
@@ -88,6 +91,7 @@ impl Daemon {
             exe,
             sessions: Mutex::new(HashMap::new()),
             opening: Mutex::new(HashMap::new()),
+            children: Mutex::new(Vec::new()),
         })
     }
 
@@ -393,6 +397,9 @@ impl Daemon {
             return Err(ApiError::Internal(message));
         }
         let children: Vec<forkd_core::fleet::Child> = results.into_iter().flatten().collect();
+        for c in &children {
+            self.adopt(&c.id);
+        }
         let all = self.sandbox_infos()?;
         let out: Vec<SandboxInfo> = children
             .iter()
@@ -428,6 +435,7 @@ impl Daemon {
         };
         let t = Instant::now();
         let sb = self.fleet.create(&artifacts, image, &boot).map_err(core)?;
+        self.adopt(&sb.id);
         self.metrics.spawn_latency.observe_duration(t.elapsed());
         if let Some(tag) = &req.tag {
             if let Err(e) = self.fleet.snapshot(&sb.id, tag) {
@@ -499,6 +507,32 @@ impl Daemon {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
+    }
+
+    /// Remembers that this daemon started sandbox `id`'s QEMU.
+    fn adopt(&self, id: &str) {
+        if let Ok(Some(row)) = self.fleet.db().get_sandbox(id) {
+            self.children
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((row.pid, row.pid_start));
+        }
+    }
+
+    /// Reaps QEMUs this daemon started that are gone, whoever killed them
+    /// (called periodically), so none stays a zombie.
+    pub fn reap_children(&self) {
+        let gone: Vec<(u32, u64)> = {
+            let mut kids = self.children.lock().unwrap_or_else(|p| p.into_inner());
+            let (gone, alive): (Vec<_>, Vec<_>) = kids
+                .iter()
+                .partition(|(pid, start)| !forkd_vm::vm::pid_alive(*pid, *start));
+            *kids = alive;
+            gone
+        };
+        for (pid, start) in gone {
+            forkd_vm::vm::reap_if_child(pid, start);
+        }
     }
 
     /// Closes agent sessions nobody used for a while (called periodically).

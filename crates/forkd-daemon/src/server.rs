@@ -260,7 +260,11 @@ pub async fn serve(app: Arc<App>) -> std::io::Result<()> {
             loop {
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
                 let d = d.clone();
-                let _ = tokio::task::spawn_blocking(move || d.close_idle_sessions()).await;
+                let _ = tokio::task::spawn_blocking(move || {
+                    d.close_idle_sessions();
+                    d.reap_children();
+                })
+                .await;
             }
         });
     }
