@@ -578,23 +578,9 @@ impl Daemon {
     /// Starts the command and answers at once; a thread streams its output
     /// as NDJSON lines and ends with its exit (or the error that broke it).
     fn exec_stream(&self, id: &str, req: ExecRequest) -> Result<Reply, ApiError> {
-        let stdin = match &req.stdin_b64 {
-            Some(b) => Some(
-                base64::engine::general_purpose::STANDARD
-                    .decode(b)
-                    .map_err(|e| ApiError::field("stdin_b64", e.to_string()))?,
-            ),
-            None => None,
-        };
+        let (exec, stdin) = to_protocol(req)?;
         let session = self.session(id)?;
         let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
-        let exec = forkd_protocol::ExecRequest {
-            argv: req.args.clone(),
-            env: req.env.into_iter().collect(),
-            cwd: req.cwd,
-            timeout_ms: Some(req.timeout_secs.saturating_mul(1000)),
-            stdin: false,
-        };
         let line = |ev: &ExecEvent| {
             let mut l = serde_json::to_vec(ev).expect("events serialise");
             l.push(b'\n');
@@ -656,25 +642,8 @@ impl Daemon {
     }
 
     fn exec(&self, id: &str, req: ExecRequest) -> Result<Reply, ApiError> {
-        let stdin = match &req.stdin_b64 {
-            Some(b) => Some(
-                base64::engine::general_purpose::STANDARD
-                    .decode(b)
-                    .map_err(|e| ApiError::field("stdin_b64", e.to_string()))?,
-            ),
-            None => None,
-        };
-        let out = self.run(
-            id,
-            forkd_protocol::ExecRequest {
-                argv: req.args.clone(),
-                env: req.env.into_iter().collect(),
-                cwd: req.cwd,
-                timeout_ms: Some(req.timeout_secs.saturating_mul(1000)),
-                stdin: false,
-            },
-            stdin,
-        )?;
+        let (exec, stdin) = to_protocol(req)?;
+        let out = self.run(id, exec, stdin)?;
         Ok(Reply::json(
             200,
             ExecResponse {
@@ -862,6 +831,28 @@ const IMPLEMENTED: &[&str] = &[
     "writeFile",
     "readFile",
 ];
+
+/// The agent request for an API exec, and its stdin bytes.
+fn to_protocol(
+    req: ExecRequest,
+) -> Result<(forkd_protocol::ExecRequest, Option<Vec<u8>>), ApiError> {
+    let stdin = match &req.stdin_b64 {
+        Some(b) => Some(
+            base64::engine::general_purpose::STANDARD
+                .decode(b)
+                .map_err(|e| ApiError::field("stdin_b64", e.to_string()))?,
+        ),
+        None => None,
+    };
+    let exec = forkd_protocol::ExecRequest {
+        argv: req.args,
+        env: req.env.into_iter().collect(),
+        cwd: req.cwd,
+        timeout_ms: Some(req.timeout_secs.saturating_mul(1000)),
+        stdin: false,
+    };
+    Ok((exec, stdin))
+}
 
 fn not_found_sandbox(e: CoreError, id: &str) -> ApiError {
     match e.kind() {

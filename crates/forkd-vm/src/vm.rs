@@ -462,8 +462,11 @@ impl Vm {
         new_overlay: &Path,
     ) -> Result<PreparedDiskSnapshot, VmError> {
         let mut qmp = self.qmp();
-        let (top, file) = top_node(&mut qmp, index)?;
-        let size = disk_virtual_size(&mut qmp, index)?;
+        let entry = disk_entry(&mut qmp, index)?;
+        let (top, file) = top_of(&entry);
+        let size = entry["inserted"]["image"]["virtual-size"]
+            .as_u64()
+            .ok_or_else(|| VmError::Config(format!("QEMU reports no size for disk vd{index}")))?;
         // `-u`: QEMU holds the write lock on the current image, so qemu-img
         // must not open it; the size comes from QEMU instead.
         let out = std::process::Command::new("qemu-img")
@@ -951,9 +954,10 @@ pub struct PreparedDiskSnapshot {
     overlay: PathBuf,
 }
 
-/// The guest-visible size of disk `index`.
-fn disk_virtual_size(qmp: &mut Qmp, index: usize) -> Result<u64, VmError> {
+/// QEMU's `query-block` entry of disk `index`.
+fn disk_entry(qmp: &mut Qmp, index: usize) -> Result<serde_json::Value, VmError> {
     let blocks = qmp.execute("query-block", None)?;
+    // `qdev` is the device id ("vd0") or its QOM path, depending on version.
     let id = format!("vd{index}");
     let path = format!("/{id}/");
     blocks
@@ -965,34 +969,23 @@ fn disk_virtual_size(qmp: &mut Qmp, index: usize) -> Result<u64, VmError> {
                     .is_some_and(|q| q == id || q.contains(&path))
             })
         })
-        .and_then(|b| b["inserted"]["image"]["virtual-size"].as_u64())
-        .ok_or_else(|| VmError::Config(format!("QEMU reports no size for disk vd{index}")))
+        .cloned()
+        .ok_or_else(|| VmError::Config(format!("the VM has no disk vd{index}")))
+}
+
+/// The top node's name and image file of a `query-block` entry.
+fn top_of(entry: &serde_json::Value) -> (String, String) {
+    let field = |k: &str| {
+        entry["inserted"][k]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    (field("node-name"), field("file"))
 }
 
 fn top_node(qmp: &mut Qmp, index: usize) -> Result<(String, String), VmError> {
-    let blocks = qmp.execute("query-block", None)?;
-    // `qdev` is the device id ("vd0") or its QOM path, depending on version.
-    let id = format!("vd{index}");
-    let path = format!("/{id}/");
-    let entry = blocks
-        .as_array()
-        .and_then(|l| {
-            l.iter().find(|b| {
-                b["qdev"]
-                    .as_str()
-                    .is_some_and(|q| q == id || q.contains(&path))
-            })
-        })
-        .ok_or_else(|| VmError::Config(format!("the VM has no disk vd{index}")))?;
-    let top = entry["inserted"]["node-name"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let file = entry["inserted"]["file"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    Ok((top, file))
+    Ok(top_of(&disk_entry(qmp, index)?))
 }
 
 /// Loads a device-state stream into a QEMU started with `-incoming defer` and
