@@ -232,7 +232,13 @@ fn stdin_env_and_cwd_reach_the_command() {
 
 #[test]
 fn a_kernel_qemu_cannot_load_is_a_clear_boot_error_and_leaves_nothing() {
-    let env = forkd_core::Env::from_process();
+    // Its own runtime directory: the other tests of this file boot VMs in
+    // the shared one at the same time, and their run dirs are not leaks.
+    let shared = forkd_core::Env::from_process();
+    let env = forkd_core::Env {
+        home: shared.home.clone(),
+        runtime: std::env::temp_dir().join(format!("forkd-bogus-run-{}", std::process::id())),
+    };
     let mut a = common::artifacts().clone();
     let bogus = std::env::temp_dir().join(format!("forkd-bogus-kernel-{}", std::process::id()));
     std::fs::write(&bogus, b"this is not a bzImage").unwrap();
@@ -266,4 +272,5 @@ fn a_kernel_qemu_cannot_load_is_a_clear_boot_error_and_leaves_nothing() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    let _ = std::fs::remove_dir_all(&env.runtime);
 }
