@@ -75,7 +75,8 @@ impl Machine {
                 .unwrap_or(0),
             mem_gib: mem_kib.div_ceil(1 << 20),
             host_kernel: command_line("uname", &["-r"]),
-            qemu: forkd_vm::vm::qemu_version(Path::new("qemu-system-x86_64")).unwrap_or_default(),
+            qemu: forkd_vm::process::qemu_version(Path::new("qemu-system-x86_64"))
+                .unwrap_or_default(),
             accel: format!("{} ({})", choice.accel, choice.reason),
         }
     }

@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use forkd_bench::{Machine, Stats};
+use forkd_client::{Answer, Client};
 use forkd_core::{ArtifactOptions, Env, Fleet};
-use forkd_daemon::client::{Answer, Client};
 use serde_json::{json, Value};
 
 const USAGE: &str = "usage: api [--clients K] [--sandboxes M] [--seconds S] [--burst B] \

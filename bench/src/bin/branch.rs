@@ -26,13 +26,18 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use forkd_bench::{write_results, Machine, Stats};
-use forkd_core::branch::{Mode, WriterLaunch};
 use forkd_core::hugepages::HugePagePool;
 use forkd_core::{ArtifactOptions, BootOptions, Env, Fleet};
+use forkd_ops::{BranchMode as Mode, BranchOutcome, RemoveSnapshot};
 use forkd_vm::HugePages;
 
 /// One branch: its mode, what it reported, the heartbeat gap around it.
-type Run = (Mode, forkd_core::branch::BranchInfo, f64);
+type Run = (Mode, BranchOutcome, f64);
+
+const FORCE: RemoveSnapshot = RemoveSnapshot {
+    force: true,
+    cascade: false,
+};
 
 /// What backs a sandbox's guest RAM in one configuration of the run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,7 +116,7 @@ impl Drop for Cleanup<'_> {
             let _ = self.0.kill(&s.id);
         }
         for s in self.0.db().list_snapshots().unwrap_or_default() {
-            let _ = self.0.remove_snapshot(&s.tag, true);
+            let _ = self.0.remove_snapshot(&s.tag, FORCE);
         }
         let _ = std::fs::remove_dir_all(&self.1);
     }
@@ -251,7 +256,7 @@ fn measure(
     let mib = opts.mem_mib;
     let name = backing.name();
     let t_create = Instant::now();
-    let id = fleet.create(artifacts, "busybox", opts)?.id;
+    let id = fleet.create(artifacts, "busybox", opts)?.0.id;
     let create_ms = t_create.elapsed().as_secs_f64() * 1000.0;
     eprintln!("{mib} MiB {name}: created in {create_ms:.0} ms");
     let dirty = (mib / 4).max(64);
@@ -298,7 +303,7 @@ fn measure(
         for i in 0..n {
             let tag = format!("b{mib}-{name}-{mode:?}-{i}").to_lowercase();
             let before = Instant::now();
-            let info = fleet.branch(&id, &tag, mode, true, WriterLaunch::Thread)?;
+            let info = fleet.branch(&id, &tag, mode, true, None)?;
             let after = Instant::now();
             std::thread::sleep(Duration::from_millis(50));
             let gap = max_gap(
@@ -311,7 +316,7 @@ fn measure(
                 info.pause_ms, info.qemu_downtime_ms, info.ready_ms.unwrap_or(0.0)
             );
             runs.push((mode, info, gap));
-            fleet.remove_snapshot(&tag, true)?;
+            fleet.remove_snapshot(&tag, FORCE)?;
         }
     }
     let branches_s = t_branches.elapsed().as_secs_f64();

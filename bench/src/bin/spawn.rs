@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use forkd_bench::{write_results, Machine, Stats};
 use forkd_core::{ArtifactOptions, BootOptions, Env, Fleet};
+use forkd_ops::{Child, PartialFailure, RemoveSnapshot};
 
 fn main() -> Result<()> {
     let mut ns = vec![1usize, 10, 50];
@@ -65,7 +66,7 @@ fn main() -> Result<()> {
         machine.cpu, cores, machine.accel
     );
 
-    let parent = fleet.create(&artifacts, "busybox", &boot)?.id;
+    let parent = fleet.create(&artifacts, "busybox", &boot)?.0.id;
     let warm = fleet.exec(&parent, sh("i=0; while [ $i -lt 16 ]; do head -c 1048576 /dev/urandom; i=$((i+1)); done > /tmp/warm.bin; \
         (n=0; while :; do n=$((n+1)); echo $n > /tmp/count; sleep 0.5; done) >/dev/null 2>&1 & echo ok"), None, |_, _| {})?;
     if warm.code != Some(0) {
@@ -80,18 +81,19 @@ fn main() -> Result<()> {
     for &n in &ns {
         // 1. spawn, no pool
         let t = Instant::now();
-        let kids = ok_children(fleet.spawn("bench", n, cores, &|_, _| {})?)?;
+        let kids =
+            ok_children(fleet.spawn("bench", n, cores, true, PartialFailure::Keep, &|_, _| {})?)?;
         let spawn_wall = t.elapsed();
         let spawn_each: Vec<Duration> = kids.iter().map(|c| ms_dur(c.ready_ms)).collect();
         let restore_each: Vec<Duration> = kids.iter().map(|c| ms_dur(c.restore_ms)).collect();
         std::thread::sleep(Duration::from_secs(2)); // let them go idle
         let pss: Vec<u64> = kids
             .iter()
-            .filter_map(|c| pid_of(&fleet, &c.id))
+            .filter_map(|c| pid_of(&fleet, &c.sandbox.id))
             .filter_map(pss_kib)
             .collect();
         if pss_note.is_empty() {
-            if let Some(pid) = kids.first().and_then(|c| pid_of(&fleet, &c.id)) {
+            if let Some(pid) = kids.first().and_then(|c| pid_of(&fleet, &c.sandbox.id)) {
                 pss_note = top_mappings(pid);
             }
         }
@@ -101,7 +103,8 @@ fn main() -> Result<()> {
         fleet.fill_pool("bench", n)?;
         std::thread::sleep(Duration::from_millis(500));
         let t = Instant::now();
-        let kids = ok_children(fleet.spawn("bench", n, cores, &|_, _| {})?)?;
+        let kids =
+            ok_children(fleet.spawn("bench", n, cores, true, PartialFailure::Keep, &|_, _| {})?)?;
         let pool_wall = t.elapsed();
         let pooled = kids.iter().filter(|c| c.from_pool).count();
         let pool_each: Vec<Duration> = kids.iter().map(|c| ms_dur(c.ready_ms)).collect();
@@ -201,7 +204,13 @@ impl Drop for Cleanup<'_> {
         for s in self.0.list().unwrap_or_default() {
             let _ = self.0.kill(&s.id);
         }
-        let _ = self.0.remove_snapshot("bench", true);
+        let _ = self.0.remove_snapshot(
+            "bench",
+            RemoveSnapshot {
+                force: true,
+                cascade: false,
+            },
+        );
         let _ = std::fs::remove_dir_all(&self.1);
         let _ = std::fs::remove_dir_all(&self.2);
     }
@@ -214,9 +223,7 @@ fn sh(s: &str) -> forkd_protocol::ExecRequest {
     }
 }
 
-fn ok_children(
-    r: Vec<Result<forkd_core::fleet::Child, forkd_core::CoreError>>,
-) -> Result<Vec<forkd_core::fleet::Child>> {
+fn ok_children(r: Vec<Result<Child, forkd_core::CoreError>>) -> Result<Vec<Child>> {
     r.into_iter()
         .map(|c| c.map_err(anyhow::Error::from))
         .collect()

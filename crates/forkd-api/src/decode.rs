@@ -277,7 +277,7 @@ mod tests {
             DEFAULT_BODY_LIMIT,
         )
         .unwrap();
-        assert!(!r.wait);
+        assert_eq!(r.wait, Some(false));
 
         let r: BranchRequest = decode_json(br#"{"mode":"full"}"#, DEFAULT_BODY_LIMIT).unwrap();
         assert_eq!(r.effective_mode(), BranchMode::Full);

@@ -9,11 +9,23 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// The body of every 4xx and 5xx answer: `{"error": "human-readable message"}`,
-/// as the runtime forkd grew from sent it.
+/// as the runtime forkd grew from sent it, with forkd's structured fields
+/// beside it for errors of the operations themselves.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ErrorBody {
     /// What went wrong and, where there is one, how to fix it.
     pub error: String,
+    /// forkd: the kind of failure (`bad_input`, `not_found`, `conflict`,
+    /// `busy`, `unprocessable`, `internal`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// forkd: what went wrong, without the advice in `error`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// forkd: the advice as data (`{"do": "list_snapshots"}`, ...), for
+    /// clients that word it themselves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hint: Option<serde_json::Value>,
 }
 
 /// Everything an API call can fail with, each variant carrying its HTTP status.
@@ -95,6 +107,17 @@ pub enum ApiError {
     /// 500: forkd itself failed.
     #[error("{0}")]
     Internal(String),
+
+    /// An operation failed: its status follows its kind, its text is its
+    /// message with the hint worded for API callers.
+    #[error("{}", crate::convert::api_text(.0))]
+    Op(forkd_ops::OpError),
+}
+
+impl From<forkd_ops::OpError> for ApiError {
+    fn from(e: forkd_ops::OpError) -> ApiError {
+        ApiError::Op(e)
+    }
 }
 
 impl ApiError {
@@ -159,6 +182,13 @@ impl ApiError {
             Self::TooManyRequests { .. } => 429,
             Self::Unavailable(_) => 503,
             Self::Internal(_) => 500,
+            Self::Op(e) => match e.kind {
+                forkd_ops::ErrorKind::BadInput => 400,
+                forkd_ops::ErrorKind::NotFound => 404,
+                forkd_ops::ErrorKind::Conflict | forkd_ops::ErrorKind::Busy => 409,
+                forkd_ops::ErrorKind::Unprocessable => 422,
+                forkd_ops::ErrorKind::Internal => 500,
+            },
         }
     }
 
@@ -182,8 +212,22 @@ impl ApiError {
 
     /// The JSON body to send.
     pub fn body(&self) -> ErrorBody {
-        ErrorBody {
-            error: self.to_string(),
+        match self {
+            Self::Op(e) => ErrorBody {
+                error: self.to_string(),
+                kind: Some(e.kind.as_str().to_string()),
+                message: Some(e.message.clone()),
+                hint: e
+                    .hint
+                    .as_ref()
+                    .map(|h| serde_json::to_value(h).expect("hints serialise")),
+            },
+            _ => ErrorBody {
+                error: self.to_string(),
+                kind: None,
+                message: None,
+                hint: None,
+            },
         }
     }
 }

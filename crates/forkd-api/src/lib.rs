@@ -1,7 +1,8 @@
 //! The pure part of forkd's daemon REST API: everything about the API that can
 //! be decided without a socket, a VM or a database.
 //!
-//! It owns the wire types of every `/v1` route ([`types`]), turning request
+//! It owns the wire types of every `/v1` route ([`types`]) and their one
+//! conversion to and from the operations seam ([`convert`]), turning request
 //! bytes into validated requests with errors that name the field ([`decode`],
 //! [`validate`]), the one error type and its HTTP status codes ([`error`]), who
 //! may call and where the daemon may listen ([`auth`]), the route table and the
@@ -21,6 +22,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod convert;
 pub mod decode;
 pub mod error;
 pub mod limits;

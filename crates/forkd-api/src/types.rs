@@ -28,9 +28,6 @@ fn default_one() -> usize {
 fn default_exec_timeout() -> u64 {
     30
 }
-fn default_true() -> bool {
-    true
-}
 
 // ---------------------------------------------------------------- snapshots
 
@@ -44,16 +41,6 @@ pub enum SnapshotStatus {
     Ready,
     /// Writing failed; kept for diagnosis, never spawnable.
     Failed,
-}
-
-impl From<forkd_store::SnapshotStatus> for SnapshotStatus {
-    fn from(status: forkd_store::SnapshotStatus) -> Self {
-        match status {
-            forkd_store::SnapshotStatus::Writing => Self::Writing,
-            forkd_store::SnapshotStatus::Ready => Self::Ready,
-            forkd_store::SnapshotStatus::Failed => Self::Failed,
-        }
-    }
 }
 
 /// One snapshot, as `GET /v1/snapshots` lists it and a branch returns it.
@@ -106,6 +93,9 @@ pub struct BranchReport {
     /// From the call until the snapshot was ready (waited branches).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_ms: Option<f64>,
+    /// Bytes of RAM copied during the pause (full branches).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ram_copied_bytes: Option<u64>,
 }
 
 impl SnapshotInfo {
@@ -222,6 +212,9 @@ pub struct PoolInfo {
     pub size: u32,
     /// Children started and waiting now.
     pub ready: u32,
+    /// forkd: members this call started.
+    #[serde(default)]
+    pub started: u32,
 }
 
 // ---------------------------------------------------------------- sandboxes
@@ -236,16 +229,6 @@ pub enum SandboxState {
     Pooled,
     /// Its QEMU is gone.
     Dead,
-}
-
-impl From<forkd_store::SandboxState> for SandboxState {
-    fn from(state: forkd_store::SandboxState) -> Self {
-        match state {
-            forkd_store::SandboxState::Running => Self::Running,
-            forkd_store::SandboxState::Pooled => Self::Pooled,
-            forkd_store::SandboxState::Dead => Self::Dead,
-        }
-    }
 }
 
 /// One sandbox.
@@ -329,10 +312,38 @@ pub struct SpawnRequest {
     /// No-op on forkd (accepted for compatibility; RAM uses normal pages).
     #[serde(default)]
     pub hugepages: bool,
-    /// forkd: take children from the snapshot's pool first (see
-    /// `POST /v1/snapshots/{tag}/pool`) and start only the rest.
+    /// forkd: a no-op kept for compatibility: children always come from the
+    /// snapshot's pool first (see `POST /v1/snapshots/{tag}/pool`), and only
+    /// the rest are started.
     #[serde(default)]
     pub use_pool: bool,
+    /// forkd: wait while the snapshot is still being written (the default),
+    /// or answer 409 at once with `false`.
+    #[serde(default)]
+    pub wait: Option<bool>,
+    /// forkd: what to do when some children fail to start: `kill` the others
+    /// and answer with the error (the default on this route: a client never
+    /// has to find stray children), or `keep` them.
+    #[serde(default)]
+    pub on_failure: PartialFailure,
+    /// forkd: children started at once (default: one per host core).
+    #[serde(default)]
+    pub parallel: Option<usize>,
+    /// forkd: after spawning, refill the snapshot's warm pool to this many
+    /// members in the background.
+    #[serde(default)]
+    pub refill_pool: Option<usize>,
+}
+
+/// forkd: what a spawn does when some children fail.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PartialFailure {
+    /// Kill the children that started and answer with the error.
+    #[default]
+    Kill,
+    /// Keep the children that started.
+    Keep,
 }
 
 impl Validate for SpawnRequest {
@@ -341,6 +352,12 @@ impl Validate for SpawnRequest {
         validate::range("n", self.n, 1, MAX_SPAWN)?;
         if let Some(mib) = self.memory_limit_mib {
             validate::range("memory_limit_mib", mib, 1, u64::from(u32::MAX))?;
+        }
+        if let Some(p) = self.parallel {
+            validate::range("parallel", p, 1, MAX_SPAWN)?;
+        }
+        if let Some(k) = self.refill_pool {
+            validate::range("refill_pool", k, 0, MAX_SPAWN)?;
         }
         Ok(())
     }
@@ -355,6 +372,19 @@ pub enum Image {
     Busybox,
     /// Debian with Python 3 (needed by `eval`); built once on first use.
     DebianPython,
+    /// forkd: no root disk; commands run in the initramfs.
+    None,
+}
+
+impl Image {
+    /// The image's name, as forkd's CLI spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Image::Busybox => "busybox",
+            Image::DebianPython => "debian-python",
+            Image::None => "none",
+        }
+    }
 }
 
 /// `POST /v1/sandboxes/boot`: boot a fresh sandbox (forkd's `create`).
@@ -374,6 +404,45 @@ pub struct BootRequest {
     /// once its agent answers, ready to spawn from.
     #[serde(default)]
     pub tag: Option<String>,
+    /// forkd: `auto` (default: KVM where hardware virtualization works),
+    /// `kvm` or `tcg`.
+    #[serde(default)]
+    pub accel: Option<Accel>,
+    /// forkd: `user` (default: QEMU's user-mode stack) or `none`.
+    #[serde(default)]
+    pub network: Option<NetworkMode>,
+    /// forkd: TCG translation-cache size in MiB.
+    #[serde(default)]
+    pub tcg_tb_mib: Option<u32>,
+    /// forkd: back guest RAM with 2 MiB hugetlb pages (the host must have
+    /// them reserved).
+    #[serde(default)]
+    pub huge_pages: bool,
+    /// forkd: populate all guest RAM at start.
+    #[serde(default)]
+    pub prealloc: bool,
+}
+
+/// forkd: which accelerator a sandbox runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// KVM where hardware virtualization works, TCG otherwise.
+    Auto,
+    /// KVM (fails where it does not work).
+    Kvm,
+    /// Software emulation.
+    Tcg,
+}
+
+/// forkd: a sandbox's network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    /// QEMU's user-mode stack, one per sandbox.
+    User,
+    /// No network device.
+    None,
 }
 
 impl Validate for BootRequest {
@@ -386,6 +455,9 @@ impl Validate for BootRequest {
         }
         if let Some(tag) = &self.tag {
             validate::tag("tag", tag)?;
+        }
+        if let Some(mib) = self.tcg_tb_mib {
+            validate::range("tcg_tb_mib", mib, 1, 4096)?;
         }
         Ok(())
     }
@@ -488,6 +560,12 @@ pub struct ExecEvent {
     /// Whether the command was killed at its timeout, on the last line.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timed_out: Option<bool>,
+    /// The signal that killed the command, on the last line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    /// How long the command ran, on the last line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
     /// Why the exec broke off, on the last line instead of `exit_code`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -552,7 +630,7 @@ pub enum BranchMode {
 /// `POST /v1/sandboxes/{id}/branch`: snapshot a running sandbox under a new
 /// tag. 201 with the snapshot; 202 with `status: writing` when `wait` is false
 /// and the snapshot is still being written; 409 when the tag exists.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BranchRequest {
     /// Tag of the new snapshot; generated (`branch-<id>-<unix time>`) when absent.
@@ -565,8 +643,8 @@ pub struct BranchRequest {
     /// Answer once the snapshot is complete (default). When false a live branch
     /// answers right after the pause, with `status: writing`; a full branch
     /// always completes within the pause, so it answers 201 either way.
-    #[serde(default = "default_true")]
-    pub wait: bool,
+    #[serde(default)]
+    pub wait: Option<bool>,
     /// Must equal the source sandbox's own snapshot tag when set (the daemon
     /// checks); forkd records the parent chain itself.
     #[serde(default)]
@@ -581,20 +659,6 @@ pub struct BranchRequest {
     /// every branch.
     #[serde(default)]
     pub measure_diff: bool,
-}
-
-impl Default for BranchRequest {
-    fn default() -> Self {
-        Self {
-            tag: None,
-            mode: None,
-            wait: true,
-            parent_tag: None,
-            diff: false,
-            live: false,
-            measure_diff: false,
-        }
-    }
 }
 
 impl BranchRequest {
@@ -802,17 +866,5 @@ mod tests {
             assert!(value.get(key).is_some(), "missing legacy key {key}");
         }
         assert_eq!(value["netns"], serde_json::Value::Null);
-    }
-
-    #[test]
-    fn store_states_map() {
-        assert_eq!(
-            SnapshotStatus::from(forkd_store::SnapshotStatus::Failed),
-            SnapshotStatus::Failed
-        );
-        assert_eq!(
-            SandboxState::from(forkd_store::SandboxState::Pooled),
-            SandboxState::Pooled
-        );
     }
 }

@@ -2,7 +2,7 @@
 //! paths, base64), each failing with an [`ApiError::InvalidField`] that names the
 //! field.
 //!
-//! Tags go through [`forkd_store::validate_tag`], the one tag rule shared by the
+//! Tags go through [`forkd_ops::validate_tag`], the one tag rule shared by the
 //! API, the CLI and the store.
 
 use base64::Engine;
@@ -18,9 +18,9 @@ pub trait Validate {
 /// The engine every `*_b64` field uses: standard alphabet, padded.
 pub const BASE64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
-/// Checks a snapshot tag with the store's rule.
+/// Checks a snapshot tag with the one tag rule.
 pub fn tag(field: &str, value: &str) -> Result<(), ApiError> {
-    forkd_store::validate_tag(value).map_err(|e| ApiError::field(field, e.to_string()))
+    forkd_ops::validate_tag(value).map_err(|e| ApiError::field(field, e.to_string()))
 }
 
 /// Checks that `value` lies in `min..=max`.

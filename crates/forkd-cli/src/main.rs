@@ -1,7 +1,9 @@
-//! `forkd`: the command-line front end. It parses arguments, calls
-//! `forkd-core`, and prints; nothing else lives here.
+//! `forkd`: the command-line front end. It parses arguments, calls the
+//! operations seam (this host's fleet, or a daemon with `--remote`) and
+//! prints; nothing else lives here.
 
-mod fleet;
+mod commands;
+mod hints;
 mod remote;
 mod signals;
 
@@ -17,12 +19,11 @@ use clap::{Args, Parser, Subcommand};
 use forkd_core::{doctor, ArtifactOptions, BootOptions, Env, Image, Sandbox};
 use forkd_protocol::client::OutputStream;
 use forkd_protocol::ExecRequest;
-use forkd_vm::Network;
 
 /// Exit code when forkd itself fails (not the command in the guest).
 const EXIT_FORKD_ERROR: u8 = 125;
 /// Exit code when the guest command hit its timeout (as timeout(1)).
-const EXIT_TIMEOUT: u8 = 124;
+pub(crate) const EXIT_TIMEOUT: u8 = 124;
 
 #[derive(Parser)]
 #[command(
@@ -33,8 +34,8 @@ const EXIT_TIMEOUT: u8 = 124;
 struct Cli {
     /// Talk to a forkd daemon instead of this host's state: its socket path
     /// or http://HOST:PORT (also $FORKD_REMOTE; bearer token from
-    /// $FORKD_TOKEN). create, exec, ls, kill, snapshots, info, rmi, spawn,
-    /// pool and branch work remotely, with the same output.
+    /// $FORKD_TOKEN). Every command on sandboxes and snapshots works
+    /// remotely, with the same output; run, doctor, image and daemon do not.
     #[arg(long, global = true, value_name = "SOCKET|URL")]
     remote: Option<String>,
     #[command(subcommand)]
@@ -55,6 +56,18 @@ enum Command {
     /// Guest images.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Serve the REST API (see docs/openapi.json) on a UNIX socket, or on
+    /// TCP with --listen. Sandboxes outlive the daemon: restarting it never
+    /// kills one.
+    Daemon(DaemonArgs),
+    #[command(flatten)]
+    Fleet(FleetCommand),
+}
+
+/// The commands on sandboxes and snapshots: they run through the operations
+/// seam, on this host or on a daemon (`--remote`).
+#[derive(Subcommand)]
+enum FleetCommand {
     /// Boot a sandbox that keeps running after forkd exits; prints its id.
     Create(CreateArgs),
     /// Run CMD in a running sandbox (exit code as for `run`).
@@ -122,7 +135,7 @@ enum Command {
     /// grow with its memory); the branch is a snapshot `spawn` can fan out.
     Branch {
         id: String,
-        /// Snapshot tag (default: ID-branch-UNIXTIME).
+        /// Snapshot tag (default: ID-branch-UNIX_MILLISECONDS).
         #[arg(long)]
         tag: Option<String>,
         /// live (background snapshot) or full (stop, copy, resume).
@@ -134,13 +147,6 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// (internal) Receive a live branch in a detached process.
-    /// Serve the REST API (see docs/openapi.json) on a UNIX socket, or on
-    /// TCP with --listen. Sandboxes outlive the daemon: restarting it never
-    /// kills one.
-    Daemon(DaemonArgs),
-    #[command(name = "_branch-writer", hide = true)]
-    BranchWriter { job: String },
     /// Fill the warm pool of a snapshot to K pre-started QEMUs (`forkd ls` shows them as pooled).
     Pool {
         tag: String,
@@ -152,12 +158,12 @@ enum Command {
 /// The virtual machine: flags `run` and `create` share.
 #[derive(Args)]
 struct MachineArgs {
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = 256)]
-    mem: u64,
-    /// Virtual CPUs.
-    #[arg(long, default_value_t = 1)]
-    cpus: u32,
+    /// Guest memory in MiB [default: 256].
+    #[arg(long)]
+    mem: Option<u64>,
+    /// Virtual CPUs [default: 1].
+    #[arg(long)]
+    cpus: Option<u32>,
     /// Accelerator: auto (KVM where hardware virtualization works, else TCG), kvm or tcg.
     #[arg(long, default_value = "auto")]
     accel: String,
@@ -172,10 +178,13 @@ struct MachineArgs {
 impl MachineArgs {
     fn boot_options(&self) -> Result<BootOptions> {
         Ok(BootOptions {
-            cpus: self.cpus,
-            mem_mib: self.mem,
+            cpus: self.cpus.unwrap_or(forkd_ops::policy::CPUS),
+            mem_mib: self.mem.unwrap_or(forkd_ops::policy::MEM_MIB),
             accel: self.accel.parse().map_err(anyhow::Error::msg)?,
-            network: parse_net(&self.net)?,
+            network: match self.net.parse().map_err(anyhow::Error::msg)? {
+                forkd_ops::Network::User => forkd_vm::Network::User,
+                forkd_ops::Network::None => forkd_vm::Network::None,
+            },
             tcg_tb_mib: self.tcg_tb_mib,
             ..BootOptions::default()
         })
@@ -288,41 +297,55 @@ enum ImageCommand {
 }
 
 fn main() -> ExitCode {
+    // A detached helper of an earlier forkd command (a branch writer, a pool
+    // refill) runs its job and exits here.
+    if let Some(code) = forkd_core::helper::run_if_helper() {
+        return code;
+    }
     // Before any thread starts, so that every thread inherits the mask and
     // the signal thread is the only one that sees these signals.
     signals::block_termination_signals();
     let cli = Cli::parse();
-    if let Err(e) = remote::configure(cli.remote.clone()) {
-        eprintln!("forkd: error: {e:#}");
-        return ExitCode::from(EXIT_FORKD_ERROR);
-    }
-    let local_only = match &cli.command {
-        Command::Run(_) => Some("run"),
-        Command::Doctor { .. } => Some("doctor"),
-        Command::Image(_) => Some("image"),
-        Command::Snapshot { .. } => Some("snapshot"),
-        Command::Daemon(_) => Some("daemon"),
-        Command::BranchWriter { .. } => Some("_branch-writer"),
-        _ => None,
+    let remote = remote::daemon(cli.remote.clone());
+    let result = match cli.command {
+        Command::Run(args) => remote::local_only(remote.as_deref(), "run").and_then(|()| run(args)),
+        Command::Doctor { json } => {
+            remote::local_only(remote.as_deref(), "doctor").and_then(|()| doctor_cmd(json))
+        }
+        Command::Image(ImageCommand::Build { guest, json }) => {
+            remote::local_only(remote.as_deref(), "image").and_then(|()| image_build(&guest, json))
+        }
+        Command::Daemon(args) => {
+            remote::local_only(remote.as_deref(), "daemon").and_then(|()| daemon(args))
+        }
+        Command::Fleet(command) => {
+            remote::operations(remote.as_deref()).and_then(|ops| fleet_command(&*ops, command))
+        }
     };
-    if let Some(cmd) = local_only {
-        if let Err(e) = remote::local_only(cmd) {
-            eprintln!("forkd: error: {e:#}");
-            return ExitCode::from(EXIT_FORKD_ERROR);
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            match e.downcast_ref::<forkd_ops::OpError>() {
+                Some(op) => eprintln!("forkd: error: {}", hints::render(op)),
+                None => eprintln!("forkd: error: {e:#}"),
+            }
+            ExitCode::from(EXIT_FORKD_ERROR)
         }
     }
-    let result = match cli.command {
-        Command::Run(args) => run(args),
-        Command::Doctor { json } => doctor_cmd(json),
-        Command::Image(ImageCommand::Build { guest, json }) => image_build(&guest, json),
-        Command::Create(args) => fleet::create(args),
-        Command::Exec(args) => fleet::exec(args),
-        Command::Ls { json } => fleet::ls(json),
-        Command::Kill { ids, all } => fleet::kill(ids, all),
-        Command::Snapshot { id, tag, json } => fleet::snapshot(&id, &tag, json),
-        Command::Snapshots { json } => fleet::snapshots(json),
-        Command::Info { tag, json } => fleet::info(&tag, json),
-        Command::Rmi { tag, force } => fleet::rmi(&tag, force),
+}
+
+/// The commands that run through the operations seam.
+fn fleet_command(ops: &dyn forkd_ops::Operations, command: FleetCommand) -> Result<ExitCode> {
+    use FleetCommand as Command;
+    match command {
+        Command::Create(args) => commands::create(ops, args),
+        Command::Exec(args) => commands::exec(ops, args),
+        Command::Ls { json } => commands::ls(ops, json),
+        Command::Kill { ids, all } => commands::kill(ops, ids, all),
+        Command::Snapshot { id, tag, json } => commands::snapshot(ops, &id, &tag, json),
+        Command::Snapshots { json } => commands::snapshots(ops, json),
+        Command::Info { tag, json } => commands::info(ops, &tag, json),
+        Command::Rmi { tag, force } => commands::rmi(ops, &tag, force),
         Command::Spawn {
             tag,
             n,
@@ -330,34 +353,15 @@ fn main() -> ExitCode {
             pool,
             no_wait,
             json,
-        } => fleet::spawn(&tag, n, parallel, pool, no_wait, json),
+        } => commands::spawn(ops, &tag, n, parallel, pool, no_wait, json),
         Command::Branch {
             id,
             tag,
             mode,
             no_wait,
             json,
-        } => fleet::branch(&id, tag, &mode, no_wait, json),
-        Command::BranchWriter { job } => forkd_core::branch::run_writer_process(&job)
-            .map(|_| ExitCode::SUCCESS)
-            .map_err(Into::into),
-        Command::Pool { tag, size } => fleet::pool(&tag, size),
-        Command::Daemon(args) => daemon(args),
-    };
-    match result {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("forkd: error: {e:#}");
-            ExitCode::from(EXIT_FORKD_ERROR)
-        }
-    }
-}
-
-pub(crate) fn parse_net(net: &str) -> Result<Network> {
-    match net {
-        "user" => Ok(Network::User),
-        "none" => Ok(Network::None),
-        other => anyhow::bail!("unknown --net {other:?}: use user or none"),
+        } => commands::branch(ops, &id, tag, &mode, no_wait, json),
+        Command::Pool { tag, size } => commands::pool(ops, &tag, size),
     }
 }
 

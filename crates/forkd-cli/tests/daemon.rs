@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use forkd_daemon::client::{Client, ClientError};
+use forkd_client::{Client, ClientError};
 use serde_json::{json, Value};
 
 struct World {

@@ -107,7 +107,7 @@ pub fn ensure(
         Image::None => None,
         Image::File(p) => {
             if !p.is_file() {
-                return Err(CoreError::Config(format!(
+                return Err(CoreError::BadRequest(format!(
                     "image {} does not exist",
                     p.display()
                 )));

@@ -39,7 +39,7 @@ fn check(name: &'static str, level: Level, detail: impl Into<String>, fix: Optio
 pub fn run(env: &Env, qemu: &str) -> Vec<Check> {
     let mut out = Vec::new();
     let qemu_path = Path::new(qemu);
-    out.push(match forkd_vm::vm::qemu_version(qemu_path) {
+    out.push(match forkd_vm::process::qemu_version(qemu_path) {
         Ok(v) => check("qemu", Level::Ok, v, None),
         Err(e) => check(
             "qemu",
@@ -48,7 +48,7 @@ pub fn run(env: &Env, qemu: &str) -> Vec<Check> {
             Some("apt-get install -y --no-install-recommends qemu-system-x86"),
         ),
     });
-    out.push(match forkd_vm::vm::which(Path::new("qemu-img")) {
+    out.push(match forkd_vm::process::which(Path::new("qemu-img")) {
         Some(p) => check("qemu-img", Level::Ok, p.display().to_string(), None),
         None => check(
             "qemu-img",
@@ -126,7 +126,7 @@ pub fn run(env: &Env, qemu: &str) -> Vec<Check> {
             Some("apt-get install -y busybox-static"),
         ),
     });
-    out.push(match forkd_vm::vm::which(Path::new("mkfs.ext4")) {
+    out.push(match forkd_vm::process::which(Path::new("mkfs.ext4")) {
         Some(_) => check("mkfs.ext4", Level::Ok, "present (root disk images)", None),
         None => check(
             "mkfs.ext4",

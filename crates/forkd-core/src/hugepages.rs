@@ -52,9 +52,9 @@ impl HugePagePool {
     /// huge page size is another one.
     pub fn read() -> Result<HugePagePool, CoreError> {
         let meminfo = std::fs::read_to_string("/proc/meminfo")
-            .map_err(|e| CoreError::Config(format!("reading /proc/meminfo: {e}")))?;
+            .map_err(CoreError::host("reading", "/proc/meminfo"))?;
         let pool = HugePagePool::parse_meminfo(&meminfo).ok_or_else(|| {
-            CoreError::Config(
+            CoreError::HugePages(
                 "/proc/meminfo has no HugePages_* lines: this kernel has no hugetlb support".into(),
             )
         })?;
@@ -67,7 +67,7 @@ impl HugePagePool {
                 .ok()
                 .and_then(|s| s.trim().parse().ok())
                 .ok_or_else(|| {
-                    CoreError::Config(format!(
+                    CoreError::HugePages(format!(
                         "this host has no 2 MiB huge pages ({path} is unreadable)"
                     ))
                 })
@@ -126,7 +126,7 @@ impl HugePagePool {
 pub fn preflight(mem_mib: u64) -> Result<(), CoreError> {
     HugePagePool::read()?
         .check(mem_mib)
-        .map_err(CoreError::Config)
+        .map_err(CoreError::HugePages)
 }
 
 #[cfg(test)]

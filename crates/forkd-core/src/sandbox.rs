@@ -71,16 +71,16 @@ impl Sandbox {
         opts: &BootOptions,
     ) -> Result<Sandbox, CoreError> {
         let accel =
-            forkd_vm::accel::choose(opts.accel, &HostProbe::read()).map_err(CoreError::Config)?;
+            forkd_vm::accel::choose(opts.accel, &HostProbe::read()).map_err(CoreError::Accel)?;
         let vms = env.vms_dir();
-        forkd_vm::vm::sweep_stale(&vms);
+        forkd_vm::rundir::sweep_stale(&vms);
         let id = new_id("vm");
         let mut run_dir = RunDir::create(&vms, &id)?;
         run_dir.remove_when_owner_dies()?;
         let mut disks = Vec::new();
         if let Some(base) = &artifacts.rootfs {
             let overlay = run_dir.file("root.qcow2");
-            forkd_vm::disk::create_overlay(base, "raw", &overlay).map_err(CoreError::Config)?;
+            forkd_vm::disk::create_overlay(base, "raw", &overlay).map_err(CoreError::DiskImage)?;
             disks.push(Disk { overlay });
         }
         let config = boot_config(

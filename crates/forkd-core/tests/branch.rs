@@ -8,9 +8,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use forkd_core::branch::{Mode, WriterLaunch};
 use forkd_core::hugepages::HugePagePool;
 use forkd_core::{BootOptions, Env, Fleet};
+use forkd_ops::{BranchMode as Mode, BranchOutcome, PartialFailure, RemoveSnapshot};
 use forkd_store::SnapshotStatus;
 
 struct World {
@@ -61,6 +61,7 @@ impl World {
         self.fleet
             .create(common::artifacts(), "busybox", &opts)
             .unwrap()
+            .0
             .id
     }
 
@@ -87,18 +88,17 @@ impl World {
         }
     }
 
-    fn branch(&self, id: &str, tag: &str) -> forkd_core::branch::BranchInfo {
-        self.fleet
-            .branch(id, tag, Mode::Live, true, WriterLaunch::Thread)
-            .unwrap()
+    fn branch(&self, id: &str, tag: &str) -> BranchOutcome {
+        self.fleet.branch(id, tag, Mode::Live, true, None).unwrap()
     }
 
     fn spawn1(&self, tag: &str) -> String {
         self.fleet
-            .spawn(tag, 1, 1, &|_, _| {})
+            .spawn(tag, 1, 1, true, PartialFailure::Keep, &|_, _| {})
             .unwrap()
             .remove(0)
             .unwrap()
+            .sandbox
             .id
     }
 
@@ -134,7 +134,7 @@ fn a_live_branch_captures_one_instant_of_256_mib_being_rewritten() {
     let p = w.create(512);
     w.start_memtest(&p, 256, 4242);
     let info = w.branch(&p, "instant");
-    assert_eq!(info.status, SnapshotStatus::Ready);
+    assert_eq!(info.snapshot.status, SnapshotStatus::Ready);
     eprintln!(
         "pause {:.1} ms, qemu downtime {:?} ms, ready {:?} ms",
         info.pause_ms, info.qemu_downtime_ms, info.ready_ms
@@ -167,7 +167,7 @@ fn a_live_branch_captures_one_instant_of_256_mib_being_rewritten() {
     // over `instant`, and the flat image children map is again one instant.
     std::thread::sleep(Duration::from_secs(2));
     let info = w.branch(&c, "instant2");
-    assert_eq!(info.status, SnapshotStatus::Ready);
+    assert_eq!(info.snapshot.status, SnapshotStatus::Ready);
     let manifest = w.fleet.store().load("instant2").unwrap();
     assert_eq!(manifest.ram_parent.as_deref(), Some("instant"));
     let dir = w.fleet.store().dir("instant2");
@@ -208,7 +208,7 @@ fn children_and_grandchildren_can_be_branched_and_spawned() {
     let c = w.spawn1("g0");
     w.run(&c, "echo gen1 >> /root/gen; echo child-mem > /tmp/m; sync");
     let b1 = w.branch(&c, "g1");
-    assert_eq!(b1.status, SnapshotStatus::Ready);
+    assert_eq!(b1.snapshot.status, SnapshotStatus::Ready);
     // g1 keeps only the pages the child changed: a small layer over g0.
     let allocated = |tag: &str, file: &str| {
         use std::os::unix::fs::MetadataExt;
@@ -238,13 +238,13 @@ fn children_and_grandchildren_can_be_branched_and_spawned() {
     assert_eq!(w.run(&ggc, "cat /root/gen"), "gen0\ngen1\ngen2\n");
     let d = w.fleet.snapshot_detail("g2").unwrap();
     assert_eq!(d.chain, ["g1", "g0"]);
-    assert_eq!((d.ram, d.ram_parent.as_deref()), ("layer", Some("g1")));
+    assert_eq!(d.ram_parent.as_deref(), Some("g1"));
     assert!(d.layer_pages.unwrap() > 0 && d.bootable);
     assert!(d.files.iter().any(|f| f.name == "ram.map"));
     let d0 = w.fleet.snapshot_detail("g0").unwrap();
-    assert_eq!((d0.ram, d0.chain.len()), ("full", 0));
+    assert_eq!((d0.ram_parent.as_deref(), d0.chain.len()), (None, 0));
     assert!(
-        d0.dependents.contains(&"snapshot g1".to_string()),
+        d0.dependents.snapshots.contains(&"g1".to_string()),
         "{:?}",
         d0.dependents
     );
@@ -261,7 +261,7 @@ fn children_and_grandchildren_can_be_branched_and_spawned() {
     );
     let e = w
         .fleet
-        .remove_snapshot("g0", false)
+        .remove_snapshot("g0", RemoveSnapshot::default())
         .unwrap_err()
         .to_string();
     assert!(e.contains("snapshot g1"), "{e}");
@@ -312,9 +312,9 @@ fn qemu_killed_mid_branch_fails_the_snapshot_and_publishes_nothing() {
     w.start_memtest(&p, 256, 1);
     let info = w
         .fleet
-        .branch(&p, "doomed", Mode::Live, false, WriterLaunch::Thread)
+        .branch(&p, "doomed", Mode::Live, false, None)
         .unwrap();
-    assert_eq!(info.status, SnapshotStatus::Writing);
+    assert_eq!(info.snapshot.status, SnapshotStatus::Writing);
     let pid = w
         .fleet
         .list()
@@ -340,7 +340,7 @@ fn qemu_killed_mid_branch_fails_the_snapshot_and_publishes_nothing() {
     assert!(w.staging_dirs().is_empty(), "{:?}", w.staging_dirs());
     let e = w
         .fleet
-        .spawn("doomed", 1, 1, &|_, _| {})
+        .spawn("doomed", 1, 1, true, PartialFailure::Keep, &|_, _| {})
         .unwrap_err()
         .to_string();
     assert!(e.contains("not ready") && e.contains("failed"), "{e}");
@@ -354,7 +354,7 @@ fn a_full_store_fails_the_branch_and_the_source_runs_on() {
     eprintln!("memtest running; branching into a 24 MiB store");
     let e = w
         .fleet
-        .branch(&p, "big", Mode::Live, true, WriterLaunch::Thread)
+        .branch(&p, "big", Mode::Live, true, None)
         .unwrap_err()
         .to_string();
     eprintln!("branch failed as expected: {e}");
@@ -396,8 +396,11 @@ fn garbage_on_the_branch_socket_fails_cleanly() {
     let job = forkd_core::branch::WriterJob {
         tag: "junk".into(),
         source: p.clone(),
+        source_pid: row.pid,
+        source_pid_start: row.pid_start,
+        source_run_dir: row.run_dir.clone(),
+        source_vm: config.vm.clone(),
         socket: row.run_dir.join("junk.sock"),
-        qmp_socket: config.vm.qmp_socket.clone(),
         frozen_disk: None,
         machine: serde_json::json!({}),
         parent: None,
@@ -427,26 +430,21 @@ fn concurrent_branches_are_refused_and_spawn_waits_for_writing_snapshots() {
     let w = World::new("concurrent");
     let p = w.create(512);
     w.start_memtest(&p, 192, 3);
-    let first = w
-        .fleet
-        .branch(&p, "one", Mode::Live, false, WriterLaunch::Thread)
-        .unwrap();
-    assert_eq!(first.status, SnapshotStatus::Writing);
+    let first = w.fleet.branch(&p, "one", Mode::Live, false, None).unwrap();
+    assert_eq!(first.snapshot.status, SnapshotStatus::Writing);
     let e = w
         .fleet
-        .branch(&p, "two", Mode::Live, true, WriterLaunch::Thread)
+        .branch(&p, "two", Mode::Live, true, None)
         .unwrap_err()
         .to_string();
     assert!(e.contains("being branched"), "{e}");
     // --no-wait spawn fails at once; a waiting spawn gets a ready snapshot.
-    w.fleet.set_no_wait(true);
     let e = w
         .fleet
-        .spawn("one", 1, 1, &|_, _| {})
+        .spawn("one", 1, 1, false, PartialFailure::Keep, &|_, _| {})
         .unwrap_err()
         .to_string();
     assert!(e.contains("still being written"), "{e}");
-    w.fleet.set_no_wait(false);
     let c = w.spawn1("one");
     assert_eq!(
         w.fleet.db().get_snapshot("one").unwrap().unwrap().status,
@@ -457,7 +455,7 @@ fn concurrent_branches_are_refused_and_spawn_waits_for_writing_snapshots() {
         "alive\n"
     );
     // Once done, the source can be branched again.
-    assert_eq!(w.branch(&p, "two").status, SnapshotStatus::Ready);
+    assert_eq!(w.branch(&p, "two").snapshot.status, SnapshotStatus::Ready);
 }
 
 #[test]
@@ -584,6 +582,7 @@ fn a_hugetlb_sandbox_branches_live_and_refuses_what_it_cannot_do() {
         .fleet
         .create(common::artifacts(), "busybox", &opts)
         .unwrap()
+        .0
         .id;
     // prealloc: all 128 pages are taken at start, none merely reserved.
     let after = HugePagePool::read().unwrap();
@@ -595,10 +594,10 @@ fn a_hugetlb_sandbox_branches_live_and_refuses_what_it_cannot_do() {
     std::thread::sleep(Duration::from_secs(1));
     let b2 = w.branch(&p, "hp2");
     for b in [&b1, &b2] {
-        assert_eq!(b.status, SnapshotStatus::Ready);
+        assert_eq!(b.snapshot.status, SnapshotStatus::Ready);
         eprintln!(
             "{}: pause {:.1} ms, qemu downtime {:?} ms, ready {:?} ms",
-            b.tag, b.pause_ms, b.qemu_downtime_ms, b.ready_ms
+            b.snapshot.tag, b.pause_ms, b.qemu_downtime_ms, b.ready_ms
         );
     }
     // Each branch is one instant of the writer's memory.
@@ -619,19 +618,20 @@ fn a_hugetlb_sandbox_branches_live_and_refuses_what_it_cannot_do() {
     // Full mode would copy a RAM file; this RAM is in a memfd.
     for e in [
         w.fleet
-            .branch(&p, "hpfull", Mode::Full, true, WriterLaunch::Thread)
+            .branch(&p, "hpfull", Mode::Full, true, None)
             .unwrap_err(),
         w.fleet.snapshot(&p, "hpsnap").unwrap_err(),
     ] {
-        assert_eq!(e.kind(), forkd_core::ErrorKind::Conflict);
-        let e = e.to_string();
-        assert!(
-            e.contains("hugetlb memfd") && e.contains("--mode live"),
-            "{e}"
+        assert_eq!(e.kind(), forkd_ops::ErrorKind::Conflict);
+        assert_eq!(
+            e.hint(),
+            Some(forkd_ops::Hint::BranchLive { id: p.clone() })
         );
+        let e = e.to_string();
+        assert!(e.contains("hugetlb memfd"), "{e}");
     }
     assert!(w.fleet.store().load("hpfull").is_err() && w.staging_dirs().is_empty());
     // The source runs on, and branches live again.
     assert_eq!(w.run(&p, "cat /tmp/state"), "hugetlb-state\n");
-    assert_eq!(w.branch(&p, "hp3").status, SnapshotStatus::Ready);
+    assert_eq!(w.branch(&p, "hp3").snapshot.status, SnapshotStatus::Ready);
 }

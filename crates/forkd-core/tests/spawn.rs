@@ -8,8 +8,14 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::sh;
-use forkd_core::fleet::{Child, DEVICE_STATE, RAM_IMAGE};
+use forkd_core::fleet::{DEVICE_STATE, RAM_IMAGE};
 use forkd_core::{BootOptions, CoreError, Env, Fleet};
+use forkd_ops::{Child, PartialFailure, RemoveSnapshot, SandboxState};
+
+const FORCE: RemoveSnapshot = RemoveSnapshot {
+    force: true,
+    cascade: false,
+};
 
 struct World {
     env: Env,
@@ -32,6 +38,7 @@ impl World {
         self.fleet
             .create(common::artifacts(), "busybox", &BootOptions::default())
             .unwrap()
+            .0
             .id
     }
 
@@ -41,7 +48,7 @@ impl World {
 
     fn spawn(&self, tag: &str, n: usize) -> Vec<Child> {
         self.fleet
-            .spawn(tag, n, 2, &|_, _| {})
+            .spawn(tag, n, 2, true, PartialFailure::Keep, &|_, _| {})
             .unwrap()
             .into_iter()
             .map(|r| r.unwrap())
@@ -81,7 +88,7 @@ fn children_inherit_memory_and_disk_and_their_writes_stay_private() {
     let w = World::new("inherit");
     let parent = warmed_parent(&w, "warm");
     let kids = w.spawn("warm", 2);
-    let (a, b) = (&kids[0].id, &kids[1].id);
+    let (a, b) = (&kids[0].sandbox.id, &kids[1].sandbox.id);
     for c in [a, b] {
         let out = w.run(
             c,
@@ -127,7 +134,7 @@ fn children_are_fork_safe() {
         assert!(
             c.clock_step_ms <= -2000,
             "{} clock step {} ms",
-            c.id,
+            c.sandbox.id,
             c.clock_step_ms
         );
     }
@@ -135,12 +142,12 @@ fn children_are_fork_safe() {
     for c in &kids {
         // busybox date has no %N; adjtimex prints the clock in microseconds.
         let out = w.run(
-            &c.id,
+            &c.sandbox.id,
             "hostname; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; \
              adjtimex | awk '/tv_sec/ {s=$2} /tv_usec/ {u=$2} END {printf \"%d%06d\\n\", s, u}'",
         );
         let lines: Vec<&str> = out.lines().collect();
-        assert_eq!(lines[0], c.id, "hostname");
+        assert_eq!(lines[0], c.sandbox.id, "hostname");
         randoms.push(lines[1].to_string());
         let guest_us: i128 = lines[2]
             .parse()
@@ -153,7 +160,7 @@ fn children_are_fork_safe() {
         assert!(
             skew_ms < 1000,
             "guest clock of {} is {skew_ms} ms off",
-            c.id
+            c.sandbox.id
         );
     }
     assert_eq!(randoms[0].len(), 64);
@@ -170,11 +177,11 @@ fn killing_children_frees_their_processes_and_files() {
     let rows: Vec<_> = w.fleet.list().unwrap();
     assert_eq!(rows.len(), 3);
     for c in &kids {
-        let row = rows.iter().find(|r| r.id == c.id).unwrap();
-        assert!(forkd_vm::vm::pid_alive(row.pid, 0));
-        w.fleet.kill(&c.id).unwrap();
+        let row = rows.iter().find(|r| r.id == c.sandbox.id).unwrap();
+        assert!(forkd_vm::process::pid_alive(row.pid, 0));
+        w.fleet.kill(&c.sandbox.id).unwrap();
         assert!(
-            !forkd_vm::vm::pid_alive(row.pid, 0),
+            !forkd_vm::process::pid_alive(row.pid, 0),
             "QEMU {} survived kill",
             row.pid
         );
@@ -197,7 +204,7 @@ fn killing_children_frees_their_processes_and_files() {
     // SAFETY: our own QEMU child.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(w.fleet.list().unwrap()[0].state, "dead");
+    assert_eq!(w.fleet.list().unwrap()[0].state, SandboxState::Dead);
     let e = w
         .fleet
         .exec(&parent, sh("true"), None, |_, _| {})
@@ -209,7 +216,10 @@ fn killing_children_frees_their_processes_and_files() {
 
 fn assert_refused(w: &World, tag: &str, what: &str) {
     let before = w.sandbox_dirs().len();
-    let e = match w.fleet.spawn(tag, 2, 2, &|_, _| {}) {
+    let e = match w
+        .fleet
+        .spawn(tag, 2, 2, true, PartialFailure::Keep, &|_, _| {})
+    {
         Err(e) => e,
         Ok(r) => panic!("spawn from {what} succeeded: {r:?}"),
     };
@@ -228,8 +238,9 @@ fn spawn_refuses_missing_truncated_and_corrupt_snapshots_before_starting_qemu() 
     warmed_parent(&w, "good");
     assert_refused(&w, "nope", "a missing snapshot");
     assert!(matches!(
-        w.fleet.spawn("bad tag!", 1, 1, &|_, _| {}),
-        Err(CoreError::Store(_))
+        w.fleet
+            .spawn("bad tag!", 1, 1, true, PartialFailure::Keep, &|_, _| {}),
+        Err(CoreError::InvalidName(_))
     ));
 
     // Copies of the good snapshot, damaged in different ways.
@@ -240,7 +251,7 @@ fn spawn_refuses_missing_truncated_and_corrupt_snapshots_before_starting_qemu() 
             .fleet
             .snapshot(&w2.fleet.list().unwrap()[0].id, tag)
             .unwrap();
-        f(&info.dir);
+        f(&info.snapshot.dir);
     };
     damage("trunc", &|d| {
         let f = std::fs::OpenOptions::new()
@@ -267,7 +278,7 @@ fn spawn_refuses_missing_truncated_and_corrupt_snapshots_before_starting_qemu() 
     ] {
         let e = w
             .fleet
-            .spawn(tag, 1, 1, &|_, _| {})
+            .spawn(tag, 1, 1, true, PartialFailure::Keep, &|_, _| {})
             .unwrap_err()
             .to_string();
         assert!(e.contains(needle), "{what}: {e}");
@@ -305,7 +316,10 @@ fn a_child_whose_qemu_dies_during_spawn_is_reported_and_cleaned_up_while_sibling
         }
         0
     });
-    let results = w.fleet.spawn("d", 3, 1, &|_, _| {}).unwrap();
+    let results = w
+        .fleet
+        .spawn("d", 3, 1, true, PartialFailure::Keep, &|_, _| {})
+        .unwrap();
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let killed = killer.join().unwrap();
     assert!(killed > 0, "the killer never saw a child QEMU");
@@ -316,9 +330,9 @@ fn a_child_whose_qemu_dies_during_spawn_is_reported_and_cleaned_up_while_sibling
     // Parent + 2 children remain; the failed child left no run dir, row or process.
     assert_eq!(w.sandbox_dirs().len(), 3, "{:?}", w.sandbox_dirs());
     assert_eq!(w.fleet.list().unwrap().len(), 3);
-    assert!(!forkd_vm::vm::pid_alive(killed, 0));
+    assert!(!forkd_vm::process::pid_alive(killed, 0));
     for c in ok {
-        assert_eq!(w.run(&c.id, "cat /tmp/mem.txt"), "parent-mem\n");
+        assert_eq!(w.run(&c.sandbox.id, "cat /tmp/mem.txt"), "parent-mem\n");
     }
 }
 
@@ -327,34 +341,47 @@ fn rmi_refuses_while_children_run_and_force_overrides() {
     let w = World::new("rmi");
     warmed_parent(&w, "r");
     let kids = w.spawn("r", 1);
-    let e = w.fleet.remove_snapshot("r", false).unwrap_err().to_string();
-    assert!(e.contains(&kids[0].id) && e.contains("--force"), "{e}");
-    w.fleet.kill(&kids[0].id).unwrap();
-    w.fleet.remove_snapshot("r", false).unwrap();
+    let e = w
+        .fleet
+        .remove_snapshot("r", RemoveSnapshot::default())
+        .unwrap_err();
+    assert_eq!(
+        e.hint(),
+        Some(forkd_ops::Hint::RemoveDependentsOrForce { tag: "r".into() })
+    );
+    assert!(e.to_string().contains(&kids[0].sandbox.id), "{e}");
+    w.fleet.kill(&kids[0].sandbox.id).unwrap();
+    w.fleet
+        .remove_snapshot("r", RemoveSnapshot::default())
+        .unwrap();
     assert!(!w.fleet.store().dir("r").exists());
     assert!(w
         .fleet
-        .remove_snapshot("r", false)
+        .remove_snapshot("r", RemoveSnapshot::default())
         .unwrap_err()
         .to_string()
         .contains("no snapshot"));
     warmed_parent(&w, "r2");
     let _kid = w.spawn("r2", 1);
-    w.fleet.remove_snapshot("r2", true).unwrap();
+    w.fleet.remove_snapshot("r2", FORCE).unwrap();
 }
 
 #[test]
 fn pool_members_are_taken_first_and_a_dead_member_falls_back_to_a_cold_start() {
     let w = World::new("pool");
     warmed_parent(&w, "p");
-    assert_eq!(w.fleet.fill_pool("p", 2).unwrap(), 2);
-    assert_eq!(w.fleet.fill_pool("p", 2).unwrap(), 0, "already full");
+    assert_eq!(w.fleet.fill_pool("p", 2).unwrap().started, 2);
+    assert_eq!(
+        w.fleet.fill_pool("p", 2).unwrap().started,
+        0,
+        "already full"
+    );
     let pooled: Vec<_> = w
         .fleet
         .list()
         .unwrap()
         .into_iter()
-        .filter(|s| s.state == "pooled")
+        .filter(|s| s.state == SandboxState::Pooled)
         .collect();
     assert_eq!(pooled.len(), 2);
     // One member dies while waiting: the spawn must not hand it out.
@@ -364,15 +391,19 @@ fn pool_members_are_taken_first_and_a_dead_member_falls_back_to_a_cold_start() {
     let kids = w.spawn("p", 2);
     let from_pool = kids.iter().filter(|c| c.from_pool).count();
     assert_eq!(from_pool, 1, "{kids:?}");
-    assert!(kids.iter().any(|c| c.id == pooled[1].id));
+    assert!(kids.iter().any(|c| c.sandbox.id == pooled[1].id));
     for c in &kids {
         assert_eq!(
-            w.run(&c.id, "hostname; cat /tmp/mem.txt"),
-            format!("{}\nparent-mem\n", c.id)
+            w.run(&c.sandbox.id, "hostname; cat /tmp/mem.txt"),
+            format!("{}\nparent-mem\n", c.sandbox.id)
         );
     }
     assert!(
-        w.fleet.list().unwrap().iter().all(|s| s.state == "running"),
+        w.fleet
+            .list()
+            .unwrap()
+            .iter()
+            .all(|s| s.state == SandboxState::Running),
         "{:?}",
         w.fleet.list()
     );
@@ -382,6 +413,11 @@ fn pool_members_are_taken_first_and_a_dead_member_falls_back_to_a_cold_start() {
     );
     // rmi --force also clears the pool.
     w.fleet.fill_pool("p", 1).unwrap();
-    w.fleet.remove_snapshot("p", true).unwrap();
-    assert!(w.fleet.list().unwrap().iter().all(|s| s.state != "pooled"));
+    w.fleet.remove_snapshot("p", FORCE).unwrap();
+    assert!(w
+        .fleet
+        .list()
+        .unwrap()
+        .iter()
+        .all(|s| s.state != SandboxState::Pooled));
 }

@@ -7,10 +7,10 @@
 //! reconciling the database with the processes that exist
 //! ([`forkd_core::Fleet::recover`]).
 //!
-//! [`client::Client`] is the small HTTP client the CLI's `--remote` and the
-//! API benchmark use.
+//! The routes are a thin adapter over the operations seam
+//! ([`forkd_ops::Operations`]): the client side of the same API is
+//! `forkd-client`.
 
-pub mod client;
 pub mod ops;
 pub mod server;
 
@@ -75,8 +75,7 @@ pub fn run(env: &Env, opts: DaemonOptions, log: &dyn Fn(&str)) -> Result<(), Dae
     if let forkd_api::auth::SocketAccess::Group(g) = &opts.socket_access {
         server::group_id(g)?; // refuse an unknown group before anything starts
     }
-    let exe = std::env::current_exe()?;
-    let daemon = ops::Daemon::new(env.clone(), exe)?;
+    let daemon = ops::Daemon::new(env.clone())?;
     let rec = daemon.fleet.recover()?;
     log(&format!(
         "recovered: {} running sandboxes re-attached, {} dead, {} branches still writing, {} interrupted branches failed",

@@ -260,11 +260,7 @@ pub async fn serve(app: Arc<App>) -> std::io::Result<()> {
             loop {
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
                 let d = d.clone();
-                let _ = tokio::task::spawn_blocking(move || {
-                    d.close_idle_sessions();
-                    d.reap_children();
-                })
-                .await;
+                let _ = tokio::task::spawn_blocking(move || d.fleet.housekeeping()).await;
             }
         });
     }

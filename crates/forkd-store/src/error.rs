@@ -1,5 +1,6 @@
-//! The one error type of this crate. Every message names the thing that is wrong
-//! and, where the user can act, what to do about it.
+//! The one error type of this crate. Every message names the thing that is
+//! wrong; what the user should type about it is the front ends' business
+//! (they word the hint each variant implies).
 
 use std::io;
 use std::path::PathBuf;
@@ -9,8 +10,8 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("invalid tag `{tag}`: {rule}")]
-    InvalidTag { tag: String, rule: &'static str },
+    #[error(transparent)]
+    InvalidTag(#[from] forkd_ops::InvalidName),
 
     #[error("cannot {action} `{}`: {source}", path.display())]
     Io {
@@ -38,48 +39,35 @@ pub enum StoreError {
         supported: i64,
     },
 
-    #[error("state database holds an unknown {kind} `{value}` (expected {expected})")]
-    UnknownValue {
-        kind: &'static str,
-        value: String,
-        expected: &'static str,
-    },
-
     #[error("a sandbox with id `{id}` already exists; sandbox ids must be unique")]
     SandboxExists { id: String },
 
-    #[error("no sandbox `{id}`; `forkd ps` lists them")]
+    #[error("no sandbox `{id}`")]
     NoSandbox { id: String },
 
-    #[error(
-        "snapshot `{tag}` already exists; pick another tag or delete it with `forkd rmi {tag}`"
-    )]
+    #[error("snapshot `{tag}` already exists")]
     SnapshotExists { tag: String },
 
-    #[error("no snapshot `{tag}`; `forkd snapshots` lists them")]
+    #[error("no snapshot `{tag}`")]
     NoSnapshot { tag: String },
 
-    #[error(
-        "snapshot `{tag}` is still being written (status: writing); \
-         retry when `forkd snapshots` says ready"
-    )]
+    #[error("snapshot `{tag}` is still being written (status: writing)")]
     SnapshotWriting { tag: String },
 
     #[error(
-        "snapshot `{tag}` failed while being written{}; delete it with `forkd rmi {tag}` \
-         and take it again",
+        "snapshot `{tag}` failed while being written{}",
         reason_suffix(.error)
     )]
     SnapshotFailed { tag: String, error: Option<String> },
 
     #[error(
-        "snapshot `{tag}` has no manifest (`{}`); it is incomplete: delete it with `forkd rmi {tag}`",
+        "snapshot `{tag}` has no manifest (`{}`): it is incomplete",
         path.display()
     )]
     ManifestMissing { tag: String, path: PathBuf },
 
     #[error(
-        "manifest `{}` of snapshot `{tag}` is invalid: {reason}; delete it with `forkd rmi {tag}`",
+        "manifest `{}` of snapshot `{tag}` is invalid: {reason}",
         path.display()
     )]
     ManifestInvalid {
@@ -107,20 +95,15 @@ pub enum StoreError {
     )]
     UnexpectedStagingEntry { tag: String, name: String },
 
-    #[error(
-        "snapshot `{tag}` is missing {name}; it is incomplete: delete it with `forkd rmi {tag}`"
-    )]
+    #[error("snapshot `{tag}` is missing {name}: it is incomplete")]
     FileMissing { tag: String, name: String },
 
-    #[error(
-        "snapshot `{tag}`: {name} is not a regular file; it is corrupt: delete it with \
-         `forkd rmi {tag}`"
-    )]
+    #[error("snapshot `{tag}`: {name} is not a regular file: it is corrupt")]
     NotRegularFile { tag: String, name: String },
 
     #[error(
-        "snapshot `{tag}`: {name} is {}: {actual} bytes, manifest says {expected}; \
-         it is corrupt: delete it with `forkd rmi {tag}`",
+        "snapshot `{tag}`: {name} is {}: {actual} bytes, manifest says {expected}: \
+         it is corrupt",
         size_problem(.actual, .expected)
     )]
     FileSizeMismatch {
@@ -132,7 +115,7 @@ pub enum StoreError {
 
     #[error(
         "snapshot `{tag}`: {name} does not match its manifest (blake3 {actual}, manifest says \
-         {expected}); it is corrupt: delete it with `forkd rmi {tag}`"
+         {expected}): it is corrupt"
     )]
     FileCorrupt {
         tag: String,

@@ -11,61 +11,25 @@ mod error;
 mod hash;
 mod store;
 
-pub use db::{Db, SandboxRow, SandboxState, SnapshotRow, SnapshotStatus, SCHEMA_VERSION};
+pub use db::{Db, SandboxRow, SnapshotRow, SCHEMA_VERSION};
 pub use error::{Result, StoreError};
+pub use forkd_ops::{validate_tag, SandboxState, SnapshotStatus};
 pub use hash::hash_file;
 pub use store::{FileEntry, Manifest, Staging, Store, VerifyStats, MANIFEST_FORMAT};
 
-/// Longest tag accepted by [`validate_tag`].
-pub const MAX_TAG_LEN: usize = 64;
-
-/// Checks a snapshot tag: `[A-Za-z0-9._-]{1,64}`, not starting with `.` (which
-/// also rules out `.` and `..` and keeps tags apart from the store's own hidden
-/// `.staging-*` / `.trash-*` directories).
-///
-/// Every place that turns a tag into a path goes through this one function.
-pub fn validate_tag(tag: &str) -> Result<()> {
-    let rule = if tag.is_empty() {
-        Some("a tag must not be empty")
-    } else if tag.len() > MAX_TAG_LEN {
-        Some("a tag is at most 64 characters long")
-    } else if tag == "." || tag == ".." {
-        Some("`.` and `..` are not tags")
-    } else if tag.starts_with('.') {
-        Some("a tag must not start with `.`")
-    } else if !tag
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-    {
-        Some("a tag may only contain letters, digits, `.`, `_` and `-`")
-    } else {
-        None
-    };
-    match rule {
-        Some(rule) => Err(StoreError::InvalidTag {
-            tag: tag.to_owned(),
-            rule,
-        }),
-        None => Ok(()),
-    }
-}
-
-/// Lists what still depends on snapshot `tag` and so blocks its deletion: live
-/// sandboxes spawned from it (as `"sandbox <id>"`, state other than dead) and
-/// snapshots layered on it (as `"snapshot <tag>"`). Empty means it may go.
-pub fn deletion_blockers(db: &Db, tag: &str) -> Result<Vec<String>> {
-    let mut blockers: Vec<String> = db
-        .sandboxes_from_snapshot(tag)?
-        .into_iter()
-        .filter(|sandbox| sandbox.state != SandboxState::Dead)
-        .map(|sandbox| format!("sandbox {}", sandbox.id))
-        .collect();
-    blockers.extend(
-        db.children_of(tag)?
+/// What still depends on snapshot `tag` and so blocks its deletion: live
+/// sandboxes spawned from it (any state but dead) and snapshots layered on
+/// it. Empty means it may go.
+pub fn dependents(db: &Db, tag: &str) -> Result<forkd_ops::Dependents> {
+    Ok(forkd_ops::Dependents {
+        sandboxes: db
+            .sandboxes_from_snapshot(tag)?
             .into_iter()
-            .map(|child| format!("snapshot {child}")),
-    );
-    Ok(blockers)
+            .filter(|sandbox| sandbox.state != SandboxState::Dead)
+            .map(|sandbox| sandbox.id)
+            .collect(),
+        snapshots: db.children_of(tag)?,
+    })
 }
 
 /// Current time as unix seconds, the unit of every `created_at` in this crate.
@@ -77,56 +41,12 @@ pub fn unix_now() -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tag_validation_table() {
-        let long_ok = "a".repeat(64);
-        let too_long = "a".repeat(65);
-        let cases: &[(&str, bool)] = &[
-            ("py", true),
-            ("Py-3.12_base", true),
-            ("a", true),
-            ("0", true),
-            ("a.b", true),
-            ("a..b", true),
-            ("-x", true),
-            ("x.", true),
-            (&long_ok, true),
-            ("", false),
-            (&too_long, false),
-            (".", false),
-            ("..", false),
-            (".hidden", false),
-            (".staging-x", false),
-            ("a/b", false),
-            ("../etc", false),
-            ("a b", false),
-            ("a\0b", false),
-            ("é", false),
-            ("a:b", false),
-            ("tag\n", false),
-        ];
-        for (tag, ok) in cases {
-            let result = validate_tag(tag);
-            assert_eq!(result.is_ok(), *ok, "tag {tag:?}: {result:?}");
-            if let Err(err) = result {
-                let msg = err.to_string();
-                assert!(msg.contains("invalid tag"), "{msg}");
-                assert!(msg.contains(&format!("`{tag}`")), "{msg}");
-            }
-        }
-    }
-}
-
-#[cfg(test)]
 mod policy_tests {
     use super::*;
     use std::path::PathBuf;
 
     #[test]
-    fn deletion_blockers_lists_live_sandboxes_and_child_snapshots() {
+    fn dependents_are_live_sandboxes_and_child_snapshots() {
         let tmp = tempfile::tempdir().unwrap();
         let db = Db::open(&tmp.path().join("forkd.db")).unwrap();
         let snap = |tag: &str, parent: Option<&str>| SnapshotRow {
@@ -151,7 +71,7 @@ mod policy_tests {
         };
         db.insert_snapshot(&snap("base", None)).unwrap();
         db.insert_snapshot(&snap("leaf", Some("base"))).unwrap();
-        assert!(deletion_blockers(&db, "leaf").unwrap().is_empty());
+        assert!(dependents(&db, "leaf").unwrap().is_empty());
 
         db.insert_sandbox(&sandbox("a", SandboxState::Running, "base"))
             .unwrap();
@@ -161,11 +81,12 @@ mod policy_tests {
             .unwrap();
         db.insert_sandbox(&sandbox("d", SandboxState::Running, "leaf"))
             .unwrap();
+        let base = dependents(&db, "base").unwrap();
         assert_eq!(
-            deletion_blockers(&db, "base").unwrap(),
-            ["sandbox a", "sandbox b", "snapshot leaf"]
+            (base.sandboxes, base.snapshots),
+            (vec!["a".to_string(), "b".into()], vec!["leaf".to_string()])
         );
-        assert_eq!(deletion_blockers(&db, "leaf").unwrap(), ["sandbox d"]);
-        assert!(deletion_blockers(&db, "unknown").unwrap().is_empty());
+        assert_eq!(dependents(&db, "leaf").unwrap().sandboxes, ["d"]);
+        assert!(dependents(&db, "unknown").unwrap().is_empty());
     }
 }

@@ -2,17 +2,28 @@
 //!
 //! Owns everything about a QEMU process: the command line built from a typed
 //! [`VmConfig`] ([`config`], pure), the accelerator decision ([`accel`], pure),
-//! the QMP client ([`qmp`]), disk overlays ([`disk`]), and the process
-//! lifecycle with its run directory ([`vm`]). It knows nothing about
+//! the QMP client ([`qmp`]), the one place that speaks QEMU migration
+//! ([`migration`]: device state, live snapshots), disk overlays and disk
+//! freezing ([`disk`]), the run directory ([`rundir`]), host process facts
+//! ([`process`]) and the VM handle with its lifecycle ([`vm`]). It knows nothing about
 //! snapshots, sandboxes or the state database: callers above decide what to
 //! run; this crate starts it, talks to it and cleans up after it.
 
 pub mod accel;
 pub mod config;
 pub mod disk;
+mod error;
+mod launch;
+pub mod migration;
+pub mod process;
 pub mod qmp;
+pub mod rundir;
 pub mod vm;
 
 pub use accel::{Accel, AccelChoice, AccelRequest, HostProbe};
 pub use config::{Disk, HugePages, MemoryBackend, Network, VmConfig};
-pub use vm::{LaunchOptions, PreparedDiskSnapshot, RunDir, Vm, VmError};
+pub use disk::PreparedDiskSnapshot;
+pub use error::VmError;
+pub use migration::{LivePause, MigrationInfo, MigrationStatus, StoppedSnapshot};
+pub use rundir::RunDir;
+pub use vm::{LaunchOptions, Shutdown, Vm};

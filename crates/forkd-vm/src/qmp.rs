@@ -8,6 +8,7 @@
 //! a reply are kept in order for callers that want them (e.g. `MIGRATION`).
 
 use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::io::{AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -31,10 +32,10 @@ pub enum QmpError {
         class: String,
         desc: String,
     },
-    #[error(
-        "QMP command `{0}` got no reply within {1:?} (another QMP client connected, or QEMU busy)"
-    )]
+    #[error("QMP command `{0}` got no reply within {1:?} (QEMU is busy or hung)")]
     Timeout(String, Duration),
+    #[error("another forkd process kept QEMU's control socket for more than {0:?}")]
+    Busy(Duration),
 }
 
 /// When an event happened, in seconds, from its QMP timestamp.
@@ -45,14 +46,17 @@ pub fn event_time(event: &Value) -> Option<f64> {
 
 /// A QMP session in command mode.
 ///
-/// QEMU's QMP socket serves one client at a time: a session that holds it
-/// blocks every other forkd process that needs QMP (a long `exec` would
-/// block a `branch`). A session made with [`Qmp::lazy`] therefore connects
-/// only when a command is first sent.
+/// QEMU's QMP socket serves one client at a time: a second client's
+/// connection is accepted by the kernel but QEMU reads nothing from it until
+/// the first hangs up, so its commands would just time out. A session
+/// therefore connects only when a command is first sent ([`Qmp::lazy`]), and
+/// holds an `flock` on `SOCKET.lock` while connected: another forkd process
+/// that needs the same VM waits its turn (up to the session's timeout) and
+/// then says who holds it, instead of talking into a socket nobody reads.
 pub struct Qmp {
     path: std::path::PathBuf,
     timeout: Duration,
-    conn: Option<(BufReader<UnixStream>, UnixStream)>,
+    conn: Option<(BufReader<UnixStream>, UnixStream, std::fs::File)>,
     events: Vec<Value>,
     /// QEMU version reported in the greeting, e.g. "7.2.22" (once connected).
     pub version: String,
@@ -81,13 +85,14 @@ impl Qmp {
         if self.conn.is_some() {
             return Ok(());
         }
+        let lock = self.take_turn()?;
         let stream = UnixStream::connect(&self.path).map_err(|source| QmpError::Connect {
             path: self.path.display().to_string(),
             source,
         })?;
         stream.set_read_timeout(Some(self.timeout))?;
         let writer = stream.try_clone()?;
-        self.conn = Some((BufReader::new(stream), writer));
+        self.conn = Some((BufReader::new(stream), writer, lock));
         let greeting = match self.read_message() {
             Ok(g) => g,
             Err(e) => {
@@ -102,6 +107,38 @@ impl Qmp {
             return Err(e);
         }
         Ok(())
+    }
+
+    /// Waits (up to the session timeout) for the lock that makes this
+    /// process QEMU's only QMP client.
+    fn take_turn(&self) -> Result<std::fs::File, QmpError> {
+        let mut lock_path = self.path.clone().into_os_string();
+        lock_path.push(".lock");
+        let connect_err = |source| QmpError::Connect {
+            path: self.path.display().to_string(),
+            source,
+        };
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(connect_err)?;
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            // SAFETY: flock on a valid fd we own; no memory effects.
+            if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                return Ok(lock);
+            }
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(connect_err(err));
+            }
+            if Instant::now() > deadline {
+                return Err(QmpError::Busy(self.timeout));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     fn reader(&mut self) -> Result<&mut BufReader<UnixStream>, QmpError> {
@@ -144,6 +181,24 @@ impl Qmp {
         arguments: Option<Value>,
         timeout: Duration,
     ) -> Result<Value, QmpError> {
+        self.send(command, arguments, None)?;
+        self.reply(command, timeout)
+    }
+
+    /// Hands the file descriptor `fd` to QEMU under `name` (QMP `getfd`,
+    /// the descriptor travelling as SCM_RIGHTS with the command), for
+    /// migration URIs `fd:NAME`. QEMU keeps its own copy.
+    pub fn send_fd(&mut self, name: &str, fd: BorrowedFd<'_>) -> Result<(), QmpError> {
+        self.send("getfd", Some(json!({ "fdname": name })), Some(fd))?;
+        self.reply("getfd", Duration::from_secs(30)).map(drop)
+    }
+
+    fn send(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> Result<(), QmpError> {
         if command != "qmp_capabilities" {
             self.ensure()?;
         }
@@ -154,10 +209,17 @@ impl Qmp {
         let mut bytes = serde_json::to_vec(&msg).expect("a JSON value always serialises");
         bytes.push(b'\n');
         let writer = &mut self.conn.as_mut().ok_or(QmpError::Closed)?.1;
-        writer.write_all(&bytes).map_err(|e| match e.kind() {
+        let sent = match fd {
+            Some(fd) => send_with_fd(writer, &bytes, fd),
+            None => writer.write_all(&bytes),
+        };
+        sent.map_err(|e| match e.kind() {
             io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => QmpError::Closed,
             _ => QmpError::Io(e),
-        })?;
+        })
+    }
+
+    fn reply(&mut self, command: &str, timeout: Duration) -> Result<Value, QmpError> {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -246,4 +308,42 @@ impl Qmp {
             Err(e) => Err(e),
         }
     }
+}
+
+/// Writes `bytes` to `sock` with `fd` attached (SCM_RIGHTS) to the first
+/// byte; the rest, if the kernel took only part, follows plainly.
+fn send_with_fd(sock: &mut UnixStream, bytes: &[u8], fd: BorrowedFd<'_>) -> io::Result<()> {
+    let raw: RawFd = fd.as_raw_fd();
+    let fd_len = std::mem::size_of::<RawFd>() as u32;
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = unsafe { libc::CMSG_SPACE(fd_len) } as usize;
+    // u64 storage keeps the control buffer aligned for `cmsghdr`.
+    let mut control = vec![0u64; space.div_ceil(8)];
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    // SAFETY: an all-zero msghdr is a valid empty message.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: msg_control points at `space` bytes we own, enough for one
+    // cmsghdr with one fd (CMSG_SPACE above), so CMSG_FIRSTHDR is non-null
+    // and CMSG_DATA points inside the buffer; the fd is copied by value
+    // unaligned-safely.
+    let sent = unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(fd_len) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), raw);
+        // iov and control live until this call returns; the kernel copies.
+        libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL)
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    sock.write_all(&bytes[sent as usize..])
 }

@@ -1,0 +1,380 @@
+//! The commands on persistent sandboxes and snapshots: each builds a request
+//! from its arguments, calls the operations seam (this host's fleet or a
+//! daemon, the same either way) and prints the result. No default and no
+//! policy is decided here.
+
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+
+use anyhow::Result;
+use forkd_ops::{
+    BranchMode, BranchOutcome, BranchRequest, Child, CreateRequest, ExecSpec, GuestFiles, OpError,
+    Operations, RemoveSnapshot, SpawnRequest, Stream,
+};
+
+use crate::{parse_env, parse_timeout, CreateArgs, ExecArgs, EXIT_TIMEOUT};
+
+pub fn create(ops: &dyn Operations, args: CreateArgs) -> Result<ExitCode> {
+    let m = &args.machine;
+    let g = &args.guest;
+    let req = CreateRequest {
+        image: Some(g.image.clone()),
+        mem_mib: m.mem,
+        cpus: m.cpus,
+        accel: Some(m.accel.parse().map_err(anyhow::Error::msg)?),
+        network: Some(m.net.parse().map_err(anyhow::Error::msg)?),
+        tcg_tb_mib: m.tcg_tb_mib,
+        huge_pages: args.hugepages,
+        prealloc: args.prealloc,
+        guest: GuestFiles {
+            kernel: g.kernel.clone(),
+            modules: g.modules.clone(),
+            agent: g.agent.clone(),
+        },
+        snapshot_as: None,
+    };
+    let created = ops.create(&req, &crate::progress)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&created)?);
+    } else {
+        println!("{}", created.sandbox.id);
+        if std::io::stderr().is_terminal() {
+            eprintln!("forkd: booted in {:.0} ms", created.boot_ms);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn exec(ops: &dyn Operations, args: ExecArgs) -> Result<ExitCode> {
+    let spec = ExecSpec {
+        argv: args.cmd.clone(),
+        env: parse_env(&args.env)?,
+        cwd: args.cwd.clone(),
+        timeout: parse_timeout(args.timeout)?.map(std::time::Duration::from_millis),
+    };
+    let stdin: Option<Box<dyn std::io::Read + Send>> =
+        args.interactive.then(|| Box::new(std::io::stdin()) as _);
+    let mut out = std::io::stdout().lock();
+    let mut err = std::io::stderr();
+    let outcome = ops.exec(&args.id, &spec, stdin, &mut |s, b| {
+        let _ = match s {
+            Stream::Stdout => out.write_all(b).and_then(|_| out.flush()),
+            Stream::Stderr => err.write_all(b),
+        };
+    })?;
+    let _ = out.flush();
+    if outcome.timed_out {
+        eprintln!("forkd: command timed out and was killed");
+        return Ok(ExitCode::from(EXIT_TIMEOUT));
+    }
+    Ok(ExitCode::from((outcome.exit_code() & 0xff) as u8))
+}
+
+pub fn ls(ops: &dyn Operations, json: bool) -> Result<ExitCode> {
+    let list = ops.list()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<12} {:<8} {:>8} {:>6} {:>4}  {:<10} IMAGE",
+        "ID", "STATE", "PID", "MEM", "CPU", "AGE"
+    );
+    let now = forkd_store::unix_now();
+    for s in list {
+        println!(
+            "{:<12} {:<8} {:>8} {:>5}M {:>4}  {:<10} {}",
+            s.id,
+            s.state,
+            s.pid,
+            s.mem_mib,
+            s.cpus,
+            age(now.saturating_sub(s.created_at)),
+            s.image
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn age(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m", s / 60),
+        s if s < 86400 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
+    }
+}
+
+pub fn kill(ops: &dyn Operations, ids: Vec<String>, all: bool) -> Result<ExitCode> {
+    let ids: Vec<String> = if all {
+        ops.list()?.into_iter().map(|s| s.id).collect()
+    } else if ids.is_empty() {
+        anyhow::bail!("name sandboxes to kill, or pass --all");
+    } else {
+        ids
+    };
+    let mut failed = false;
+    for id in ids {
+        match ops.kill(&id) {
+            Ok(()) => println!("{id}"),
+            Err(e) => {
+                eprintln!("forkd: error: {}", crate::hints::render(&e));
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// `forkd snapshot`: a full branch (the guest stopped for the copy).
+pub fn snapshot(ops: &dyn Operations, id: &str, tag: &str, json: bool) -> Result<ExitCode> {
+    let out = ops.branch(&BranchRequest {
+        source: id.to_string(),
+        tag: Some(tag.to_string()),
+        mode: Some(BranchMode::Full),
+        wait: Some(true),
+        expect_parent: None,
+    })?;
+    if json {
+        println!("{}", serde_json::to_string(&out)?);
+    } else {
+        println!("{}", out.snapshot.tag);
+        eprintln!(
+            "forkd: snapshot `{}` of {id}: paused {:.1} ms ({:.1} MiB of RAM copied), ready in {:.0} ms",
+            out.snapshot.tag,
+            out.pause_ms,
+            out.ram_copied.unwrap_or(0) as f64 / (1 << 20) as f64,
+            out.ready_ms.unwrap_or(0.0)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn snapshots(ops: &dyn Operations, json: bool) -> Result<ExitCode> {
+    let rows = ops.snapshots()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<24} {:<8} {:>9} {:<12} {:<24} {:>9} DIR",
+        "TAG", "STATUS", "PAUSE ms", "SOURCE", "PARENT", "SIZE"
+    );
+    for r in rows {
+        let size = ops.snapshot_info(&r.tag).ok().map(|d| mib(d.allocated));
+        println!(
+            "{:<24} {:<8} {:>9} {:<12} {:<24} {:>9} {}",
+            r.tag,
+            r.status,
+            r.pause_ms.map(|p| format!("{p:.1}")).unwrap_or_default(),
+            r.source.unwrap_or_default(),
+            r.parent.unwrap_or_default(),
+            size.unwrap_or_default(),
+            r.dir.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+}
+
+pub fn info(ops: &dyn Operations, tag: &str, json: bool) -> Result<ExitCode> {
+    let d = ops.snapshot_info(tag)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&d)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let s = &d.snapshot;
+    println!("tag:         {}", s.tag);
+    println!("status:      {}", s.status);
+    if let Some(e) = &s.error {
+        println!("error:       {e}");
+    }
+    println!("dir:         {}", s.dir.display());
+    if let Some(src) = &s.source {
+        println!("source:      {src}");
+    }
+    if let Some(p) = s.pause_ms {
+        println!("pause:       {p:.1} ms");
+    }
+    let chain = if d.chain.is_empty() {
+        "(none)".to_string()
+    } else {
+        d.chain.join(" <- ")
+    };
+    println!("parents:     {chain}");
+    match (&d.ram_parent, d.layer_pages) {
+        (Some(p), Some(n)) => println!(
+            "ram:         layer over `{p}`: {n} pages ({})",
+            mib(n * 4096)
+        ),
+        (Some(p), None) => println!("ram:         layer over `{p}` (unreadable map)"),
+        _ => println!("ram:         full image"),
+    }
+    println!("size:        {} on disk", mib(d.allocated));
+    for f in &d.files {
+        println!(
+            "  {:<16} {:>12} allocated of {}",
+            f.name,
+            mib(f.allocated),
+            mib(f.size)
+        );
+    }
+    let deps: Vec<String> = d
+        .dependents
+        .sandboxes
+        .iter()
+        .map(|s| format!("sandbox {s}"))
+        .chain(
+            d.dependents
+                .snapshots
+                .iter()
+                .map(|t| format!("snapshot {t}")),
+        )
+        .collect();
+    let deps = if deps.is_empty() {
+        "(none)".to_string()
+    } else {
+        deps.join(", ")
+    };
+    println!("dependents:  {deps}");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn rmi(ops: &dyn Operations, tag: &str, force: bool) -> Result<ExitCode> {
+    for t in ops.remove_snapshot(
+        tag,
+        RemoveSnapshot {
+            force,
+            cascade: false,
+        },
+    )? {
+        println!("{t}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn pool(ops: &dyn Operations, tag: &str, size: usize) -> Result<ExitCode> {
+    let p = ops.pool(tag, size)?;
+    eprintln!(
+        "forkd: pool of `{tag}`: {} ready (started {}), target {}",
+        p.ready, p.started, p.size
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn spawn(
+    ops: &dyn Operations,
+    tag: &str,
+    n: usize,
+    parallel: Option<usize>,
+    pool: Option<usize>,
+    no_wait: bool,
+    json: bool,
+) -> Result<ExitCode> {
+    let req = SpawnRequest {
+        tag: tag.to_string(),
+        n,
+        parallel,
+        pool,
+        wait: no_wait.then_some(false),
+        on_failure: None,
+    };
+    let tty = !json && std::io::stderr().is_terminal();
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let on_child = |_: usize, r: &Result<Child, OpError>| {
+        let k = done.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        if tty {
+            match r {
+                Ok(c) => eprintln!(
+                    "[{k}/{n}] {} ready in {:.0} ms{}",
+                    c.sandbox.id,
+                    c.ready_ms,
+                    if c.from_pool { " (pool)" } else { "" }
+                ),
+                Err(e) => eprintln!("[{k}/{n}] failed: {}", crate::hints::render(e)),
+            }
+        }
+    };
+    let out = ops.spawn(&req, &on_child)?;
+    let failed = out.failed();
+    if json {
+        let items: Vec<serde_json::Value> = out
+            .children
+            .iter()
+            .map(|r| match r {
+                Ok(c) => serde_json::to_value(c).expect("serialises"),
+                Err(e) => serde_json::json!({ "error": crate::hints::render(e) }),
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({ "tag": tag, "wall_ms": out.wall_ms, "children": items })
+        );
+    } else {
+        for r in &out.children {
+            match r {
+                Ok(c) => println!("{}\t{:.0} ms", c.sandbox.id, c.ready_ms),
+                Err(e) => eprintln!("forkd: error: a child failed: {}", crate::hints::render(e)),
+            }
+        }
+        eprintln!(
+            "forkd: {} of {n} children ready in {:.0} ms",
+            n - failed,
+            out.wall_ms
+        );
+    }
+    Ok(if failed > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+pub fn branch(
+    ops: &dyn Operations,
+    id: &str,
+    tag: Option<String>,
+    mode: &str,
+    no_wait: bool,
+    json: bool,
+) -> Result<ExitCode> {
+    let mode: BranchMode = mode
+        .parse()
+        .map_err(|e: forkd_ops::UnknownState| anyhow::anyhow!("{e}"))?;
+    let out = ops.branch(&BranchRequest {
+        source: id.to_string(),
+        tag,
+        mode: Some(mode),
+        wait: no_wait.then_some(false),
+        expect_parent: None,
+    })?;
+    print_branch(id, &out, json)
+}
+
+fn print_branch(id: &str, out: &BranchOutcome, json: bool) -> Result<ExitCode> {
+    if json {
+        println!("{}", serde_json::to_string(out)?);
+    } else {
+        println!("{}", out.snapshot.tag);
+        let downtime = out
+            .qemu_downtime_ms
+            .map(|d| format!(", QEMU downtime {d:.0} ms"))
+            .unwrap_or_default();
+        let ready = out
+            .ready_ms
+            .map(|r| format!("; ready in {r:.0} ms"))
+            .unwrap_or_else(|| " (writing in the background)".into());
+        eprintln!(
+            "forkd: {} branch of {id}: paused {:.1} ms{downtime}{ready}",
+            out.mode, out.pause_ms
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,577 @@
+//! forkd's `/v1` API from the client side.
+//!
+//! [`Client`] implements the operations seam ([`forkd_ops::Operations`])
+//! against a daemon, over its UNIX socket or HTTP, so that a front end runs
+//! an operation remotely with the same requests, results, defaults and
+//! errors as on this host. The wire format and its conversions belong to
+//! `forkd-api`; this crate only moves bytes (with `reqwest`: connection
+//! reuse, streamed bodies, timeouts). Its general calls ([`Client::raw`],
+//! [`Client::call`], [`Client::stream`]) serve tests and benchmarks that
+//! speak the API directly.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use forkd_api::convert;
+use forkd_api::types as api;
+use forkd_ops::{
+    BranchOutcome, BranchRequest, CreateRequest, Created, EvalOutcome, ExecOutcome, ExecSpec,
+    OnChild, OpError, Operations, Pong, PoolStatus, RemoveSnapshot, Sandbox, Snapshot,
+    SnapshotDetail, SpawnOutcome, SpawnRequest, Stream,
+};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+/// How long a connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most stdin bytes an exec sends (the API takes stdin whole, as base64).
+pub const MAX_STDIN: usize = 48 << 20;
+
+/// Where the daemon is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// A UNIX socket.
+    Unix(PathBuf),
+    /// `http://host:port`.
+    Http(String),
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Unix(p) => write!(f, "{}", p.display()),
+            Target::Http(u) => f.write_str(u),
+        }
+    }
+}
+
+/// A call that did not get an answer, or got an error answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the daemon at {target}: {source}")]
+    Connect {
+        target: Target,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("talking to the daemon at {target}: {source}")]
+    Transport {
+        target: Target,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("the daemon sent a malformed answer: {0}")]
+    Protocol(String),
+    /// The daemon answered with an error status.
+    #[error("{} (HTTP {status})", body.error)]
+    Api {
+        status: u16,
+        body: forkd_api::ErrorBody,
+    },
+}
+
+impl From<ClientError> for OpError {
+    fn from(e: ClientError) -> OpError {
+        match e {
+            ClientError::Api { status, body } => convert::op_error(status, &body),
+            other => OpError::internal(other.to_string()),
+        }
+    }
+}
+
+/// An answer, whatever its status.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+impl Answer {
+    /// The body as JSON (`null` when empty).
+    pub fn json(&self) -> Result<Value, ClientError> {
+        if self.body.is_empty() {
+            return Ok(Value::Null);
+        }
+        serde_json::from_slice(&self.body).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+}
+
+/// Talks to one daemon.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::blocking::Client,
+    target: Target,
+    base: String,
+    token: Option<String>,
+}
+
+impl Client {
+    /// `spec` is a socket path (`/run/forkd.sock`, `unix:/…`) or a URL
+    /// (`http://127.0.0.1:8889`); `token` is the bearer token, if any.
+    pub fn new(spec: &str, token: Option<String>) -> Result<Client, String> {
+        let target = if spec.starts_with("http://") {
+            Target::Http(spec.trim_end_matches('/').to_string())
+        } else if spec.starts_with("https://") {
+            return Err("https is not supported; put a TLS proxy in front of the daemon".into());
+        } else if let Some(p) = spec.strip_prefix("unix:") {
+            Target::Unix(PathBuf::from(p))
+        } else if spec.starts_with('/') || spec.starts_with('.') {
+            Target::Unix(PathBuf::from(spec))
+        } else {
+            return Err(format!(
+                "`{spec}` is neither a socket path nor an http:// URL"
+            ));
+        };
+        // No overall timeout: a spawn of many children or a branch of a big
+        // guest takes as long as it takes; connecting must be quick.
+        let builder = reqwest::blocking::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(None::<Duration>);
+        let (builder, base) = match &target {
+            Target::Unix(p) => (builder.unix_socket(p.as_path()), "http://forkd".to_string()),
+            Target::Http(u) => (builder, u.clone()),
+        };
+        let http = builder
+            .build()
+            .map_err(|e| format!("setting up the HTTP client: {e}"))?;
+        Ok(Client {
+            http,
+            target,
+            base,
+            token,
+        })
+    }
+
+    /// Where this client connects.
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<reqwest::blocking::Response, ClientError> {
+        let method = reqwest::Method::from_bytes(method.as_bytes())
+            .map_err(|e| ClientError::Protocol(format!("method {method}: {e}")))?;
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(b);
+        }
+        req.send().map_err(|source| {
+            if source.is_connect() {
+                ClientError::Connect {
+                    target: self.target.clone(),
+                    source,
+                }
+            } else {
+                ClientError::Transport {
+                    target: self.target.clone(),
+                    source,
+                }
+            }
+        })
+    }
+
+    fn transport(&self, source: reqwest::Error) -> ClientError {
+        ClientError::Transport {
+            target: self.target.clone(),
+            source,
+        }
+    }
+
+    /// Sends one request and returns whatever status came back.
+    pub fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Answer, ClientError> {
+        let resp = self.send(method, path, body)?;
+        let status = resp.status().as_u16();
+        let body = resp.bytes().map_err(|e| self.transport(e))?.to_vec();
+        Ok(Answer { status, body })
+    }
+
+    /// Sends one request; `Err(Api)` for 4xx and 5xx answers.
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Answer, ClientError> {
+        let a = self.raw(method, path, body.map(|b| b.to_string().into_bytes()))?;
+        api_error(a)
+    }
+
+    /// Sends one request and passes a 2xx body to `on_data` as it arrives
+    /// (for `application/x-ndjson` streams); `Err(Api)` for error statuses.
+    pub fn stream(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        on_data: &mut dyn FnMut(&[u8]),
+    ) -> Result<u16, ClientError> {
+        let mut resp = self.send(method, path, body.map(|b| b.to_string().into_bytes()))?;
+        let status = resp.status().as_u16();
+        if status >= 400 {
+            let body = resp.bytes().map_err(|e| self.transport(e))?.to_vec();
+            return api_error(Answer { status, body }).map(|a| a.status);
+        }
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = resp
+                .read(&mut buf)
+                .map_err(|e| ClientError::Protocol(format!("reading the daemon's stream: {e}")))?;
+            if n == 0 {
+                return Ok(status);
+            }
+            on_data(&buf[..n]);
+        }
+    }
+
+    fn json<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<T, OpError> {
+        let answer = self.call(method, path, body.as_ref())?;
+        serde_json::from_slice(&answer.body).map_err(|e| {
+            OpError::internal(format!(
+                "the daemon sent an unexpected answer to {method} {path}: {e}"
+            ))
+        })
+    }
+}
+
+fn api_error(a: Answer) -> Result<Answer, ClientError> {
+    if a.status < 400 {
+        return Ok(a);
+    }
+    let body = serde_json::from_slice::<forkd_api::ErrorBody>(&a.body).unwrap_or_else(|_| {
+        forkd_api::ErrorBody {
+            error: String::from_utf8_lossy(&a.body).trim().to_string(),
+            kind: None,
+            message: None,
+            hint: None,
+        }
+    });
+    Err(ClientError::Api {
+        status: a.status,
+        body,
+    })
+}
+
+fn to_value(v: impl serde::Serialize) -> Value {
+    serde_json::to_value(v).expect("requests serialise")
+}
+
+/// Percent-encodes a query value.
+fn query_value(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A sandbox id or tag as a path segment: refused when it would change the
+/// path (the daemon checks the rule too).
+fn segment(what: &str, s: &str) -> Result<(), OpError> {
+    match what {
+        "tag" => forkd_ops::validate_tag(s)?,
+        _ => forkd_ops::validate_id(s).map_err(|_| OpError::no_sandbox(s))?,
+    }
+    Ok(())
+}
+
+impl Operations for Client {
+    fn create(&self, req: &CreateRequest, _progress: &dyn Fn(&str)) -> Result<Created, OpError> {
+        let body = to_value(convert::create_to_wire(req)?);
+        let t = std::time::Instant::now();
+        let s: api::SandboxInfo = self.json("POST", "/v1/sandboxes/boot", Some(body))?;
+        Ok(Created {
+            sandbox: convert::sandbox_from_wire(s),
+            boot_ms: t.elapsed().as_secs_f64() * 1000.0,
+        })
+    }
+
+    fn list(&self) -> Result<Vec<Sandbox>, OpError> {
+        let v: Vec<api::SandboxInfo> = self.json("GET", "/v1/sandboxes", None)?;
+        Ok(v.into_iter().map(convert::sandbox_from_wire).collect())
+    }
+
+    fn sandbox(&self, id: &str) -> Result<Sandbox, OpError> {
+        segment("id", id)?;
+        let s: api::SandboxInfo = self.json("GET", &format!("/v1/sandboxes/{id}"), None)?;
+        Ok(convert::sandbox_from_wire(s))
+    }
+
+    fn kill(&self, id: &str) -> Result<(), OpError> {
+        segment("id", id)?;
+        self.call("DELETE", &format!("/v1/sandboxes/{id}"), None)?;
+        Ok(())
+    }
+
+    fn exec(
+        &self,
+        id: &str,
+        spec: &ExecSpec,
+        stdin: Option<Box<dyn Read + Send>>,
+        output: &mut dyn FnMut(Stream, &[u8]),
+    ) -> Result<ExecOutcome, OpError> {
+        use base64::Engine as _;
+        segment("id", id)?;
+        let input = match stdin {
+            Some(mut r) => {
+                let mut buf = Vec::new();
+                r.by_ref()
+                    .take(MAX_STDIN as u64 + 1)
+                    .read_to_end(&mut buf)
+                    .map_err(|e| OpError::bad_input(format!("reading stdin: {e}")))?;
+                if buf.len() > MAX_STDIN {
+                    return Err(OpError::bad_input(format!(
+                        "stdin is larger than the {} MiB a daemon takes with one exec",
+                        MAX_STDIN >> 20
+                    )));
+                }
+                Some(buf)
+            }
+            None => None,
+        };
+        let body = to_value(convert::exec_to_wire(spec, input.as_deref()));
+        let mut pending: Vec<u8> = Vec::new();
+        let mut end: Option<api::ExecEvent> = None;
+        let mut bad: Option<String> = None;
+        self.stream(
+            "POST",
+            &format!("/v1/sandboxes/{id}/exec/stream"),
+            Some(&body),
+            &mut |bytes| {
+                pending.extend_from_slice(bytes);
+                while let Some(nl) = pending.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=nl).collect();
+                    let ev: api::ExecEvent = match serde_json::from_slice(&line) {
+                        Ok(ev) => ev,
+                        Err(e) => {
+                            bad.get_or_insert(e.to_string());
+                            continue;
+                        }
+                    };
+                    match (&ev.stream, &ev.data_b64) {
+                        (Some(s), Some(d)) => {
+                            let data = base64::engine::general_purpose::STANDARD
+                                .decode(d)
+                                .unwrap_or_default();
+                            let stream = if s == "stderr" {
+                                Stream::Stderr
+                            } else {
+                                Stream::Stdout
+                            };
+                            output(stream, &data);
+                        }
+                        _ => end = Some(ev),
+                    }
+                }
+            },
+        )?;
+        if let Some(e) = bad {
+            return Err(OpError::internal(format!(
+                "the daemon sent a malformed exec stream: {e}"
+            )));
+        }
+        match end {
+            Some(ev) => match convert::exit_from_wire(&ev) {
+                Some(outcome) => Ok(outcome),
+                None => Err(OpError::internal(format!(
+                    "exec in `{id}` broke off: {}",
+                    ev.error.unwrap_or_else(|| "no exit status".into())
+                ))),
+            },
+            None => Err(OpError::internal(format!(
+                "the exec stream of `{id}` ended without an exit status"
+            ))),
+        }
+    }
+
+    fn eval(&self, id: &str, code: &str) -> Result<EvalOutcome, OpError> {
+        segment("id", id)?;
+        let r: api::EvalResponse = self.json(
+            "POST",
+            &format!("/v1/sandboxes/{id}/eval"),
+            Some(serde_json::json!({ "code": code })),
+        )?;
+        Ok(EvalOutcome {
+            result: r.result,
+            error: r.error,
+            exit_code: r.exit_code as i32,
+        })
+    }
+
+    fn ping(&self, id: &str) -> Result<Pong, OpError> {
+        segment("id", id)?;
+        let r: api::PingResponse = self.json("POST", &format!("/v1/sandboxes/{id}/ping"), None)?;
+        Ok(Pong { rtt_us: r.rtt_us })
+    }
+
+    fn write_file(
+        &self,
+        id: &str,
+        path: &str,
+        mode: Option<u32>,
+        data: &mut dyn Read,
+    ) -> Result<u64, OpError> {
+        use base64::Engine as _;
+        segment("id", id)?;
+        let mut buf = Vec::new();
+        data.read_to_end(&mut buf)
+            .map_err(|e| OpError::bad_input(format!("reading the file to send: {e}")))?;
+        let body = serde_json::json!({
+            "path": path,
+            "content_b64": base64::engine::general_purpose::STANDARD.encode(&buf),
+            "mode": mode,
+        });
+        self.call("PUT", &format!("/v1/sandboxes/{id}/files"), Some(&body))?;
+        Ok(buf.len() as u64)
+    }
+
+    fn read_file(&self, id: &str, path: &str, out: &mut dyn Write) -> Result<u64, OpError> {
+        use base64::Engine as _;
+        segment("id", id)?;
+        let f: api::FileContent = self.json(
+            "GET",
+            &format!("/v1/sandboxes/{id}/files?path={}", query_value(path)),
+            None,
+        )?;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(&f.content_b64)
+            .map_err(|e| OpError::internal(format!("the daemon sent bad base64: {e}")))?;
+        out.write_all(&bytes)
+            .map_err(|e| OpError::internal(format!("writing the file here: {e}")))?;
+        Ok(bytes.len() as u64)
+    }
+
+    fn branch(&self, req: &BranchRequest) -> Result<BranchOutcome, OpError> {
+        segment("id", &req.source)?;
+        let s: api::SnapshotInfo = self.json(
+            "POST",
+            &format!("/v1/sandboxes/{}/branch", req.source),
+            Some(to_value(convert::branch_to_wire(req))),
+        )?;
+        Ok(convert::branch_outcome_from_wire(&s))
+    }
+
+    fn spawn(&self, req: &SpawnRequest, on_child: OnChild<'_>) -> Result<SpawnOutcome, OpError> {
+        let t = std::time::Instant::now();
+        let v: Vec<api::SandboxInfo> = self.json(
+            "POST",
+            "/v1/sandboxes",
+            Some(to_value(convert::spawn_to_wire(req))),
+        )?;
+        let children: Vec<Result<forkd_ops::Child, OpError>> = v
+            .into_iter()
+            .map(|s| Ok(convert::child_from_wire(s)))
+            .collect();
+        for (i, c) in children.iter().enumerate() {
+            on_child(i, c);
+        }
+        Ok(SpawnOutcome {
+            tag: req.tag.clone(),
+            wall_ms: t.elapsed().as_secs_f64() * 1000.0,
+            children,
+        })
+    }
+
+    fn pool(&self, tag: &str, size: usize) -> Result<PoolStatus, OpError> {
+        segment("tag", tag)?;
+        let p: api::PoolInfo = self.json(
+            "POST",
+            &format!("/v1/snapshots/{tag}/pool"),
+            Some(serde_json::json!({ "size": size })),
+        )?;
+        Ok(convert::pool_from_wire(&p))
+    }
+
+    fn snapshots(&self) -> Result<Vec<Snapshot>, OpError> {
+        let v: Vec<api::SnapshotInfo> = self.json("GET", "/v1/snapshots", None)?;
+        Ok(v.iter().map(convert::snapshot_from_wire).collect())
+    }
+
+    fn snapshot_info(&self, tag: &str) -> Result<SnapshotDetail, OpError> {
+        segment("tag", tag)?;
+        let d: api::SnapshotDetail =
+            self.json("GET", &format!("/v1/snapshots/{tag}/info"), None)?;
+        Ok(convert::detail_from_wire(d))
+    }
+
+    fn remove_snapshot(&self, tag: &str, opts: RemoveSnapshot) -> Result<Vec<String>, OpError> {
+        segment("tag", tag)?;
+        let q = match (opts.cascade, opts.force) {
+            (true, _) => "?cascade=true",
+            (false, true) => "?force=true",
+            (false, false) => "",
+        };
+        let a = self.call("DELETE", &format!("/v1/snapshots/{tag}{q}"), None)?;
+        // 204 answers carry nothing; a body lists what went.
+        if a.body.is_empty() {
+            return Ok(vec![tag.to_string()]);
+        }
+        serde_json::from_slice(&a.body)
+            .map_err(|e| OpError::internal(format!("the daemon sent an unexpected answer: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_are_parsed_from_paths_and_urls() {
+        assert_eq!(
+            Client::new("/run/f.sock", None).unwrap().target,
+            Target::Unix("/run/f.sock".into())
+        );
+        assert_eq!(
+            Client::new("unix:rel.sock", None).unwrap().target,
+            Target::Unix("rel.sock".into())
+        );
+        assert_eq!(
+            Client::new("http://127.0.0.1:8889/", None).unwrap().target,
+            Target::Http("http://127.0.0.1:8889".into())
+        );
+        assert!(Client::new("https://x", None).is_err());
+        assert!(Client::new("nonsense", None).is_err());
+    }
+
+    #[test]
+    fn query_values_are_escaped_and_segments_checked() {
+        assert_eq!(query_value("/tmp/a b&c"), "/tmp/a%20b%26c");
+        assert!(segment("id", "../x").is_err());
+        assert!(segment("tag", "ok.1").is_ok());
+    }
+
+    #[test]
+    fn an_unreachable_daemon_is_an_error_naming_it() {
+        let c = Client::new("/nonexistent/forkd.sock", None).unwrap();
+        let e = c.list().unwrap_err();
+        assert_eq!(e.kind, forkd_ops::ErrorKind::Internal);
+        assert!(
+            e.message
+                .starts_with("cannot reach the daemon at /nonexistent/forkd.sock"),
+            "{}",
+            e.message
+        );
+    }
+}

@@ -1,0 +1,436 @@
+//! Sandboxes that outlive the process that made them, and snapshots of them.
+//!
+//! A [`Fleet`] is the state database plus the snapshot store plus the runtime
+//! directory. Every sandbox is a detached QEMU (own session, no parent-death
+//! signal) whose guest RAM is a shared file on tmpfs (or, with huge pages, a
+//! hugetlb memfd, which only a live branch can snapshot), recorded in SQLite
+//! with its pid and start time; any later process re-attaches by pid and
+//! sockets.
+//!
+//! The rooms: records and their views ([`record`]), booting ([`create`]),
+//! full snapshots ([`snapshot`]), spawning and the warm pool ([`spawn`]),
+//! the RAM images children map ([`ramcache`]), snapshot details and deletion
+//! ([`info`], [`remove`]), and reconciling the database with the processes
+//! that exist after a crash ([`recover`]). Live branches are in
+//! [`crate::branch`]. This module holds the handle and what every room
+//! needs: finding a sandbox, talking to it, listing and killing.
+
+mod create;
+mod info;
+mod ramcache;
+pub mod record;
+mod recover;
+mod remove;
+mod snapshot;
+mod spawn;
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use forkd_ops::{Sandbox, SandboxState};
+use forkd_protocol::ExecRequest;
+use forkd_store::{Db, SandboxRow, Store};
+use forkd_vm::Vm;
+
+pub(crate) use info::snapshot_view;
+pub use record::SandboxConfig;
+pub use recover::Recovery;
+
+use crate::paths::Env;
+use crate::sessions::{Session, Sessions};
+use crate::CoreError;
+
+/// Name of the device-state file in a snapshot.
+pub const DEVICE_STATE: &str = "device.state";
+/// Name of the RAM image in a snapshot.
+pub const RAM_IMAGE: &str = "ram.img";
+/// Name of the frozen disk in a snapshot.
+pub const DISK_IMAGE: &str = "disk.qcow2";
+
+/// The state database, snapshot store and runtime directory together.
+pub struct Fleet {
+    env: Env,
+    db: Mutex<Db>,
+    store: Store,
+    /// Agent sessions shared between calls, for long-lived processes only
+    /// ([`Fleet::open_long_lived`]): a short-lived one connects per call and
+    /// lets go, so that it never keeps a sandbox's agent from others.
+    sessions: Option<Sessions>,
+    /// QEMUs this process started (pid, start time): they are its children,
+    /// so whoever kills them, this process must reap them
+    /// ([`Fleet::housekeeping`]).
+    children: Mutex<Vec<(u32, u64)>>,
+}
+
+impl Fleet {
+    pub fn open(env: &Env) -> Result<Fleet, CoreError> {
+        let db = Db::open(&env.home.join("state.db"))?;
+        let store = Store::new(env.home.join("snapshots"));
+        store.sweep_staging();
+        Ok(Fleet {
+            env: env.clone(),
+            db: Mutex::new(db),
+            store,
+            sessions: None,
+            children: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// A fleet for a long-lived process (the daemon): agent sessions are
+    /// shared by concurrent calls and kept open between them; the process
+    /// must call [`Fleet::housekeeping`] every second or so, which closes the
+    /// idle ones.
+    pub fn open_long_lived(env: &Env) -> Result<Fleet, CoreError> {
+        let mut f = Fleet::open(env)?;
+        f.sessions = Some(Sessions::default());
+        Ok(f)
+    }
+
+    pub fn db(&self) -> MutexGuard<'_, Db> {
+        self.db.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn env(&self) -> &Env {
+        &self.env
+    }
+
+    fn sandboxes_dir(&self) -> PathBuf {
+        self.env.runtime.join("sandboxes")
+    }
+
+    /// A sandbox's record and configuration.
+    pub fn sandbox(&self, id: &str) -> Result<(SandboxRow, SandboxConfig), CoreError> {
+        forkd_ops::validate_id(id).map_err(|_| CoreError::NoSandbox { id: id.into() })?;
+        let row = self
+            .db()
+            .get_sandbox(id)?
+            .ok_or_else(|| CoreError::NoSandbox { id: id.into() })?;
+        let config = SandboxConfig::of(&row)?;
+        Ok((row, config))
+    }
+
+    /// A sandbox's record and configuration, if its QEMU still runs; a dead
+    /// one is marked so.
+    fn live(&self, id: &str) -> Result<(SandboxRow, SandboxConfig), CoreError> {
+        let (row, config) = self.sandbox(id)?;
+        if !forkd_vm::process::pid_alive(row.pid, row.pid_start) {
+            self.db().update_sandbox_state(id, SandboxState::Dead)?;
+            return Err(CoreError::SandboxDead {
+                id: id.into(),
+                pid: row.pid,
+            });
+        }
+        Ok((row, config))
+    }
+
+    /// Connects to a running sandbox (its agent; QMP when first used).
+    pub fn attach(&self, id: &str) -> Result<Vm, CoreError> {
+        let (row, config) = self.live(id)?;
+        Ok(Vm::attach(
+            config.vm,
+            row.pid,
+            row.pid_start,
+            &row.run_dir,
+            Duration::from_secs(30),
+        )?)
+    }
+
+    /// Connects to a running sandbox for QEMU control only (no agent
+    /// session), so that it does not wait for another client's exec.
+    pub fn control(&self, id: &str) -> Result<Vm, CoreError> {
+        let (row, config) = self.live(id)?;
+        Ok(Vm::attach_control(
+            config.vm,
+            row.pid,
+            row.pid_start,
+            &row.run_dir,
+        )?)
+    }
+
+    /// The agent session of a running, handed-out sandbox: shared by this
+    /// process's calls in a long-lived fleet, this call's own otherwise.
+    pub fn session(&self, id: &str) -> Result<Arc<Session>, CoreError> {
+        let connect = || {
+            let (row, _) = self.sandbox(id)?;
+            if row.state == SandboxState::Pooled {
+                return Err(CoreError::SandboxPooled { id: id.into() });
+            }
+            self.attach(id)
+        };
+        match &self.sessions {
+            Some(shared) => shared.get(id, connect),
+            None => Ok(Arc::new(Session::new(connect()?))),
+        }
+    }
+
+    fn drop_session(&self, id: &str) {
+        if let Some(shared) = &self.sessions {
+            shared.drop_session(id);
+        }
+    }
+
+    /// Runs `f` on sandbox `id`'s agent session; a session whose channel
+    /// broke is dropped, so that the next call opens a fresh one.
+    pub(crate) fn with_agent<T>(
+        &self,
+        id: &str,
+        what: &str,
+        f: impl FnOnce(
+            &forkd_protocol::client::AgentClient,
+        ) -> Result<T, forkd_protocol::client::ClientError>,
+    ) -> Result<T, CoreError> {
+        let session = self.session(id)?;
+        let out = f(session.vm().agent());
+        session.touch();
+        out.map_err(|e| {
+            if !matches!(e, forkd_protocol::client::ClientError::Agent(_)) {
+                self.drop_session(id);
+            }
+            explain_detached(session.vm(), e, what)
+        })
+    }
+
+    /// Runs a command in a sandbox, streaming its output to `on_output`.
+    pub fn exec(
+        &self,
+        id: &str,
+        req: ExecRequest,
+        stdin: Option<Box<dyn Read + Send>>,
+        on_output: impl FnMut(forkd_protocol::client::OutputStream, &[u8]),
+    ) -> Result<forkd_protocol::ExitStatus, CoreError> {
+        let what = format!("exec of `{}`", req.argv.join(" "));
+        self.with_agent(id, &what, |agent| agent.exec(req, stdin, on_output))
+    }
+
+    /// Writes a file in the guest; returns its size.
+    pub fn write_file(
+        &self,
+        id: &str,
+        path: &str,
+        mode: Option<u32>,
+        data: impl Read,
+    ) -> Result<u64, CoreError> {
+        self.with_agent(id, "a file write", |agent| {
+            agent.write_file(path, mode, data)
+        })
+    }
+
+    /// Reads a file from the guest into `out`; returns its size.
+    pub fn read_file(&self, id: &str, path: &str, out: impl Write) -> Result<u64, CoreError> {
+        self.with_agent(id, "a file read", |agent| agent.read_file(path, out))
+    }
+
+    /// A round trip to the guest agent.
+    pub fn ping(&self, id: &str) -> Result<Duration, CoreError> {
+        let t = Instant::now();
+        self.with_agent(id, "a ping", |agent| agent.ping(Duration::from_secs(5)))?;
+        Ok(t.elapsed())
+    }
+
+    /// All sandboxes, with dead ones marked as such.
+    pub fn list(&self) -> Result<Vec<Sandbox>, CoreError> {
+        let rows = self.db().list_sandboxes()?;
+        let branches = record::branch_counts(&self.db().list_snapshots()?);
+        let mut out = Vec::with_capacity(rows.len());
+        for mut row in rows {
+            if row.state != SandboxState::Dead
+                && !forkd_vm::process::pid_alive(row.pid, row.pid_start)
+            {
+                self.db()
+                    .update_sandbox_state(&row.id, SandboxState::Dead)?;
+                row.state = SandboxState::Dead;
+            }
+            out.push(record::view(&row, branches.get(&row.id).copied()));
+        }
+        Ok(out)
+    }
+
+    /// One sandbox, as [`Fleet::list`] shows it.
+    pub fn sandbox_view(&self, id: &str) -> Result<Sandbox, CoreError> {
+        self.sandbox(id)?;
+        self.list()?
+            .into_iter()
+            .find(|s| s.id == id)
+            .ok_or_else(|| CoreError::NoSandbox { id: id.into() })
+    }
+
+    /// Kills a sandbox (if it still runs) and removes its files and record.
+    pub fn kill(&self, id: &str) -> Result<(), CoreError> {
+        let (row, _) = self.sandbox(id)?;
+        self.drop_session(id);
+        if forkd_vm::process::pid_alive(row.pid, row.pid_start) {
+            // SAFETY: kill has no memory effects; pid and start time were
+            // checked just above, so this is the sandbox's QEMU.
+            unsafe { libc::kill(row.pid as libc::pid_t, libc::SIGKILL) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while forkd_vm::process::pid_alive(row.pid, row.pid_start) && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        // If this process started it, it is our child: reap it, or it stays
+        // a zombie.
+        forkd_vm::process::reap_if_child(row.pid, row.pid_start);
+        let dir = row.run_dir.as_path();
+        if dir.starts_with(self.sandboxes_dir()) {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        self.db().delete_sandbox(id)?;
+        Ok(())
+    }
+
+    /// Remembers that this process started a QEMU (it must reap it).
+    fn adopt(&self, pid: u32, pid_start: u64) {
+        self.children
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((pid, pid_start));
+    }
+
+    /// What a long-lived process (the daemon) calls periodically: reaps the
+    /// QEMUs it started that are gone, whoever killed them, and closes agent
+    /// sessions nobody used for a while.
+    pub fn housekeeping(&self) {
+        let gone: Vec<(u32, u64)> = {
+            let mut kids = self.children.lock().unwrap_or_else(|p| p.into_inner());
+            let (gone, alive): (Vec<_>, Vec<_>) = kids
+                .iter()
+                .partition(|(pid, start)| !forkd_vm::process::pid_alive(*pid, *start));
+            *kids = alive;
+            gone
+        };
+        for (pid, start) in gone {
+            forkd_vm::process::reap_if_child(pid, start);
+        }
+        if let Some(shared) = &self.sessions {
+            shared.close_idle();
+        }
+    }
+}
+
+fn explain_detached(vm: &Vm, e: forkd_protocol::client::ClientError, what: &str) -> CoreError {
+    if !vm.is_alive() {
+        return CoreError::Vm(forkd_vm::VmError::Died {
+            status: "QEMU exited".into(),
+            during: what.into(),
+            console: vm.console_tail(10),
+        });
+    }
+    CoreError::Vm(forkd_vm::VmError::Agent(e))
+}
+
+/// Takes an exclusive `flock` on `path` (created if needed); released when
+/// the returned file is dropped or the process dies.
+pub(crate) fn lock_file(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::io::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    // SAFETY: flock on a valid fd we own; no memory effects.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(f)
+}
+
+/// Removes a directory on drop unless disarmed.
+pub(crate) struct DirGuard(pub(crate) PathBuf);
+
+impl DirGuard {
+    pub(crate) fn disarm(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub(crate) fn getrandom(buf: &mut [u8]) -> Result<(), CoreError> {
+    // SAFETY: getrandom writes at most buf.len() bytes into buf.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n != buf.len() as isize {
+        return Err(CoreError::Host {
+            what: "reading host entropy from",
+            path: "getrandom(2)".into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+pub(crate) fn unix_now_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
+}
+
+pub(crate) fn unix_now_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+/// A fleet on a temporary home with snapshot records and published
+/// directories, for tests of the parts that need no QEMU.
+#[cfg(test)]
+pub(crate) mod testing {
+    use forkd_ops::SnapshotStatus;
+    use forkd_store::{Manifest, SnapshotRow};
+
+    use super::Fleet;
+    use crate::Env;
+
+    pub(crate) fn fleet() -> (tempfile::TempDir, Fleet) {
+        let tmp = tempfile::tempdir().unwrap();
+        let env = Env {
+            home: tmp.path().join("home"),
+            runtime: tmp.path().join("run"),
+        };
+        let f = Fleet::open(&env).unwrap();
+        (tmp, f)
+    }
+
+    /// Publishes a one-file snapshot `tag` on `parent` and records it ready.
+    pub(crate) fn snapshot(f: &Fleet, tag: &str, parent: Option<&str>) {
+        let staging = f.store().stage(tag).unwrap();
+        std::fs::write(staging.path().join("device.state"), tag).unwrap();
+        staging
+            .publish(Manifest {
+                format: forkd_store::MANIFEST_FORMAT,
+                tag: tag.into(),
+                created_at: 1,
+                parent: parent.map(Into::into),
+                source_sandbox: None,
+                pause_ms: 1.0,
+                ram_parent: None,
+                machine: serde_json::json!({}),
+                files: vec![],
+            })
+            .unwrap();
+        f.db()
+            .insert_snapshot(&SnapshotRow {
+                tag: tag.into(),
+                status: SnapshotStatus::Ready,
+                dir: f.store().dir(tag),
+                parent: parent.map(Into::into),
+                source: None,
+                created_at: 1,
+                pause_ms: Some(1.0),
+                error: None,
+            })
+            .unwrap();
+    }
+}

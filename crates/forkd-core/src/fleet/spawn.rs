@@ -1,0 +1,420 @@
+//! SPAWN: children of a snapshot, each mapping its RAM image copy-on-write
+//! (`MAP_PRIVATE`) with its own qcow2 overlay on the frozen disk, started
+//! with `-incoming defer`, loaded with the device state, then made its own
+//! (entropy, clock, hostname). The warm pool keeps QEMUs started ahead of
+//! time, waiting for a device state.
+//!
+//! Pure decisions sit apart so that they are tested without a VM: whether a
+//! snapshot may be spawned from now ([`readiness`]) and how slots of a
+//! fan-out are filled ([`fan_out`]).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use forkd_ops::{Child, PartialFailure, SandboxState, SnapshotStatus};
+use forkd_vm::{AccelChoice, Disk, HostProbe, LaunchOptions, MemoryBackend, RunDir, Vm, VmConfig};
+
+use super::record::{child_image, SandboxConfig};
+use super::{getrandom, DirGuard, Fleet, DEVICE_STATE, DISK_IMAGE};
+use crate::sandbox::new_id;
+use crate::CoreError;
+
+/// Whether a snapshot can be spawned from now.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Readiness {
+    Ready,
+    /// Still being written: wait and ask again.
+    Wait,
+}
+
+/// Decides from a snapshot's row whether to spawn, wait, or refuse.
+pub(crate) fn readiness(
+    tag: &str,
+    status: Option<(SnapshotStatus, Option<String>)>,
+    wait: bool,
+) -> Result<Readiness, CoreError> {
+    match status {
+        None => Err(CoreError::NoSnapshot { tag: tag.into() }),
+        Some((SnapshotStatus::Ready, _)) => Ok(Readiness::Ready),
+        Some((SnapshotStatus::Writing, _)) if wait => Ok(Readiness::Wait),
+        Some((SnapshotStatus::Writing, _)) => Err(CoreError::SnapshotWriting { tag: tag.into() }),
+        Some((status, error)) => Err(CoreError::SnapshotNotReady {
+            tag: tag.into(),
+            status,
+            error,
+        }),
+    }
+}
+
+/// Runs `job` for slots `0..n`, at most `parallel` at a time, calling
+/// `done` as each finishes; returns the results in slot order.
+pub(crate) fn fan_out<T: Send>(
+    n: usize,
+    parallel: usize,
+    job: &(dyn Fn(usize) -> T + Sync),
+    done: &(dyn Fn(usize, &T) + Sync),
+) -> Vec<T> {
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<T>>> = Mutex::new((0..n).map(|_| None).collect());
+    std::thread::scope(|s| {
+        for _ in 0..parallel.clamp(1, n.max(1)) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= n {
+                    return;
+                }
+                let r = job(i);
+                done(i, &r);
+                results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
+            });
+        }
+    });
+    results
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+        .into_iter()
+        .map(|r| r.expect("every slot is filled"))
+        .collect()
+}
+
+/// A snapshot checked for spawning.
+pub(crate) struct Parent {
+    pub(crate) tag: String,
+    pub(crate) dir: PathBuf,
+    pub(crate) config: SandboxConfig,
+    pub(crate) accel: AccelChoice,
+}
+
+/// What a pool fill did.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolFill {
+    pub started: usize,
+    /// Members waiting after the fill.
+    pub ready: usize,
+}
+
+impl Fleet {
+    /// Starts `n` children of snapshot `tag`, at most `parallel` at a time.
+    /// Fails before starting any QEMU if the snapshot is missing, not ready
+    /// (waiting while it is being written when `wait`) or corrupt. A child
+    /// that fails is cleaned up and reported in its slot; its siblings
+    /// finish. With [`PartialFailure::Kill`] any failure kills the children
+    /// that started and fails the call.
+    pub fn spawn(
+        &self,
+        tag: &str,
+        n: usize,
+        parallel: usize,
+        wait: bool,
+        on_failure: PartialFailure,
+        on_child: &(dyn Fn(usize, &Result<Child, CoreError>) + Sync),
+    ) -> Result<Vec<Result<Child, CoreError>>, CoreError> {
+        forkd_store::validate_tag(tag)?;
+        if n == 0 {
+            return Err(CoreError::BadRequest(
+                "a spawn needs at least one child".into(),
+            ));
+        }
+        let parent = self.prepare_spawn(tag, wait)?;
+        let results = fan_out(n, parallel, &|_| self.spawn_one(&parent), on_child);
+        if on_failure == PartialFailure::Kill {
+            if let Some(i) = results.iter().position(|r| r.is_err()) {
+                for c in results.iter().flatten() {
+                    let _ = self.kill(&c.sandbox.id);
+                }
+                return Err(results
+                    .into_iter()
+                    .nth(i)
+                    .and_then(|r| r.err())
+                    .expect("slot i failed"));
+            }
+        }
+        Ok(results)
+    }
+
+    /// Checks a snapshot can be spawned from (ready, files intact, kernel
+    /// present, same accelerator) without starting anything; waits while it
+    /// is being written when `wait`.
+    pub(crate) fn prepare_spawn(&self, tag: &str, wait: bool) -> Result<Parent, CoreError> {
+        let limit = forkd_ops::policy::WRITING_WAIT_LIMIT;
+        let t0 = Instant::now();
+        loop {
+            let row = self.db().get_snapshot(tag)?;
+            match readiness(tag, row.map(|r| (r.status, r.error)), wait)? {
+                Readiness::Ready => break,
+                Readiness::Wait if t0.elapsed() > limit => {
+                    return Err(CoreError::SnapshotWritingTooLong {
+                        tag: tag.into(),
+                        waited_s: limit.as_secs(),
+                    })
+                }
+                Readiness::Wait => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        let manifest = {
+            let db = self.db();
+            self.store.verify(&db, tag)?
+        };
+        let unusable = |reason: String| CoreError::SnapshotUnusable {
+            tag: tag.into(),
+            reason,
+        };
+        let config: SandboxConfig = serde_json::from_value(manifest.machine.clone())
+            .map_err(|e| unusable(format!("its machine configuration is unreadable: {e}")))?;
+        for (what, p) in [
+            ("kernel", &config.vm.kernel),
+            ("initramfs", &config.vm.initramfs),
+        ] {
+            if !p.is_file() {
+                return Err(unusable(format!(
+                    "the {what} {} it was made with is gone",
+                    p.display()
+                )));
+            }
+        }
+        let accel = forkd_vm::accel::choose(forkd_vm::AccelRequest::Auto, &HostProbe::read())
+            .map_err(CoreError::Accel)?;
+        if accel.accel != config.vm.accel {
+            return Err(unusable(format!(
+                "it was made under {} but this host runs {}",
+                config.vm.accel, accel.accel
+            )));
+        }
+        Ok(Parent {
+            tag: tag.into(),
+            dir: self.store.dir(tag),
+            config,
+            accel,
+        })
+    }
+
+    /// The configuration of a child of `parent`, with its own sockets and a
+    /// fresh overlay on the frozen disk in `run_dir`.
+    fn child_config(
+        &self,
+        parent: &Parent,
+        id: &str,
+        run_dir: &RunDir,
+    ) -> Result<VmConfig, CoreError> {
+        let mut config = parent.config.vm.clone();
+        config.memory =
+            MemoryBackend::PrivateFile(self.ram_for_children(&parent.tag, &parent.dir)?);
+        config.qmp_socket = run_dir.file("qmp.sock");
+        config.agent_socket = run_dir.file("agent.sock");
+        config.console_log = run_dir.file("console.log");
+        config.hostname = id.to_string();
+        config.incoming = true;
+        if !config.disks.is_empty() {
+            let overlay = run_dir.file("root.qcow2");
+            forkd_vm::disk::create_overlay(&parent.dir.join(DISK_IMAGE), "qcow2", &overlay)
+                .map_err(CoreError::DiskImage)?;
+            config.disks = vec![Disk { overlay }];
+        }
+        Ok(config)
+    }
+
+    /// Tops the warm pool of snapshot `tag` up to `size` standby QEMUs
+    /// (started with `-incoming defer`, answering on QMP, no guest yet).
+    pub fn fill_pool(&self, tag: &str, size: usize) -> Result<PoolFill, CoreError> {
+        forkd_store::validate_tag(tag)?;
+        let parent = self.prepare_spawn(tag, false)?;
+        self.list()?; // marks dead members
+        let have = self.db().count_from_snapshot(tag, SandboxState::Pooled)?;
+        let mut started = 0;
+        for _ in have..size {
+            let id = new_id("sb");
+            let run_dir = RunDir::create(&self.sandboxes_dir(), &id)?;
+            let guard = DirGuard(run_dir.path().to_path_buf());
+            let config = self.child_config(&parent, &id, &run_dir)?;
+            let (pid, pid_start) = Vm::launch_standby(
+                &config,
+                run_dir,
+                &LaunchOptions {
+                    boot_timeout: Duration::from_secs(30),
+                    die_with_parent: false,
+                    cancel: None,
+                    restore: None,
+                },
+            )?;
+            self.adopt(pid, pid_start);
+            if let Err(e) = self.record(
+                &id,
+                pid,
+                pid_start,
+                &config,
+                &child_image(&parent.config.image, tag),
+                &parent.accel,
+                Some(tag),
+                SandboxState::Pooled,
+            ) {
+                // SAFETY: our own freshly started QEMU.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                return Err(e);
+            }
+            guard.disarm();
+            started += 1;
+        }
+        Ok(PoolFill {
+            started,
+            ready: self.db().count_from_snapshot(tag, SandboxState::Pooled)?,
+        })
+    }
+
+    /// Activates a pooled member of `tag`, if any: loads the device state into
+    /// the waiting QEMU. A member that fails is removed and `None` returned,
+    /// so the caller falls back to a cold start.
+    fn claim_from_pool(&self, tag: &str, snap_dir: &Path) -> Option<(String, Vm)> {
+        loop {
+            let row = self.db().claim_pooled(tag).ok()??;
+            let activated = SandboxConfig::of(&row).ok().and_then(|c| {
+                Vm::attach_restoring(
+                    c.vm,
+                    row.pid,
+                    row.pid_start,
+                    &row.run_dir,
+                    Some(&snap_dir.join(DEVICE_STATE)),
+                    Duration::from_secs(30),
+                )
+                .ok()
+            });
+            match activated {
+                Some(vm) => return Some((row.id, vm)),
+                None => {
+                    let _ = self.kill(&row.id);
+                }
+            }
+        }
+    }
+
+    fn spawn_one(&self, parent: &Parent) -> Result<Child, CoreError> {
+        let t0 = Instant::now();
+        if let Some((id, vm)) = self.claim_from_pool(&parent.tag, &parent.dir) {
+            return self.finish_child(&id, vm, t0, true).inspect_err(|_| {
+                let _ = self.kill(&id);
+            });
+        }
+        let id = new_id("sb");
+        let mut run_dir = RunDir::create(&self.sandboxes_dir(), &id)?;
+        // Owned until it is ready: on any error below, dropping the Vm (or
+        // the run dir) kills QEMU and removes the files.
+        let config = self.child_config(parent, &id, &run_dir)?;
+        run_dir.keep();
+        let guard = DirGuard(run_dir.path().to_path_buf());
+        let vm = Vm::launch(
+            config.clone(),
+            run_dir,
+            &LaunchOptions {
+                boot_timeout: Duration::from_secs(60),
+                die_with_parent: false,
+                cancel: None,
+                restore: Some(parent.dir.join(DEVICE_STATE)),
+            },
+        )?;
+        // Recorded before fork safety so that a failure below is cleaned up
+        // by `kill` like any other sandbox.
+        let (pid, pid_start) = (vm.pid(), vm.pid_start());
+        self.adopt(pid, pid_start);
+        self.record(
+            &id,
+            pid,
+            pid_start,
+            &config,
+            &child_image(&parent.config.image, &parent.tag),
+            &parent.accel,
+            Some(&parent.tag),
+            SandboxState::Running,
+        )?;
+        guard.disarm();
+        let child = self.finish_child(&id, vm, t0, false);
+        if child.is_err() {
+            let _ = self.kill(&id);
+        }
+        child
+    }
+
+    /// Fork safety for a restored child, then detaches it.
+    fn finish_child(
+        &self,
+        id: &str,
+        vm: Vm,
+        t0: Instant,
+        pooled: bool,
+    ) -> Result<Child, CoreError> {
+        let restore_ms = vm.restore_time().unwrap_or_default().as_secs_f64() * 1000.0;
+        let mut entropy = [0u8; 64];
+        getrandom(&mut entropy)?;
+        let clock_step_ms = vm
+            .agent()
+            .restore(&entropy, id)
+            .map_err(|e| vm.explain(e, "fork-safety restore"))?;
+        let ready_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        vm.detach();
+        Ok(Child {
+            sandbox: self.sandbox_view(id)?,
+            ready_ms,
+            restore_ms,
+            clock_step_ms,
+            from_pool: pooled,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_follows_the_status_and_the_wait_flag() {
+        assert_eq!(
+            readiness("t", Some((SnapshotStatus::Ready, None)), false).unwrap(),
+            Readiness::Ready
+        );
+        assert_eq!(
+            readiness("t", Some((SnapshotStatus::Writing, None)), true).unwrap(),
+            Readiness::Wait
+        );
+        assert!(matches!(
+            readiness("t", Some((SnapshotStatus::Writing, None)), false),
+            Err(CoreError::SnapshotWriting { .. })
+        ));
+        let failed = readiness(
+            "t",
+            Some((SnapshotStatus::Failed, Some("boom".into()))),
+            true,
+        )
+        .unwrap_err();
+        assert_eq!(
+            failed.to_string(),
+            "snapshot `t` is not ready (status: failed: boom)"
+        );
+        assert!(matches!(
+            readiness("t", None, true),
+            Err(CoreError::NoSnapshot { .. })
+        ));
+    }
+
+    #[test]
+    fn a_fan_out_fills_every_slot_in_order_within_its_parallelism() {
+        let running = AtomicUsize::new(0);
+        let peak = AtomicUsize::new(0);
+        let seen = Mutex::new(Vec::new());
+        let out = fan_out(
+            7,
+            3,
+            &|i| {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(now, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(5));
+                running.fetch_sub(1, Ordering::SeqCst);
+                i * 10
+            },
+            &|i, r| seen.lock().unwrap().push((i, *r)),
+        );
+        assert_eq!(out, vec![0, 10, 20, 30, 40, 50, 60]);
+        assert!(peak.load(Ordering::SeqCst) <= 3);
+        assert_eq!(seen.lock().unwrap().len(), 7);
+        assert_eq!(fan_out(2, 0, &|i| i, &|_, _| {}), vec![0, 1]);
+    }
+}

@@ -1,0 +1,83 @@
+//! The defaults and rules every front end gets, decided here once. A front
+//! end leaves a request field `None`; the side of the seam that runs the
+//! operation fills it in with these.
+
+use std::time::Duration;
+
+use crate::state::BranchMode;
+use crate::types::PartialFailure;
+
+/// Guest memory of a new sandbox, in MiB.
+pub const MEM_MIB: u64 = 256;
+/// Virtual CPUs of a new sandbox.
+pub const CPUS: u32 = 1;
+/// Root disk of a new sandbox.
+pub const IMAGE: &str = "busybox";
+/// A branch is live unless asked otherwise.
+pub const BRANCH_MODE: BranchMode = BranchMode::Live;
+/// A branch returns once its snapshot is ready unless asked otherwise.
+pub const BRANCH_WAITS: bool = true;
+/// A spawn from a snapshot still being written waits for it unless asked
+/// otherwise (it never maps a half-written image).
+pub const SPAWN_WAITS_FOR_WRITING: bool = true;
+/// How long a spawn waits for a snapshot being written.
+pub const WRITING_WAIT_LIMIT: Duration = Duration::from_secs(600);
+/// What a fan-out does when some children fail: the others are kept and
+/// each failure is reported in its slot.
+pub const PARTIAL_FAILURE: PartialFailure = PartialFailure::Keep;
+/// Most children (and pool members) one call may ask for.
+pub const MAX_CHILDREN: usize = 1000;
+
+/// The tag of a branch that was given none: the source's id and the time in
+/// milliseconds, so two branches of one sandbox a moment apart do not clash.
+pub fn default_branch_tag(source: &str, unix_ms: u128) -> String {
+    format!("{source}-branch-{unix_ms}")
+}
+
+/// How many children of an `n`-child spawn start at once: as asked, else one
+/// per host core; never more than `n`, never less than one.
+pub fn spawn_parallelism(n: usize, asked: Option<usize>, cores: usize) -> usize {
+    asked.unwrap_or(cores).clamp(1, n.max(1))
+}
+
+/// Checks a child count (`-n`, a pool size) against [`MAX_CHILDREN`].
+pub fn check_children(what: &str, n: usize, min: usize) -> Result<(), crate::OpError> {
+    if n < min || n > MAX_CHILDREN {
+        return Err(crate::OpError::bad_input(format!(
+            "{what} must be between {min} and {MAX_CHILDREN}, not {n}"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parallelism_is_bounded_by_the_children_and_at_least_one() {
+        assert_eq!(spawn_parallelism(10, None, 2), 2);
+        assert_eq!(spawn_parallelism(1, None, 16), 1);
+        assert_eq!(spawn_parallelism(10, Some(4), 2), 4);
+        assert_eq!(spawn_parallelism(3, Some(0), 2), 1);
+        assert_eq!(spawn_parallelism(3, Some(64), 2), 3);
+    }
+
+    #[test]
+    fn default_tags_are_valid_tags() {
+        let t = default_branch_tag("sb-0123abcd", 1_764_488_123_456);
+        assert_eq!(t, "sb-0123abcd-branch-1764488123456");
+        crate::validate_tag(&t).unwrap();
+    }
+
+    #[test]
+    fn child_counts_are_checked_with_their_name() {
+        assert!(check_children("-n", 1, 1).is_ok());
+        assert_eq!(
+            check_children("-n", 0, 1).unwrap_err().message,
+            "-n must be between 1 and 1000, not 0"
+        );
+        assert!(check_children("--size", 0, 0).is_ok());
+        assert!(check_children("--size", 1001, 0).is_err());
+    }
+}

@@ -1,0 +1,213 @@
+//! Starting a QEMU process: spawn it in its own session, wait for its
+//! sockets and QMP, connect to the guest agent, and clean up on every error
+//! (a [`Partial`] QEMU is killed when dropped).
+
+use std::fs::{self, File};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use forkd_protocol::client::{AgentClient, ClientError};
+
+use crate::config::VmConfig;
+use crate::process::{describe, process_start_time, tail, which};
+use crate::qmp::Qmp;
+use crate::rundir::RunDir;
+use crate::vm::LaunchOptions;
+use crate::VmError;
+
+/// A QEMU that has not finished booting: cleans up after itself on error.
+pub(crate) struct Partial {
+    pub(crate) child: Option<Child>,
+    pub(crate) stderr_path: PathBuf,
+    pub(crate) console: PathBuf,
+}
+
+impl Partial {
+    pub(crate) fn check_alive(&mut self) -> Result<(), VmError> {
+        if let Some(child) = self.child.as_mut() {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Err(VmError::ExitedDuringBoot {
+                    status: describe(status),
+                    stderr: fs::read_to_string(&self.stderr_path).unwrap_or_default(),
+                    console: tail(&self.console, 15),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn wait_exit(&mut self, within: Duration) {
+        let deadline = Instant::now() + within;
+        while let Some(child) = self.child.as_mut() {
+            if matches!(child.try_wait(), Ok(Some(_))) || Instant::now() > deadline {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub(crate) fn timeout(&self, timeout: Duration) -> VmError {
+        VmError::BootTimeout {
+            timeout,
+            stderr: fs::read_to_string(&self.stderr_path).unwrap_or_default(),
+            console: tail(&self.console, 15),
+        }
+    }
+}
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A QEMU process that has started and answers on QMP.
+pub(crate) struct Started {
+    pub(crate) partial: Partial,
+    pub(crate) qmp: Qmp,
+    pub(crate) started: Instant,
+    pub(crate) stderr_path: PathBuf,
+    pub(crate) pid: u32,
+    pub(crate) pid_start: u64,
+}
+
+/// Spawns QEMU for `config` in `run_dir` and waits until QMP answers.
+pub(crate) fn start_qemu(
+    config: &VmConfig,
+    run_dir: &RunDir,
+    opts: &LaunchOptions,
+) -> Result<Started, VmError> {
+    config.validate().map_err(VmError::Config)?;
+    let qemu = which(&config.qemu)
+        .ok_or_else(|| VmError::QemuNotFound(config.qemu.display().to_string()))?;
+    let stderr_path = run_dir.file("qemu.stderr");
+    let stderr = File::create(&stderr_path).map_err(|source| VmError::RunDir {
+        path: stderr_path.display().to_string(),
+        source,
+    })?;
+    let started = Instant::now();
+    let mut cmd = Command::new(&qemu);
+    cmd.args(config.to_args())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr);
+    let die_with_parent = opts.die_with_parent;
+    // SAFETY: runs in the forked child before exec; setsid and prctl are
+    // async-signal-safe syscalls with no memory effects in the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Own session: a Ctrl-C on our terminal is ours to handle,
+            // it must not kill QEMU behind our back.
+            libc::setsid();
+            if die_with_parent {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(VmError::Spawn)?;
+    let pid = child.id();
+    let pid_start = process_start_time(pid).unwrap_or(0);
+    let mut partial = Partial {
+        child: Some(child),
+        stderr_path: stderr_path.clone(),
+        console: config.console_log.clone(),
+    };
+
+    // Sockets appear once QEMU has parsed its options.
+    let deadline = started + opts.boot_timeout;
+    while !(config.qmp_socket.exists() && config.agent_socket.exists()) {
+        partial.check_alive()?;
+        if opts
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::SeqCst))
+        {
+            return Err(VmError::Cancelled);
+        }
+        if Instant::now() > deadline {
+            return Err(partial.timeout(opts.boot_timeout));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // A connection failing here usually means QEMU is on its way out:
+    // give it a moment so the error can say why. QEMU answers only after it
+    // has preallocated guest RAM, hence a wait that grows with the guest.
+    let qmp_wait = Duration::from_secs(10) + config.prealloc_allowance();
+    let qmp = match Qmp::connect(&config.qmp_socket, qmp_wait) {
+        Ok(q) => q,
+        Err(e) => {
+            partial.wait_exit(Duration::from_secs(2));
+            partial.check_alive()?;
+            return Err(e.into());
+        }
+    };
+    Ok(Started {
+        partial,
+        qmp,
+        started,
+        stderr_path,
+        pid,
+        pid_start,
+    })
+}
+
+/// Connects to the agent of a starting QEMU, failing fast if QEMU exits or
+/// the caller cancels.
+pub(crate) fn connect_agent(
+    config: &VmConfig,
+    partial: &mut Partial,
+    deadline: Instant,
+    opts: &LaunchOptions,
+) -> Result<AgentClient, VmError> {
+    let stream = match UnixStream::connect(&config.agent_socket) {
+        Ok(s) => s,
+        Err(e) => {
+            partial.wait_exit(Duration::from_secs(2));
+            partial.check_alive()?;
+            return Err(VmError::Agent(ClientError::Io(e)));
+        }
+    };
+    let left = deadline.saturating_duration_since(Instant::now());
+    let mut exited = None;
+    let mut keep_waiting = || {
+        if opts
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::SeqCst))
+        {
+            return Err(ClientError::Cancelled);
+        }
+        if let Err(e) = partial.check_alive() {
+            exited = Some(e);
+            return Err(ClientError::Cancelled);
+        }
+        Ok(())
+    };
+    let connected = AgentClient::connect_while(stream, left, &mut keep_waiting);
+    if let Some(e) = exited {
+        return Err(e);
+    }
+    let agent = match connected {
+        Ok(a) => a,
+        Err(ClientError::Cancelled) => return Err(VmError::Cancelled),
+        Err(ClientError::HandshakeTimeout(_)) => {
+            partial.check_alive()?;
+            return Err(partial.timeout(opts.boot_timeout));
+        }
+        Err(e) => {
+            partial.wait_exit(Duration::from_secs(2));
+            partial.check_alive()?;
+            return Err(e.into());
+        }
+    };
+    Ok(agent)
+}

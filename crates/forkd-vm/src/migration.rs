@@ -1,0 +1,381 @@
+//! QEMU migration, the only place forkd uses it: saving and loading a VM's
+//! device state (guest RAM stays in its file: `x-ignore-shared`), and the
+//! live background snapshot that streams RAM out while the guest runs.
+//!
+//! Capabilities are set before every use, because QEMU keeps them from one
+//! migration to the next (a live branch leaves `background-snapshot` on,
+//! which would turn the next device-state save into another live snapshot).
+//! Streams go to file descriptors handed to QEMU over QMP (`getfd`) or to a
+//! UNIX socket: QEMU never runs a shell (`exec:` URIs), so a seccomp filter
+//! that forbids it to spawn processes does not get in the way. Every wait for
+//! a migration goes through one poller, [`wait_finished`].
+
+use std::fs::File;
+use std::os::unix::io::AsFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::disk::PreparedDiskSnapshot;
+use crate::qmp::{event_time, Qmp};
+use crate::vm::Vm;
+use crate::VmError;
+
+/// Where an outgoing migration stands (`query-migrate`'s `status`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MigrationStatus {
+    /// No migration has run.
+    None,
+    /// Setting up, running, or in any intermediate state QEMU reports.
+    Active(String),
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl MigrationStatus {
+    fn parse(s: &str) -> MigrationStatus {
+        match s {
+            "" | "none" => MigrationStatus::None,
+            "completed" => MigrationStatus::Completed,
+            "failed" => MigrationStatus::Failed,
+            "cancelled" => MigrationStatus::Cancelled,
+            other => MigrationStatus::Active(other.to_string()),
+        }
+    }
+}
+
+/// What QEMU says about its outgoing migration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MigrationInfo {
+    pub status: MigrationStatus,
+    /// Guest downtime in milliseconds, once QEMU knows it.
+    pub downtime_ms: Option<f64>,
+    /// QEMU's reason, for a failed migration.
+    pub error: Option<String>,
+}
+
+impl MigrationInfo {
+    fn from_qmp(v: &Value) -> MigrationInfo {
+        MigrationInfo {
+            status: MigrationStatus::parse(v["status"].as_str().unwrap_or("")),
+            downtime_ms: v["downtime"].as_f64(),
+            error: v["error-desc"].as_str().map(str::to_string),
+        }
+    }
+}
+
+/// How long a live snapshot paused its guest.
+#[derive(Debug, Clone)]
+pub struct LivePause {
+    /// From STOP to RESUME, by QEMU's own event timestamps.
+    pub pause: Duration,
+    /// The disk image frozen at the pause, when a disk was prepared.
+    pub frozen_disk: Option<PathBuf>,
+}
+
+/// What a stopped snapshot (pause, save, copy, resume) did.
+#[derive(Debug, Clone)]
+pub struct StoppedSnapshot<T> {
+    pub pause: Duration,
+    pub frozen_disk: Option<PathBuf>,
+    /// What the caller's copy inside the pause returned.
+    pub copied: T,
+}
+
+/// The capability sets forkd migrates with.
+#[derive(Debug, Clone, Copy)]
+enum Purpose {
+    /// Device state only; RAM is in a file the other side maps.
+    DeviceState,
+    /// A live snapshot: RAM streams out while the guest runs.
+    BackgroundSnapshot,
+}
+
+fn set_capabilities(qmp: &mut Qmp, purpose: Purpose) -> Result<(), VmError> {
+    let (ignore_shared, background) = match purpose {
+        Purpose::DeviceState => (true, false),
+        Purpose::BackgroundSnapshot => (false, true),
+    };
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(json!({ "capabilities": [
+            { "capability": "background-snapshot", "state": background },
+            { "capability": "x-ignore-shared", "state": ignore_shared },
+        ]})),
+    )?;
+    if let Purpose::BackgroundSnapshot = purpose {
+        // QEMU's default cap of 128 MiB/s would make the copy take seconds.
+        qmp.execute(
+            "migrate-set-parameters",
+            Some(json!({ "max-bandwidth": 64u64 << 30 })),
+        )?;
+    }
+    Ok(())
+}
+
+fn query(qmp: &mut Qmp) -> Result<MigrationInfo, VmError> {
+    Ok(MigrationInfo::from_qmp(
+        &qmp.execute("query-migrate", None)?,
+    ))
+}
+
+/// The one poller: waits until the outgoing migration is over. `Completed`
+/// is success; `Failed` or `Cancelled` an error naming `what` and QEMU's
+/// reason; a deadline passed, an error too.
+pub(crate) fn wait_finished(
+    qmp: &mut Qmp,
+    deadline: Instant,
+    what: &'static str,
+) -> Result<MigrationInfo, VmError> {
+    loop {
+        let info = query(qmp)?;
+        match info.status {
+            MigrationStatus::Completed => return Ok(info),
+            MigrationStatus::Failed | MigrationStatus::Cancelled => {
+                return Err(VmError::Migration {
+                    what,
+                    reason: info
+                        .error
+                        .unwrap_or_else(|| format!("QEMU reports it {:?}", info.status)),
+                })
+            }
+            MigrationStatus::None | MigrationStatus::Active(_) => {}
+        }
+        if Instant::now() > deadline {
+            return Err(VmError::Migration {
+                what,
+                reason: "it did not finish in time".into(),
+            });
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+}
+
+/// Loads a device-state file into a QEMU started with `-incoming defer` and
+/// waits until the guest runs.
+pub(crate) fn restore_device_state(
+    qmp: &mut Qmp,
+    state: &Path,
+    deadline: Instant,
+) -> Result<(), VmError> {
+    const WHAT: &str = "restoring the device state";
+    let file = File::open(state).map_err(|e| VmError::Migration {
+        what: WHAT,
+        reason: format!("{}: {e}", state.display()),
+    })?;
+    set_capabilities(qmp, Purpose::DeviceState)?;
+    qmp.send_fd("forkd-incoming", file.as_fd())?;
+    drop(file); // QEMU holds its own copy now
+    qmp.execute(
+        "migrate-incoming",
+        Some(json!({ "uri": "fd:forkd-incoming" })),
+    )?;
+    loop {
+        if qmp.status()? == "running" {
+            return Ok(());
+        }
+        let info = query(qmp)?;
+        match info.status {
+            // The state was saved from a paused source and QEMU restores the
+            // run state with it: the guest continues only when told to.
+            MigrationStatus::Completed => return Ok(qmp.cont()?),
+            MigrationStatus::Failed | MigrationStatus::Cancelled => {
+                return Err(VmError::Migration {
+                    what: WHAT,
+                    reason: info.error.unwrap_or_else(|| "migration failed".into()),
+                })
+            }
+            _ => {}
+        }
+        if Instant::now() > deadline {
+            return Err(VmError::Migration {
+                what: WHAT,
+                reason: "the guest was not running before the deadline".into(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+impl Vm {
+    /// Saves the device state (no RAM: guest RAM must be a shared file) to
+    /// `path`. The guest must be paused; QEMU is left in `postmigrate` and
+    /// resumes with `cont`.
+    pub fn save_device_state(&self, path: &Path) -> Result<(), VmError> {
+        const WHAT: &str = "saving the device state";
+        let file = File::create(path).map_err(|e| VmError::Migration {
+            what: WHAT,
+            reason: format!("{}: {e}", path.display()),
+        })?;
+        let mut qmp = self.qmp();
+        set_capabilities(&mut qmp, Purpose::DeviceState)?;
+        qmp.send_fd("forkd-outgoing", file.as_fd())?;
+        drop(file);
+        qmp.execute("migrate", Some(json!({ "uri": "fd:forkd-outgoing" })))?;
+        wait_finished(&mut qmp, Instant::now() + Duration::from_secs(60), WHAT).map(drop)
+    }
+
+    /// A snapshot with the guest stopped: pauses it, freezes the prepared
+    /// disk, saves the device state to `device_state`, runs `copy` (the
+    /// caller copies guest RAM), and resumes the guest whatever happened.
+    /// The pause contains all of it.
+    pub fn stopped_snapshot<T>(
+        &self,
+        device_state: &Path,
+        disk: Option<PreparedDiskSnapshot>,
+        copy: impl FnOnce() -> Result<T, VmError>,
+    ) -> Result<StoppedSnapshot<T>, VmError> {
+        let t0 = Instant::now();
+        if let Err(e) = self.qmp().stop() {
+            if let Some(d) = disk {
+                self.abandon_disk_snapshot(d);
+            }
+            return Err(e.into());
+        }
+        let mut committed = false;
+        let inside = (|| {
+            let frozen = match &disk {
+                Some(d) => {
+                    let f = self.commit_disk_snapshot(d)?;
+                    committed = true;
+                    Some(f)
+                }
+                None => None,
+            };
+            self.save_device_state(device_state)?;
+            Ok::<_, VmError>((frozen, copy()?))
+        })();
+        // Resume whatever happened: the sandbox must keep running.
+        let resumed = self.qmp().cont();
+        let pause = t0.elapsed();
+        if let (Some(d), false) = (disk, committed) {
+            self.abandon_disk_snapshot(d);
+        }
+        let (frozen_disk, copied) = inside?;
+        resumed?;
+        Ok(StoppedSnapshot {
+            pause,
+            frozen_disk,
+            copied,
+        })
+    }
+
+    /// A live snapshot: pauses the guest, freezes the prepared disk, and
+    /// starts a background snapshot streamed to the UNIX socket `target`
+    /// (someone must be listening there). QEMU saves the device state,
+    /// write-protects guest RAM and resumes the guest by itself; RAM then
+    /// streams out while the guest runs. Returns once the guest runs again.
+    /// Finishing the stream is the listener's business; [`Vm::wait_migration`]
+    /// tells when QEMU is done.
+    pub fn live_snapshot(
+        &self,
+        target: &Path,
+        disk: Option<PreparedDiskSnapshot>,
+    ) -> Result<LivePause, VmError> {
+        const WHAT: &str = "the live snapshot";
+        set_capabilities(&mut self.qmp(), Purpose::BackgroundSnapshot)?;
+        let t0 = Instant::now();
+        self.qmp().take_events();
+        if let Err(e) = self.qmp().stop() {
+            if let Some(d) = disk {
+                self.abandon_disk_snapshot(d);
+            }
+            return Err(e.into());
+        }
+        let mut committed = false;
+        let started = (|| {
+            let frozen = match &disk {
+                Some(d) => {
+                    let f = self.commit_disk_snapshot(d)?;
+                    committed = true;
+                    Some(f)
+                }
+                None => None,
+            };
+            self.qmp().execute(
+                "migrate",
+                Some(json!({ "uri": format!("unix:{}", target.display()) })),
+            )?;
+            Ok::<_, VmError>(frozen)
+        })();
+        let frozen_disk = match started {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = self.qmp().cont();
+                if let (Some(d), false) = (disk, committed) {
+                    self.abandon_disk_snapshot(d);
+                }
+                return Err(e);
+            }
+        };
+        // QMP can be slow to answer while RAM streams, so the pause is
+        // measured with the STOP and RESUME events' own timestamps.
+        let resume = match self.qmp().wait_event("RESUME", Duration::from_secs(30)) {
+            Ok(ev) => ev,
+            Err(e) => {
+                let why = query(&mut self.qmp())
+                    .ok()
+                    .and_then(|i| i.error)
+                    .unwrap_or_else(|| e.to_string());
+                let _ = self.qmp().cont();
+                return Err(VmError::Migration {
+                    what: WHAT,
+                    reason: why,
+                });
+            }
+        };
+        let stop = self.qmp().wait_event("STOP", Duration::from_secs(1)).ok();
+        let pause = match (stop.as_ref().and_then(event_time), event_time(&resume)) {
+            (Some(a), Some(b)) if b >= a => Duration::from_secs_f64(b - a),
+            _ => t0.elapsed(),
+        };
+        Ok(LivePause { pause, frozen_disk })
+    }
+
+    /// Waits until QEMU's outgoing migration (a live snapshot streaming out)
+    /// is over; returns QEMU's figures when it completed.
+    pub fn wait_migration(&self, timeout: Duration) -> Result<MigrationInfo, VmError> {
+        wait_finished(
+            &mut self.qmp(),
+            Instant::now() + timeout,
+            "the live snapshot",
+        )
+    }
+
+    /// What QEMU says about its outgoing migration now.
+    pub fn migration_info(&self) -> Result<MigrationInfo, VmError> {
+        query(&mut self.qmp())
+    }
+
+    /// Cancels the outgoing migration, if one runs.
+    pub fn cancel_migration(&self) -> Result<(), VmError> {
+        self.qmp().execute("migrate_cancel", None)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_and_figures_are_read_from_query_migrate() {
+        let done = MigrationInfo::from_qmp(&json!({"status": "completed", "downtime": 7.0}));
+        assert_eq!(done.status, MigrationStatus::Completed);
+        assert_eq!(done.downtime_ms, Some(7.0));
+        let failed =
+            MigrationInfo::from_qmp(&json!({"status": "failed", "error-desc": "socket closed"}));
+        assert_eq!(failed.status, MigrationStatus::Failed);
+        assert_eq!(failed.error.as_deref(), Some("socket closed"));
+        assert_eq!(
+            MigrationInfo::from_qmp(&json!({})).status,
+            MigrationStatus::None
+        );
+        assert_eq!(
+            MigrationStatus::parse("active"),
+            MigrationStatus::Active("active".into())
+        );
+    }
+}
