@@ -18,7 +18,10 @@ pub mod frame;
 
 use serde::{Deserialize, Serialize};
 
-pub use frame::{Frame, FrameError, FrameReader, Kind, CHUNK, MAX_PAYLOAD, VERSION};
+pub use frame::{
+    Frame, FrameDecoder, FrameError, FrameReader, Kind, CHUNK, DECODER_CAPACITY, MAX_PAYLOAD,
+    VERSION,
+};
 
 /// Name of the virtio-serial port the agent listens on.
 pub const PORT_NAME: &str = "org.forkd.agent";
