@@ -948,6 +948,10 @@ fn read_loop(mut stream: UnixStream, mut decoder: FrameDecoder, shared: &Shared)
     let mut incomplete_since: Option<Instant> = None;
     // Since when bytes have been discarded with no good frame after them.
     let mut garbage_since: Option<Instant> = None;
+    // The last read found no more bytes waiting. Stalls are judged only
+    // then: after the host itself was stopped (SIGSTOP, a debugger) the
+    // bytes that queued up meanwhile are read before any clock is believed.
+    let mut caught_up = false;
     loop {
         let mut progressed = false;
         while let Some(r) = decoder.next_frame() {
@@ -976,7 +980,10 @@ fn read_loop(mut stream: UnixStream, mut decoder: FrameDecoder, shared: &Shared)
             (_, true) => Some(now),
             (_, false) => incomplete_since.or(Some(now)),
         };
-        if garbage_since.is_some_and(|t| now - t > limits.frame_stall) {
+        let stalled = |since: Option<Instant>| {
+            caught_up && since.is_some_and(|t| now - t > limits.frame_stall)
+        };
+        if stalled(garbage_since) {
             return format!(
                 "the guest wrote {} bytes that are not agent frames and no frame for {:?}; \
                  the channel is corrupted",
@@ -984,7 +991,7 @@ fn read_loop(mut stream: UnixStream, mut decoder: FrameDecoder, shared: &Shared)
                 limits.frame_stall
             );
         }
-        if incomplete_since.is_some_and(|t| now - t > limits.frame_stall) {
+        if stalled(incomplete_since) {
             return format!(
                 "a frame from the guest stayed incomplete for {:?} ({} bytes of it arrived); \
                  the channel is corrupted or the agent is stuck mid-frame",
@@ -1000,14 +1007,17 @@ fn read_loop(mut stream: UnixStream, mut decoder: FrameDecoder, shared: &Shared)
             Ok(0) => return "the guest side closed the channel".into(),
             Ok(n) => {
                 decoder.push(&chunk[..n]);
+                caught_up = n < want;
             }
             Err(e)
                 if matches!(
                     e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) => {}
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                caught_up = true;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return format!("read error: {e}"),
         }
     }
