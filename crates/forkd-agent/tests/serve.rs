@@ -185,6 +185,30 @@ fn malformed_frames_get_errors_and_the_agent_keeps_serving() {
 }
 
 #[test]
+fn a_reply_that_beats_wait_reply_is_kept() {
+    // The flake of `malformed_frames_...`: under load the agent answered the
+    // oversized frame before the test thread got to `wait_reply`, and the
+    // client dropped the reply as one for an id no one waited for. `send_raw`
+    // now registers the ids its bytes name, so the order no longer matters.
+    let c = start(None);
+    let len = forkd_protocol::MAX_PAYLOAD + 1;
+    let mut big = Header::encode(Kind::Request, 902, len).to_vec();
+    big.resize(big.len() + len as usize, b' ');
+    c.send_raw(&big).unwrap();
+    let mut bad_json = Vec::new();
+    write_frame(&mut bad_json, Kind::Request, 903, b"{").unwrap();
+    c.send_raw(&bad_json).unwrap();
+    // Long enough for both replies to arrive first on any machine.
+    std::thread::sleep(Duration::from_millis(500));
+    for id in [902, 903] {
+        match c.wait_reply(id, Duration::from_secs(5)) {
+            Err(ClientError::Agent(r)) => assert_eq!(r.code, ErrorCode::BadFrame),
+            other => panic!("reply to {id}: {other:?}"),
+        }
+    }
+}
+
+#[test]
 fn signal_reaches_a_running_command() {
     let c = Arc::new(start(None));
     let target = c.reserve_id();

@@ -218,10 +218,15 @@ impl<R: Read> Reader<R> {
         self.fill(&mut b, inside)?;
         String::from_utf8(b).map_err(|_| bad(at, format!("{inside}: a name that is not UTF-8")))
     }
-    /// Copies everything left to `out`, keeping the last `tail.capacity()`
-    /// bytes in `tail`; returns the byte count.
-    fn copy_rest<W: Write>(&mut self, out: &mut W, tail: &mut Vec<u8>) -> Result<u64, SplitError> {
-        let keep = tail.capacity();
+    /// Copies everything left to `out`, keeping (at least) the last `keep`
+    /// bytes in `tail`; returns the byte count. `tail` never holds more than
+    /// twice `keep` plus one read.
+    fn copy_rest<W: Write>(
+        &mut self,
+        out: &mut W,
+        tail: &mut Vec<u8>,
+        keep: usize,
+    ) -> Result<u64, SplitError> {
         let mut n_total = 0u64;
         if let Some(b) = self.peeked.take() {
             out.write_all(&[b]).map_err(|source| SplitError::Sink {
@@ -253,7 +258,9 @@ impl<R: Read> Reader<R> {
             self.offset += n as u64;
             n_total += n as u64;
             tail.extend_from_slice(&buf[..n]);
-            if tail.len() > keep {
+            // Trim in large steps: trimming on every read would move
+            // `keep` bytes per read.
+            if tail.len() > 2 * keep {
                 tail.drain(..tail.len() - keep);
             }
         }
@@ -362,6 +369,9 @@ pub fn split<R: Read, W: Write, S: RamSink>(
                     opts,
                     false,
                 )?;
+                if state.kept.len() + kept.len() > MAX_KEPT {
+                    return Err(too_many_kept(r.offset));
+                }
                 state.kept.extend_from_slice(&kept);
                 let f = read_footer(&mut r, id)?;
                 if Some(f) != footers {
@@ -390,8 +400,8 @@ pub fn split<R: Read, W: Write, S: RamSink>(
                 }
                 device.write_all(&out).map_err(sink_err(at))?;
                 r.unread(kind);
-                let mut tail = Vec::with_capacity(MAX_VMDESC + 8);
-                summary.device_bytes = r.copy_rest(device, &mut tail)?;
+                let mut tail = Vec::new();
+                summary.device_bytes = r.copy_rest(device, &mut tail, MAX_VMDESC + 8)?;
                 if !ends_cleanly(&tail) {
                     return Err(bad(
                         r.offset,
@@ -594,7 +604,10 @@ fn read_ram<R: Read, S: RamSink>(
         };
         st.last = Some(block);
         let (name, len) = st.blocks[block].clone();
-        if addr + PAGE_SIZE as u64 > len {
+        if addr
+            .checked_add(PAGE_SIZE as u64)
+            .is_none_or(|end| end > len)
+        {
             return Err(bad(
                 at,
                 format!("page at {addr:#x} is outside block `{name}` ({len:#x} bytes)"),
@@ -633,6 +646,9 @@ fn read_ram<R: Read, S: RamSink>(
             }
             st.kept_last = Some(block);
             summary.kept_pages += 1;
+            if st.kept.len() + out.len() > MAX_KEPT {
+                return Err(too_many_kept(at));
+            }
         }
     }
 }
@@ -676,6 +692,12 @@ fn read_block_list<R: Read, S: RamSink>(
         if opts.extract.contains(&name) {
             ram.block(&name, len).map_err(sink_err(at))?;
         }
+        if st.blocks.len() >= MAX_BLOCKS {
+            return Err(bad(
+                at,
+                format!("more than {MAX_BLOCKS} RAM blocks: not a stream of a forkd guest"),
+            ));
+        }
         st.blocks.push((name.clone(), len));
         summary.blocks.push((name, len));
     }
@@ -695,6 +717,24 @@ const IGNORE_SHARED: &str = "x-ignore-shared";
 
 /// Largest trailing VM description (JSON) the end check looks through.
 const MAX_VMDESC: usize = 4 << 20;
+
+/// Most bytes of kept (not extracted) RAM records held until the device
+/// state: they are written out only at the end, so they are bounded. A
+/// forkd guest keeps only firmware and ACPI blocks, well under a MiB.
+pub const MAX_KEPT: usize = 64 << 20;
+
+/// Most RAM blocks a stream may list (QEMU's microvm has a handful).
+pub const MAX_BLOCKS: usize = 1024;
+
+fn too_many_kept(offset: u64) -> SplitError {
+    bad(
+        offset,
+        format!(
+            "more than {MAX_KEPT} bytes of pages of blocks kept in the device state: \
+             extract the guest's big RAM blocks"
+        ),
+    )
+}
 
 /// A stream ends with `EOF`, or with `EOF VMDESCRIPTION be32(len) json[len]`.
 /// Device payloads are opaque here, so a cut that happens to end on a zero
@@ -738,3 +778,6 @@ fn flag_names(flags: u64) -> String {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(any(test, fuzzing))]
+pub mod fuzzing;

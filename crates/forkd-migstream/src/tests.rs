@@ -367,3 +367,96 @@ fn fuzz_mutated_streams() {
         }
     }
 }
+
+mod properties {
+    //! Bounded property runs of [`crate::fuzzing`] (seconds); the long run is
+    //! `PROPTEST_CASES=1000000 cargo test -p forkd-migstream --release properties`
+    //! or the cargo-fuzz target `migstream` (docs/fuzzing.md).
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            crate::fuzzing::check(&data);
+        }
+
+        #[test]
+        fn synthesized_streams_never_panic(data in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            crate::fuzzing::check(&crate::fuzzing::synthesize(&data));
+        }
+    }
+
+    #[test]
+    fn the_synthesizer_reaches_a_successful_split() {
+        // Without faults (all-zero decisions past the first bytes) the
+        // synthesized stream is valid: the property above explores real paths.
+        let s = crate::fuzzing::synthesize(&[]);
+        let mut dev = Vec::new();
+        let mut mem = super::Mem::default();
+        crate::split(
+            &s[..],
+            &mut dev,
+            &mut mem,
+            &crate::Options::live_snapshot("mem0"),
+        )
+        .expect("a synthesized stream without faults splits");
+    }
+}
+
+#[test]
+fn a_page_address_at_the_top_of_the_address_space_is_refused_not_wrapped() {
+    let s = Builder::default()
+        .header()
+        .config("microvm")
+        .ram_start(&[("mem0", 4 * 4096)], false)
+        .part()
+        .page(Some("mem0"), 0xffff_ffff_ffff_f000, 1)
+        .eos()
+        .devices(b"")
+        .b;
+    let e = split_vec(&s, &Options::live_snapshot("mem0"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("outside block"), "{e}");
+}
+
+#[test]
+fn kept_pages_beyond_the_bound_are_refused() {
+    // A block that is not extracted, rewritten over and over: the splitter
+    // holds kept pages until the end, so it must stop at MAX_KEPT.
+    let mut b = Builder::default()
+        .header()
+        .config("microvm")
+        .ram_start(&[("mem0", 4096), ("pc.bios", 4096)], false)
+        .part();
+    for _ in 0..(MAX_KEPT / PAGE_SIZE) + 2 {
+        b = b.page(Some("pc.bios"), 0, 7);
+    }
+    let s = b.eos().devices(b"").b;
+    let e = split_vec(&s, &Options::live_snapshot("mem0"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("kept in the device state"), "{e}");
+}
+
+#[test]
+fn a_block_list_of_endless_empty_blocks_is_refused() {
+    let names: Vec<String> = (0..MAX_BLOCKS + 1).map(|i| format!("b{i}")).collect();
+    // Empty blocks first: they do not use up the announced total.
+    let blocks: Vec<(&str, u64)> = names
+        .iter()
+        .map(|n| (n.as_str(), 0))
+        .chain(std::iter::once(("mem0", 4096)))
+        .collect();
+    let s = Builder::default()
+        .header()
+        .config("microvm")
+        .ram_start(&blocks, false)
+        .eos()
+        .devices(b"")
+        .b;
+    let e = split_vec(&s, &Options::live_snapshot("mem0"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("RAM blocks"), "{e}");
+}

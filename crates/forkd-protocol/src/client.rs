@@ -1,21 +1,36 @@
 //! Host side of the protocol: one connection, many concurrent requests.
 //!
-//! A reader thread owns the receiving half and routes every frame to the request
-//! whose id it carries; callers block on their own channel. Frames for ids no
-//! one waits for (left over from an earlier connection) are dropped. When the
-//! connection ends every waiter gets [`ClientError::Closed`] at once, which is
-//! how a QEMU that dies mid-exec surfaces as an error instead of a hang.
+//! A reader thread owns the receiving half and routes every frame to the
+//! mailbox of the request whose id it carries; callers wait on their own
+//! mailbox. Frames for ids no one waits for (left over from an earlier
+//! connection, forged by the guest, or arriving after a request's `Response`)
+//! are dropped. When the connection ends every waiter gets
+//! [`ClientError::Closed`] at once, which is how a QEMU that dies mid-exec
+//! surfaces as an error instead of a hang.
+//!
+//! Everything read from the channel comes from inside the guest, where any
+//! root process can take the agent's port and write what it likes, so every
+//! wait here is bounded ([`Limits`]):
+//! - memory: the decoder holds at most one frame, each request's mailbox at
+//!   most [`Limits::mailbox_bytes`] (the reader waits for a slow caller rather
+//!   than buffering more, which in turn makes the guest's writer wait), and
+//!   [`AgentClient::exec_collect`] keeps at most [`Limits::collect_bytes`];
+//! - time: an exec with a timeout ends host-side at that timeout plus
+//!   [`Limits::exec_grace`] whatever the guest sends; a frame left incomplete,
+//!   or garbage with no frame after it, for [`Limits::frame_stall`], more than
+//!   [`Limits::max_garbage`] bytes that are not frames, or a frame the guest
+//!   does not take within [`Limits::write_stall`], close the session with a
+//!   reason ([`AgentClient::closed_reason`]); a new connection starts clean.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::frame::{write_frame, Frame, FrameError, FrameReader, Kind, CHUNK};
+use crate::frame::{Frame, FrameDecoder, Header, Kind, CHUNK, HEADER_LEN, MAX_PAYLOAD};
 use crate::{
     decode, encode, ErrorReply, ExecRequest, ExitStatus, Hello, HelloAck, Pong, Request, Response,
 };
@@ -37,6 +52,57 @@ pub enum ClientError {
     Timeout(Duration),
     #[error("cancelled")]
     Cancelled,
+    #[error(
+        "the guest agent did not report the end of the command within its {timeout:?} timeout \
+         plus {grace:?}; the agent is stuck or something in the guest is writing to its channel \
+         (the command may still be running: kill the sandbox if it matters)"
+    )]
+    ExitNotReported { timeout: Duration, grace: Duration },
+    #[error(
+        "the guest agent did not read the request within {0:?}; it is stuck or the guest is \
+         paused (retry, or kill the sandbox)"
+    )]
+    SendTimeout(Duration),
+    #[error(
+        "the command wrote more than {limit} bytes to {stream}, more than exec_collect keeps; \
+         it was killed (stream its output with exec instead)"
+    )]
+    OutputTooLarge { stream: &'static str, limit: usize },
+}
+
+/// Bounds on what a session accepts from the guest; see the module docs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// How long past an exec's own timeout the host waits for the agent to
+    /// report the exit (the agent kills the command at the timeout itself).
+    pub exec_grace: Duration,
+    /// Bytes in a row that are not frames before the session counts as
+    /// corrupted and closes.
+    pub max_garbage: u64,
+    /// How long a frame may stay incomplete, or garbage go without a frame
+    /// after it, before the session counts as corrupted and closes.
+    pub frame_stall: Duration,
+    /// How long the guest may leave a frame the host sends unread before the
+    /// request fails (and the session closes if half the frame went out).
+    pub write_stall: Duration,
+    /// Bytes of frames buffered for one request its caller has not taken yet;
+    /// beyond this the reader waits for the caller.
+    pub mailbox_bytes: usize,
+    /// Largest stdout (and stderr) [`AgentClient::exec_collect`] keeps.
+    pub collect_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            exec_grace: Duration::from_secs(10),
+            max_garbage: u64::from(MAX_PAYLOAD),
+            frame_stall: Duration::from_secs(20),
+            write_stall: Duration::from_secs(30),
+            mailbox_bytes: 4 << 20,
+            collect_bytes: 64 << 20,
+        }
+    }
 }
 
 /// Which output stream a chunk came from.
@@ -54,14 +120,336 @@ pub struct Output {
     pub stderr: Vec<u8>,
 }
 
+/// How often blocked threads look up from their wait (reader stop, stalls).
+const TICK: Duration = Duration::from_millis(100);
+/// Bytes a queued frame costs beyond its payload, so that a flood of empty
+/// frames is bounded too.
+const FRAME_COST: usize = 64;
+/// Request ids that [`AgentClient::send_raw`] registers, at most.
+const RAW_ROUTES: usize = 64;
+
+/// Frames for one request, filled by the reader thread, taken by the caller.
+#[derive(Default)]
+struct Mailbox {
+    slot: Mutex<Slot>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct Slot {
+    frames: VecDeque<Frame>,
+    bytes: usize,
+    /// The session closed, for this reason; frames queued before stay readable.
+    closed: Option<String>,
+    /// The caller went away: nothing more is queued.
+    abandoned: bool,
+}
+
+/// Why a mailbox wait ended without a frame.
+enum Waited {
+    Closed(String),
+    Deadline,
+}
+
+impl Mailbox {
+    /// Queues a frame, first waiting while the mailbox is over `budget` and
+    /// its caller still wants frames. False when the frame was dropped.
+    fn deliver(&self, frame: Frame, budget: usize, stop: &AtomicBool) -> bool {
+        let mut s = lock(&self.slot);
+        while s.bytes >= budget && !s.abandoned && s.closed.is_none() {
+            if stop.load(Ordering::SeqCst) {
+                return false;
+            }
+            s = self
+                .changed
+                .wait_timeout(s, TICK)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        if s.abandoned || s.closed.is_some() {
+            return false;
+        }
+        s.bytes += frame.payload.len() + FRAME_COST;
+        s.frames.push_back(frame);
+        self.changed.notify_all();
+        true
+    }
+
+    /// The next frame, waiting until `deadline` (forever when `None`).
+    fn take(&self, deadline: Option<Instant>) -> Result<Frame, Waited> {
+        let mut s = lock(&self.slot);
+        loop {
+            if let Some(f) = s.frames.pop_front() {
+                s.bytes -= f.payload.len() + FRAME_COST;
+                // The reader may be waiting for room.
+                self.changed.notify_all();
+                return Ok(f);
+            }
+            if let Some(reason) = &s.closed {
+                return Err(Waited::Closed(reason.clone()));
+            }
+            s = match deadline {
+                None => self.changed.wait(s).unwrap_or_else(|p| p.into_inner()),
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(Waited::Deadline);
+                    }
+                    self.changed
+                        .wait_timeout(s, left)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
+                }
+            };
+        }
+    }
+
+    /// A frame if one is queued, without waiting.
+    fn try_take(&self) -> Option<Frame> {
+        let mut s = lock(&self.slot);
+        let f = s.frames.pop_front()?;
+        s.bytes -= f.payload.len() + FRAME_COST;
+        self.changed.notify_all();
+        Some(f)
+    }
+
+    fn close(&self, reason: &str) {
+        let mut s = lock(&self.slot);
+        s.closed.get_or_insert_with(|| reason.to_string());
+        self.changed.notify_all();
+    }
+
+    fn abandon(&self) {
+        let mut s = lock(&self.slot);
+        s.abandoned = true;
+        s.frames.clear();
+        s.bytes = 0;
+        self.changed.notify_all();
+    }
+}
+
+/// The sending half: one frame at a time, each within a deadline.
+struct Writer {
+    stream: UnixStream,
+    busy: Mutex<bool>,
+    freed: Condvar,
+}
+
+/// Why a frame was not sent.
+enum SendFailure {
+    /// Nothing went out before the deadline: the channel is intact.
+    Timeout,
+    /// The deadline passed with part of the frame sent: the channel is cut.
+    Cut,
+    Io(io::Error),
+}
+
+impl Writer {
+    /// Writes `bytes` whole before `deadline`, or fails saying whether a part went out.
+    fn send(&self, bytes: &[u8], deadline: Instant) -> Result<(), SendFailure> {
+        {
+            let mut busy = lock(&self.busy);
+            while *busy {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(SendFailure::Timeout);
+                }
+                busy = self
+                    .freed
+                    .wait_timeout(busy, left)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+            *busy = true;
+        }
+        let r = self.write_before(bytes, deadline);
+        *lock(&self.busy) = false;
+        self.freed.notify_one();
+        r
+    }
+
+    fn write_before(&self, bytes: &[u8], deadline: Instant) -> Result<(), SendFailure> {
+        let mut done = 0;
+        while done < bytes.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let failed = if done == 0 {
+                SendFailure::Timeout
+            } else {
+                SendFailure::Cut
+            };
+            if left.is_zero() {
+                return Err(failed);
+            }
+            self.stream
+                .set_write_timeout(Some(left))
+                .map_err(SendFailure::Io)?;
+            match (&self.stream).write(&bytes[done..]) {
+                Ok(0) => {
+                    return Err(SendFailure::Io(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "the agent channel took no bytes",
+                    )))
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    if Instant::now() >= deadline {
+                        return Err(failed);
+                    }
+                }
+                Err(e) => return Err(SendFailure::Io(e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// State shared by the callers and the reader thread.
 struct Shared {
-    routes: Mutex<HashMap<u32, Sender<Frame>>>,
+    routes: Mutex<HashMap<u32, Arc<Mailbox>>>,
     closed: Mutex<Option<String>>,
+    /// Mailboxes registered by `send_raw`, oldest first; kept here too
+    /// because the route goes when the response arrives.
+    raw: Mutex<VecDeque<(u32, Arc<Mailbox>)>>,
+    writer: Writer,
+    /// Set when the client is dropped: the reader stops.
+    stop: AtomicBool,
+    limits: Limits,
+}
+
+impl Shared {
+    /// Marks the session closed (the first reason wins), wakes every waiter
+    /// and shuts the socket so that QEMU takes the next connection.
+    fn close(&self, reason: String) {
+        let mut routes = lock(&self.routes);
+        let reason = lock(&self.closed).get_or_insert(reason).clone();
+        for (_, mb) in routes.drain() {
+            mb.close(&reason);
+        }
+        drop(routes);
+        let _ = self.writer.stream.shutdown(std::net::Shutdown::Both);
+    }
+
+    fn closed_reason(&self) -> Option<String> {
+        lock(&self.closed).clone()
+    }
+
+    /// Registers a mailbox for `id` (replacing one a caller no longer has).
+    fn register(&self, id: u32) -> Result<Arc<Mailbox>, ClientError> {
+        // Checked under the routes lock: `close` drains routes under the same
+        // lock after setting `closed`, so a request either sees the close or
+        // has its mailbox closed by it.
+        let mut routes = lock(&self.routes);
+        if let Some(reason) = self.closed_reason() {
+            return Err(ClientError::Closed(reason));
+        }
+        let mb = Arc::new(Mailbox::default());
+        if let Some(old) = routes.insert(id, Arc::clone(&mb)) {
+            old.abandon();
+        }
+        Ok(mb)
+    }
+
+    fn unregister(&self, id: u32, mb: &Arc<Mailbox>) {
+        mb.abandon();
+        let mut routes = lock(&self.routes);
+        if routes.get(&id).is_some_and(|m| Arc::ptr_eq(m, mb)) {
+            routes.remove(&id);
+        }
+    }
+
+    /// Sends one frame before `deadline`.
+    fn send(
+        &self,
+        kind: Kind,
+        id: u32,
+        payload: &[u8],
+        deadline: Instant,
+    ) -> Result<(), ClientError> {
+        if let Some(reason) = self.closed_reason() {
+            return Err(ClientError::Closed(reason));
+        }
+        let len = u32::try_from(payload.len())
+            .ok()
+            .filter(|l| *l <= MAX_PAYLOAD)
+            .ok_or_else(|| {
+                ClientError::Io(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("frame payload of {} bytes exceeds the limit", payload.len()),
+                ))
+            })?;
+        let mut buf = Vec::with_capacity(HEADER_LEN + payload.len());
+        buf.extend_from_slice(&Header::encode(kind, id, len));
+        buf.extend_from_slice(payload);
+        self.send_bytes(&buf, deadline)
+    }
+
+    fn send_bytes(&self, bytes: &[u8], deadline: Instant) -> Result<(), ClientError> {
+        let waited = deadline.saturating_duration_since(Instant::now());
+        match self.writer.send(bytes, deadline) {
+            Ok(()) => Ok(()),
+            Err(SendFailure::Timeout) => Err(ClientError::SendTimeout(waited)),
+            Err(SendFailure::Cut) => {
+                let reason = format!(
+                    "the guest agent stopped reading its channel in the middle of a frame for \
+                     {waited:?}; the session is closed"
+                );
+                self.close(reason.clone());
+                Err(ClientError::Closed(reason))
+            }
+            Err(SendFailure::Io(e)) => Err(match self.closed_reason() {
+                Some(reason) => ClientError::Closed(reason),
+                None if e.kind() == io::ErrorKind::BrokenPipe => {
+                    ClientError::Closed("broken pipe".into())
+                }
+                None => ClientError::Io(e),
+            }),
+        }
+    }
+}
+
+/// A caller's registration for one request id; unregisters when dropped, so
+/// no path out of a request leaves its mailbox behind.
+struct Route<'a> {
+    id: u32,
+    mailbox: Arc<Mailbox>,
+    shared: &'a Shared,
+}
+
+impl Route<'_> {
+    /// The next frame for this request, until `deadline`.
+    fn recv(&self, deadline: Option<Instant>, timeout: Duration) -> Result<Frame, ClientError> {
+        self.mailbox.take(deadline).map_err(|w| match w {
+            Waited::Closed(reason) => ClientError::Closed(reason),
+            Waited::Deadline => ClientError::Timeout(timeout),
+        })
+    }
+
+    /// The final `Response`, skipping data frames.
+    fn response(&self, timeout: Option<Duration>) -> Result<Response, ClientError> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            let f = self.recv(deadline, timeout.unwrap_or_default())?;
+            if f.kind == Kind::Response {
+                return parse_response(&f.payload);
+            }
+        }
+    }
+}
+
+impl Drop for Route<'_> {
+    fn drop(&mut self) {
+        self.shared.unregister(self.id, &self.mailbox);
+    }
 }
 
 /// A connected, handshaken agent session.
 pub struct AgentClient {
-    writer: Arc<Mutex<UnixStream>>,
     shared: Arc<Shared>,
     next_id: AtomicU32,
     reader: Option<JoinHandle<()>>,
@@ -82,65 +470,106 @@ impl AgentClient {
         timeout: Duration,
         keep_waiting: &mut dyn FnMut() -> Result<(), ClientError>,
     ) -> Result<AgentClient, ClientError> {
+        Self::connect_with(stream, timeout, Limits::default(), keep_waiting)
+    }
+
+    /// [`Self::connect_while`] with other [`Limits`] than the defaults.
+    pub fn connect_with(
+        stream: UnixStream,
+        timeout: Duration,
+        limits: Limits,
+        keep_waiting: &mut dyn FnMut() -> Result<(), ClientError>,
+    ) -> Result<AgentClient, ClientError> {
         let nonce = nonce();
         let deadline = Instant::now() + timeout;
-        let mut writer = stream.try_clone()?;
-        write_frame(&mut writer, Kind::Hello, 0, &encode(&Hello { nonce }))?;
+        let writer = Writer {
+            stream: stream.try_clone()?,
+            busy: Mutex::new(false),
+            freed: Condvar::new(),
+        };
+        let hello = |w: &Writer| {
+            let mut bytes = Vec::new();
+            crate::frame::write_frame(&mut bytes, Kind::Hello, 0, &encode(&Hello { nonce }))?;
+            match w.send(&bytes, deadline) {
+                Ok(()) => Ok(()),
+                Err(SendFailure::Timeout | SendFailure::Cut) => {
+                    Err(ClientError::HandshakeTimeout(timeout))
+                }
+                Err(SendFailure::Io(e)) => Err(ClientError::Io(e)),
+            }
+        };
+        hello(&writer)?;
         let mut last_hello = Instant::now();
 
-        let mut reader = FrameReader::new(stream);
-        let ack = loop {
+        // The decoder bounds what a flood costs; the deadline bounds how long.
+        let mut decoder = FrameDecoder::new();
+        let mut chunk = vec![0u8; CHUNK];
+        let mut reader = stream;
+        let ack = 'ack: loop {
+            while let Some(r) = decoder.next_frame() {
+                // Anything before our ack is left over from an earlier session.
+                if let Ok(f) = r {
+                    if f.kind == Kind::HelloAck {
+                        if let Ok(ack) = decode::<HelloAck>(&f.payload) {
+                            if ack.nonce == nonce {
+                                break 'ack ack;
+                            }
+                        }
+                    }
+                }
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(ClientError::HandshakeTimeout(timeout));
             }
-            reader
-                .get_ref()
-                .set_read_timeout(Some(left.min(Duration::from_millis(100))))?;
-            match reader.read_frame() {
-                Ok(f) if f.kind == Kind::HelloAck => match decode::<HelloAck>(&f.payload) {
-                    Ok(ack) if ack.nonce == nonce => break ack,
-                    _ => continue,
-                },
-                // Anything before our ack is left over from an earlier session.
-                Ok(_) => continue,
-                Err(FrameError::Io(e))
+            reader.set_read_timeout(Some(left.min(TICK)))?;
+            let want = decoder.space().min(chunk.len());
+            match reader.read(&mut chunk[..want]) {
+                Ok(0) => {
+                    return Err(ClientError::Closed(
+                        "connection closed during the handshake".into(),
+                    ))
+                }
+                Ok(n) => {
+                    decoder.push(&chunk[..n]);
+                }
+                Err(e)
                     if matches!(
                         e.kind(),
                         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                     ) =>
                 {
                     keep_waiting()?;
-                    // Say hello again now and then: a read timeout that cut a
-                    // frame in half makes the reader skip it, ack included.
+                    // Say hello again now and then: an agent that was not
+                    // listening yet (still booting, or between sessions) has
+                    // not seen the first one.
                     if last_hello.elapsed() >= Duration::from_secs(1) {
-                        write_frame(&mut writer, Kind::Hello, 0, &encode(&Hello { nonce }))?;
+                        hello(&writer)?;
                         last_hello = Instant::now();
                     }
-                    continue;
                 }
-                Err(e) if e.is_recoverable() => continue,
-                Err(FrameError::Eof) => {
-                    return Err(ClientError::Closed(
-                        "connection closed during the handshake".into(),
-                    ))
-                }
-                Err(FrameError::Io(e)) => return Err(ClientError::Io(e)),
-                Err(e) => return Err(ClientError::Protocol(e.to_string())),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(ClientError::Io(e)),
             }
         };
-        reader.get_ref().set_read_timeout(None)?;
+        reader.set_read_timeout(Some(TICK))?;
 
         let shared = Arc::new(Shared {
             routes: Mutex::new(HashMap::new()),
             closed: Mutex::new(None),
+            raw: Mutex::new(VecDeque::new()),
+            writer,
+            stop: AtomicBool::new(false),
+            limits,
         });
         let thread_shared = Arc::clone(&shared);
         let handle = std::thread::Builder::new()
             .name("forkd-agent-reader".into())
-            .spawn(move || reader_loop(reader, &thread_shared))?;
+            .spawn(move || {
+                let reason = read_loop(reader, decoder, &thread_shared);
+                thread_shared.close(reason);
+            })?;
         Ok(AgentClient {
-            writer: Arc::new(Mutex::new(writer)),
             shared,
             // A random base: a restored guest's agent may still run requests
             // of an earlier session (its parent's) under small ids, whose
@@ -156,88 +585,57 @@ impl AgentClient {
         &self.agent_version
     }
 
-    /// Reason the connection closed, if it did.
+    /// Reason the connection closed, if it did: the guest closed it, a read
+    /// failed, or what the guest sent broke a [`Limits`] bound.
     pub fn closed_reason(&self) -> Option<String> {
-        lock(&self.shared.closed).clone()
+        self.shared.closed_reason()
     }
 
-    /// Registers a route for a fresh id and sends the request.
-    fn start(&self, req: &Request) -> Result<(u32, Receiver<Frame>), ClientError> {
-        self.start_as(self.reserve_id(), req)
+    /// The bounds this session enforces.
+    pub fn limits(&self) -> &Limits {
+        &self.shared.limits
     }
 
-    fn start_as(&self, id: u32, req: &Request) -> Result<(u32, Receiver<Frame>), ClientError> {
-        let (tx, rx) = mpsc::channel();
-        {
-            // Checked under the routes lock: the reader thread clears routes
-            // under the same lock after setting `closed`, so a request either
-            // sees the close or gets its sender dropped by it.
-            let mut routes = lock(&self.shared.routes);
-            if let Some(reason) = self.closed_reason() {
-                return Err(ClientError::Closed(reason));
-            }
-            routes.insert(id, tx);
-        }
-        if let Err(e) = self.send(Kind::Request, id, &encode(req)) {
-            lock(&self.shared.routes).remove(&id);
-            return Err(e);
-        }
-        Ok((id, rx))
-    }
-
-    fn send(&self, kind: Kind, id: u32, payload: &[u8]) -> Result<(), ClientError> {
-        let mut w = lock(&self.writer);
-        write_frame(&mut *w, kind, id, payload).map_err(|e| self.io_error(e))
-    }
-
-    /// An I/O error on a closed connection reads better as `Closed`.
-    fn io_error(&self, e: io::Error) -> ClientError {
-        match self.closed_reason() {
-            Some(reason) => ClientError::Closed(reason),
-            None if e.kind() == io::ErrorKind::BrokenPipe => {
-                ClientError::Closed("broken pipe".into())
-            }
-            None => ClientError::Io(e),
-        }
-    }
-
-    fn recv(&self, rx: &Receiver<Frame>, timeout: Option<Duration>) -> Result<Frame, ClientError> {
-        match timeout {
-            Some(t) => rx.recv_timeout(t).map_err(|e| match e {
-                RecvTimeoutError::Timeout => ClientError::Timeout(t),
-                RecvTimeoutError::Disconnected => self.closed(),
-            }),
-            None => rx.recv().map_err(|_| self.closed()),
-        }
-    }
-
-    fn closed(&self) -> ClientError {
-        ClientError::Closed(
-            self.closed_reason()
-                .unwrap_or_else(|| "reader stopped".into()),
-        )
-    }
-
-    /// Waits for the final `Response` of a request, ignoring data frames.
-    fn response(
+    /// Registers a route for `id` and sends the request before `deadline`.
+    fn start_as(
         &self,
-        rx: &Receiver<Frame>,
-        timeout: Option<Duration>,
-    ) -> Result<Response, ClientError> {
-        loop {
-            let f = self.recv(rx, timeout)?;
-            if f.kind == Kind::Response {
-                return parse_response(&f.payload);
-            }
-        }
+        id: u32,
+        req: &Request,
+        deadline: Instant,
+    ) -> Result<Route<'_>, ClientError> {
+        let route = Route {
+            id,
+            mailbox: self.shared.register(id)?,
+            shared: &self.shared,
+        };
+        self.shared
+            .send(Kind::Request, id, &encode(req), deadline)?;
+        Ok(route)
+    }
+
+    /// [`Self::start_as`] under a fresh id, with the default send deadline.
+    fn start(&self, req: &Request) -> Result<Route<'_>, ClientError> {
+        self.start_as(self.reserve_id(), req, self.send_deadline())
+    }
+
+    /// [`Self::start`] for a request answered within `timeout`: a send that
+    /// does not finish in that time is that request's `Timeout` too.
+    fn start_timed(&self, req: &Request, timeout: Duration) -> Result<Route<'_>, ClientError> {
+        self.start_as(self.reserve_id(), req, Instant::now() + timeout)
+            .map_err(|e| match e {
+                ClientError::SendTimeout(_) => ClientError::Timeout(timeout),
+                e => e,
+            })
+    }
+
+    fn send_deadline(&self) -> Instant {
+        Instant::now() + self.shared.limits.write_stall
     }
 
     /// Liveness check; fails with `Timeout` when the agent does not answer in time.
     pub fn ping(&self, timeout: Duration) -> Result<Pong, ClientError> {
-        let (id, rx) = self.start(&Request::Ping {})?;
-        let r = self.response(&rx, Some(timeout));
-        lock(&self.shared.routes).remove(&id);
-        match r? {
+        let route = self.start_timed(&Request::Ping {}, timeout)?;
+        match route.response(Some(timeout))? {
             Response::Pong(p) => Ok(p),
             other => Err(unexpected(&other)),
         }
@@ -251,6 +649,12 @@ impl AgentClient {
 
     /// Runs a command, streaming its output to `on_output` as it arrives.
     /// `stdin`, when given, is copied to the command from a helper thread.
+    ///
+    /// With `req.timeout_ms` set, this returns by that timeout plus
+    /// [`Limits::exec_grace`] whatever the guest does
+    /// ([`ClientError::ExitNotReported`] when the agent stays silent).
+    /// Without it, it waits as long as the command runs, and returns when the
+    /// session closes.
     pub fn exec(
         &self,
         req: ExecRequest,
@@ -264,49 +668,112 @@ impl AgentClient {
     pub fn exec_as(
         &self,
         id: u32,
-        mut req: ExecRequest,
+        req: ExecRequest,
         stdin: Option<Box<dyn Read + Send>>,
         mut on_output: impl FnMut(OutputStream, &[u8]),
     ) -> Result<ExitStatus, ClientError> {
+        self.exec_until(id, req, stdin, &mut |s, b| {
+            on_output(s, b);
+            true
+        })
+    }
+
+    /// The exec loop; `on_output` returning false stops the wait for output:
+    /// the command is killed and the wait for its exit is cut to the grace.
+    fn exec_until(
+        &self,
+        id: u32,
+        mut req: ExecRequest,
+        stdin: Option<Box<dyn Read + Send>>,
+        on_output: &mut dyn FnMut(OutputStream, &[u8]) -> bool,
+    ) -> Result<ExitStatus, ClientError> {
+        let grace = self.shared.limits.exec_grace;
+        let timeout = req.timeout_ms.map(Duration::from_millis);
+        let mut deadline = timeout.map(|t| Instant::now() + t + grace);
         req.stdin = stdin.is_some();
-        let (id, rx) = self.start_as(id, &Request::Exec(req))?;
+        let send_by = deadline.map_or(self.send_deadline(), |d| d.min(self.send_deadline()));
+        let route = self.start_as(id, &Request::Exec(req), send_by)?;
         if let Some(input) = stdin {
-            let writer = Arc::clone(&self.writer);
+            let shared = Arc::clone(&self.shared);
             std::thread::Builder::new()
                 .name("forkd-stdin".into())
-                .spawn(move || pump_stdin(input, &writer, id))?;
+                .spawn(move || pump_stdin(input, &shared, id))?;
         }
+        let mut refused = false;
         loop {
-            let f = self.recv(&rx, None)?;
-            match f.kind {
-                Kind::Stdout => on_output(OutputStream::Stdout, &f.payload),
-                Kind::Stderr => on_output(OutputStream::Stderr, &f.payload),
+            let f = match route.mailbox.take(deadline) {
+                Ok(f) => f,
+                Err(Waited::Closed(reason)) => return Err(ClientError::Closed(reason)),
+                Err(Waited::Deadline) => {
+                    return Err(ClientError::ExitNotReported {
+                        timeout: timeout.unwrap_or_default(),
+                        grace,
+                    })
+                }
+            };
+            let stream = match f.kind {
+                Kind::Stdout => OutputStream::Stdout,
+                Kind::Stderr => OutputStream::Stderr,
                 Kind::Response => {
                     return match parse_response(&f.payload)? {
                         Response::Exited(s) => Ok(s),
                         other => Err(unexpected(&other)),
                     }
                 }
-                _ => {}
+                // Other kinds carry nothing for an exec.
+                _ => continue,
+            };
+            if !refused && !on_output(stream, &f.payload) {
+                refused = true;
+                self.kill_quietly(id);
+                let cut = Instant::now() + grace;
+                deadline = Some(deadline.map_or(cut, |d| d.min(cut)));
             }
         }
     }
 
-    /// Runs a command and collects its output.
+    /// Sends SIGKILL to exec `id` without waiting for the answer.
+    fn kill_quietly(&self, id: u32) {
+        let req = Request::Signal {
+            target: id,
+            signal: 9,
+        };
+        let deadline = Instant::now() + self.shared.limits.exec_grace;
+        let _ = self
+            .shared
+            .send(Kind::Request, self.reserve_id(), &encode(&req), deadline);
+    }
+
+    /// Runs a command and collects its output, at most
+    /// [`Limits::collect_bytes`] of each stream: a command that writes more is
+    /// killed and the call fails with [`ClientError::OutputTooLarge`].
     pub fn exec_collect(
         &self,
         req: ExecRequest,
         stdin: Option<Vec<u8>>,
     ) -> Result<Output, ClientError> {
+        let limit = self.shared.limits.collect_bytes;
         let mut stdout = Vec::new();
         let mut stderr = Vec::new();
+        let mut too_large = None;
         let input = stdin.map(|b| Box::new(io::Cursor::new(b)) as Box<dyn Read + Send>);
-        let status = self.exec(req, input, |s, b| match s {
-            OutputStream::Stdout => stdout.extend_from_slice(b),
-            OutputStream::Stderr => stderr.extend_from_slice(b),
-        })?;
+        let status = self.exec_until(self.reserve_id(), req, input, &mut |s, b| {
+            let (buf, name) = match s {
+                OutputStream::Stdout => (&mut stdout, "stdout"),
+                OutputStream::Stderr => (&mut stderr, "stderr"),
+            };
+            if buf.len() + b.len() > limit {
+                too_large = Some(name);
+                return false;
+            }
+            buf.extend_from_slice(b);
+            true
+        });
+        if let Some(stream) = too_large {
+            return Err(ClientError::OutputTooLarge { stream, limit });
+        }
         Ok(Output {
-            status,
+            status: status?,
             stdout,
             stderr,
         })
@@ -319,14 +786,14 @@ impl AgentClient {
         mode: Option<u32>,
         mut data: impl Read,
     ) -> Result<u64, ClientError> {
-        let (id, rx) = self.start(&Request::WriteFile {
+        let route = self.start(&Request::WriteFile {
             path: path.to_string(),
             mode,
         })?;
         let mut buf = vec![0u8; CHUNK];
         loop {
             // Stop sending early if the agent already refused the file.
-            if let Ok(f) = rx.try_recv() {
+            while let Some(f) = route.mailbox.try_take() {
                 if f.kind == Kind::Response {
                     return match parse_response(&f.payload)? {
                         Response::Written { bytes } => Ok(bytes),
@@ -339,16 +806,19 @@ impl AgentClient {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     // Close the file on the agent side before reporting.
-                    let _ = self.send(Kind::Data, id, &[]);
+                    let _ = self
+                        .shared
+                        .send(Kind::Data, route.id, &[], self.send_deadline());
                     return Err(ClientError::Io(e));
                 }
             };
-            self.send(Kind::Data, id, &buf[..n])?;
+            self.shared
+                .send(Kind::Data, route.id, &buf[..n], self.send_deadline())?;
             if n == 0 {
                 break;
             }
         }
-        match self.response(&rx, None)? {
+        match route.response(None)? {
             Response::Written { bytes } => Ok(bytes),
             other => Err(unexpected(&other)),
         }
@@ -356,11 +826,11 @@ impl AgentClient {
 
     /// Reads `path` from the guest into `out`. Returns the bytes read.
     pub fn read_file(&self, path: &str, mut out: impl Write) -> Result<u64, ClientError> {
-        let (_id, rx) = self.start(&Request::ReadFile {
+        let route = self.start(&Request::ReadFile {
             path: path.to_string(),
         })?;
         loop {
-            let f = self.recv(&rx, None)?;
+            let f = route.recv(None, Duration::ZERO)?;
             match f.kind {
                 Kind::Data => out.write_all(&f.payload)?,
                 Kind::Response => {
@@ -376,8 +846,9 @@ impl AgentClient {
 
     /// Sends `signal` to the process group of the exec with request id `target`.
     pub fn signal(&self, target: u32, signal: i32) -> Result<(), ClientError> {
-        let (_, rx) = self.start(&Request::Signal { target, signal })?;
-        match self.response(&rx, Some(Duration::from_secs(10)))? {
+        let timeout = Duration::from_secs(10);
+        let route = self.start_timed(&Request::Signal { target, signal }, timeout)?;
+        match route.response(Some(timeout))? {
             Response::Signalled => Ok(()),
             other => Err(unexpected(&other)),
         }
@@ -386,18 +857,20 @@ impl AgentClient {
     /// Fork safety for a restored guest: reseeds its CRNG with `entropy`,
     /// steps its clock to now, sets its hostname. Returns the clock step in ms.
     pub fn restore(&self, entropy: &[u8], hostname: &str) -> Result<i64, ClientError> {
+        let timeout = Duration::from_secs(30);
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
-        let (id, rx) = self.start(&Request::Restore {
-            entropy_hex: crate::to_hex(entropy),
-            unix_time_ns: now,
-            hostname: hostname.to_string(),
-        })?;
-        let r = self.response(&rx, Some(Duration::from_secs(30)));
-        lock(&self.shared.routes).remove(&id);
-        match r? {
+        let route = self.start_timed(
+            &Request::Restore {
+                entropy_hex: crate::to_hex(entropy),
+                unix_time_ns: now,
+                hostname: hostname.to_string(),
+            },
+            timeout,
+        )?;
+        match route.response(Some(timeout))? {
             Response::Restored { clock_step_ms } => Ok(clock_step_ms),
             other => Err(unexpected(&other)),
         }
@@ -405,65 +878,169 @@ impl AgentClient {
 
     /// Asks the guest to sync and power off.
     pub fn shutdown(&self, timeout: Duration) -> Result<(), ClientError> {
-        let (_, rx) = self.start(&Request::Shutdown {})?;
-        match self.response(&rx, Some(timeout))? {
+        let route = self.start_timed(&Request::Shutdown {}, timeout)?;
+        match route.response(Some(timeout))? {
             Response::ShuttingDown => Ok(()),
             other => Err(unexpected(&other)),
         }
     }
 
     /// Sends raw bytes on the channel, bypassing framing (robustness tests).
+    ///
+    /// Every request id the bytes name in a frame header (malformed frames
+    /// included) gets a mailbox first, so a reply that arrives before
+    /// [`Self::wait_reply`] is called waits there instead of being dropped.
     pub fn send_raw(&self, bytes: &[u8]) -> Result<(), ClientError> {
-        let mut w = lock(&self.writer);
-        w.write_all(bytes).map_err(|e| self.io_error(e))
+        for id in header_ids(bytes) {
+            if lock(&self.shared.routes).contains_key(&id) {
+                continue;
+            }
+            let mailbox = self.shared.register(id)?;
+            let mut raw = lock(&self.shared.raw);
+            raw.push_back((id, mailbox));
+            while raw.len() > RAW_ROUTES {
+                if let Some((old, mb)) = raw.pop_front() {
+                    self.shared.unregister(old, &mb);
+                }
+            }
+        }
+        self.shared.send_bytes(bytes, self.send_deadline())
     }
 
-    /// Waits for the next frame with `id` (for robustness tests that send raw frames).
+    /// Waits for the `Response` to request `id` (for robustness tests that
+    /// send raw frames with [`Self::send_raw`]).
     pub fn wait_reply(&self, id: u32, timeout: Duration) -> Result<Response, ClientError> {
-        let (tx, rx) = mpsc::channel();
-        lock(&self.shared.routes).insert(id, tx);
-        let r = self.response(&rx, Some(timeout));
-        lock(&self.shared.routes).remove(&id);
-        r
+        let raw = {
+            let mut raw = lock(&self.shared.raw);
+            let at = raw.iter().position(|(r, _)| *r == id);
+            at.and_then(|i| raw.remove(i)).map(|(_, mb)| mb)
+        };
+        let mailbox = match raw {
+            Some(mb) => mb,
+            None => self.shared.register(id)?,
+        };
+        let route = Route {
+            id,
+            mailbox,
+            shared: &self.shared,
+        };
+        route.response(Some(timeout))
     }
 }
 
 impl Drop for AgentClient {
     fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
         // Closing both directions ends the reader thread.
-        let _ = lock(&self.writer).shutdown(std::net::Shutdown::Both);
+        let _ = self.shared.writer.stream.shutdown(std::net::Shutdown::Both);
         if let Some(h) = self.reader.take() {
             let _ = h.join();
         }
     }
 }
 
-fn reader_loop(mut reader: FrameReader<UnixStream>, shared: &Shared) {
-    let reason = loop {
-        match reader.read_frame() {
-            Ok(f) => {
-                let mut routes = lock(&shared.routes);
-                let last = f.kind == Kind::Response;
-                let id = f.id;
-                if let Some(tx) = routes.get(&id) {
-                    if tx.send(f).is_err() || last {
-                        routes.remove(&id);
-                    }
-                }
+/// The reader thread: decodes, routes, and watches the bounds. Returns why
+/// the session ended.
+fn read_loop(mut stream: UnixStream, mut decoder: FrameDecoder, shared: &Shared) -> String {
+    let limits = &shared.limits;
+    let mut chunk = vec![0u8; CHUNK];
+    // Since when the decoder has held a frame that is not complete yet.
+    let mut incomplete_since: Option<Instant> = None;
+    // Since when bytes have been discarded with no good frame after them.
+    let mut garbage_since: Option<Instant> = None;
+    // The last read found no more bytes waiting. Stalls are judged only
+    // then: after the host itself was stopped (SIGSTOP, a debugger) the
+    // bytes that queued up meanwhile are read before any clock is believed.
+    let mut caught_up = false;
+    loop {
+        let mut progressed = false;
+        while let Some(r) = decoder.next_frame() {
+            // Decode errors need no action: the decoder has consumed the bad
+            // bytes and counts them; the bounds below judge the amount.
+            if let Ok(f) = r {
+                route_frame(f, shared);
+                progressed = true;
             }
-            Err(FrameError::Eof) => break "the guest side closed the channel".to_string(),
-            Err(FrameError::Io(e)) => break format!("read error: {e}"),
-            // A frame we cannot decode is skipped; its request (if any) times
-            // out or gets a later frame.
-            Err(_) => continue,
         }
-    };
-    let mut routes = lock(&shared.routes);
-    *lock(&shared.closed) = Some(reason);
-    routes.clear();
+        let now = Instant::now();
+        if decoder.discarded() > limits.max_garbage {
+            return format!(
+                "the guest wrote {} bytes that are not agent frames; the channel is corrupted \
+                 (something in the guest besides the agent writes to its port)",
+                decoder.discarded()
+            );
+        }
+        garbage_since = match decoder.discarded() {
+            0 => None,
+            _ => garbage_since.or(Some(now)),
+        };
+        incomplete_since = match (decoder.buffered(), progressed) {
+            (0, _) => None,
+            // Routing may have waited for a slow caller: the clock starts now.
+            (_, true) => Some(now),
+            (_, false) => incomplete_since.or(Some(now)),
+        };
+        let stalled = |since: Option<Instant>| {
+            caught_up && since.is_some_and(|t| now - t > limits.frame_stall)
+        };
+        if stalled(garbage_since) {
+            return format!(
+                "the guest wrote {} bytes that are not agent frames and no frame for {:?}; \
+                 the channel is corrupted",
+                decoder.discarded(),
+                limits.frame_stall
+            );
+        }
+        if stalled(incomplete_since) {
+            return format!(
+                "a frame from the guest stayed incomplete for {:?} ({} bytes of it arrived); \
+                 the channel is corrupted or the agent is stuck mid-frame",
+                limits.frame_stall,
+                decoder.buffered()
+            );
+        }
+        if shared.stop.load(Ordering::SeqCst) {
+            return "the client closed the session".into();
+        }
+        let want = decoder.space().min(chunk.len());
+        match stream.read(&mut chunk[..want]) {
+            Ok(0) => return "the guest side closed the channel".into(),
+            Ok(n) => {
+                decoder.push(&chunk[..n]);
+                caught_up = n < want;
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                caught_up = true;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return format!("read error: {e}"),
+        }
+    }
 }
 
-fn pump_stdin(mut input: Box<dyn Read + Send>, writer: &Mutex<UnixStream>, id: u32) {
+/// Hands a frame to the mailbox of its request; drops it when none waits.
+fn route_frame(f: Frame, shared: &Shared) {
+    let Some(mb) = lock(&shared.routes).get(&f.id).cloned() else {
+        return;
+    };
+    let id = f.id;
+    let last = f.kind == Kind::Response;
+    mb.deliver(f, shared.limits.mailbox_bytes, &shared.stop);
+    if last {
+        // Nothing after the response belongs to this request.
+        let mut routes = lock(&shared.routes);
+        if routes.get(&id).is_some_and(|m| Arc::ptr_eq(m, &mb)) {
+            routes.remove(&id);
+        }
+    }
+}
+
+fn pump_stdin(mut input: Box<dyn Read + Send>, shared: &Shared, id: u32) {
     let mut buf = vec![0u8; CHUNK];
     loop {
         let n = match input.read(&mut buf) {
@@ -471,9 +1048,31 @@ fn pump_stdin(mut input: Box<dyn Read + Send>, writer: &Mutex<UnixStream>, id: u
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(_) => 0,
         };
-        let mut w = lock(writer);
-        if write_frame(&mut *w, Kind::Stdin, id, &buf[..n]).is_err() || n == 0 {
+        let deadline = Instant::now() + shared.limits.write_stall;
+        if shared.send(Kind::Stdin, id, &buf[..n], deadline).is_err() || n == 0 {
             return;
+        }
+    }
+}
+
+/// Request ids named by frame headers in `bytes` (malformed ones included).
+fn header_ids(bytes: &[u8]) -> Vec<u32> {
+    let mut ids = Vec::new();
+    let mut d = FrameDecoder::new();
+    let mut rest = bytes;
+    loop {
+        let n = d.push(rest);
+        rest = &rest[n..];
+        while let Some(r) = d.next_frame() {
+            match r {
+                Ok(f) => ids.push(f.id),
+                Err(e) => ids.extend(e.frame_id()),
+            }
+        }
+        if rest.is_empty() {
+            // A header whose payload is cut off at the end still names its id.
+            ids.extend(d.pending_header().map(|h| h.id));
+            return ids;
         }
     }
 }
@@ -492,7 +1091,7 @@ fn unexpected(r: &Response) -> ClientError {
 
 /// Locks a mutex, recovering the data if another thread panicked with it held
 /// (the protected state here stays consistent across any panic point).
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 

@@ -8,8 +8,16 @@
 //! The magic lets a reader resynchronise after garbage (a stale half-frame left
 //! in the virtio-serial pipe by an earlier connection, or a malformed frame); the
 //! version byte lets both sides refuse a peer they do not understand; `id` ties
-//! data and replies to the request that caused them. This module is pure: it
-//! reads from any `Read` and never allocates more than [`MAX_PAYLOAD`] for one frame.
+//! data and replies to the request that caused them.
+//!
+//! This module is pure. [`FrameDecoder`] turns bytes pushed into it into frames
+//! and never holds more than [`DECODER_CAPACITY`] bytes, whatever it is fed: a
+//! header announcing more than [`MAX_PAYLOAD`] is reported and treated as
+//! garbage (never an allocation, never a skip of the announced length), and
+//! garbage is discarded as it is scanned. [`FrameReader`] drives a decoder from
+//! any `Read`. Policies that need a clock (how long a half frame may wait, how
+//! much garbage a session tolerates) belong to the callers; the decoder exposes
+//! what they need to decide.
 
 use std::io::{self, Read, Write};
 
@@ -19,9 +27,11 @@ pub const MAGIC: [u8; 2] = *b"FK";
 pub const VERSION: u8 = 1;
 /// Size of the fixed frame header.
 pub const HEADER_LEN: usize = 12;
-/// Largest payload either side accepts; a larger frame is skipped and answered
-/// with an error, never buffered.
+/// Largest payload either side accepts; a header announcing more is reported
+/// as an error and its bytes are scanned as garbage, never buffered or skipped.
 pub const MAX_PAYLOAD: u32 = 1 << 20;
+/// Most bytes a [`FrameDecoder`] ever buffers: one frame of the largest size.
+pub const DECODER_CAPACITY: usize = HEADER_LEN + MAX_PAYLOAD as usize;
 /// Size of the data chunks (stdout, stderr, stdin, file contents) senders use.
 pub const CHUNK: usize = 64 * 1024;
 
@@ -108,7 +118,7 @@ impl Header {
 }
 
 /// Why a frame could not be read. All but `Io` and `Eof` are recoverable: the
-/// reader has consumed the bad frame (or byte) and the stream can be read on.
+/// decoder has consumed the bad frame (or bytes) and the stream can be read on.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
     #[error("connection closed")]
@@ -122,7 +132,7 @@ pub enum FrameError {
     #[error("frame {id} has unknown kind {kind}")]
     UnknownKind { id: u32, kind: u8 },
     #[error(
-        "frame {id} payload is {len} bytes, larger than the {MAX_PAYLOAD}-byte limit; skipped"
+        "frame {id} payload is {len} bytes, larger than the {MAX_PAYLOAD}-byte limit; its header is treated as garbage"
     )]
     Oversized { id: u32, len: u32 },
 }
@@ -170,18 +180,171 @@ pub fn write_frame<W: Write + ?Sized>(
     w.flush()
 }
 
-/// Reads frames from a byte stream, resynchronising on the magic after garbage.
+/// Turns a byte stream into frames, resynchronising on the magic after garbage.
+///
+/// Push bytes with [`Self::push`], take frames with [`Self::next_frame`] until
+/// it returns `None`, push more. Memory stays below [`DECODER_CAPACITY`]:
+/// `push` takes only what fits, and a full decoder always has a frame or an
+/// error to give, so taking them always makes room.
+///
+/// Garbage (bytes before a magic, a header announcing more than
+/// [`MAX_PAYLOAD`]) is reported once per run as `BadMagic` or `Oversized` and
+/// then discarded silently until the next frame; [`Self::discarded`] counts
+/// it for callers that bound how much garbage they tolerate.
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+    /// The bytes being discarded belong to a run already reported.
+    in_garbage: bool,
+    /// Bytes discarded or rejected since the last frame decoded whole.
+    discarded: u64,
+}
+
+impl FrameDecoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends bytes; returns how many were taken: fewer than `bytes.len()`
+    /// only when the decoder is full (take frames out, then push the rest).
+    pub fn push(&mut self, bytes: &[u8]) -> usize {
+        let n = bytes.len().min(self.space());
+        self.buf.extend_from_slice(&bytes[..n]);
+        n
+    }
+
+    /// How many bytes [`Self::push`] would take now.
+    pub fn space(&self) -> usize {
+        DECODER_CAPACITY - self.buf.len()
+    }
+
+    /// Bytes held: the start of a frame that has not arrived whole, or a
+    /// trailing `F` that may begin a magic.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Bytes thrown away or rejected (garbage, oversized headers, frames of
+    /// another version or an unknown kind) since the last good frame.
+    pub fn discarded(&self) -> u64 {
+        self.discarded
+    }
+
+    /// Whether the held bytes begin with a frame magic (a frame cut short
+    /// when the stream ends here).
+    pub fn holds_frame_start(&self) -> bool {
+        self.buf.len() >= MAGIC.len() && self.buf[..MAGIC.len()] == MAGIC
+    }
+
+    /// The header of the incomplete frame held, once its 12 bytes are in.
+    pub fn pending_header(&self) -> Option<Header> {
+        let hb: &[u8; HEADER_LEN] = self.buf.get(..HEADER_LEN)?.try_into().ok()?;
+        Header::parse(hb)
+    }
+
+    /// The next frame or error the pushed bytes hold; `None` when more bytes
+    /// are needed.
+    pub fn next_frame(&mut self) -> Option<Result<Frame, FrameError>> {
+        loop {
+            let first = *self.buf.first()?;
+            if first != MAGIC[0] || self.buf.get(1).is_some_and(|b| *b != MAGIC[1]) {
+                // Garbage up to the next byte that may start a magic.
+                let next = magic_candidate(&self.buf[1..]).map_or(self.buf.len(), |i| i + 1);
+                let found = [first, self.buf.get(1).copied().unwrap_or(0)];
+                self.consume(next, true);
+                if !self.in_garbage {
+                    self.in_garbage = true;
+                    return Some(Err(FrameError::BadMagic { found }));
+                }
+                continue;
+            }
+            let hb: &[u8; HEADER_LEN] = self.buf.get(..HEADER_LEN)?.try_into().ok()?;
+            let header = Header::parse(hb)?;
+            if header.len > MAX_PAYLOAD {
+                // Not a frame we will ever read: drop the `F` and scan on, so
+                // a forged or corrupted header swallows nothing that follows.
+                self.consume(1, true);
+                self.in_garbage = true;
+                return Some(Err(FrameError::Oversized {
+                    id: header.id,
+                    len: header.len,
+                }));
+            }
+            let total = HEADER_LEN + header.len as usize;
+            if self.buf.len() < total {
+                return None;
+            }
+            let payload = self.buf[HEADER_LEN..total].to_vec();
+            self.in_garbage = false;
+            if header.version != VERSION {
+                self.consume(total, true);
+                return Some(Err(FrameError::BadVersion {
+                    id: header.id,
+                    version: header.version,
+                }));
+            }
+            let Some(kind) = Kind::from_u8(header.kind) else {
+                self.consume(total, true);
+                return Some(Err(FrameError::UnknownKind {
+                    id: header.id,
+                    kind: header.kind,
+                }));
+            };
+            self.consume(total, false);
+            self.discarded = 0;
+            return Some(Ok(Frame {
+                kind,
+                id: header.id,
+                payload,
+            }));
+        }
+    }
+
+    /// Forgets everything held (a new connection starts from nothing).
+    pub fn clear(&mut self) {
+        self.buf.clear();
+        self.in_garbage = false;
+        self.discarded = 0;
+    }
+
+    fn consume(&mut self, n: usize, discard: bool) {
+        self.buf.drain(..n);
+        if discard {
+            self.discarded = self.discarded.saturating_add(n as u64);
+        }
+    }
+}
+
+/// Index of the first byte that may start a magic: an `F` followed by `K`
+/// or by the end of `bytes`.
+fn magic_candidate(bytes: &[u8]) -> Option<usize> {
+    bytes
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| **b == MAGIC[0])
+        .map(|(i, _)| i)
+        .find(|&i| bytes.get(i + 1).is_none_or(|b| *b == MAGIC[1]))
+}
+
+/// Reads frames from a byte stream through a [`FrameDecoder`].
+///
+/// A read that fails (a timeout included) loses nothing: the decoder keeps the
+/// part of a frame read so far and the next call goes on from there.
 pub struct FrameReader<R> {
     inner: R,
-    /// Bytes read ahead while hunting for a magic; consumed before `inner`.
-    pushback: Vec<u8>,
+    decoder: FrameDecoder,
+    chunk: Box<[u8]>,
 }
+
+/// Bytes asked of the underlying reader at once.
+const READ_CHUNK: usize = 64 * 1024;
 
 impl<R: Read> FrameReader<R> {
     pub fn new(inner: R) -> Self {
         FrameReader {
             inner,
-            pushback: Vec::new(),
+            decoder: FrameDecoder::new(),
+            chunk: vec![0u8; READ_CHUNK].into_boxed_slice(),
         }
     }
 
@@ -190,112 +353,38 @@ impl<R: Read> FrameReader<R> {
         &self.inner
     }
 
-    /// Reads exactly `buf.len()` bytes; a clean EOF before the first byte is `Eof`.
-    fn read_full(&mut self, buf: &mut [u8]) -> Result<(), FrameError> {
-        let mut done = 0;
-        if !self.pushback.is_empty() {
-            let n = self.pushback.len().min(buf.len());
-            buf[..n].copy_from_slice(&self.pushback[..n]);
-            self.pushback.drain(..n);
-            done = n;
-        }
-        while done < buf.len() {
-            match self.inner.read(&mut buf[done..]) {
-                Ok(0) => {
-                    return Err(if done == 0 {
-                        FrameError::Eof
-                    } else {
-                        FrameError::Io(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "connection closed in the middle of a frame",
-                        ))
-                    })
-                }
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok(())
-    }
-
-    /// Discards `n` bytes.
-    fn skip(&mut self, mut n: u64) -> Result<(), FrameError> {
-        let mut buf = [0u8; 8192];
-        while n > 0 {
-            let want = n.min(buf.len() as u64) as usize;
-            self.read_full(&mut buf[..want])?;
-            n -= want as u64;
-        }
-        Ok(())
+    /// The reader and the decoder with the bytes read ahead.
+    pub fn into_parts(self) -> (R, FrameDecoder) {
+        (self.inner, self.decoder)
     }
 
     /// Reads one frame.
     ///
-    /// On a bad magic the reader consumes bytes up to the next `"FK"` and returns
-    /// `BadMagic`; the next call reads the frame that starts there. Oversized,
-    /// unknown-kind and wrong-version frames are consumed whole, so every error
-    /// but `Eof` and `Io` leaves the stream readable.
+    /// Garbage is reported once as `BadMagic` and skipped; a header announcing
+    /// more than [`MAX_PAYLOAD`] is reported as `Oversized` and scanned past
+    /// as garbage; frames of another version or an unknown kind are consumed
+    /// whole. Every error but `Eof` and `Io` leaves the stream readable, and
+    /// so does an `Io` timeout.
     pub fn read_frame(&mut self) -> Result<Frame, FrameError> {
-        let mut hb = [0u8; HEADER_LEN];
-        self.read_full(&mut hb)?;
-        let header = match Header::parse(&hb) {
-            Some(h) => h,
-            None => {
-                let found = [hb[0], hb[1]];
-                self.resync(&hb[1..])?;
-                return Err(FrameError::BadMagic { found });
-            }
-        };
-        if header.len > MAX_PAYLOAD {
-            self.skip(u64::from(header.len))?;
-            return Err(FrameError::Oversized {
-                id: header.id,
-                len: header.len,
-            });
-        }
-        let mut payload = vec![0u8; header.len as usize];
-        self.read_full(&mut payload)?;
-        if header.version != VERSION {
-            return Err(FrameError::BadVersion {
-                id: header.id,
-                version: header.version,
-            });
-        }
-        let kind = Kind::from_u8(header.kind).ok_or(FrameError::UnknownKind {
-            id: header.id,
-            kind: header.kind,
-        })?;
-        Ok(Frame {
-            kind,
-            id: header.id,
-            payload,
-        })
-    }
-
-    /// Consumes bytes until a magic is next in the stream (it stays unread).
-    fn resync(&mut self, seen: &[u8]) -> Result<(), FrameError> {
-        let mut window: Vec<u8> = seen.to_vec();
-        window.append(&mut self.pushback);
         loop {
-            if let Some(pos) = window.windows(2).position(|w| w == MAGIC) {
-                self.pushback = window.split_off(pos);
-                return Ok(());
+            if let Some(r) = self.decoder.next_frame() {
+                return r;
             }
-            // Keep the last byte: it may be the 'F' of a magic split across reads.
-            let last = window.last().copied();
-            window.clear();
-            window.extend(last);
-            let mut b = [0u8; 256];
-            let n = loop {
-                match self.inner.read(&mut b) {
-                    Ok(0) => return Err(FrameError::Eof),
-                    Ok(n) => break n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e.into()),
+            let want = self.decoder.space().min(self.chunk.len());
+            match self.inner.read(&mut self.chunk[..want]) {
+                Ok(0) if self.decoder.holds_frame_start() => {
+                    return Err(FrameError::Io(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "connection closed in the middle of a frame",
+                    )))
                 }
-            };
-            window.extend_from_slice(&b[..n]);
+                Ok(0) => return Err(FrameError::Eof),
+                Ok(n) => {
+                    self.decoder.push(&self.chunk[..n]);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
         }
     }
 }

@@ -18,7 +18,10 @@ pub mod frame;
 
 use serde::{Deserialize, Serialize};
 
-pub use frame::{Frame, FrameError, FrameReader, Kind, CHUNK, MAX_PAYLOAD, VERSION};
+pub use frame::{
+    Frame, FrameDecoder, FrameError, FrameReader, Kind, CHUNK, DECODER_CAPACITY, MAX_PAYLOAD,
+    VERSION,
+};
 
 /// Name of the virtio-serial port the agent listens on.
 pub const PORT_NAME: &str = "org.forkd.agent";
@@ -210,5 +213,7 @@ pub fn decode<'a, T: Deserialize<'a>>(payload: &'a [u8]) -> Result<T, serde_json
     serde_json::from_slice(payload)
 }
 
+#[cfg(any(test, fuzzing))]
+pub mod fuzzing;
 #[cfg(test)]
 mod tests;

@@ -187,3 +187,63 @@ fn hex_round_trip_and_rejects_garbage() {
     assert!(from_hex("zz").is_none());
     assert!(from_hex("é1").is_none());
 }
+
+mod properties {
+    //! Bounded property runs of [`crate::fuzzing`] (seconds); the long runs
+    //! are `PROPTEST_CASES=N cargo test -p forkd-protocol --release properties`
+    //! or the cargo-fuzz targets `frame_decoder` and `client_replies`
+    //! (docs/fuzzing.md).
+    use crate::frame::{write_frame, Header};
+    use crate::Kind;
+    use proptest::prelude::*;
+
+    /// Frames, forged headers and garbage glued together: random bytes alone
+    /// seldom contain a magic.
+    fn framey() -> impl Strategy<Value = Vec<u8>> {
+        let piece = prop_oneof![
+            (
+                any::<u8>(),
+                any::<u32>(),
+                proptest::collection::vec(any::<u8>(), 0..64)
+            )
+                .prop_map(|(k, id, p)| {
+                    let mut v = Vec::new();
+                    let kind = Kind::from_u8(1 + k % 8).unwrap_or(Kind::Data);
+                    write_frame(&mut v, kind, id, &p).unwrap();
+                    v
+                }),
+            (any::<[u8; 2]>(), any::<u32>(), any::<u32>()).prop_map(|(vk, id, len)| {
+                let mut h = Header::encode(Kind::Stdout, id, len).to_vec();
+                h[2] = vk[0];
+                h[3] = vk[1];
+                h
+            }),
+            proptest::collection::vec(any::<u8>(), 0..32),
+            Just(b"F".to_vec()),
+            Just(b"FK".to_vec()),
+        ];
+        proptest::collection::vec(piece, 0..24).prop_map(|v| v.concat())
+    }
+
+    proptest! {
+        #[test]
+        fn decoder_on_arbitrary_bytes(data in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            crate::fuzzing::decoder(&data);
+        }
+
+        #[test]
+        fn decoder_on_frames_and_garbage(sel in any::<u8>(), data in framey()) {
+            let mut input = vec![sel];
+            input.extend(data);
+            crate::fuzzing::decoder(&input);
+        }
+    }
+
+    proptest! {
+        // Each case is a real session on a socketpair (about a millisecond).
+        #[test]
+        fn client_replies_to_a_scripted_guest(data in proptest::collection::vec(any::<u8>(), 0..512)) {
+            crate::fuzzing::client_replies(&data);
+        }
+    }
+}
