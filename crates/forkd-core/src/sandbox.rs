@@ -228,6 +228,7 @@ pub(crate) fn boot_config(
         tcg_tb_mib: opts.tcg_tb_mib,
         huge_pages: opts.huge_pages,
         prealloc: opts.prealloc,
+        tsc_khz: forkd_vm::accel::host_tsc_khz(),
     }
 }
 

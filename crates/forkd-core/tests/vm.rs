@@ -274,3 +274,28 @@ fn a_kernel_qemu_cannot_load_is_a_clear_boot_error_and_leaves_nothing() {
     }
     let _ = std::fs::remove_dir_all(&env.runtime);
 }
+
+#[test]
+fn guest_time_runs_at_host_speed() {
+    let s = boot();
+    let fp = Footprint::of(&s);
+    // The difference between `sleep 3` and `sleep 0` cancels the exec's own
+    // overhead; what is left is three guest seconds in host time.
+    let timed = |script: &str| {
+        let t = std::time::Instant::now();
+        let out = s.exec_collect(sh(script)).unwrap();
+        assert_eq!(out.status.code, Some(0));
+        t.elapsed().as_secs_f64()
+    };
+    let mut diffs: Vec<f64> = (0..3)
+        .map(|_| timed("sleep 3") - timed("sleep 0"))
+        .collect();
+    diffs.sort_by(f64::total_cmp);
+    let median = diffs[1];
+    assert!(
+        (2.85..=3.15).contains(&median),
+        "a guest `sleep 3` took {median:.3} s of host time (samples {diffs:?})"
+    );
+    drop(s);
+    fp.assert_gone(Duration::from_secs(5));
+}

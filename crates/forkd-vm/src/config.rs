@@ -96,6 +96,11 @@ pub struct VmConfig {
     /// private mapping would copy the whole image).
     #[serde(default)]
     pub prealloc: bool,
+    /// The host TSC frequency the guest kernel is told under TCG (see
+    /// [`crate::accel::host_tsc_khz`]); [`crate::accel::FALLBACK_TSC_KHZ`]
+    /// when absent.
+    #[serde(default)]
+    pub tsc_khz: Option<u64>,
 }
 
 /// Smallest guest the kernel and agent boot in.
@@ -162,7 +167,10 @@ impl VmConfig {
             .iter()
             .map(|s| s.to_string())
             .collect();
-        words.extend(self.accel.kernel_args().iter().map(|s| s.to_string()));
+        words.extend(
+            self.accel
+                .kernel_args(self.tsc_khz.unwrap_or(crate::accel::FALLBACK_TSC_KHZ)),
+        );
         words.push(format!("forkd.hostname={}", self.hostname));
         if !self.disks.is_empty() {
             words.push("forkd.root=/dev/vda".into());
@@ -311,6 +319,7 @@ mod tests {
             tcg_tb_mib: None,
             huge_pages: HugePages::Off,
             prealloc: false,
+            tsc_khz: None,
         }
     }
 
@@ -332,7 +341,7 @@ mod tests {
         assert_eq!(value_after(&args, "-m"), ["256M"]);
         assert_eq!(value_after(&args, "-smp"), ["2"]);
         let append = value_after(&args, "-append")[0];
-        assert!(append.contains("tsc_early_khz=2000000 lpj=4000000"));
+        assert!(append.contains("tsc_early_khz=2000000 lpj=8000000"));
         assert!(append.contains("forkd.hostname=vm-1"));
         assert!(!append.contains("forkd.root"));
         assert!(args
