@@ -411,16 +411,17 @@ impl Registry {
         }
     }
 
-    /// Downloads blob `desc` into the file `dest`, verified. A partial `dest`
-    /// left by an interrupted call is resumed with a `Range` request; a `dest`
-    /// whose content turns out wrong is deleted, so the next call starts over.
+    /// Downloads blob `desc` into the file `dest`, verified; returns the bytes
+    /// received. A partial `dest` left by an interrupted call is resumed with
+    /// a `Range` request (a complete one is only verified); a `dest` whose
+    /// content turns out wrong is deleted, so the next call starts over.
     pub fn fetch_blob_to_file(
         &self,
         repo: &str,
         desc: &Descriptor,
         what: &str,
         dest: &Path,
-    ) -> Result<()> {
+    ) -> Result<u64> {
         let mut file = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -428,8 +429,18 @@ impl Registry {
             .write(true)
             .open(dest)
             .map_err(OciError::io("open download file", dest))?;
-        let have = file.metadata().map_err(OciError::io("stat", dest))?.len();
-        let result = self.fetch_into(repo, desc, what, dest, &mut file, have.min(desc.size));
+        let mut have = file.metadata().map_err(OciError::io("stat", dest))?.len();
+        if have >= desc.size {
+            let mut hashing = Hashing::new(std::io::sink());
+            std::io::copy(&mut (&mut file).take(desc.size + 1), &mut hashing)
+                .map_err(OciError::io("read", dest))?;
+            let (digest, size, _) = hashing.finish();
+            if size == desc.size && digest == desc.digest {
+                return Ok(0);
+            }
+            have = 0;
+        }
+        let result = self.fetch_into(repo, desc, what, dest, &mut file, have);
         if let Err(OciError::SizeMismatch { .. } | OciError::DigestMismatch { .. }) = &result {
             let _ = fs::remove_file(dest);
         }
@@ -444,7 +455,7 @@ impl Registry {
         dest: &Path,
         file: &mut File,
         have: u64,
-    ) -> Result<()> {
+    ) -> Result<u64> {
         let url = self.url(&format!("/v2/{repo}/blobs/{}", desc.digest));
         let action = format!("a download of {what} {}", desc.digest);
         let timeout = self.transfer_timeout(desc.size - have);
@@ -487,7 +498,8 @@ impl Registry {
         }
         let (digest, size, _) = hashing.finish();
         verify(what, &desc.digest, desc.size, &digest, size)?;
-        file.sync_all().map_err(OciError::io("fsync", dest))
+        file.sync_all().map_err(OciError::io("fsync", dest))?;
+        Ok(size - start)
     }
 
     /// Uploads `data` as blob `digest` (one PUT, or PATCHes for big blobs).
