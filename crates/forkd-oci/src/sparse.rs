@@ -162,7 +162,7 @@ pub(crate) fn write_sparse(file: &File, offset: u64, data: &[u8]) -> io::Result<
 }
 
 /// Deallocates `len` bytes at `offset`; false when the filesystem cannot.
-fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<bool> {
+pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<bool> {
     if len == 0 {
         return Ok(true);
     }
