@@ -13,7 +13,8 @@
 //! pushed by digest, and the tag points to an OCI image index whose
 //! `manifests` are the main manifest followed by the carriers. Garbage
 //! collectors keep what a tagged index references (the carriers), and what
-//! those reference (the chunks).
+//! those reference (the chunks); distribution 2.8's `--delete-untagged`
+//! mode is the exception (docs/registry.md).
 //!
 //! Push skips chunks the registry has (HEAD) and compresses a chunk only when
 //! neither this push nor a local source already knows its blob. Pull rebuilds
