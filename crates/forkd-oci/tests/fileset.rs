@@ -566,3 +566,67 @@ fn names_are_checked_before_anything_is_sent() {
     .unwrap_err();
     assert!(e.to_string().contains("twice"), "{e}");
 }
+
+#[test]
+fn content_defined_chunking_round_trips_and_dedups() {
+    let registry = TestRegistry::start(Auth::None);
+    let client = registry.client(None);
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    let files = make_set(&src, 6);
+    let options = PushOptions {
+        chunking: Chunking::Cdc {
+            min: 16 * 1024,
+            avg: 64 * 1024,
+            max: 256 * 1024,
+        },
+        ..PushOptions::default()
+    };
+    let r = reference(&registry, "team/cdc:v1");
+    let first = fileset::push(
+        &client,
+        &r,
+        b"{}",
+        &files,
+        &LocalSources::new(),
+        &options,
+        &mut |_| {},
+    )
+    .unwrap();
+    assert!(matches!(
+        first.indexes["ram.img"].chunking,
+        Chunking::Cdc { .. }
+    ));
+    // Each 1 MiB hole loses at most one maximal chunk at either edge to the data around it.
+    let zero = first.stats.zero_bytes;
+    assert!((16 * MIB..=32 * MIB).contains(&zero), "{zero} zero bytes");
+    // Pushing the same set again sends nothing.
+    let again = fileset::push(
+        &client,
+        &reference(&registry, "team/cdc:v2"),
+        b"{}",
+        &files,
+        &LocalSources::new(),
+        &options,
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(again.stats.chunks_transferred, 0);
+    assert_eq!(again.stats.bytes_transferred, 0);
+    let staging = work.path().join("staging");
+    fileset::pull(
+        &client,
+        &r,
+        &staging,
+        &LocalSources::new(),
+        &PullOptions::default(),
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_same_files(&src, &staging, &NAMES);
+    let (a, b) = (
+        allocated_bytes(&src.join("ram.img")).unwrap(),
+        allocated_bytes(&staging.join("ram.img")).unwrap(),
+    );
+    assert!(b <= a + 64 * 1024, "{b} > {a}");
+}
