@@ -14,7 +14,9 @@ log() { printf '\033[1msetup:\033[0m %s\n' "$*" >&2; }
 # Debian 12 ships QEMU 7.2; these machines may come with a newer qemu-utils
 # from backports, which conflicts with qemu-system-x86 7.2. Install both at
 # the same version, in one transaction (a downgrade of qemu-utils if needed).
-PKGS=(qemu-system-x86 busybox-static e2fsprogs cpio kmod dpkg binutils)
+# docker-registry (the reference distribution registry), apache2-utils
+# (htpasswd) and openssl: forkd-oci's tests run a real registry on loopback.
+PKGS=(qemu-system-x86 busybox-static e2fsprogs cpio kmod dpkg binutils docker-registry apache2-utils openssl)
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 version_of() { dpkg-query -W -f='${Version}' "$1" 2>/dev/null || true; }
 missing=()
@@ -34,6 +36,13 @@ if [ ${#missing[@]} -gt 0 ]; then
   done
   apt-get install -y -qq --no-install-recommends --allow-downgrades \
     "qemu-system-x86=$qver" "qemu-utils=$qver" ${pkgs[@]+"${pkgs[@]}"} >/dev/null
+fi
+
+# The docker-registry package enables a system-wide registry on :5000 where
+# systemd runs; the tests start their own on free loopback ports, so keep the
+# packaged one stopped.
+if installed docker-registry && [ -d /run/systemd/system ]; then
+  systemctl disable --now docker-registry.service >/dev/null 2>&1 || true
 fi
 
 # --- binaries --------------------------------------------------------------

@@ -1,8 +1,9 @@
 //! Guest artifacts for forkd: the Debian guest kernel (fetched with apt-get,
 //! extracted under `home/kernels/`), the closure of kernel modules the guest
 //! needs, the initramfs (cpio newc, agent as /init) and ext4 root disks built
-//! from recipes. Everything is cached under the forkd home dir, keyed by a hash
-//! of its inputs, and published atomically (built under `*.tmp-<pid>`, then
+//! from recipes or from a directory tree (an unpacked container image).
+//! Everything is cached under the forkd home dir, keyed by a hash of its
+//! inputs, and published atomically (built under `*.tmp-<pid>`, then
 //! renamed) so a killed build never leaves a half artifact.
 //!
 //! Pure logic (ELF/.modinfo parsing, closure resolution, the cpio writer, cache
@@ -31,7 +32,10 @@ pub use kernel::{
     bzimage_version, compare_versions, ensure_debian_kernel, kernel_from_path,
     kernel_package_from_depends, Kernel, DEBIAN_KERNEL_METAPACKAGE,
 };
-pub use rootfs::{build_rootfs, debian_image_bytes, rootfs_key, RootfsRecipe, BUSYBOX_IMAGE_BYTES};
+pub use rootfs::{
+    build_rootfs, build_rootfs_from_tree, debian_image_bytes, rootfs_key, tree_rootfs_key,
+    RootfsRecipe, BUSYBOX_IMAGE_BYTES,
+};
 
 /// Modules the guest agent loads: the virtio-mmio transport and the devices
 /// forkd attaches. Their dependencies are resolved by [`modules::ModuleIndex`].

@@ -161,6 +161,127 @@ pub fn build_rootfs(
     Ok(out)
 }
 
+/// Bump when what [`build_rootfs_from_tree`] adds to a tree changes.
+const TREE_RECIPE_VERSION: u32 = 1;
+/// Mount points the agent mounts kernel filesystems on inside the root.
+const MOUNT_POINTS: [(&str, u32); 5] = [
+    ("proc", 0o555),
+    ("sys", 0o555),
+    ("dev", 0o755),
+    ("tmp", 0o1777),
+    ("run", 0o755),
+];
+
+/// The cache key of a root image built from a tree whose own key is
+/// `source_key` (e.g. a container image's manifest digest).
+pub fn tree_rootfs_key(source_key: &str) -> String {
+    KeyBuilder::new("forkd rootfs from tree")
+        .field("version", &TREE_RECIPE_VERSION.to_le_bytes())
+        .field("source", source_key.as_bytes())
+        .finish()
+}
+
+/// Writes `home/images/tree-<key>.ext4` from the directory `tree` (e.g. an
+/// unpacked container image) unless it exists; returns its path. `source_key`
+/// identifies the tree's content (a container image's manifest digest) and
+/// keys the cache.
+///
+/// forkd's own pieces are added to the tree first: the mount points the
+/// agent uses (`proc`, `sys`, `dev`, `tmp`, `run`), `/etc/hostname`,
+/// `/etc/hosts` and `/etc/resolv.conf`, and a root entry in `/etc/passwd`
+/// and `/etc/group` when the tree has none. The tree is untrusted: a symlink
+/// or a non-directory where one of these goes is replaced, never written
+/// through. Ownership, modes, hard links and xattrs of the tree are kept by
+/// `mkfs.ext4 -d`, so the caller builds the tree as root to keep owners.
+pub fn build_rootfs_from_tree(
+    home: &Path,
+    tree: &Path,
+    source_key: &str,
+    log: &dyn Fn(&str),
+) -> Result<PathBuf, GuestError> {
+    let images = home.join("images");
+    prepare_dir(&images)?;
+    let out = images.join(format!("tree-{}.ext4", tree_rootfs_key(source_key)));
+    if out.is_file() {
+        return Ok(out);
+    }
+    add_forkd_files(tree)?;
+    let content = tree_bytes(tree)?;
+    let size = debian_image_bytes(content);
+    log(&format!(
+        "root tree holds {} MiB; image will be {} MiB",
+        content / MIB,
+        size / MIB
+    ));
+    let tmp = temp_path(&out);
+    let mut image_guard = TempGuard::new(tmp.clone());
+    File::create(&tmp)
+        .and_then(|f| f.set_len(size))
+        .map_err(GuestError::io("create sparse image", &tmp))?;
+    log(&format!("writing ext4 image {}", out.display()));
+    tools::run(
+        MKFS_EXT4
+            .command()?
+            .args(["-q", "-F", "-L", "forkd-root", "-E", "root_owner=0:0", "-d"])
+            .arg(tree)
+            .arg(&tmp),
+    )?;
+    publish(&tmp, &out)?;
+    image_guard.disarm();
+    Ok(out)
+}
+
+/// Makes `path` a real directory with `mode`, removing a symlink or file there.
+fn replace_with_dir(path: &Path, mode: u32) -> Result<(), GuestError> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => return Ok(()),
+        Ok(_) => fs::remove_file(path).map_err(GuestError::io("remove", path))?,
+        Err(_) => {}
+    }
+    mkdir(path, mode)
+}
+
+/// Writes `data` to a new file at `path`, removing whatever was there first.
+fn replace_file(path: &Path, mode: u32, data: &[u8]) -> Result<(), GuestError> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => {
+            fs::remove_dir_all(path).map_err(GuestError::io("remove", path))?
+        }
+        Ok(_) => fs::remove_file(path).map_err(GuestError::io("remove", path))?,
+        Err(_) => {}
+    }
+    write_file(path, mode, data)
+}
+
+fn add_forkd_files(tree: &Path) -> Result<(), GuestError> {
+    for (dir, mode) in MOUNT_POINTS {
+        replace_with_dir(&tree.join(dir), mode)?;
+    }
+    let etc = tree.join("etc");
+    replace_with_dir(&etc, 0o755)?;
+    replace_file(&etc.join("hostname"), 0o644, b"forkd\n")?;
+    replace_file(
+        &etc.join("hosts"),
+        0o644,
+        b"127.0.0.1\tlocalhost forkd\n::1\tlocalhost\n",
+    )?;
+    replace_file(
+        &etc.join("resolv.conf"),
+        0o644,
+        format!("nameserver {NAMESERVER}\n").as_bytes(),
+    )?;
+    for (name, line) in [
+        ("passwd", &b"root:x:0:0:root:/root:/bin/sh\n"[..]),
+        ("group", &b"root:x:0:\n"[..]),
+    ] {
+        let path = etc.join(name);
+        if fs::symlink_metadata(&path).is_err() {
+            write_file(&path, 0o644, line)?;
+        }
+    }
+    Ok(())
+}
+
 /// Image size for a tree of `content` bytes: 30% slack plus 64 MiB headroom,
 /// rounded up to a MiB.
 pub fn debian_image_bytes(content: u64) -> u64 {
