@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use forkd_ops as ops;
 
+pub use crate::error::{api_hint, api_text};
 use crate::error::{ApiError, ErrorBody};
 use crate::types as api;
 
@@ -18,40 +19,6 @@ use crate::types as api;
 pub const GUEST_ADDR: &str = "10.0.2.15";
 
 // ---------------------------------------------------------------- errors
-
-/// A hint worded for API callers.
-pub fn api_hint(hint: &ops::Hint) -> String {
-    use ops::Hint as H;
-    match hint {
-        H::ListSandboxes => "GET /v1/sandboxes lists them".into(),
-        H::ListSnapshots => "GET /v1/snapshots lists them".into(),
-        H::KillSandbox { id } => format!("remove it with DELETE /v1/sandboxes/{id}"),
-        H::RemoveSnapshot { tag } => format!("delete it with DELETE /v1/snapshots/{tag}"),
-        H::WaitForSnapshot { tag } => {
-            format!("retry when GET /v1/snapshots/{tag}/info says ready")
-        }
-        H::BranchLive { id } => {
-            format!("branch it live instead: POST /v1/sandboxes/{id}/branch with mode `live`")
-        }
-        H::RemoveDependentsOrForce { .. } => {
-            "delete them first, or pass ?cascade=true to delete them too, or ?force=true to orphan them".into()
-        }
-        H::PickAnotherTag { tag } => {
-            format!("pick another tag or delete it with DELETE /v1/snapshots/{tag}")
-        }
-        H::BuildImage { image } => format!("the daemon builds image `{image}` on first use"),
-        H::UsePythonImage => "boot it with image `debian-python`".into(),
-    }
-}
-
-/// An operation's error as an API caller reads it: the message, then the
-/// hint in API terms.
-pub fn api_text(e: &ops::OpError) -> String {
-    match &e.hint {
-        Some(h) => format!("{}; {}", e.message, api_hint(h)),
-        None => e.message.clone(),
-    }
-}
 
 /// What a client makes of an error answer: the operation's own error when
 /// the body carries one, else one built from the status.

@@ -110,7 +110,7 @@ pub enum ApiError {
 
     /// An operation failed: its status follows its kind, its text is its
     /// message with the hint worded for API callers.
-    #[error("{}", crate::convert::api_text(.0))]
+    #[error("{}", api_text(.0))]
     Op(forkd_ops::OpError),
 }
 
@@ -229,6 +229,40 @@ impl ApiError {
                 hint: None,
             },
         }
+    }
+}
+
+/// A hint worded for API callers.
+pub fn api_hint(hint: &forkd_ops::Hint) -> String {
+    use forkd_ops::Hint as H;
+    match hint {
+        H::ListSandboxes => "GET /v1/sandboxes lists them".into(),
+        H::ListSnapshots => "GET /v1/snapshots lists them".into(),
+        H::KillSandbox { id } => format!("remove it with DELETE /v1/sandboxes/{id}"),
+        H::RemoveSnapshot { tag } => format!("delete it with DELETE /v1/snapshots/{tag}"),
+        H::WaitForSnapshot { tag } => {
+            format!("retry when GET /v1/snapshots/{tag}/info says ready")
+        }
+        H::BranchLive { id } => {
+            format!("branch it live instead: POST /v1/sandboxes/{id}/branch with mode `live`")
+        }
+        H::RemoveDependentsOrForce { .. } => {
+            "delete them first, or pass ?cascade=true to delete them too, or ?force=true to orphan them".into()
+        }
+        H::PickAnotherTag { tag } => {
+            format!("pick another tag or delete it with DELETE /v1/snapshots/{tag}")
+        }
+        H::BuildImage { image } => format!("the daemon builds image `{image}` on first use"),
+        H::UsePythonImage => "boot it with image `debian-python`".into(),
+    }
+}
+
+/// An operation's error as an API caller reads it: the message, then the
+/// hint in API terms.
+pub fn api_text(e: &forkd_ops::OpError) -> String {
+    match &e.hint {
+        Some(h) => format!("{}; {}", e.message, api_hint(h)),
+        None => e.message.clone(),
     }
 }
 

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::{Deserialize, Serialize};
 
-use crate::branch::WriterJob;
+use crate::branch::writer::{run_writer, WriterJob};
 use crate::paths::Env;
 use crate::{CoreError, Fleet};
 
@@ -64,7 +64,7 @@ pub fn run_if_helper() -> Option<ExitCode> {
 
 fn run(job: Job) -> Result<(), CoreError> {
     match job {
-        Job::BranchWriter(job) => crate::branch::run_writer(*job),
+        Job::BranchWriter(job) => run_writer(*job),
         Job::FillPool {
             home,
             runtime,

@@ -7,7 +7,8 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use forkd_protocol::client::{AgentClient, ClientError};
@@ -16,8 +17,32 @@ use crate::config::VmConfig;
 use crate::process::{describe, process_start_time, tail, which};
 use crate::qmp::Qmp;
 use crate::rundir::RunDir;
-use crate::vm::LaunchOptions;
 use crate::VmError;
+
+/// How to launch.
+#[derive(Debug, Clone)]
+pub struct LaunchOptions {
+    /// From QEMU start until the agent must have answered.
+    pub boot_timeout: Duration,
+    /// Kill QEMU when the thread that started it dies (ephemeral VMs).
+    pub die_with_parent: bool,
+    /// Set to true (from another thread) to abandon the boot.
+    pub cancel: Option<Arc<AtomicBool>>,
+    /// Restore the guest from this device-state stream (the config must say
+    /// `incoming`) instead of booting it.
+    pub restore: Option<PathBuf>,
+}
+
+impl Default for LaunchOptions {
+    fn default() -> Self {
+        LaunchOptions {
+            boot_timeout: Duration::from_secs(60),
+            die_with_parent: true,
+            cancel: None,
+            restore: None,
+        }
+    }
+}
 
 /// A QEMU that has not finished booting: cleans up after itself on error.
 pub(crate) struct Partial {

@@ -217,6 +217,33 @@ impl Vm {
         wait_finished(&mut qmp, Instant::now() + Duration::from_secs(60), WHAT).map(drop)
     }
 
+    /// Stops the guest and makes the prepared overlay the disk's top, so
+    /// that the disk freezes at this instant (the first steps of both kinds
+    /// of snapshot). Returns the frozen image. On failure the guest runs on
+    /// and an overlay that was not swapped in is detached and deleted.
+    fn stop_and_freeze_disk(
+        &self,
+        disk: Option<PreparedDiskSnapshot>,
+    ) -> Result<Option<PathBuf>, VmError> {
+        if let Err(e) = self.qmp().stop() {
+            if let Some(d) = disk {
+                self.abandon_disk_snapshot(d);
+            }
+            return Err(e.into());
+        }
+        let Some(d) = disk else {
+            return Ok(None);
+        };
+        match self.commit_disk_snapshot(&d) {
+            Ok(frozen) => Ok(Some(frozen)),
+            Err(e) => {
+                let _ = self.qmp().cont();
+                self.abandon_disk_snapshot(d);
+                Err(e)
+            }
+        }
+    }
+
     /// A snapshot with the guest stopped: pauses it, freezes the prepared
     /// disk, saves the device state to `device_state`, runs `copy` (the
     /// caller copies guest RAM), and resumes the guest whatever happened.
@@ -228,32 +255,12 @@ impl Vm {
         copy: impl FnOnce() -> Result<T, VmError>,
     ) -> Result<StoppedSnapshot<T>, VmError> {
         let t0 = Instant::now();
-        if let Err(e) = self.qmp().stop() {
-            if let Some(d) = disk {
-                self.abandon_disk_snapshot(d);
-            }
-            return Err(e.into());
-        }
-        let mut committed = false;
-        let inside = (|| {
-            let frozen = match &disk {
-                Some(d) => {
-                    let f = self.commit_disk_snapshot(d)?;
-                    committed = true;
-                    Some(f)
-                }
-                None => None,
-            };
-            self.save_device_state(device_state)?;
-            Ok::<_, VmError>((frozen, copy()?))
-        })();
+        let frozen_disk = self.stop_and_freeze_disk(disk)?;
+        let inside = self.save_device_state(device_state).and_then(|()| copy());
         // Resume whatever happened: the sandbox must keep running.
         let resumed = self.qmp().cont();
         let pause = t0.elapsed();
-        if let (Some(d), false) = (disk, committed) {
-            self.abandon_disk_snapshot(d);
-        }
-        let (frozen_disk, copied) = inside?;
+        let copied = inside?;
         resumed?;
         Ok(StoppedSnapshot {
             pause,
@@ -278,38 +285,15 @@ impl Vm {
         set_capabilities(&mut self.qmp(), Purpose::BackgroundSnapshot)?;
         let t0 = Instant::now();
         self.qmp().take_events();
-        if let Err(e) = self.qmp().stop() {
-            if let Some(d) = disk {
-                self.abandon_disk_snapshot(d);
-            }
+        let frozen_disk = self.stop_and_freeze_disk(disk)?;
+        let started = self.qmp().execute(
+            "migrate",
+            Some(json!({ "uri": format!("unix:{}", target.display()) })),
+        );
+        if let Err(e) = started {
+            let _ = self.qmp().cont();
             return Err(e.into());
         }
-        let mut committed = false;
-        let started = (|| {
-            let frozen = match &disk {
-                Some(d) => {
-                    let f = self.commit_disk_snapshot(d)?;
-                    committed = true;
-                    Some(f)
-                }
-                None => None,
-            };
-            self.qmp().execute(
-                "migrate",
-                Some(json!({ "uri": format!("unix:{}", target.display()) })),
-            )?;
-            Ok::<_, VmError>(frozen)
-        })();
-        let frozen_disk = match started {
-            Ok(f) => f,
-            Err(e) => {
-                let _ = self.qmp().cont();
-                if let (Some(d), false) = (disk, committed) {
-                    self.abandon_disk_snapshot(d);
-                }
-                return Err(e);
-            }
-        };
         // QMP can be slow to answer while RAM streams, so the pause is
         // measured with the STOP and RESUME events' own timestamps.
         let resume = match self.qmp().wait_event("RESUME", Duration::from_secs(30)) {

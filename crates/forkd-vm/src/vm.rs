@@ -13,13 +13,13 @@ use std::fs;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus};
-use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use forkd_protocol::client::{AgentClient, ClientError};
 
 use crate::config::VmConfig;
+pub use crate::launch::LaunchOptions;
 use crate::launch::{connect_agent, start_qemu, Started};
 use crate::migration::restore_device_state;
 use crate::process::{describe, pid_alive, reap_if_child, tail};
@@ -36,31 +36,6 @@ pub enum Shutdown {
     Quit,
     /// QEMU was killed.
     Killed,
-}
-
-/// How to launch.
-#[derive(Debug, Clone)]
-pub struct LaunchOptions {
-    /// From QEMU start until the agent must have answered.
-    pub boot_timeout: Duration,
-    /// Kill QEMU when the thread that started it dies (ephemeral VMs).
-    pub die_with_parent: bool,
-    /// Set to true (from another thread) to abandon the boot.
-    pub cancel: Option<Arc<AtomicBool>>,
-    /// Restore the guest from this device-state stream (the config must say
-    /// `incoming`) instead of booting it.
-    pub restore: Option<PathBuf>,
-}
-
-impl Default for LaunchOptions {
-    fn default() -> Self {
-        LaunchOptions {
-            boot_timeout: Duration::from_secs(60),
-            die_with_parent: true,
-            cancel: None,
-            restore: None,
-        }
-    }
 }
 
 /// A running VM with its QMP and agent connections.

@@ -12,7 +12,7 @@
 //! published. The source never stops for the copy and is never harmed by a
 //! failed branch.
 
-mod writer;
+pub(crate) mod writer;
 
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
