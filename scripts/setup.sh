@@ -50,6 +50,10 @@ scripts/build-agent.sh
 log "building forkd (release)"
 cargo build --release -q -p forkd-cli
 
+# --- Python SDKs the tests drive (E2B, MCP, forkd's legacy client) ----------
+log "checking the Python test venv (target/py-venv)"
+scripts/setup-python.sh >/dev/null
+
 # --- guest artifacts -------------------------------------------------------
 log "building guest artifacts (kernel, initramfs, busybox image)"
 ./target/release/forkd image build --image busybox >/dev/null

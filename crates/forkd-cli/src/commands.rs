@@ -378,3 +378,13 @@ fn print_branch(id: &str, out: &BranchOutcome, json: bool) -> Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// `forkd mcp`: the MCP server on stdin/stdout until the client hangs up.
+pub fn mcp(ops: Box<dyn Operations>) -> Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(forkd_mcp::serve_stdio(std::sync::Arc::from(ops)))?;
+    Ok(ExitCode::SUCCESS)
+}

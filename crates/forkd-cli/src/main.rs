@@ -147,6 +147,11 @@ enum FleetCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Serve the operations to an AI agent over the Model Context Protocol on
+    /// stdin/stdout (tools: create_sandbox, run_command, write_file,
+    /// read_file, branch_sandbox, spawn_sandboxes, kill_sandbox,
+    /// list_sandboxes, list_snapshots). The daemon serves the same at /mcp.
+    Mcp,
     /// Fill the warm pool of a snapshot to K pre-started QEMUs (`forkd ls` shows them as pooled).
     Pool {
         tag: String,
@@ -319,7 +324,7 @@ fn main() -> ExitCode {
             remote::local_only(remote.as_deref(), "daemon").and_then(|()| daemon(args))
         }
         Command::Fleet(command) => {
-            remote::operations(remote.as_deref()).and_then(|ops| fleet_command(&*ops, command))
+            remote::operations(remote.as_deref()).and_then(|ops| fleet_command(ops, command))
         }
     };
     match result {
@@ -335,8 +340,9 @@ fn main() -> ExitCode {
 }
 
 /// The commands that run through the operations seam.
-fn fleet_command(ops: &dyn forkd_ops::Operations, command: FleetCommand) -> Result<ExitCode> {
+fn fleet_command(owned: Box<dyn forkd_ops::Operations>, command: FleetCommand) -> Result<ExitCode> {
     use FleetCommand as Command;
+    let ops = &*owned;
     match command {
         Command::Create(args) => commands::create(ops, args),
         Command::Exec(args) => commands::exec(ops, args),
@@ -362,6 +368,11 @@ fn fleet_command(ops: &dyn forkd_ops::Operations, command: FleetCommand) -> Resu
             json,
         } => commands::branch(ops, &id, tag, &mode, no_wait, json),
         Command::Pool { tag, size } => commands::pool(ops, &tag, size),
+        Command::Mcp => {
+            // Termination signals end the server (stdin closing does too).
+            signals::unblock_termination_signals();
+            commands::mcp(owned)
+        }
     }
 }
 

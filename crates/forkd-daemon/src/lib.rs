@@ -85,14 +85,16 @@ pub fn run(env: &Env, opts: DaemonOptions, log: &dyn Fn(&str)) -> Result<(), Dae
         rec.failed.len()
     ));
     let audit = server::open_audit(&opts.audit_log)?;
+    let daemon = Arc::new(daemon);
     let app = Arc::new(server::App {
-        daemon: Arc::new(daemon),
+        daemon: daemon.clone(),
         policy,
         spawn_limit: ConcurrencyLimit::new("spawn", opts.max_spawn.max(1), 2),
         branch_limit: ConcurrencyLimit::new("branch", opts.max_branch.max(1), 1),
         audit: Mutex::new(Some(audit)),
         audit_path: opts.audit_log.clone(),
         socket_access: opts.socket_access.clone(),
+        mcp: forkd_mcp::http_service(daemon.fleet.clone()),
     });
     log(&format!(
         "listening on {}{}; audit log {}",

@@ -52,6 +52,8 @@ pub struct App {
     pub audit_path: PathBuf,
     /// Who may open the UNIX socket.
     pub socket_access: forkd_api::auth::SocketAccess,
+    /// MCP's streamable HTTP transport over the same operations, at `/mcp`.
+    pub mcp: forkd_mcp::StreamableHttpService<forkd_mcp::ForkdMcp, forkd_mcp::LocalSessionManager>,
 }
 
 /// Finds the route for `method` and `path`, with its path parameters. A
@@ -251,9 +253,29 @@ async fn serve_route(
     })
 }
 
+/// The MCP endpoint (streamable HTTP) behind the same bearer-token policy
+/// as the `/v1` routes.
+async fn mcp(State(app): State<Arc<App>>, req: Request) -> Response {
+    let auth = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if let Err(e) = app.policy.authorize(true, auth) {
+        return error_response(&e);
+    }
+    use tower::ServiceExt as _;
+    match app.mcp.clone().oneshot(req).await {
+        Ok(r) => r.into_response(),
+        Err(never) => match never {},
+    }
+}
+
 /// Serves until SIGTERM/SIGINT.
 pub async fn serve(app: Arc<App>) -> std::io::Result<()> {
-    let router = axum::Router::new().fallback(handle).with_state(app.clone());
+    let router = axum::Router::new()
+        .route("/mcp", axum::routing::any(mcp))
+        .fallback(handle)
+        .with_state(app.clone());
     {
         let d = app.daemon.clone();
         tokio::spawn(async move {

@@ -91,7 +91,7 @@ impl<'a> SparseReader<'a> {
     /// Whether `range` lies entirely in holes.
     pub(crate) fn is_hole(&self, range: &Range<u64>) -> bool {
         let i = self.extents.partition_point(|e| e.end <= range.start);
-        self.extents.get(i).map_or(true, |e| e.start >= range.end)
+        self.extents.get(i).is_none_or(|e| e.start >= range.end)
     }
 
     /// Fills `buf` with the bytes at `offset` (zeros in holes and past the end).

@@ -154,7 +154,7 @@ fn change_runs(path: &Path, run: u64, period: u64, seed: u64) -> HashSet<u64> {
     let mut offset = 0;
     while offset < 64 * MIB {
         // Data lives in the even MiBs.
-        if (offset / MIB) % 2 == 0 {
+        if (offset / MIB).is_multiple_of(2) {
             f.write_all_at(&noise(run as usize, seed + offset), offset)
                 .unwrap();
             for c in offset / CHUNK..=(offset + run - 1) / CHUNK {

@@ -25,6 +25,12 @@ pub const WRITING_WAIT_LIMIT: Duration = Duration::from_secs(600);
 /// What a fan-out does when some children fail: the others are kept and
 /// each failure is reported in its slot.
 pub const PARTIAL_FAILURE: PartialFailure = PartialFailure::Keep;
+/// How long a command an agent runs (through MCP) may take unless it asks
+/// for longer: a tool call must come back.
+pub const AGENT_COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+/// How much of each output stream an agent gets back from one command;
+/// the rest is counted and marked.
+pub const AGENT_OUTPUT_CAP: usize = 64 << 10;
 /// Most children (and pool members) one call may ask for.
 pub const MAX_CHILDREN: usize = 1000;
 

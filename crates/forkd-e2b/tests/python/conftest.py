@@ -5,7 +5,7 @@ Two kinds of tests live here:
 * test_code_interpreter_local.py runs the guest's code interpreter
   (../../guest/code_interpreter.py) on this host and drives it with the
   published `e2b-code-interpreter` SDK's own `run_code` and context calls.
-  It needs nothing but the venv (setup_venv.sh).
+  It needs nothing but the venv (scripts/setup-python.sh).
 * test_sdk_*.py run the published SDKs unchanged against a real forkd daemon
   with real guests. They need, in the environment:
 

@@ -234,7 +234,7 @@ pub fn change_pages(path: &Path, every: u64, seed: u64) -> u64 {
             continue;
         }
         data_pages += 1;
-        if data_pages % every == 0 {
+        if data_pages.is_multiple_of(every) {
             f.write_all_at(&noise(4096, seed + p), p * 4096).unwrap();
             changed += 1;
         }

@@ -1,0 +1,168 @@
+//! The daemon tests' world: a private home and runtime directory, the real
+//! `forkd` binary, a daemon on a private socket (or the listener the test
+//! names), and cleanup of every sandbox it leaves.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use forkd_client::Client;
+use serde_json::{json, Value};
+
+pub struct World {
+    pub home: PathBuf,
+    pub runtime: PathBuf,
+    pub socket: PathBuf,
+    daemon: Option<Child>,
+    extra: Vec<(String, String)>,
+    args: Vec<String>,
+}
+
+impl World {
+    pub fn new(name: &str) -> World {
+        World::with(name, &[], &[])
+    }
+
+    pub fn with(name: &str, args: &[&str], env: &[(&str, &str)]) -> World {
+        let base = format!("forkd-daemon-{name}-{}", std::process::id());
+        let home = std::env::temp_dir().join(&base);
+        let runtime = PathBuf::from("/dev/shm").join(&base);
+        let _ = std::fs::remove_dir_all(&home);
+        let _ = std::fs::remove_dir_all(&runtime);
+        std::fs::create_dir_all(&home).unwrap();
+        // Share the suite's built guest artifacts; the state is private.
+        let shared = std::env::var_os("FORKD_HOME")
+            .map(PathBuf::from)
+            .expect("FORKD_HOME (scripts/test.sh sets it)");
+        for d in ["kernels", "images", "initramfs"] {
+            if shared.join(d).exists() {
+                std::os::unix::fs::symlink(shared.join(d), home.join(d)).unwrap();
+            }
+        }
+        let mut w = World {
+            socket: runtime.join("api.sock"),
+            home,
+            runtime,
+            daemon: None,
+            extra: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+        };
+        w.start();
+        w
+    }
+
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_forkd"));
+        c.env("FORKD_HOME", &self.home)
+            .env("FORKD_RUNTIME_DIR", &self.runtime);
+        for (k, v) in &self.extra {
+            c.env(k, v);
+        }
+        c
+    }
+
+    /// Starts the daemon on the private socket (unless the extra arguments
+    /// say where to listen) and waits until it answers there.
+    pub fn start(&mut self) {
+        let mut c = self.command();
+        c.arg("daemon");
+        let own_listen = self.args.iter().any(|a| a == "--listen" || a == "--tcp");
+        if !own_listen {
+            c.arg("--listen").arg(&self.socket);
+        }
+        c.args(&self.args);
+        let log = std::fs::File::create(self.home.join("daemon.log")).unwrap();
+        let child = c.stdout(Stdio::null()).stderr(log).spawn().unwrap();
+        self.daemon = Some(child);
+        if !own_listen {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while self.client().call("GET", "/healthz", None).is_err() {
+                assert!(
+                    Instant::now() < deadline,
+                    "the daemon did not come up: {}",
+                    self.log()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.home.join("daemon.log")).unwrap_or_default()
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(self.socket.to_str().unwrap(), None).unwrap()
+    }
+
+    pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        match self
+            .client()
+            .raw(method, path, body.map(|b| b.to_string().into_bytes()))
+        {
+            Ok(a) => (
+                a.status,
+                if a.body.is_empty() {
+                    Value::Null
+                } else {
+                    serde_json::from_slice(&a.body)
+                        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&a.body).into()))
+                },
+            ),
+            Err(e) => panic!("{method} {path}: {e}\n{}", self.log()),
+        }
+    }
+
+    pub fn ok(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let (status, v) = self.call(method, path, body);
+        assert!(status < 300, "{method} {path} -> {status}: {v}");
+        v
+    }
+
+    pub fn boot(&self) -> String {
+        let v = self.ok("POST", "/v1/sandboxes/boot", Some(json!({})));
+        v["id"].as_str().unwrap().to_string()
+    }
+
+    pub fn sh(&self, id: &str, script: &str) -> Value {
+        self.ok(
+            "POST",
+            &format!("/v1/sandboxes/{id}/exec"),
+            Some(json!({ "args": ["sh", "-c", script] })),
+        )
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            let _ = d.kill();
+            let _ = d.wait();
+        }
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        self.kill9();
+        // Sandboxes outlive the daemon by design: kill them here.
+        let _ = self.command().args(["kill", "--all"]).output();
+        let _ = std::fs::remove_dir_all(&self.home);
+        let _ = std::fs::remove_dir_all(&self.runtime);
+    }
+}
+
+pub fn pid_alive(pid: u64) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// A TCP port nothing listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
