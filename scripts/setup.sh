@@ -16,7 +16,7 @@ log() { printf '\033[1msetup:\033[0m %s\n' "$*" >&2; }
 # the same version, in one transaction (a downgrade of qemu-utils if needed).
 # docker-registry (the reference distribution registry), apache2-utils
 # (htpasswd) and openssl: forkd-oci's tests run a real registry on loopback.
-PKGS=(qemu-system-x86 busybox-static e2fsprogs cpio kmod dpkg binutils docker-registry apache2-utils openssl)
+PKGS=(qemu-system-x86 busybox-static e2fsprogs cpio kmod dpkg binutils mmdebstrap docker-registry apache2-utils openssl)
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 version_of() { dpkg-query -W -f='${Version}' "$1" 2>/dev/null || true; }
 missing=()

@@ -8,28 +8,21 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use forkd_bench::{write_results, Machine, Stats};
 use forkd_core::{ArtifactOptions, BootOptions, Env, Sandbox};
 
+/// Cold boot to agent-ready, and `forkd run -- true` end to end, measured in
+/// one run, interleaved. Writes bench/results/boot.{json,md}.
+#[derive(clap::Parser)]
+struct Args {
+    /// Runs of each (at least 5).
+    #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u64).range(5..))]
+    runs: u64,
+}
+
 fn main() -> Result<()> {
-    let mut runs = 7usize;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--runs" => {
-                runs = args
-                    .next()
-                    .context("--runs N")?
-                    .parse()
-                    .context("--runs N")?
-            }
-            other => bail!("unknown argument {other:?}; usage: boot [--runs N]"),
-        }
-    }
-    if runs < 5 {
-        bail!("--runs must be at least 5");
-    }
+    let runs = <Args as clap::Parser>::parse().runs as usize;
     let forkd = std::env::current_exe()?.with_file_name("forkd");
     if !forkd.exists() {
         bail!(

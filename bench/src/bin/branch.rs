@@ -47,7 +47,7 @@ struct Backing {
 }
 
 impl Backing {
-    fn parse(s: &str) -> Result<Backing> {
+    fn parse(s: &str) -> Result<Backing, String> {
         let (base, prealloc) = match s.strip_suffix("-prealloc") {
             Some(b) => (b, true),
             None => (s, false),
@@ -55,7 +55,11 @@ impl Backing {
         let huge_pages = match base {
             "4k" => HugePages::Off,
             "hugetlb" => HugePages::Hugetlb,
-            _ => bail!("unknown backing {s:?}: 4k, hugetlb, 4k-prealloc or hugetlb-prealloc"),
+            _ => {
+                return Err(format!(
+                    "unknown backing {s:?}: 4k, hugetlb, 4k-prealloc or hugetlb-prealloc"
+                ))
+            }
         };
         Ok(Backing {
             huge_pages,
@@ -122,45 +126,54 @@ impl Drop for Cleanup<'_> {
     }
 }
 
-fn parse_list(v: Option<String>, what: &str) -> Result<Vec<u64>> {
-    v.context(what.to_string())?
-        .split(',')
-        .map(|x| x.parse().with_context(|| format!("{what}: {x:?}")))
-        .collect()
+/// The BRANCH pause, live vs full, by guest size and RAM backing, in one run.
+/// Writes bench/results/NAME.{json,md}.
+#[derive(clap::Parser)]
+struct Args {
+    /// Guest sizes in MiB, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [512u64, 2048, 8192])]
+    sizes: Vec<u64>,
+    /// Live branches per size and backing.
+    #[arg(long, default_value_t = 20)]
+    count: usize,
+    /// Full branches per size (4k backings only).
+    #[arg(long, default_value_t = 5)]
+    full_count: usize,
+    /// RAM backings, comma-separated: 4k, hugetlb, 4k-prealloc, hugetlb-prealloc.
+    #[arg(long, value_delimiter = ',', value_parser = Backing::parse)]
+    backings: Option<Vec<Backing>>,
+    /// Short for `--backings hugetlb` (with --prealloc: hugetlb-prealloc).
+    #[arg(long)]
+    hugepages: bool,
+    /// Populate guest RAM at start (with --hugepages, or alone for 4k-prealloc).
+    #[arg(long)]
+    prealloc: bool,
+    /// As root: grow the huge-page pool to what each hugetlb sandbox needs
+    /// just before it starts, and put the previous value back after it.
+    #[arg(long)]
+    reserve_hugepages: bool,
+    /// Name of the results files under bench/results.
+    #[arg(long, default_value = "branch")]
+    out: String,
 }
 
 fn main() -> Result<()> {
-    let (mut sizes, mut count, mut full_count) = (vec![512u64, 2048, 8192], 20usize, 5usize);
-    let mut out = String::from("branch");
-    let (mut huge_pages, mut prealloc) = (HugePages::Off, false);
-    let mut backings: Option<Vec<Backing>> = None;
-    let mut reserve = false;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--sizes" => sizes = parse_list(args.next(), "--sizes 512,2048")?,
-            "--count" => count = args.next().context("--count N")?.parse()?,
-            "--full-count" => full_count = args.next().context("--full-count N")?.parse()?,
-            "--out" => out = args.next().context("--out NAME")?,
-            "--hugepages" => huge_pages = HugePages::Hugetlb,
-            "--prealloc" => prealloc = true,
-            "--backings" => {
-                backings = Some(
-                    args.next()
-                        .context("--backings 4k,hugetlb-prealloc")?
-                        .split(',')
-                        .map(Backing::parse)
-                        .collect::<Result<_>>()?,
-                )
-            }
-            "--reserve-hugepages" => reserve = true,
-            other => bail!("unknown argument {other:?}"),
-        }
-    }
-    let backings = backings.unwrap_or_else(|| {
+    let args: Args = clap::Parser::parse();
+    let (sizes, count, full_count, out, reserve) = (
+        args.sizes,
+        args.count,
+        args.full_count,
+        args.out,
+        args.reserve_hugepages,
+    );
+    let backings = args.backings.unwrap_or_else(|| {
         vec![Backing {
-            huge_pages,
-            prealloc,
+            huge_pages: if args.hugepages {
+                HugePages::Hugetlb
+            } else {
+                HugePages::Off
+            },
+            prealloc: args.prealloc,
         }]
     });
     if count < 20 {

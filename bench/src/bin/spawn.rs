@@ -10,34 +10,27 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use forkd_bench::{write_results, Machine, Stats};
 use forkd_core::{ArtifactOptions, BootOptions, Env, Fleet};
 use forkd_ops::{Child, PartialFailure, RemoveSnapshot};
 
+/// SPAWN from a warmed snapshot vs a warm pool vs cold boot, in one run:
+/// wall time, per-child latency, idle PSS. Writes bench/results/spawn.{json,md}.
+#[derive(clap::Parser)]
+struct Args {
+    /// Numbers of children, comma-separated.
+    #[arg(long = "n", value_delimiter = ',', default_values_t = [1usize, 10, 50])]
+    ns: Vec<usize>,
+    /// Cold boots of many TCG guests on two cores take minutes each once
+    /// dozens of idle guests share the CPU: they are measured only up to
+    /// this N.
+    #[arg(long, default_value_t = 10)]
+    cold_max: usize,
+}
+
 fn main() -> Result<()> {
-    let mut ns = vec![1usize, 10, 50];
-    // Cold boots of many TCG guests on two cores take minutes each once
-    // dozens of idle guests share the CPU: measured only up to this N.
-    let mut cold_max = 10usize;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--n" => {
-                ns = args
-                    .next()
-                    .context("--n 1,10,50")?
-                    .split(',')
-                    .map(|x| x.parse())
-                    .collect::<Result<_, _>>()
-                    .context("--n takes numbers separated by commas")?
-            }
-            "--cold-max" => cold_max = args.next().context("--cold-max N")?.parse()?,
-            other => {
-                bail!("unknown argument {other:?}; usage: spawn [--n 1,10,50] [--cold-max 10]")
-            }
-        }
-    }
+    let Args { ns, cold_max } = clap::Parser::parse();
     let process_env = Env::from_process();
     let artifacts =
         forkd_core::artifacts::ensure(&process_env, &ArtifactOptions::default(), &|m| {

@@ -28,20 +28,22 @@ pub fn op_error(status: u16, body: &ErrorBody) -> ops::OpError {
         .as_deref()
         .and_then(kind_of)
         .unwrap_or(match status {
-            400 | 413 => ops::ErrorKind::BadInput,
+            400 | 401 | 413 => ops::ErrorKind::BadInput,
             404 => ops::ErrorKind::NotFound,
             409 => ops::ErrorKind::Conflict,
             422 => ops::ErrorKind::Unprocessable,
             429 | 503 => ops::ErrorKind::Busy,
             _ => ops::ErrorKind::Internal,
         });
+    let hint = body
+        .hint
+        .clone()
+        .and_then(|h| serde_json::from_value(h).ok())
+        .or((status == 401).then_some(ops::Hint::ProvideToken));
     ops::OpError {
         kind,
         message: body.message.clone().unwrap_or_else(|| body.error.clone()),
-        hint: body
-            .hint
-            .clone()
-            .and_then(|h| serde_json::from_value(h).ok()),
+        hint,
     }
 }
 

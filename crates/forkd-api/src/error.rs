@@ -254,6 +254,7 @@ pub fn api_hint(hint: &forkd_ops::Hint) -> String {
         }
         H::BuildImage { image } => format!("the daemon builds image `{image}` on first use"),
         H::UsePythonImage => "boot it with image `debian-python`".into(),
+        H::ProvideToken => "send `Authorization: Bearer <token>` with the daemon's token (its --token-file or $FORKD_TOKEN)".into(),
     }
 }
 

@@ -12,7 +12,7 @@ use forkd_ops::{
     Operations, RemoveSnapshot, SpawnRequest, Stream,
 };
 
-use crate::{parse_env, parse_timeout, CreateArgs, ExecArgs, EXIT_TIMEOUT};
+use crate::{parse_env, parse_timeout, CreateArgs, ExecArgs};
 
 pub fn create(ops: &dyn Operations, args: CreateArgs) -> Result<ExitCode> {
     let m = &args.machine;
@@ -21,8 +21,8 @@ pub fn create(ops: &dyn Operations, args: CreateArgs) -> Result<ExitCode> {
         image: Some(g.image.clone()),
         mem_mib: m.mem,
         cpus: m.cpus,
-        accel: Some(m.accel.parse().map_err(anyhow::Error::msg)?),
-        network: Some(m.net.parse().map_err(anyhow::Error::msg)?),
+        accel: Some(m.accel.parse().map_err(crate::exit::Usage)?),
+        network: Some(m.net.parse().map_err(crate::exit::Usage)?),
         tcg_tb_mib: m.tcg_tb_mib,
         huge_pages: args.hugepages,
         prealloc: args.prealloc,
@@ -54,20 +54,86 @@ pub fn exec(ops: &dyn Operations, args: ExecArgs) -> Result<ExitCode> {
     };
     let stdin: Option<Box<dyn std::io::Read + Send>> =
         args.interactive.then(|| Box::new(std::io::stdin()) as _);
-    let mut out = std::io::stdout().lock();
-    let mut err = std::io::stderr();
-    let outcome = ops.exec(&args.id, &spec, stdin, &mut |s, b| {
-        let _ = match s {
-            Stream::Stdout => out.write_all(b).and_then(|_| out.flush()),
-            Stream::Stderr => err.write_all(b),
-        };
-    })?;
-    let _ = out.flush();
-    if outcome.timed_out {
-        eprintln!("forkd: command timed out and was killed");
-        return Ok(ExitCode::from(EXIT_TIMEOUT));
+    let mut sink = Output::new(args.json);
+    let outcome = ops.exec(&args.id, &spec, stdin, &mut |s, b| sink.write(s, b))?;
+    sink.finish(&outcome)
+}
+
+/// Where a command's output goes: streamed to this process's stdout and
+/// stderr as it comes, or collected for one `--json` object.
+pub(crate) enum Output {
+    Stream { tty: bool },
+    Collect { stdout: Vec<u8>, stderr: Vec<u8> },
+}
+
+/// A command's result as `exec --json` and `run --json` print it.
+#[derive(serde::Serialize)]
+struct ExecJson {
+    stdout: String,
+    stderr: String,
+    exit_code: i32,
+    signal: Option<i32>,
+    timed_out: bool,
+    duration_ms: u64,
+}
+
+impl Output {
+    pub(crate) fn new(json: bool) -> Output {
+        if json {
+            Output::Collect {
+                stdout: Vec::new(),
+                stderr: Vec::new(),
+            }
+        } else {
+            Output::Stream {
+                tty: std::io::stdout().is_terminal(),
+            }
+        }
     }
-    Ok(ExitCode::from((outcome.exit_code() & 0xff) as u8))
+
+    pub(crate) fn write(&mut self, s: Stream, b: &[u8]) {
+        match self {
+            Output::Stream { tty } => {
+                let _ = match s {
+                    Stream::Stdout => {
+                        let mut out = std::io::stdout().lock();
+                        out.write_all(b)
+                            .and_then(|_| if *tty { out.flush() } else { Ok(()) })
+                    }
+                    Stream::Stderr => std::io::stderr().write_all(b),
+                };
+            }
+            Output::Collect { stdout, stderr } => match s {
+                Stream::Stdout => stdout.extend_from_slice(b),
+                Stream::Stderr => stderr.extend_from_slice(b),
+            },
+        }
+    }
+
+    /// Prints the JSON (when collecting) and returns the exit code: the
+    /// command's, 124 when it timed out.
+    pub(crate) fn finish(self, outcome: &forkd_ops::ExecOutcome) -> Result<ExitCode> {
+        match self {
+            Output::Stream { .. } => {
+                let _ = std::io::stdout().flush();
+                if outcome.timed_out {
+                    eprintln!("forkd: command timed out and was killed");
+                }
+            }
+            Output::Collect { stdout, stderr } => println!(
+                "{}",
+                serde_json::to_string(&ExecJson {
+                    stdout: String::from_utf8_lossy(&stdout).into_owned(),
+                    stderr: String::from_utf8_lossy(&stderr).into_owned(),
+                    exit_code: outcome.exit_code(),
+                    signal: outcome.signal,
+                    timed_out: outcome.timed_out,
+                    duration_ms: outcome.duration_ms,
+                })?
+            ),
+        }
+        Ok(ExitCode::from((outcome.exit_code() & 0xff) as u8))
+    }
 }
 
 pub fn ls(ops: &dyn Operations, json: bool) -> Result<ExitCode> {
@@ -105,29 +171,46 @@ fn age(secs: u64) -> String {
     }
 }
 
-pub fn kill(ops: &dyn Operations, ids: Vec<String>, all: bool) -> Result<ExitCode> {
+pub fn kill(ops: &dyn Operations, ids: Vec<String>, all: bool, json: bool) -> Result<ExitCode> {
     let ids: Vec<String> = if all {
         ops.list()?.into_iter().map(|s| s.id).collect()
     } else if ids.is_empty() {
-        anyhow::bail!("name sandboxes to kill, or pass --all");
+        return Err(crate::exit::Usage("name sandboxes to kill, or pass --all".into()).into());
     } else {
         ids
     };
-    let mut failed = false;
+    let mut killed = Vec::new();
+    let mut failed: Vec<(String, OpError)> = Vec::new();
     for id in ids {
         match ops.kill(&id) {
-            Ok(()) => println!("{id}"),
+            Ok(()) => {
+                if !json {
+                    println!("{id}");
+                }
+                killed.push(id);
+            }
             Err(e) => {
-                eprintln!("forkd: error: {}", crate::hints::render(&e));
-                failed = true;
+                if !json {
+                    eprintln!("forkd: error: {}", crate::hints::render(&e));
+                }
+                failed.push((id, e));
             }
         }
     }
-    Ok(if failed {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
-    })
+    if json {
+        let failed: Vec<serde_json::Value> = failed
+            .iter()
+            .map(|(id, e)| serde_json::json!({ "id": id, "error": crate::hints::render(e) }))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({ "killed": killed, "failed": failed })
+        );
+    }
+    Ok(crate::exit::of_items(
+        killed.len(),
+        failed.first().map(|(_, e)| e),
+    ))
 }
 
 /// `forkd snapshot`: a full branch (the guest stopped for the copy).
@@ -330,11 +413,10 @@ pub fn spawn(
             out.wall_ms
         );
     }
-    Ok(if failed > 0 {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(crate::exit::of_items(
+        n - failed,
+        out.children.iter().find_map(|c| c.as_ref().err()),
+    ))
 }
 
 pub fn branch(
@@ -347,7 +429,7 @@ pub fn branch(
 ) -> Result<ExitCode> {
     let mode: BranchMode = mode
         .parse()
-        .map_err(|e: forkd_ops::UnknownState| anyhow::anyhow!("{e}"))?;
+        .map_err(|e: forkd_ops::UnknownState| crate::exit::Usage(e.to_string()))?;
     let out = ops.branch(&BranchRequest {
         source: id.to_string(),
         tag,

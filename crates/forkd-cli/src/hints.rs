@@ -18,6 +18,7 @@ pub fn word(hint: &Hint) -> String {
         }
         Hint::BuildImage { image } => format!("build it with `forkd image build --image {image}`"),
         Hint::UsePythonImage => "create the sandbox with `--image debian-python`".into(),
+        Hint::ProvideToken => "set FORKD_TOKEN to the token the daemon was started with (its --token-file or $FORKD_TOKEN)".into(),
     }
 }
 

@@ -3,27 +3,22 @@
 //! prints; nothing else lives here.
 
 mod commands;
+mod exit;
 mod hints;
 mod remote;
 mod signals;
 
-use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use forkd_core::{doctor, ArtifactOptions, BootOptions, Env, Image, Sandbox};
 use forkd_protocol::client::OutputStream;
 use forkd_protocol::ExecRequest;
-
-/// Exit code when forkd itself fails (not the command in the guest).
-const EXIT_FORKD_ERROR: u8 = 125;
-/// Exit code when the guest command hit its timeout (as timeout(1)).
-pub(crate) const EXIT_TIMEOUT: u8 = 124;
 
 #[derive(Parser)]
 #[command(
@@ -50,6 +45,7 @@ enum Command {
     Run(RunArgs),
     /// Check this host: QEMU, accelerator, guest artifacts, tmpfs, userfaultfd.
     Doctor {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -74,6 +70,7 @@ enum FleetCommand {
     Exec(ExecArgs),
     /// List sandboxes.
     Ls {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -84,29 +81,39 @@ enum FleetCommand {
         /// Kill every sandbox.
         #[arg(long, conflicts_with = "ids")]
         all: bool,
+        /// Print JSON ({killed: [...], failed: [{id, error}]}) instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Snapshot a running sandbox (it pauses briefly, then goes on).
     Snapshot {
+        /// The sandbox to snapshot.
         id: String,
+        /// Tag of the new snapshot ([A-Za-z0-9._-], at most 64).
         #[arg(long)]
         tag: String,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// List snapshots.
     Snapshots {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Show one snapshot: files and real sizes, parent chain, RAM layer,
     /// dependents.
     Info {
+        /// The snapshot's tag.
         tag: String,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Delete a snapshot (refused while sandboxes or snapshots depend on it).
     Rmi {
+        /// The snapshot's tag.
         tag: String,
         /// Delete even if sandboxes were spawned from it.
         #[arg(long)]
@@ -114,6 +121,7 @@ enum FleetCommand {
     },
     /// Start N copy-on-write children of a snapshot.
     Spawn {
+        /// The snapshot to spawn from.
         tag: String,
         /// Number of children.
         #[arg(short = 'n', long = "count", default_value_t = 1)]
@@ -128,12 +136,14 @@ enum FleetCommand {
         /// Fail at once if the snapshot is still being written (default: wait).
         #[arg(long)]
         no_wait: bool,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Snapshot a running sandbox while it runs (live: the pause does not
     /// grow with its memory); the branch is a snapshot `spawn` can fan out.
     Branch {
+        /// The sandbox to branch.
         id: String,
         /// Snapshot tag (default: ID-branch-UNIX_MILLISECONDS).
         #[arg(long)]
@@ -144,6 +154,7 @@ enum FleetCommand {
         /// Return right after the pause; the snapshot is `writing` until ready.
         #[arg(long)]
         no_wait: bool,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -154,7 +165,9 @@ enum FleetCommand {
     Mcp,
     /// Fill the warm pool of a snapshot to K pre-started QEMUs (`forkd ls` shows them as pooled).
     Pool {
+        /// The snapshot whose pool to fill.
         tag: String,
+        /// How many pre-started members to keep (0 to 1000).
         #[arg(long, value_name = "K")]
         size: usize,
     },
@@ -185,8 +198,8 @@ impl MachineArgs {
         Ok(BootOptions {
             cpus: self.cpus.unwrap_or(forkd_ops::policy::CPUS),
             mem_mib: self.mem.unwrap_or(forkd_ops::policy::MEM_MIB),
-            accel: self.accel.parse().map_err(anyhow::Error::msg)?,
-            network: match self.net.parse().map_err(anyhow::Error::msg)? {
+            accel: self.accel.parse().map_err(crate::exit::Usage)?,
+            network: match self.net.parse().map_err(crate::exit::Usage)? {
                 forkd_ops::Network::User => forkd_vm::Network::User,
                 forkd_ops::Network::None => forkd_vm::Network::None,
             },
@@ -216,6 +229,7 @@ struct CreateArgs {
     prealloc: bool,
     #[command(flatten)]
     guest: GuestArgs,
+    /// Print JSON instead of the id.
     #[arg(long)]
     json: bool,
 }
@@ -224,14 +238,23 @@ struct CreateArgs {
 struct ExecArgs {
     /// Sandbox id.
     id: String,
+    /// Kill CMD after this many seconds (exit code 124).
     #[arg(long)]
     timeout: Option<f64>,
+    /// Environment for CMD (repeatable): --env KEY=VALUE.
     #[arg(long = "env", value_name = "KEY=VALUE")]
     env: Vec<String>,
+    /// Working directory of CMD in the guest.
     #[arg(long)]
     cwd: Option<String>,
+    /// Forward forkd's stdin to CMD.
     #[arg(short, long)]
     interactive: bool,
+    /// Collect the output and print one JSON object: {stdout, stderr,
+    /// exit_code, signal, timed_out, duration_ms}.
+    #[arg(long)]
+    json: bool,
+    /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     cmd: Vec<String>,
 }
@@ -254,7 +277,7 @@ struct GuestArgs {
 
 impl GuestArgs {
     fn artifact_options(&self) -> Result<ArtifactOptions> {
-        let image: Image = self.image.parse().map_err(anyhow::Error::msg)?;
+        let image: Image = self.image.parse().map_err(crate::exit::Usage)?;
         Ok(ArtifactOptions {
             kernel: self.kernel.clone(),
             modules: self.modules.clone(),
@@ -285,6 +308,10 @@ struct RunArgs {
     /// Print boot and run timings to stderr.
     #[arg(long)]
     timings: bool,
+    /// Collect the output and print one JSON object: {stdout, stderr,
+    /// exit_code, signal, timed_out, duration_ms}.
+    #[arg(long)]
+    json: bool,
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     cmd: Vec<String>,
@@ -296,6 +323,7 @@ enum ImageCommand {
     Build {
         #[command(flatten)]
         guest: GuestArgs,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -310,7 +338,12 @@ fn main() -> ExitCode {
     // Before any thread starts, so that every thread inherits the mask and
     // the signal thread is the only one that sees these signals.
     signals::block_termination_signals();
-    let cli = Cli::parse();
+    let cli = parse();
+    if !matches!(cli.command, Command::Daemon(_)) {
+        // `forkd ... | head` ends quietly when head exits, like any Unix
+        // tool; the daemon keeps ignoring SIGPIPE (its peers hang up).
+        signals::default_sigpipe();
+    }
     let remote = remote::daemon(cli.remote.clone());
     let result = match cli.command {
         Command::Run(args) => remote::local_only(remote.as_deref(), "run").and_then(|()| run(args)),
@@ -334,9 +367,39 @@ fn main() -> ExitCode {
                 Some(op) => eprintln!("forkd: error: {}", hints::render(op)),
                 None => eprintln!("forkd: error: {e:#}"),
             }
-            ExitCode::from(EXIT_FORKD_ERROR)
+            ExitCode::from(exit::of_error(&e))
         }
     }
+}
+
+/// The command line, with `--remote` shown only on the commands it applies
+/// to (it is global for the commands on sandboxes and snapshots).
+fn parse() -> Cli {
+    use clap::{CommandFactory, FromArgMatches};
+    let mut cmd = Cli::command();
+    // A hidden local `--remote` on the commands that run on this host only
+    // keeps the global one (and its help) off them.
+    fn hide_remote(c: clap::Command) -> clap::Command {
+        let names: Vec<String> = c
+            .get_subcommands()
+            .map(|s| s.get_name().to_string())
+            .collect();
+        let mut c = c.arg(
+            clap::Arg::new("remote")
+                .long("remote")
+                .value_name("SOCKET|URL")
+                .hide(true),
+        );
+        for n in names {
+            c = c.mut_subcommand(n, hide_remote);
+        }
+        c
+    }
+    for local in ["run", "doctor", "image", "daemon"] {
+        cmd = cmd.mut_subcommand(local, hide_remote);
+    }
+    let matches = cmd.get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }
 
 /// The commands that run through the operations seam.
@@ -347,7 +410,7 @@ fn fleet_command(owned: Box<dyn forkd_ops::Operations>, command: FleetCommand) -
         Command::Create(args) => commands::create(ops, args),
         Command::Exec(args) => commands::exec(ops, args),
         Command::Ls { json } => commands::ls(ops, json),
-        Command::Kill { ids, all } => commands::kill(ops, ids, all),
+        Command::Kill { ids, all, json } => commands::kill(ops, ids, all, json),
         Command::Snapshot { id, tag, json } => commands::snapshot(ops, &id, &tag, json),
         Command::Snapshots { json } => commands::snapshots(ops, json),
         Command::Info { tag, json } => commands::info(ops, &tag, json),
@@ -383,7 +446,7 @@ pub(crate) fn parse_env(pairs: &[String]) -> Result<Vec<(String, String)>> {
             kv.split_once('=')
                 .filter(|(k, _)| !k.is_empty())
                 .map(|(k, v)| (k.to_string(), v.to_string()))
-                .with_context(|| format!("--env {kv:?} must look like KEY=VALUE"))
+                .ok_or_else(|| exit::Usage(format!("--env {kv:?} must look like KEY=VALUE")).into())
         })
         .collect()
 }
@@ -391,7 +454,7 @@ pub(crate) fn parse_env(pairs: &[String]) -> Result<Vec<(String, String)>> {
 pub(crate) fn parse_timeout(t: Option<f64>) -> Result<Option<u64>> {
     match t {
         Some(t) if !(t > 0.0 && t.is_finite()) => {
-            anyhow::bail!("--timeout must be a positive number of seconds")
+            Err(exit::Usage("--timeout must be a positive number of seconds".into()).into())
         }
         Some(t) => Ok(Some((t * 1000.0) as u64)),
         None => Ok(None),
@@ -409,8 +472,8 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     let timeout_ms = parse_timeout(args.timeout)?;
 
     let t0 = Instant::now();
-    let artifacts =
-        forkd_core::artifacts::ensure(&env, &args.guest.artifact_options()?, &progress)?;
+    let artifacts = forkd_core::artifacts::ensure(&env, &args.guest.artifact_options()?, &progress)
+        .map_err(forkd_ops::OpError::from)?;
     let t_artifacts = t0.elapsed();
 
     let cancel = Arc::new(AtomicBool::new(false));
@@ -424,7 +487,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
         Err(_) if signals.received().is_some() => {
             return Ok(ExitCode::from(128 + signals.received().unwrap_or(2) as u8))
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(forkd_ops::OpError::from(e).into()),
     };
     if args.timings {
         eprintln!(
@@ -448,19 +511,16 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     let stdin: Option<Box<dyn std::io::Read + Send>> =
         args.interactive.then(|| Box::new(std::io::stdin()) as _);
     let t_exec = Instant::now();
-    let mut out = std::io::stdout().lock();
-    let mut err = std::io::stderr();
-    let tty = out.is_terminal();
+    let mut sink = commands::Output::new(args.json);
     let result = sandbox.exec_as(exec_id, req, stdin, |stream, bytes| {
-        let _ = match stream {
-            OutputStream::Stdout => {
-                out.write_all(bytes)
-                    .and_then(|_| if tty { out.flush() } else { Ok(()) })
-            }
-            OutputStream::Stderr => err.write_all(bytes),
-        };
+        sink.write(
+            match stream {
+                OutputStream::Stdout => forkd_ops::Stream::Stdout,
+                OutputStream::Stderr => forkd_ops::Stream::Stderr,
+            },
+            bytes,
+        )
     });
-    let _ = out.flush();
     let exec_time = t_exec.elapsed();
     signals.detach();
     let sandbox = Arc::try_unwrap(sandbox).ok();
@@ -471,7 +531,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     if let Some(sig) = signals.received() {
         return Ok(ExitCode::from(128 + sig as u8));
     }
-    let status = result?;
+    let status = result.map_err(forkd_ops::OpError::from)?;
     if args.timings {
         eprintln!(
             "forkd: command took {:.0} ms, teardown {:.0} ms, total {:.0} ms",
@@ -480,14 +540,12 @@ fn run(args: RunArgs) -> Result<ExitCode> {
             t0.elapsed().as_secs_f64() * 1000.0
         );
     }
-    if status.timed_out {
-        eprintln!(
-            "forkd: command timed out after {:.1} s and was killed",
-            args.timeout.unwrap_or(0.0)
-        );
-        return Ok(ExitCode::from(EXIT_TIMEOUT));
-    }
-    Ok(ExitCode::from((status.shell_code() & 0xff) as u8))
+    sink.finish(&forkd_ops::ExecOutcome {
+        code: status.code,
+        signal: status.signal,
+        timed_out: status.timed_out,
+        duration_ms: status.duration_ms,
+    })
 }
 
 fn doctor_cmd(json: bool) -> Result<ExitCode> {
@@ -521,7 +579,8 @@ fn doctor_cmd(json: bool) -> Result<ExitCode> {
 fn image_build(guest: &GuestArgs, json: bool) -> Result<ExitCode> {
     let env = Env::from_process();
     let t0 = Instant::now();
-    let a = forkd_core::artifacts::ensure(&env, &guest.artifact_options()?, &progress)?;
+    let a = forkd_core::artifacts::ensure(&env, &guest.artifact_options()?, &progress)
+        .map_err(forkd_ops::OpError::from)?;
     let took = t0.elapsed();
     if json {
         let v = serde_json::json!({

@@ -2,7 +2,7 @@
 //! `--remote` / `$FORKD_REMOTE` (bearer token from `$FORKD_TOKEN`). Every
 //! command gets a `&dyn Operations` and prints the same either way.
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, Result};
 use forkd_core::{Env, Fleet};
 use forkd_ops::Operations;
 
@@ -27,7 +27,10 @@ pub fn operations(remote: Option<&str>) -> Result<Box<dyn Operations>> {
 /// Refuses commands that only make sense on this host.
 pub fn local_only(remote: Option<&str>, command: &str) -> Result<()> {
     if remote.is_some() {
-        bail!("`forkd {command}` runs on this host only; drop --remote (or unset FORKD_REMOTE)");
+        return Err(crate::exit::Usage(format!(
+            "`forkd {command}` runs on this host only; drop --remote (or unset FORKD_REMOTE)"
+        ))
+        .into());
     }
     Ok(())
 }

@@ -121,3 +121,10 @@ impl State {
         }
     }
 }
+
+/// Restores the default action of SIGPIPE (Rust ignores it), so that a
+/// write to a closed pipe ends the process quietly instead of failing.
+pub fn default_sigpipe() {
+    // SAFETY: setting a signal disposition to SIG_DFL has no memory effects.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}

@@ -100,7 +100,8 @@ fn run_reports_timeouts_and_bad_flags() {
             .args(&bad)
             .output()
             .unwrap();
-        assert_eq!(out.status.code(), Some(125), "{bad:?}");
+        // Bad input exits 2, like a usage error.
+        assert_eq!(out.status.code(), Some(2), "{bad:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.starts_with("forkd: error:"), "{bad:?}: {err}");
     }
@@ -218,4 +219,154 @@ fn doctor_explains_the_accelerator() {
     }
     let text = forkd().arg("doctor").output().unwrap();
     assert!(String::from_utf8_lossy(&text.stdout).contains("accel"));
+}
+
+/// A private home and runtime directory sharing the suite's guest artifacts.
+fn private_home(name: &str) -> (PathBuf, PathBuf) {
+    let home = std::env::temp_dir().join(format!("forkd-cli-home-{name}-{}", std::process::id()));
+    let rt = runtime_dir(name);
+    let _ = std::fs::remove_dir_all(&home);
+    std::fs::create_dir_all(&home).unwrap();
+    let shared = PathBuf::from(std::env::var_os("FORKD_HOME").expect("FORKD_HOME"));
+    for d in ["kernels", "images", "initramfs"] {
+        if shared.join(d).exists() {
+            std::os::unix::fs::symlink(shared.join(d), home.join(d)).unwrap();
+        }
+    }
+    (home, rt)
+}
+
+#[test]
+fn one_exit_code_convention_and_errors_that_say_what_to_type() {
+    let (home, rt) = private_home("codes");
+    let f = |args: &[&str]| {
+        forkd()
+            .env("FORKD_HOME", &home)
+            .env("FORKD_RUNTIME_DIR", &rt)
+            .env_remove("FORKD_REMOTE")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    // Every "not found" exits alike, with the command to type.
+    for (args, needle) in [
+        (
+            vec!["info", "nope"],
+            "no snapshot `nope`; `forkd snapshots` lists them",
+        ),
+        (
+            vec!["rmi", "nope"],
+            "no snapshot `nope`; `forkd snapshots` lists them",
+        ),
+        (
+            vec!["spawn", "nope"],
+            "no snapshot `nope`; `forkd snapshots` lists them",
+        ),
+        (
+            vec!["exec", "sb-nope", "--", "true"],
+            "no sandbox `sb-nope`; `forkd ls` lists them",
+        ),
+        (
+            vec!["kill", "sb-nope"],
+            "no sandbox `sb-nope`; `forkd ls` lists them",
+        ),
+        (
+            vec!["branch", "sb-nope"],
+            "no sandbox `sb-nope`; `forkd ls` lists them",
+        ),
+    ] {
+        let out = f(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(125), "{args:?}: {err}");
+        assert_eq!(err.trim(), format!("forkd: error: {needle}"), "{args:?}");
+    }
+    // Bad input exits 2.
+    for args in [
+        vec!["spawn", "bad tag!"],
+        vec!["kill"],
+        vec!["branch", "sb-x", "--mode", "fast"],
+        vec!["--remote", "/x", "doctor"],
+    ] {
+        let out = f(&args);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // A closed pipe ends the output quietly (no panic, no backtrace).
+    let mut child = forkd()
+        .env("FORKD_HOME", &home)
+        .env("FORKD_RUNTIME_DIR", &rt)
+        .args(["doctor", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !err.contains("panicked") && !err.contains("Broken pipe"),
+        "{err}"
+    );
+    // `--remote` is offered only where it applies.
+    let help = |args: &[&str]| String::from_utf8_lossy(&f(args).stdout).into_owned();
+    assert!(help(&["ls", "--help"]).contains("--remote"));
+    for local in ["run", "doctor", "daemon"] {
+        assert!(!help(&[local, "--help"]).contains("--remote"), "{local}");
+    }
+    assert!(!help(&["image", "build", "--help"]).contains("--remote"));
+
+    // exec --json and kill --json on a real sandbox.
+    let out = f(&["create"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let out = f(&[
+        "exec",
+        "--json",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "echo out; echo err >&2; exit 3",
+    ]);
+    assert_eq!(out.status.code(), Some(3));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (
+            &v["stdout"],
+            &v["stderr"],
+            &v["exit_code"],
+            &v["timed_out"],
+            &v["signal"]
+        ),
+        (
+            &serde_json::json!("out\n"),
+            &serde_json::json!("err\n"),
+            &serde_json::json!(3),
+            &serde_json::json!(false),
+            &serde_json::Value::Null
+        )
+    );
+    assert!(v["duration_ms"].as_u64().is_some());
+    let out = f(&["exec", "--json", "--timeout", "1", &id, "--", "sleep", "30"]);
+    assert_eq!(out.status.code(), Some(124));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (&v["timed_out"], &v["exit_code"]),
+        (&serde_json::json!(true), &serde_json::json!(124))
+    );
+    let out = f(&["kill", "--json", &id, "sb-nope"]);
+    assert_eq!(out.status.code(), Some(1), "one of two failed");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["killed"], serde_json::json!([id]));
+    assert_eq!(v["failed"][0]["id"], "sb-nope");
+    let _ = std::fs::remove_dir_all(&home);
+    wait_clean(&rt, Duration::from_secs(5));
 }

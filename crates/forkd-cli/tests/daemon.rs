@@ -409,6 +409,19 @@ fn tcp_needs_the_token_and_bad_configurations_are_refused_at_start() {
     assert_eq!(a.status, 401);
     let wrong = Client::new(&url, Some("0123456789abcdef-wrong".into())).unwrap();
     assert_eq!(wrong.raw("GET", "/v1/sandboxes", None).unwrap().status, 401);
+    // The CLI without the token is told which variable to set.
+    let out = w
+        .command()
+        .env_remove("FORKD_TOKEN")
+        .args(["--remote", &url, "ls"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("FORKD_TOKEN") && err.contains("--token-file"),
+        "{err}"
+    );
     let good = Client::new(&url, Some(token.into())).unwrap();
     assert_eq!(
         good.call("GET", "/v1/sandboxes", None)

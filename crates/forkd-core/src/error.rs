@@ -120,7 +120,9 @@ impl CoreError {
         use forkd_store::StoreError as S;
         use CoreError as C;
         match self {
-            C::BadRequest(_) | C::InvalidName(_) => ErrorKind::BadInput,
+            C::BadRequest(_) | C::InvalidName(_) | C::Vm(forkd_vm::VmError::Config(_)) => {
+                ErrorKind::BadInput
+            }
             C::NoSandbox { .. } | C::NoSnapshot { .. } => ErrorKind::NotFound,
             C::SandboxDead { .. }
             | C::SandboxPooled { .. }

@@ -55,6 +55,10 @@ pub fn agent_hint(hint: &Hint) -> String {
         }
         Hint::BuildImage { image } => format!("image `{image}` is built on first use; retry"),
         Hint::UsePythonImage => "create the sandbox with image `debian-python`".into(),
+        Hint::ProvideToken => {
+            "the forkd daemon refused the token; the person running it must configure FORKD_TOKEN"
+                .into()
+        }
     }
 }
 

@@ -67,6 +67,8 @@ pub enum Hint {
     BuildImage { image: String },
     /// The sandbox's guest has no Python: use an image that has it.
     UsePythonImage,
+    /// The daemon wants the bearer token it was started with.
+    ProvideToken,
 }
 
 /// Why an operation failed.
