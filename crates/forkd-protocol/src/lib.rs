@@ -86,7 +86,9 @@ pub enum Request {
     /// is the error `CwdNotFound`.
     Exec(ExecRequest),
     /// Write a file: `Data` frames with the same id follow, ending with an empty
-    /// one; the response is `Written`.
+    /// one; the response is `Written`. Paths of every file request may be
+    /// absolute, `~`-prefixed or relative to the home of the acting user
+    /// (root: `/root`), and resolve inside the guest's root.
     WriteFile {
         path: String,
         #[serde(default)]
@@ -280,7 +282,8 @@ pub enum Request {
         timeout_ms: Option<u64>,
     },
     /// Make sure the E2B code-interpreter server (the agent's copy of
-    /// `code_interpreter.py`) listens on `127.0.0.1:port` in the guest,
+    /// `code_interpreter.py`, written to `/run/forkd/`) listens on
+    /// `127.0.0.1:port` in the guest,
     /// starting it as an agent process (tag `forkd-code-interpreter-PORT`)
     /// if needed. Answer: `CodeInterpreterReady`.
     CodeInterpreter {

@@ -161,6 +161,32 @@ impl Attachment {
     }
 }
 
+impl std::fmt::Debug for Attachment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attachment")
+            .field("request", &self.route.id)
+            .field("pid", &self.info.pid)
+            .field("done", &self.done)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for InputStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InputStream")
+            .field("request", &self.route.id)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for TcpRelay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpRelay")
+            .field("request", &self.reader.inner.route.id)
+            .finish()
+    }
+}
+
 impl Drop for Attachment {
     fn drop(&mut self) {
         if !self.done {
@@ -368,10 +394,29 @@ impl RelayReader {
         self.timeout = t;
     }
 
-    /// How the relay ended, once the reader has seen its end: bytes sent to
-    /// and received from the guest's port.
-    pub fn totals(&self) -> Option<(u64, u64)> {
-        lock(&self.inner.end).clone().and_then(Result::ok)
+    /// Waits (up to `timeout`) for the relay to end in both directions and
+    /// returns the bytes sent to and received from the guest's port. Data
+    /// still arriving is discarded. The agent ends a relay once the guest
+    /// has closed its side and the host has shut down writing (or on
+    /// cancellation).
+    pub fn wait_closed(&mut self, timeout: Duration) -> Result<(u64, u64), ClientError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(end) = lock(&self.inner.end).clone() {
+                return end.map_err(ClientError::Protocol);
+            }
+            let f = self.inner.route.recv(Some(deadline), timeout)?;
+            if f.kind == Kind::Response {
+                self.eof = true;
+                let end = match parse_response(&f.payload) {
+                    Ok(Response::RelayClosed { sent, received }) => Ok((sent, received)),
+                    Ok(other) => return Err(unexpected(&other)),
+                    Err(e) => return Err(e),
+                };
+                *lock(&self.inner.end) = Some(end.clone());
+                return Ok(end.unwrap_or_default());
+            }
+        }
     }
 }
 
