@@ -19,7 +19,9 @@ use crate::{
 };
 
 /// Most entries [`AgentClient::list_dir`] and [`AgentClient::proc_list`]
-/// accept (the agent refuses longer listings with `Limit`).
+/// accept (the agent refuses longer listings with `Limit`); they also keep
+/// at most [`Limits::collect_bytes`](super::Limits::collect_bytes) of
+/// encoded entries.
 pub const MAX_LIST_ENTRIES: usize = 100_000;
 
 /// How the interpreter gets past an interrupt: the agent waits this long
@@ -233,19 +235,23 @@ impl AgentClient {
         mut take: impl FnMut(Event) -> Result<usize, ClientError>,
     ) -> Result<Response, ClientError> {
         let timeout = self.shared.limits.op_timeout;
+        let limit = self.shared.limits.collect_bytes;
         let route = self.start_timed(req, timeout)?;
         let deadline = Instant::now() + timeout;
+        let mut bytes = 0usize;
         loop {
             let f = route.recv(Some(deadline), timeout)?;
             match f.kind {
                 Kind::Event => {
+                    bytes += f.payload.len();
                     let Ok(event) = decode::<Event>(&f.payload) else {
                         continue;
                     };
-                    if take(event)? > MAX_LIST_ENTRIES {
+                    if take(event)? > MAX_LIST_ENTRIES || bytes > limit {
                         self.shared.cancel_quietly(route.id);
                         return Err(ClientError::Protocol(format!(
-                            "the guest agent listed more than {MAX_LIST_ENTRIES} entries"
+                            "the guest agent listed more than {MAX_LIST_ENTRIES} entries or \
+                             {limit} bytes"
                         )));
                     }
                 }
