@@ -28,8 +28,9 @@
 //!   the window fails that request alone ([`ClientError::FlowControl`]).
 //!
 //! The operations of protocol 2 (agent-owned processes, filesystem, tar,
-//! relays, eval) are in [`ops`]; their long-lived handles ([`Attachment`],
-//! [`TcpRelay`], [`InputStream`]) in [`streams`]. Handles own their share of
+//! relays, eval) are in `client/ops.rs`; their long-lived handles
+//! ([`Attachment`], [`TcpRelay`], [`InputStream`]) in `client/streams.rs`.
+//! Handles own their share of
 //! the session, so they are `'static` and may move to other threads.
 
 use std::collections::{HashMap, VecDeque};
