@@ -16,7 +16,9 @@ log() { printf '\033[1msetup:\033[0m %s\n' "$*" >&2; }
 # the same version, in one transaction (a downgrade of qemu-utils if needed).
 # docker-registry (the reference distribution registry), apache2-utils
 # (htpasswd) and openssl: forkd-oci's tests run a real registry on loopback.
-PKGS=(qemu-system-x86 busybox-static e2fsprogs cpio kmod dpkg binutils mmdebstrap docker-registry apache2-utils openssl)
+# bash-static: the busybox image's /bin/bash (E2B's SDK runs `/bin/bash -l -c`).
+# mmdebstrap: bootstraps the debian-python image (eval, the code interpreter).
+PKGS=(qemu-system-x86 busybox-static bash-static e2fsprogs cpio kmod dpkg binutils docker-registry apache2-utils openssl mmdebstrap)
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 version_of() { dpkg-query -W -f='${Version}' "$1" 2>/dev/null || true; }
 missing=()
@@ -57,4 +59,9 @@ scripts/setup-python.sh >/dev/null
 # --- guest artifacts -------------------------------------------------------
 log "building guest artifacts (kernel, initramfs, busybox image)"
 ./target/release/forkd image build --image busybox >/dev/null
+# The Debian image with python3: eval and the E2B code interpreter run in it,
+# and their tests boot it. Bootstrapped once from the Debian mirror (minutes),
+# then cached by recipe.
+log "building the debian-python image (first time: minutes)"
+./target/release/forkd image build --image debian-python >/dev/null
 log "done: $(./target/release/forkd --version)"

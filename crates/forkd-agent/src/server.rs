@@ -1,46 +1,49 @@
 //! Serving host requests over one frame stream.
 //!
-//! The read loop never blocks on a request's work: exec and file reads run on
-//! their own threads and write frames through a shared, locked writer, so a
-//! long command, a slow reader or a malformed frame never stops the agent from
-//! answering the next request.
+//! The read loop never blocks on a request's work: every request runs on its
+//! own thread and writes frames through a shared, locked writer, so a long
+//! command, a slow reader or a malformed frame never stops the agent from
+//! answering the next request. What the read loop does itself is routing:
+//! host data frames (`Stdin`, `Data`) and flow-control grants (`Window`) go
+//! to the request they name.
+//!
+//! State that outlives a host connection (agent processes, watches, the
+//! sandbox environment, the interpreter) lives in the [`Server`]; each
+//! connection's requests in flight live in a [`Session`], which ends at the
+//! channel's end or the next `Hello`.
 
 use std::collections::HashMap;
-use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use forkd_protocol::frame::write_frame;
+use forkd_protocol::frame::parse_window;
 use forkd_protocol::{
-    decode, encode, ErrorCode, ErrorReply, ExecRequest, ExitStatus, Frame, FrameError, FrameReader,
-    Hello, HelloAck, Kind, Pong, Request, Response, CHUNK, VERSION,
+    decode, encode, ErrorCode, ErrorReply, Event, ExecRequest, ExitStatus, Frame, FrameError,
+    FrameReader, Hello, HelloAck, Kind, Pong, ProcSelector, Request, Response, CHUNK, PROTOCOL,
 };
 
+use crate::eval::Evaluator;
+use crate::fsops::{self, fs_error};
+use crate::procs::Procs;
 use crate::reaper::{Ended, Reaper};
+use crate::session::{lock, Session, Stream, Writer};
+use crate::spawn::{self, StartFailure};
+use crate::users::{Names, User};
+use crate::watch::Watches;
 use crate::AGENT_VERSION;
-
-/// Environment every command starts with; `ExecRequest::env` adds to it.
-const DEFAULT_ENV: &[(&str, &str)] = &[
-    (
-        "PATH",
-        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-    ),
-    ("HOME", "/root"),
-    ("LANG", "C.UTF-8"),
-];
 
 /// After a command exits, output pipes still held open by its background
 /// children are abandoned once they have been quiet this long.
 const OUTPUT_GRACE: Duration = Duration::from_millis(300);
+/// Largest sandbox environment (`SetEnv`), bytes.
+const MAX_SANDBOX_ENV: usize = 256 * 1024;
 
 /// What the server needs to know about its guest.
 #[derive(Clone)]
@@ -53,18 +56,22 @@ pub struct Config {
     pub power_off: bool,
 }
 
-type Writer = Arc<Mutex<Box<dyn Write + Send>>>;
-
 /// Agent state shared by the read loop and the request threads.
 pub struct Server {
     cfg: Config,
     writer: Writer,
+    session: Mutex<Arc<Session>>,
     /// stdin senders of running execs, by request id.
     stdin: Mutex<HashMap<u32, Sender<Vec<u8>>>>,
     /// process groups of running execs, by request id.
     running: Arc<Mutex<HashMap<u32, libc::pid_t>>>,
     /// files being written, by request id.
     uploads: Mutex<HashMap<u32, Upload>>,
+    procs: Arc<Procs>,
+    watches: Arc<Watches>,
+    evaluator: Arc<Evaluator>,
+    /// The sandbox's environment (`SetEnv`).
+    env: Mutex<Vec<(String, String)>>,
     shutdown: AtomicBool,
 }
 
@@ -87,26 +94,49 @@ pub enum Stop {
 
 impl Server {
     pub fn new(cfg: Config, writer: Box<dyn Write + Send>) -> Arc<Server> {
+        let writer: Writer = Arc::new(Mutex::new(writer));
         Arc::new(Server {
+            procs: Arc::new(Procs::new(cfg.reaper.clone(), cfg.root.clone())),
+            watches: Arc::new(Watches::default()),
+            evaluator: Arc::new(Evaluator::new(cfg.reaper.clone(), cfg.root.clone())),
+            session: Mutex::new(Session::new(Arc::clone(&writer))),
             cfg,
-            writer: Arc::new(Mutex::new(writer)),
+            writer,
             stdin: Mutex::new(HashMap::new()),
             running: Arc::new(Mutex::new(HashMap::new())),
             uploads: Mutex::new(HashMap::new()),
+            env: Mutex::new(Vec::new()),
             shutdown: AtomicBool::new(false),
         })
     }
 
+    /// Serves a new connection whose writing end is `writer` (the agent's
+    /// port keeps one writer for all connections; tests that connect again
+    /// over a new socket use this).
+    pub fn serve_with<R: Read>(
+        self: &Arc<Self>,
+        reader: &mut FrameReader<R>,
+        writer: Box<dyn Write + Send>,
+    ) -> Stop {
+        *lock(&self.writer) = writer;
+        self.serve(reader)
+    }
+
     /// Serves frames from `reader` until the channel closes or shutdown.
     pub fn serve<R: Read>(self: &Arc<Self>, reader: &mut FrameReader<R>) -> Stop {
-        loop {
+        let mut mine = self.new_session();
+        let stop = loop {
             if self.shutdown.load(Ordering::SeqCst) {
-                return Stop::Shutdown;
+                break Stop::Shutdown;
             }
             match reader.read_frame() {
-                Ok(frame) => self.handle(frame),
-                Err(FrameError::Eof) => return Stop::Disconnected,
-                Err(FrameError::Io(e)) => return Stop::Io(e),
+                Ok(frame) => {
+                    if let Some(s) = self.handle(frame) {
+                        mine = s;
+                    }
+                }
+                Err(FrameError::Eof) => break Stop::Disconnected,
+                Err(FrameError::Io(e)) => break Stop::Io(e),
                 Err(e) => {
                     // Malformed frame: say so and keep serving.
                     let id = e.frame_id().unwrap_or(0);
@@ -116,54 +146,92 @@ impl Server {
                     );
                 }
             }
-        }
+        };
+        // This connection's requests end with it (a newer connection's
+        // session, if one has started meanwhile, is not ours to close).
+        mine.close();
+        stop
     }
 
-    fn handle(self: &Arc<Self>, frame: Frame) {
+    /// Ends the current session's requests and starts a new session.
+    fn new_session(&self) -> Arc<Session> {
+        let mut s = lock(&self.session);
+        s.close();
+        *s = Session::new(Arc::clone(&self.writer));
+        Arc::clone(&s)
+    }
+
+    fn current(&self) -> Arc<Session> {
+        Arc::clone(&lock(&self.session))
+    }
+
+    /// Handles one frame; returns the new session a `Hello` started.
+    fn handle(self: &Arc<Self>, frame: Frame) -> Option<Arc<Session>> {
         let id = frame.id;
         match frame.kind {
             Kind::Hello => match decode::<Hello>(&frame.payload) {
-                Ok(h) => self.send_json(
-                    Kind::HelloAck,
-                    id,
-                    &HelloAck {
-                        nonce: h.nonce,
-                        protocol: VERSION,
-                        agent_version: AGENT_VERSION.into(),
-                    },
-                ),
+                Ok(h) => {
+                    // One host at a time: a hello means the previous one is gone.
+                    let s = self.new_session();
+                    self.send_json(
+                        Kind::HelloAck,
+                        id,
+                        &HelloAck {
+                            nonce: h.nonce,
+                            protocol: PROTOCOL,
+                            agent_version: AGENT_VERSION.into(),
+                        },
+                    );
+                    return Some(s);
+                }
                 Err(e) => self.bad_frame(id, format!("undecodable hello: {e}")),
             },
             Kind::Request => match decode::<Request>(&frame.payload) {
                 Ok(req) => self.request(id, req),
                 Err(e) => self.bad_frame(id, format!("undecodable request: {e}")),
             },
-            Kind::Stdin => {
-                let tx = lock(&self.stdin).get(&id).cloned();
-                // stdin for a command that already ended is dropped.
-                if let Some(tx) = tx {
-                    if frame.payload.is_empty() {
-                        lock(&self.stdin).remove(&id);
-                    }
-                    let _ = tx.send(frame.payload);
+            Kind::Stdin | Kind::Data => {
+                if let Some(stream) = self.current().stream(id) {
+                    stream.push_inbound(frame.payload);
+                } else if frame.kind == Kind::Stdin {
+                    self.exec_stdin(id, frame.payload);
+                } else {
+                    self.upload_chunk(id, &frame.payload);
                 }
             }
-            Kind::Data => self.upload_chunk(id, &frame.payload),
-            Kind::HelloAck | Kind::Response | Kind::Stdout | Kind::Stderr => self.bad_frame(
+            Kind::Window => {
+                if let (Some(stream), Some(bytes)) =
+                    (self.current().stream(id), parse_window(&frame.payload))
+                {
+                    stream.grant(bytes);
+                }
+            }
+            Kind::HelloAck
+            | Kind::Response
+            | Kind::Stdout
+            | Kind::Stderr
+            | Kind::Event
+            | Kind::Pty => self.bad_frame(
                 id,
                 format!("{:?} frames are sent by the agent, not to it", frame.kind),
             ),
         }
+        None
     }
 
     fn request(self: &Arc<Self>, id: u32, req: Request) {
         match req {
             Request::Ping {} => self.reply(id, Response::Pong(self.pong())),
             Request::Exec(exec) => self.start_exec(id, exec),
-            Request::WriteFile { path, mode } => self.start_upload(id, path, mode),
-            Request::ReadFile { path } => {
+            Request::WriteFile {
+                path,
+                mode,
+                parents,
+                user,
+            } => self.start_upload(id, path, mode, parents, user),
+            Request::ReadFile { path, user } => {
                 let me = Arc::clone(self);
-                spawn_named("read-file", move || me.download(id, &path));
+                spawn_named("read-file", move || me.download(id, &path, user.as_deref()));
             }
             Request::Signal { target, signal } => {
                 let pgid = lock(&self.running).get(&target).copied();
@@ -200,6 +268,267 @@ impl Server {
                     crate::init::power_off();
                 }
             }
+            // Protocol 2: every request gets a stream and a thread.
+            req => {
+                let stream = self.current().open(id, req.is_windowed());
+                if let Request::Cancel { target } = req {
+                    if let Some(s) = self.current().stream(target) {
+                        s.cancel();
+                    }
+                    return stream.finish(Response::Cancelled);
+                }
+                let me = Arc::clone(self);
+                spawn_named("request", move || {
+                    let resp = me.serve_request(&stream, req);
+                    stream.finish(resp);
+                });
+            }
+        }
+    }
+
+    /// Runs a protocol-2 request on its own thread; returns its last response.
+    fn serve_request(&self, stream: &Arc<Stream>, req: Request) -> Response {
+        let root = self.cfg.root.as_deref();
+        let r: Result<Response, ErrorReply> = match req {
+            Request::SetEnv { vars } => self.set_env(vars),
+            Request::ProcStart { spec, attach } => {
+                let env = lock(&self.env).clone();
+                let hold = attach.is_some_and(|a| a.backpressure);
+                self.procs
+                    .start(spec, &env, hold)
+                    .map(|started| match attach {
+                        None => Response::ProcStarted(started.proc.info()),
+                        Some(_) => {
+                            stream.send_event(&Event::Started(started.proc.info()));
+                            started.proc.follow(stream, 0, started.hold)
+                        }
+                    })
+            }
+            Request::ProcAttach { target, options } => self.procs.find(&target).map(|p| {
+                let (cursor, hold) = p.attach_point(options);
+                stream.send_event(&Event::Attached(p.info()));
+                p.follow(stream, cursor, hold)
+            }),
+            Request::ProcWait { target } => {
+                self.procs.find(&target).map(|p| match p.wait(stream) {
+                    Ok(status) => Response::ProcEnded(status),
+                    Err(_) => Response::Detached,
+                })
+            }
+            Request::ProcInput { target, close } => {
+                self.procs.find(&target).map(|p| p.input(stream, close))
+            }
+            Request::ProcCloseStdin { target } => self
+                .procs
+                .find(&target)
+                .and_then(|p| p.close_stdin())
+                .map(|()| Response::StdinClosed),
+            Request::ProcSignal { target, signal } => self
+                .procs
+                .find(&target)
+                .and_then(|p| p.signal(signal))
+                .map(|()| Response::Signalled),
+            Request::ProcResize { target, cols, rows } => self
+                .procs
+                .find(&target)
+                .and_then(|p| p.resize(forkd_protocol::PtySize { cols, rows }))
+                .map(|()| Response::Resized),
+            Request::ProcList {} => {
+                let list = self.procs.list();
+                let count = list.len() as u64;
+                for info in list {
+                    stream.send_event(&Event::Process(info));
+                }
+                Ok(Response::Processes { count })
+            }
+            Request::Stat { path, user } => fsops::in_guest(root, user.as_deref(), |u| {
+                let abs = fsops::absolute(&path, &u.home)?;
+                fsops::file_info(&abs, &Names::load()).map(|info| Response::Stat { info })
+            }),
+            Request::ListDir { path, depth, user } => fsops::in_guest(root, user.as_deref(), |u| {
+                let abs = fsops::absolute(&path, &u.home)?;
+                let names = Names::load();
+                let entries = fsops::list_dir(&abs, depth, &names, &mut |batch| {
+                    if stream.is_cancelled() {
+                        return Err(ErrorReply::new(ErrorCode::Cancelled, "cancelled"));
+                    }
+                    stream.send_event(&Event::Entries { entries: batch });
+                    Ok(())
+                })?;
+                Ok(Response::Listed { entries })
+            }),
+            Request::MakeDir { path, mode, user } => fsops::in_guest(root, user.as_deref(), |u| {
+                let abs = fsops::absolute(&path, &u.home)?;
+                fsops::make_dir(&abs, mode).map(|()| Response::MadeDir)
+            }),
+            Request::Remove {
+                path,
+                recursive,
+                user,
+            } => fsops::in_guest(root, user.as_deref(), |u| {
+                let abs = fsops::absolute(&path, &u.home)?;
+                fsops::remove(&abs, recursive).map(|()| Response::Removed)
+            }),
+            Request::Move { from, to, user } => fsops::in_guest(root, user.as_deref(), |u| {
+                let (from, to) = (
+                    fsops::absolute(&from, &u.home)?,
+                    fsops::absolute(&to, &u.home)?,
+                );
+                fsops::rename(&from, &to)?;
+                fsops::file_info(&to, &Names::load()).map(|info| Response::Moved { info })
+            }),
+            Request::WatchStart {
+                path,
+                recursive,
+                idle_ms,
+            } => self
+                .watches
+                .start(root, &path, recursive, idle_ms.map(Duration::from_millis))
+                .map(|watch| Response::WatchStarted { watch }),
+            Request::WatchPoll { watch, wait_ms } => self
+                .watches
+                .poll(watch, Duration::from_millis(wait_ms), stream)
+                .map(|(events, dropped)| Response::WatchEvents { events, dropped }),
+            Request::WatchStop { watch } => {
+                self.watches.stop(watch).map(|()| Response::WatchStopped)
+            }
+            Request::TarRead { path, user } => {
+                Ok(crate::tarstream::read(stream, root, &path, user.as_deref()))
+            }
+            Request::TarWrite { path, user } => Ok(crate::tarstream::write(
+                stream,
+                root,
+                &path,
+                user.as_deref(),
+            )),
+            Request::TcpConnect { port, timeout_ms } => {
+                Ok(crate::relay::relay(stream, port, timeout_ms))
+            }
+            Request::Eval {
+                code,
+                env,
+                timeout_ms,
+            } => {
+                let mut all = lock(&self.env).clone();
+                all.extend(env);
+                Ok(self
+                    .evaluator
+                    .eval(stream, &code, &all, timeout_ms.map(Duration::from_millis)))
+            }
+            Request::CodeInterpreter { port, cwd } => self.code_interpreter(stream, port, cwd),
+            // Handled on the read loop.
+            Request::Ping {}
+            | Request::Exec(_)
+            | Request::WriteFile { .. }
+            | Request::ReadFile { .. }
+            | Request::Signal { .. }
+            | Request::Shutdown {}
+            | Request::Restore { .. }
+            | Request::Cancel { .. } => Err(ErrorReply::new(
+                ErrorCode::BadRequest,
+                "request routed to the wrong handler",
+            )),
+        };
+        r.unwrap_or_else(Response::Error)
+    }
+
+    fn set_env(&self, vars: Vec<(String, String)>) -> Result<Response, ErrorReply> {
+        let mut size = 0;
+        for (k, v) in &vars {
+            if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+                return Err(ErrorReply::new(
+                    ErrorCode::BadRequest,
+                    format!("invalid environment variable {k:?}"),
+                ));
+            }
+            size += k.len() + v.len() + 2;
+        }
+        if size > MAX_SANDBOX_ENV {
+            return Err(ErrorReply::new(
+                ErrorCode::Limit,
+                format!("the environment takes {size} bytes, more than {MAX_SANDBOX_ENV}"),
+            ));
+        }
+        *lock(&self.env) = vars;
+        Ok(Response::EnvSet)
+    }
+
+    /// Starts the E2B code interpreter on `port` unless it runs, then waits
+    /// until the port takes connections.
+    fn code_interpreter(
+        &self,
+        stream: &Stream,
+        port: u16,
+        cwd: Option<String>,
+    ) -> Result<Response, ErrorReply> {
+        let tag = format!("forkd-code-interpreter-{port}");
+        let proc = match self.procs.find(&ProcSelector::Tag(tag.clone())) {
+            Ok(p) if p.info().exit.is_none() => p,
+            _ => {
+                crate::eval::install_script(self.cfg.root.as_deref())?;
+                let root = self.cfg.root.as_deref();
+                let cwd = cwd.unwrap_or_else(|| {
+                    ["/home/user", "/root"]
+                        .into_iter()
+                        .find(|d| spawn::cwd_exists(root, d))
+                        .unwrap_or("/")
+                        .to_string()
+                });
+                let spec = forkd_protocol::ProcSpec {
+                    argv: [
+                        "python3",
+                        "-u",
+                        crate::eval::script_path(),
+                        "--port",
+                        &port.to_string(),
+                        "--cwd",
+                        &cwd,
+                    ]
+                    .map(String::from)
+                    .to_vec(),
+                    tag: Some(tag),
+                    backlog_bytes: Some(64 * 1024),
+                    ..Default::default()
+                };
+                let env = lock(&self.env).clone();
+                match self.procs.start(spec, &env, false) {
+                    Ok(s) => s.proc,
+                    Err(e) if e.code == ErrorCode::CommandNotFound => {
+                        return Err(ErrorReply::new(
+                            ErrorCode::Unavailable,
+                            "python3 is not installed in this guest; the code interpreter needs \
+                             an image with python3 (such as debian-python)",
+                        ))
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        loop {
+            if std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok() {
+                return Ok(Response::CodeInterpreterReady {
+                    pid: proc.pid(),
+                    port,
+                });
+            }
+            if let Some(exit) = proc.info().exit {
+                return Err(ErrorReply::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "the code interpreter exited at start ({}): {}",
+                        describe_exit(&exit),
+                        proc.output_tail(2048)
+                    ),
+                ));
+            }
+            if Instant::now() > deadline || stream.wait_cancelled(Duration::from_millis(100)) {
+                return Err(ErrorReply::new(
+                    ErrorCode::TimedOut,
+                    format!("the code interpreter did not listen on port {port} in time"),
+                ));
+            }
         }
     }
 
@@ -211,7 +540,7 @@ impl Server {
             .unwrap_or(0);
         Pong {
             agent_version: AGENT_VERSION.into(),
-            protocol: VERSION,
+            protocol: PROTOCOL,
             uptime_ms,
             root_disk: self.cfg.root.is_some(),
             hostname: hostname(),
@@ -220,12 +549,20 @@ impl Server {
 
     // ----- exec -----
 
+    fn exec_stdin(&self, id: u32, payload: Vec<u8>) {
+        let tx = lock(&self.stdin).get(&id).cloned();
+        // stdin for a command that already ended is dropped.
+        if let Some(tx) = tx {
+            if payload.is_empty() {
+                lock(&self.stdin).remove(&id);
+            }
+            let _ = tx.send(payload);
+        }
+    }
+
     fn start_exec(self: &Arc<Self>, id: u32, req: ExecRequest) {
-        if req.argv.is_empty() || req.argv[0].is_empty() {
-            return self.reply(
-                id,
-                error(ErrorCode::BadRequest, "exec needs a non-empty argv"),
-            );
+        if let Err(e) = spawn::validate(&req.argv, &req.env) {
+            return self.reply(id, Response::Error(e));
         }
         if lock(&self.running).contains_key(&id) {
             return self.reply(
@@ -249,7 +586,7 @@ impl Server {
         spawn_named("exec", move || {
             let resp = match me.run(id, &req, stdin_rx) {
                 Ok(status) => Response::Exited(status),
-                Err(e) => e,
+                Err(e) => Response::Error(e),
             };
             lock(&me.stdin).remove(&id);
             me.reply(id, resp);
@@ -261,9 +598,17 @@ impl Server {
         id: u32,
         req: &ExecRequest,
         stdin_rx: Option<mpsc::Receiver<Vec<u8>>>,
-    ) -> Result<ExitStatus, Response> {
+    ) -> Result<ExitStatus, ErrorReply> {
         let started = Instant::now();
-        let mut cmd = self.command(req)?;
+        let root = self.cfg.root.as_deref();
+        let cwd = req.cwd.as_deref().unwrap_or("/");
+        if !spawn::cwd_exists(root, cwd) {
+            return Err(spawn::cwd_missing(cwd));
+        }
+        let user = User::root();
+        let sandbox_env = lock(&self.env).clone();
+        let env = spawn::environment(&user, &[&sandbox_env, &req.env]);
+        let mut cmd = spawn::command(&req.argv, &env, cwd, root, &user, false)?;
         cmd.stdin(if stdin_rx.is_some() {
             Stdio::piped()
         } else {
@@ -271,12 +616,33 @@ impl Server {
         })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-        let (mut child, ended) = self.cfg.reaper.spawn(&mut cmd).map_err(|e| {
-            error(
-                ErrorCode::Spawn,
-                format!("cannot run `{}`: {e}", req.argv[0]),
-            )
-        })?;
+        let (mut child, ended) = match self.cfg.reaper.spawn(&mut cmd) {
+            Ok(c) => c,
+            Err(e) => {
+                // A missing directory may have been removed since the check.
+                if !spawn::cwd_exists(root, cwd) {
+                    return Err(spawn::cwd_missing(cwd));
+                }
+                let failure = StartFailure::of(&req.argv[0], &e);
+                return match failure.shell_code() {
+                    // The shell's convention: the reason on stderr, 127/126.
+                    Some(code) => {
+                        let msg = match &failure {
+                            StartFailure::NotFound(m) | StartFailure::NotExecutable(m) => m,
+                            StartFailure::Other(_) => "",
+                        };
+                        self.send_raw(Kind::Stderr, id, format!("{msg}\n").as_bytes());
+                        Ok(ExitStatus {
+                            code: Some(code),
+                            signal: None,
+                            timed_out: false,
+                            duration_ms: started.elapsed().as_millis() as u64,
+                        })
+                    }
+                    None => Err(failure.reply()),
+                };
+            }
+        };
         let pid = child.id() as libc::pid_t;
         lock(&self.running).insert(id, pid);
 
@@ -324,7 +690,7 @@ impl Server {
                 Err(RecvTimeoutError::Timeout) => {
                     timed_out = true;
                     // SAFETY: kill has no memory effects; the command leads its
-                    // own process group (setsid in `command`).
+                    // own process group (setsid in `spawn::command`).
                     unsafe { libc::kill(-pid, libc::SIGKILL) };
                     ended.recv().ok()
                 }
@@ -364,86 +730,30 @@ impl Server {
         })
     }
 
-    /// Builds the command: fresh environment, own session, chroot and cwd.
-    fn command(&self, req: &ExecRequest) -> Result<Command, Response> {
-        let mut cmd = Command::new(&req.argv[0]);
-        cmd.args(&req.argv[1..]).env_clear();
-        for (k, v) in DEFAULT_ENV {
-            cmd.env(k, v);
-        }
-        for (k, v) in &req.env {
-            if k.is_empty() || k.contains('=') || k.contains('\0') {
-                return Err(error(
-                    ErrorCode::BadRequest,
-                    format!("invalid environment variable name {k:?}"),
-                ));
-            }
-            cmd.env(k, v);
-        }
-        let cwd = req.cwd.as_deref().unwrap_or("/");
-        let cwd = CString::new(cwd)
-            .map_err(|_| error(ErrorCode::BadRequest, "cwd contains a NUL byte"))?;
-        let root = match &self.cfg.root {
-            Some(r) => Some(
-                CString::new(r.as_os_str().as_bytes())
-                    .map_err(|_| error(ErrorCode::BadRequest, "root path contains a NUL byte"))?,
-            ),
-            None => None,
-        };
-        // SAFETY: the closure runs in the forked child before exec and calls
-        // only async-signal-safe functions (setsid, sigprocmask, chroot, chdir)
-        // on CStrings allocated before the fork.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setsid() < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                // The agent blocks SIGCHLD and SIGIO; commands must not inherit that.
-                let mut set: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut set);
-                libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
-                if let Some(root) = &root {
-                    if libc::chroot(root.as_ptr()) < 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                }
-                if libc::chdir(cwd.as_ptr()) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        Ok(cmd)
-    }
-
     // ----- files -----
 
-    /// Maps a guest path onto the command root.
-    fn resolve(&self, path: &str) -> Result<PathBuf, Response> {
-        if !path.starts_with('/') {
-            return Err(error(
-                ErrorCode::BadRequest,
-                format!("path {path:?} must be absolute"),
-            ));
-        }
-        if path.contains('\0') {
-            return Err(error(ErrorCode::BadRequest, "path contains a NUL byte"));
-        }
-        Ok(match &self.cfg.root {
-            Some(root) => root.join(path.trim_start_matches('/')),
-            None => PathBuf::from(path),
-        })
-    }
-
-    fn start_upload(&self, id: u32, path: String, mode: Option<u32>) {
-        let opened = self.resolve(&path).and_then(|p| {
+    fn start_upload(
+        &self,
+        id: u32,
+        path: String,
+        mode: Option<u32>,
+        parents: bool,
+        user: Option<String>,
+    ) {
+        // Opened on a thread inside the guest's root, as the user; written
+        // here, on the read loop, as the data frames arrive.
+        let opened = fsops::in_guest(self.cfg.root.as_deref(), user.as_deref(), |u| {
+            let p = fsops::absolute(&path, &u.home)?;
+            if parents {
+                fsops::make_parents(&p)?;
+            }
             OpenOptions::new()
                 .write(true)
                 .create(true)
                 .truncate(true)
                 .mode(mode.unwrap_or(0o644))
                 .open(&p)
-                .map_err(|e| io_error(&path, &e))
+                .map_err(|e| fs_error(&p, &e))
         });
         match opened {
             Ok(file) => {
@@ -456,7 +766,7 @@ impl Server {
                     },
                 );
             }
-            Err(resp) => self.reply(id, resp),
+            Err(e) => self.reply(id, Response::Error(e)),
         }
     }
 
@@ -472,12 +782,12 @@ impl Server {
             drop(uploads);
             let resp = match up.file.sync_all() {
                 Ok(()) => Response::Written { bytes: up.bytes },
-                Err(e) => io_error(&up.path, &e),
+                Err(e) => Response::Error(fs_error(Path::new(&up.path), &e)),
             };
             return self.reply(id, resp);
         }
         if let Err(e) = up.file.write_all(data) {
-            let resp = io_error(&up.path, &e);
+            let resp = Response::Error(fs_error(Path::new(&up.path), &e));
             uploads.remove(&id);
             drop(uploads);
             return self.reply(id, resp);
@@ -485,12 +795,17 @@ impl Server {
         up.bytes += data.len() as u64;
     }
 
-    fn download(&self, id: u32, path: &str) {
+    /// Sends a file's contents (on its own thread, inside the guest's root).
+    fn download(&self, id: u32, path: &str, user: Option<&str>) {
         let resp = (|| {
-            let p = self.resolve(path)?;
-            let mut f = File::open(&p).map_err(|e| io_error(path, &e))?;
+            let u = fsops::enter(self.cfg.root.as_deref(), user)?;
+            let p = fsops::absolute(path, &u.home)?;
+            let mut f = File::open(&p).map_err(|e| fs_error(&p, &e))?;
             if f.metadata().map(|m| m.is_dir()).unwrap_or(false) {
-                return Err(error(ErrorCode::Io, format!("{path} is a directory")));
+                return Err(ErrorReply::new(
+                    ErrorCode::IsADirectory,
+                    format!("{path} is a directory, not a file"),
+                ));
             }
             let mut buf = vec![0u8; CHUNK];
             let mut total = 0u64;
@@ -499,14 +814,14 @@ impl Server {
                     Ok(0) => break,
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(io_error(path, &e)),
+                    Err(e) => return Err(fs_error(&p, &e)),
                 };
                 total += n as u64;
                 self.send_raw(Kind::Data, id, &buf[..n]);
             }
             Ok(Response::FileDone { bytes: total })
         })();
-        self.reply(id, resp.unwrap_or_else(|e| e));
+        self.reply(id, resp.unwrap_or_else(Response::Error));
     }
 
     // ----- output -----
@@ -526,7 +841,15 @@ impl Server {
     fn send_raw(&self, kind: Kind, id: u32, payload: &[u8]) {
         // A failed write means the host went away; requests finish regardless
         // and the next session starts clean after its handshake.
-        let _ = write_frame(&mut **lock(&self.writer), kind, id, payload);
+        let _ = forkd_protocol::frame::write_frame(&mut **lock(&self.writer), kind, id, payload);
+    }
+}
+
+fn describe_exit(e: &ExitStatus) -> String {
+    match (e.code, e.signal) {
+        (Some(c), _) => format!("exit code {c}"),
+        (None, Some(s)) => format!("signal {s}"),
+        _ => "unknown status".into(),
     }
 }
 
@@ -553,21 +876,12 @@ fn pump_output(
             // block on a full pipe, but send nothing more for this id.
             continue;
         }
-        let _ = write_frame(&mut **lock(writer), kind, id, &buf[..n]);
+        let _ = forkd_protocol::frame::write_frame(&mut **lock(writer), kind, id, &buf[..n]);
     }
 }
 
 fn error(code: ErrorCode, msg: impl Into<String>) -> Response {
     Response::Error(ErrorReply::new(code, msg))
-}
-
-fn io_error(path: &str, e: &io::Error) -> Response {
-    let code = if e.kind() == io::ErrorKind::NotFound {
-        ErrorCode::NotFound
-    } else {
-        ErrorCode::Io
-    };
-    error(code, format!("{path}: {e}"))
 }
 
 fn hostname() -> String {
@@ -585,8 +899,4 @@ fn spawn_named(name: &str, f: impl FnOnce() + Send + 'static) {
     if let Err(e) = std::thread::Builder::new().name(name.into()).spawn(f) {
         crate::log(&format!("cannot start a {name} thread: {e}"));
     }
-}
-
-fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use forkd_agent::reaper::Reaper;
 use forkd_agent::server::{Config, Server};
 use forkd_protocol::client::{AgentClient, ClientError};
-use forkd_protocol::{ErrorCode, ExecRequest, FrameReader};
+use forkd_protocol::{ErrorCode, ExecRequest, FrameReader, ProcSpec};
 
 #[test]
 fn pid1_reaper_serves_execs_failed_spawns_and_orphans() {
@@ -28,17 +28,30 @@ fn pid1_reaper_serves_execs_failed_spawns_and_orphans() {
         ..Default::default()
     };
     for _ in 0..5 {
-        // A failed exec: std waits for that child itself; the reaper must not steal it.
-        let e = c.exec_collect(
-            ExecRequest {
-                argv: vec!["/does/not/exist".into()],
-                ..Default::default()
-            },
-            None,
-        );
+        // A failed exec: std waits for that child itself; the reaper must
+        // not steal it. It is reported as the shell does: exit code 127.
+        let out = c
+            .exec_collect(
+                ExecRequest {
+                    argv: vec!["/does/not/exist".into()],
+                    ..Default::default()
+                },
+                None,
+            )
+            .unwrap();
+        assert_eq!(out.status.code, Some(127));
+        // And the same for an agent process, which reports it as an error.
+        let e = c.proc_start(ProcSpec::new(["/does/not/exist"]));
         assert!(
-            matches!(e, Err(ClientError::Agent(ref r)) if r.code == ErrorCode::Spawn),
+            matches!(e, Err(ClientError::Agent(ref r)) if r.code == ErrorCode::CommandNotFound),
             "{e:?}"
+        );
+        let p = c.proc_start(ProcSpec::shell("exit 4")).unwrap();
+        assert_eq!(
+            c.proc_wait(p.pid, Some(Duration::from_secs(10)))
+                .unwrap()
+                .code,
+            Some(4)
         );
         // Children that exit at once, and orphans left behind.
         let out = c.exec_collect(sh("(sleep 0.01 &) ; exit 5"), None).unwrap();

@@ -40,7 +40,7 @@ fn sh(script: &str) -> ExecRequest {
 fn ping_answers() {
     let c = start(None);
     let p = c.ping(Duration::from_secs(5)).unwrap();
-    assert_eq!(p.protocol, forkd_protocol::VERSION);
+    assert_eq!(p.protocol, forkd_protocol::PROTOCOL);
     assert!(!p.root_disk);
 }
 
@@ -107,9 +107,9 @@ fn background_child_holding_stdout_does_not_hang_exec() {
 }
 
 #[test]
-fn missing_program_is_a_spawn_error() {
+fn a_missing_program_exits_127_and_a_missing_cwd_is_its_own_error() {
     let c = start(None);
-    let e = c
+    let out = c
         .exec_collect(
             ExecRequest {
                 argv: vec!["/no/such/program".into()],
@@ -117,9 +117,44 @@ fn missing_program_is_a_spawn_error() {
             },
             None,
         )
+        .unwrap();
+    assert_eq!(out.status.code, Some(127));
+    assert_eq!(out.stdout, b"");
+    // One line saying so, as a shell would.
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "/no/such/program: command not found\n"
+    );
+    // Found but not executable: 126.
+    let dir = tempdir();
+    let plain = dir.join("plain.txt");
+    std::fs::write(&plain, "not a program").unwrap();
+    let out = c
+        .exec_collect(
+            ExecRequest {
+                argv: vec![plain.to_string_lossy().into_owned()],
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap();
+    assert_eq!(out.status.code, Some(126), "{out:?}");
+    // A missing working directory is not a missing program.
+    let e = c
+        .exec_collect(
+            ExecRequest {
+                argv: vec!["true".into()],
+                cwd: Some("/no/such/dir".into()),
+                ..Default::default()
+            },
+            None,
+        )
         .unwrap_err();
     match e {
-        ClientError::Agent(r) => assert_eq!(r.code, ErrorCode::Spawn),
+        ClientError::Agent(r) => {
+            assert_eq!(r.code, ErrorCode::CwdNotFound);
+            assert!(r.message.contains("/no/such/dir"), "{}", r.message);
+        }
         other => panic!("{other}"),
     }
     let e = c.exec_collect(ExecRequest::default(), None).unwrap_err();
@@ -147,7 +182,13 @@ fn file_round_trip_under_root() {
         matches!(e, ClientError::Agent(ref r) if r.code == ErrorCode::NotFound),
         "{e}"
     );
+    // A relative path is root's home's: there is none in this root.
     let e = c.write_file("relative", None, &b"x"[..]).unwrap_err();
+    assert!(
+        matches!(e, ClientError::Agent(ref r) if r.code == ErrorCode::NotFound),
+        "{e}"
+    );
+    let e = c.write_file("", None, &b"x"[..]).unwrap_err();
     assert!(
         matches!(e, ClientError::Agent(ref r) if r.code == ErrorCode::BadRequest),
         "{e}"

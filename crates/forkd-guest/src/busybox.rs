@@ -1,5 +1,7 @@
 //! The host's static busybox, which both the initramfs and the busybox root
-//! image carry, and the applet links that go with it.
+//! image carry, and the applet links that go with it; and the host's static
+//! bash (Debian's `bash-static`), which the busybox root image carries as
+//! `/bin/bash` because E2B's SDK runs every command as `/bin/bash -l -c`.
 
 use std::path::{Path, PathBuf};
 
@@ -23,6 +25,20 @@ pub fn find_busybox() -> Result<PathBuf, GuestError> {
         Some(path) => GuestError::BusyboxNotStatic { path },
         None => GuestError::BusyboxMissing,
     })
+}
+
+/// `bash-static` (`/bin/bash-static` or `/usr/bin/bash-static`), which must
+/// be statically linked.
+pub fn find_static_bash() -> Result<PathBuf, GuestError> {
+    for candidate in ["/bin/bash-static", "/usr/bin/bash-static"] {
+        let path = Path::new(candidate);
+        if let Ok(bytes) = std::fs::read(path) {
+            if is_static_elf(&bytes) {
+                return Ok(path.to_owned());
+            }
+        }
+    }
+    Err(GuestError::BashMissing)
 }
 
 fn is_applet_name(name: &str) -> bool {

@@ -59,6 +59,9 @@ pub enum GuestError {
     #[error("{} is not a static executable; the guest needs a static busybox: install it with `apt-get install busybox-static`", path.display())]
     BusyboxNotStatic { path: PathBuf },
 
+    #[error("a static bash was not found in /bin or /usr/bin; the busybox image carries it as /bin/bash: install it with `apt-get install bash-static`")]
+    BashMissing,
+
     #[error("guest agent {} is not a static executable; it runs as /init with no libraries: build it for a static target (e.g. `--target x86_64-unknown-linux-musl`)", path.display())]
     AgentNotStatic { path: PathBuf },
 

@@ -22,7 +22,7 @@ pub mod modules;
 mod rootfs;
 mod tools;
 
-pub use busybox::{find_busybox, parse_applet_list, parse_applet_list_full};
+pub use busybox::{find_busybox, find_static_bash, parse_applet_list, parse_applet_list_full};
 pub use elf::is_static_elf;
 pub use error::GuestError;
 pub use initramfs::{
@@ -34,7 +34,7 @@ pub use kernel::{
 };
 pub use rootfs::{
     build_rootfs, build_rootfs_from_tree, debian_image_bytes, rootfs_key, tree_rootfs_key,
-    RootfsRecipe, BUSYBOX_IMAGE_BYTES,
+    RootfsRecipe, BUSYBOX_IMAGE_BYTES, USER_HOME, USER_NAME, USER_UID,
 };
 
 /// Modules the guest agent loads: the virtio-mmio transport and the devices

@@ -1,6 +1,12 @@
 //! Root disk images (raw ext4), built from a recipe into a staging dir and
 //! turned into an image with `mkfs.ext4 -d` (no mount, no loop device).
 //! Cached under `home/images/<recipe>-<key>.ext4`.
+//!
+//! Both recipes carry `/bin/bash` (E2B's SDK runs commands as `/bin/bash -l
+//! -c`: the busybox image gets the host's static bash, Debian has its own)
+//! and an unprivileged account `user` (uid 1000, home `/home/user`), the
+//! account E2B templates run as; commands still run as root unless a request
+//! names a user.
 
 use std::fmt;
 use std::fs::{self, File};
@@ -8,7 +14,7 @@ use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use crate::busybox::{parse_applet_list, parse_applet_list_full};
+use crate::busybox::{find_static_bash, parse_applet_list, parse_applet_list_full};
 use crate::cache::{prepare_dir, publish, temp_path, KeyBuilder, TempGuard};
 use crate::elf::is_static_elf;
 use crate::tools::{self, DEBOOTSTRAP, MKFS_EXT4, MMDEBSTRAP};
@@ -18,8 +24,14 @@ const MIB: u64 = 1024 * 1024;
 /// Size of the busybox image: small, but room for the guest to write.
 pub const BUSYBOX_IMAGE_BYTES: u64 = 64 * MIB;
 /// Bump when what a recipe puts into its image changes.
-const BUSYBOX_RECIPE_VERSION: u32 = 1;
-const DEBIAN_PYTHON_RECIPE_VERSION: u32 = 1;
+/// 2: /bin/bash (static) and the `user` account.
+const BUSYBOX_RECIPE_VERSION: u32 = 2;
+/// 2: the `user` account.
+const DEBIAN_PYTHON_RECIPE_VERSION: u32 = 2;
+/// The unprivileged account every recipe image has.
+pub const USER_NAME: &str = "user";
+pub const USER_UID: u32 = 1000;
+pub const USER_HOME: &str = "/home/user";
 const DEBIAN_SUITE: &str = "bookworm";
 const DEBIAN_MIRROR: &str = "http://deb.debian.org/debian";
 const DEBIAN_INCLUDE: &str = "python3";
@@ -64,16 +76,17 @@ impl FromStr for RootfsRecipe {
     }
 }
 
-/// The cache key of a root image of `recipe`; `busybox` is the busybox
-/// binary's bytes (part of the busybox recipe only).
-pub fn rootfs_key(recipe: RootfsRecipe, busybox: &[u8]) -> String {
+/// The cache key of a root image of `recipe`; `busybox` and `bash` are the
+/// static busybox's and bash's bytes (part of the busybox recipe only).
+pub fn rootfs_key(recipe: RootfsRecipe, busybox: &[u8], bash: &[u8]) -> String {
     let mut key = KeyBuilder::new("forkd rootfs");
     key.field("recipe", recipe.name().as_bytes());
     match recipe {
         RootfsRecipe::Busybox => key
             .field("version", &BUSYBOX_RECIPE_VERSION.to_le_bytes())
             .field("size", &BUSYBOX_IMAGE_BYTES.to_le_bytes())
-            .field("busybox", busybox),
+            .field("busybox", busybox)
+            .field("bash", bash),
         RootfsRecipe::DebianPython => key
             .field("version", &DEBIAN_PYTHON_RECIPE_VERSION.to_le_bytes())
             .field("suite", DEBIAN_SUITE.as_bytes())
@@ -90,7 +103,7 @@ pub fn build_rootfs(
     busybox: &Path,
     log: &dyn Fn(&str),
 ) -> Result<PathBuf, GuestError> {
-    let busybox_bytes = match recipe {
+    let (busybox_bytes, bash) = match recipe {
         RootfsRecipe::Busybox => {
             let bytes = fs::read(busybox).map_err(GuestError::io("read busybox", busybox))?;
             if !is_static_elf(&bytes) {
@@ -98,15 +111,18 @@ pub fn build_rootfs(
                     path: busybox.to_owned(),
                 });
             }
-            bytes
+            let bash = find_static_bash()?;
+            let bash_bytes = fs::read(&bash).map_err(GuestError::io("read bash", &bash))?;
+            (bytes, Some((bash, bash_bytes)))
         }
-        RootfsRecipe::DebianPython => Vec::new(),
+        RootfsRecipe::DebianPython => (Vec::new(), None),
     };
     let images = home.join("images");
     prepare_dir(&images)?;
+    let bash_bytes = bash.as_ref().map_or(&[][..], |(_, b)| b.as_slice());
     let out = images.join(format!(
         "{recipe}-{}.ext4",
-        rootfs_key(recipe, &busybox_bytes)
+        rootfs_key(recipe, &busybox_bytes, bash_bytes)
     ));
     if out.is_file() {
         return Ok(out);
@@ -127,11 +143,19 @@ pub fn build_rootfs(
         RootfsRecipe::Busybox => {
             log("populating busybox root tree");
             populate_busybox(&staging, busybox)?;
+            if let Some((bash, _)) = &bash {
+                let target = staging.join("bin/bash");
+                fs::copy(bash, &target).map_err(GuestError::io("copy bash to", &target))?;
+                fs::set_permissions(&target, fs::Permissions::from_mode(0o755))
+                    .map_err(GuestError::io("chmod", &target))?;
+            }
+            add_user(&staging, "/bin/bash")?;
             BUSYBOX_IMAGE_BYTES
         }
         RootfsRecipe::DebianPython => {
             bootstrap_debian(&staging, log)?;
             write_etc(&staging, false)?;
+            add_user(&staging, "/bin/bash")?;
             let content = tree_bytes(&staging)?;
             let size = debian_image_bytes(content);
             log(&format!(
@@ -282,6 +306,36 @@ fn add_forkd_files(tree: &Path) -> Result<(), GuestError> {
     Ok(())
 }
 
+/// Adds the account [`USER_NAME`] (uid and gid [`USER_UID`]) to the tree's
+/// `/etc/passwd` and `/etc/group` unless it is there, and its home
+/// directory, owned by it.
+fn add_user(root: &Path, shell: &str) -> Result<(), GuestError> {
+    let etc = root.join("etc");
+    let passwd_line = format!("{USER_NAME}:x:{USER_UID}:{USER_UID}::{USER_HOME}:{shell}\n");
+    let group_line = format!("{USER_NAME}:x:{USER_UID}:\n");
+    for (name, line) in [("passwd", passwd_line), ("group", group_line)] {
+        let path = etc.join(name);
+        let mut text = fs::read_to_string(&path).unwrap_or_default();
+        if text.lines().any(|l| l.split(':').next() == Some(USER_NAME)) {
+            continue;
+        }
+        if !text.is_empty() && !text.ends_with('\n') {
+            text.push('\n');
+        }
+        text.push_str(&line);
+        write_file(&path, 0o644, text.as_bytes())?;
+    }
+    let home = root.join(USER_HOME.trim_start_matches('/'));
+    mkdir(&home, 0o755)?;
+    // mkfs.ext4 -d keeps the tree's owners; building as root (as the
+    // recipes require for Debian) makes it the user's.
+    if tools::is_root() {
+        std::os::unix::fs::chown(&home, Some(USER_UID), Some(USER_UID))
+            .map_err(GuestError::io("chown", &home))?;
+    }
+    Ok(())
+}
+
 /// Image size for a tree of `content` bytes: 30% slack plus 64 MiB headroom,
 /// rounded up to a MiB.
 pub fn debian_image_bytes(content: u64) -> u64 {
@@ -427,15 +481,35 @@ mod tests {
 
     #[test]
     fn rootfs_key_follows_inputs() {
-        let a = rootfs_key(RootfsRecipe::Busybox, b"bb1");
-        assert_eq!(a, rootfs_key(RootfsRecipe::Busybox, b"bb1"));
-        assert_ne!(a, rootfs_key(RootfsRecipe::Busybox, b"bb2"));
-        assert_ne!(a, rootfs_key(RootfsRecipe::DebianPython, b"bb1"));
-        // busybox is not an input of the Debian recipe.
+        let a = rootfs_key(RootfsRecipe::Busybox, b"bb1", b"bash1");
+        assert_eq!(a, rootfs_key(RootfsRecipe::Busybox, b"bb1", b"bash1"));
+        assert_ne!(a, rootfs_key(RootfsRecipe::Busybox, b"bb2", b"bash1"));
+        assert_ne!(a, rootfs_key(RootfsRecipe::Busybox, b"bb1", b"bash2"));
+        assert_ne!(a, rootfs_key(RootfsRecipe::DebianPython, b"bb1", b"bash1"));
+        // busybox and bash are not inputs of the Debian recipe.
         assert_eq!(
-            rootfs_key(RootfsRecipe::DebianPython, b"x"),
-            rootfs_key(RootfsRecipe::DebianPython, b"y")
+            rootfs_key(RootfsRecipe::DebianPython, b"x", b"1"),
+            rootfs_key(RootfsRecipe::DebianPython, b"y", b"2")
         );
+    }
+
+    #[test]
+    fn the_user_account_is_added_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let etc = dir.path().join("etc");
+        fs::create_dir_all(&etc).unwrap();
+        fs::write(etc.join("passwd"), "root:x:0:0:root:/root:/bin/sh").unwrap();
+        add_user(dir.path(), "/bin/bash").unwrap();
+        add_user(dir.path(), "/bin/bash").unwrap();
+        assert_eq!(
+            fs::read_to_string(etc.join("passwd")).unwrap(),
+            "root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000::/home/user:/bin/bash\n"
+        );
+        assert_eq!(
+            fs::read_to_string(etc.join("group")).unwrap(),
+            "user:x:1000:\n"
+        );
+        assert!(dir.path().join("home/user").is_dir());
     }
 
     #[test]

@@ -51,7 +51,18 @@ fn busybox_rootfs_is_a_populated_ext4_image() {
         debugfs(&image, "cat /etc/resolv.conf"),
         "nameserver 10.0.2.3\n"
     );
-    assert!(debugfs(&image, "cat /etc/passwd").starts_with("root:x:0:0:"));
+    let passwd = debugfs(&image, "cat /etc/passwd");
+    assert!(passwd.starts_with("root:x:0:0:"), "{passwd}");
+    assert!(
+        passwd.contains("\nuser:x:1000:1000::/home/user:/bin/bash\n"),
+        "{passwd}"
+    );
+    let user_home = debugfs(&image, "stat /home/user");
+    assert!(user_home.contains("User:  1000"), "{user_home}");
+    // A real (static) bash, for E2B's `/bin/bash -l -c`.
+    let bash = debugfs(&image, "stat /bin/bash");
+    assert!(bash.contains("Type: regular"), "{bash}");
+    assert!(bash.contains("Mode:  0755"), "{bash}");
     let root = debugfs(&image, "ls -l /");
     for dir in ["proc", "sys", "dev", "run", "mnt", "root", "etc", "usr"] {
         assert!(root.contains(&format!(" {dir}")), "/{dir} missing: {root}");

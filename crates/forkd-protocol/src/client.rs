@@ -20,7 +20,18 @@
 //!   or garbage with no frame after it, for [`Limits::frame_stall`], more than
 //!   [`Limits::max_garbage`] bytes that are not frames, or a frame the guest
 //!   does not take within [`Limits::write_stall`], close the session with a
-//!   reason ([`AgentClient::closed_reason`]); a new connection starts clean.
+//!   reason ([`AgentClient::closed_reason`]); a new connection starts clean;
+//! - windowed requests (process attachments and input, tar streams, TCP
+//!   relays; [`Request::is_windowed`]) are flow-controlled: the host grants
+//!   the agent [`WINDOW`] bytes and more only as its caller consumes them, so
+//!   their mailboxes never make the reader wait, and a guest that sends past
+//!   the window fails that request alone ([`ClientError::FlowControl`]).
+//!
+//! The operations of protocol 2 (agent-owned processes, filesystem, tar,
+//! relays, eval) are in `client/ops.rs`; their long-lived handles
+//! ([`Attachment`], [`TcpRelay`], [`InputStream`]) in `client/streams.rs`.
+//! Handles own their share of
+//! the session, so they are `'static` and may move to other threads.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
@@ -30,10 +41,20 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::frame::{Frame, FrameDecoder, Header, Kind, CHUNK, HEADER_LEN, MAX_PAYLOAD};
+use crate::frame::{
+    parse_window, window_payload, Frame, FrameDecoder, Header, Kind, CHUNK, HEADER_LEN,
+    MAX_PAYLOAD, WINDOW,
+};
 use crate::{
     decode, encode, ErrorReply, ExecRequest, ExitStatus, Hello, HelloAck, Pong, Request, Response,
+    PROTOCOL,
 };
+
+mod ops;
+mod streams;
+
+pub use ops::{EvalOutput, WatchBatch, WriteOptions, MAX_LIST_ENTRIES};
+pub use streams::{AttachEvent, Attachment, InputStream, RelayReader, RelayWriter, TcpRelay};
 
 /// Why a request to the agent failed.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +89,23 @@ pub enum ClientError {
          it was killed (stream its output with exec instead)"
     )]
     OutputTooLarge { stream: &'static str, limit: usize },
+    #[error(
+        "the guest agent speaks protocol {agent} (forkd-agent {agent_version}) and this host \
+         speaks protocol {host}: the guest was booted or snapshotted by another forkd build; \
+         boot it again (or take the snapshot again) with this build"
+    )]
+    ProtocolMismatch {
+        agent: u8,
+        host: u8,
+        agent_version: String,
+    },
+    #[error(
+        "the guest agent broke flow control on request {id}: it sent {sent} bytes where \
+         {allowed} were granted; the request was abandoned"
+    )]
+    FlowControl { id: u32, sent: u64, allowed: u64 },
+    #[error("the stream ended: {0}")]
+    StreamEnded(&'static str),
 }
 
 /// Bounds on what a session accepts from the guest; see the module docs.
@@ -90,6 +128,9 @@ pub struct Limits {
     pub mailbox_bytes: usize,
     /// Largest stdout (and stderr) [`AgentClient::exec_collect`] keeps.
     pub collect_bytes: usize,
+    /// How long a unary request of protocol 2 (stat, mkdir, start a process,
+    /// signal, ...) may take before it fails with `Timeout`.
+    pub op_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -101,6 +142,7 @@ impl Default for Limits {
             write_stall: Duration::from_secs(30),
             mailbox_bytes: 4 << 20,
             collect_bytes: 64 << 20,
+            op_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -143,36 +185,171 @@ struct Slot {
     closed: Option<String>,
     /// The caller went away: nothing more is queued.
     abandoned: bool,
+    /// The request's `Response` has arrived: nothing more will.
+    ended: bool,
+    /// Flow control, for windowed requests.
+    flow: Option<Flow>,
+}
+
+/// Both windows of a windowed request, as the host sees them.
+#[derive(Debug, Clone, Copy)]
+struct Flow {
+    /// Data bytes the host may still send.
+    send_credit: u64,
+    /// Data bytes the agent may send in total (initial window + grants).
+    recv_allowed: u64,
+    /// Data bytes the agent has sent.
+    recv_seen: u64,
+    /// Data bytes the caller took and the host has not granted back yet.
+    unacked: u64,
+    /// The agent sent past `recv_allowed`.
+    violated: bool,
+}
+
+impl Flow {
+    fn new() -> Flow {
+        Flow {
+            send_credit: u64::from(WINDOW),
+            recv_allowed: u64::from(WINDOW),
+            recv_seen: 0,
+            unacked: 0,
+            violated: false,
+        }
+    }
 }
 
 /// Why a mailbox wait ended without a frame.
 enum Waited {
     Closed(String),
     Deadline,
+    /// The agent broke flow control (frames queued before were taken).
+    Violated {
+        sent: u64,
+        allowed: u64,
+    },
+    /// The request's `Response` has arrived (credit waits only).
+    Ended,
 }
 
 impl Mailbox {
     /// Queues a frame, first waiting while the mailbox is over `budget` and
     /// its caller still wants frames. False when the frame was dropped.
+    ///
+    /// A windowed request's mailbox never makes the reader wait (its caller
+    /// may be blocked sending, waiting for a grant only the reader can
+    /// deliver): its data is bounded by the window, its other frames by
+    /// `budget`, and a guest that exceeds either fails that request alone.
     fn deliver(&self, frame: Frame, budget: usize, stop: &AtomicBool) -> bool {
         let mut s = lock(&self.slot);
-        while s.bytes >= budget && !s.abandoned && s.closed.is_none() {
-            if stop.load(Ordering::SeqCst) {
-                return false;
+        if s.flow.is_none() {
+            while s.bytes >= budget && !s.abandoned && s.closed.is_none() {
+                if stop.load(Ordering::SeqCst) {
+                    return false;
+                }
+                s = self
+                    .changed
+                    .wait_timeout(s, TICK)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
             }
-            s = self
-                .changed
-                .wait_timeout(s, TICK)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+        }
+        if frame.kind == Kind::Response {
+            // Nothing more comes for this request, whether or not the
+            // response itself is queued: senders waiting for credit stop.
+            s.ended = true;
+            self.changed.notify_all();
         }
         if s.abandoned || s.closed.is_some() {
             return false;
         }
-        s.bytes += frame.payload.len() + FRAME_COST;
+        let cost = frame.payload.len() + FRAME_COST;
+        let queued = s.bytes;
+        if let Some(flow) = s.flow.as_mut() {
+            if flow.violated {
+                return false;
+            }
+            if frame.kind.is_data() {
+                flow.recv_seen += frame.payload.len() as u64;
+            }
+            if flow.recv_seen > flow.recv_allowed
+                || (!frame.kind.is_data() && queued + cost > budget + WINDOW as usize)
+            {
+                // Queue nothing more: the caller learns of it after the
+                // frames already queued, and the session goes on.
+                flow.violated = true;
+                self.changed.notify_all();
+                return false;
+            }
+        }
+        s.bytes += cost;
         s.frames.push_back(frame);
         self.changed.notify_all();
         true
+    }
+
+    /// Adds send credit from a `Window` frame.
+    fn grant(&self, bytes: u32) {
+        let mut s = lock(&self.slot);
+        if let Some(flow) = s.flow.as_mut() {
+            flow.send_credit = flow.send_credit.saturating_add(u64::from(bytes));
+            self.changed.notify_all();
+        }
+    }
+
+    /// Waits for send credit and takes up to `max` bytes of it.
+    fn take_credit(&self, max: usize, deadline: Option<Instant>) -> Result<usize, Waited> {
+        let mut s = lock(&self.slot);
+        loop {
+            if let Some(reason) = &s.closed {
+                return Err(Waited::Closed(reason.clone()));
+            }
+            if s.ended || s.abandoned {
+                return Err(Waited::Ended);
+            }
+            let Some(flow) = s.flow.as_mut() else {
+                // Not windowed: no limit.
+                return Ok(max);
+            };
+            if flow.violated {
+                return Err(Waited::Violated {
+                    sent: flow.recv_seen,
+                    allowed: flow.recv_allowed,
+                });
+            }
+            if flow.send_credit > 0 {
+                let n = max.min(usize::try_from(flow.send_credit).unwrap_or(usize::MAX));
+                flow.send_credit -= n as u64;
+                return Ok(n);
+            }
+            s = match deadline {
+                None => self.changed.wait(s).unwrap_or_else(|p| p.into_inner()),
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(Waited::Deadline);
+                    }
+                    self.changed
+                        .wait_timeout(s, left)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
+                }
+            };
+        }
+    }
+
+    /// Records that the caller took `bytes` of data; returns a grant to send
+    /// back once a quarter window has been taken (already counted as allowed).
+    fn consumed(&self, bytes: usize) -> Option<u32> {
+        let mut s = lock(&self.slot);
+        let flow = s.flow.as_mut()?;
+        flow.unacked += bytes as u64;
+        if flow.unacked < u64::from(WINDOW / 4) {
+            return None;
+        }
+        let grant = u32::try_from(flow.unacked).unwrap_or(u32::MAX);
+        flow.unacked -= u64::from(grant);
+        flow.recv_allowed += u64::from(grant);
+        Some(grant)
     }
 
     /// The next frame, waiting until `deadline` (forever when `None`).
@@ -187,6 +364,12 @@ impl Mailbox {
             }
             if let Some(reason) = &s.closed {
                 return Err(Waited::Closed(reason.clone()));
+            }
+            if let Some(flow) = s.flow.filter(|f| f.violated) {
+                return Err(Waited::Violated {
+                    sent: flow.recv_seen,
+                    allowed: flow.recv_allowed,
+                });
             }
             s = match deadline {
                 None => self.changed.wait(s).unwrap_or_else(|p| p.into_inner()),
@@ -320,6 +503,7 @@ struct Shared {
     /// Set when the client is dropped: the reader stops.
     stop: AtomicBool,
     limits: Limits,
+    next_id: AtomicU32,
 }
 
 impl Shared {
@@ -339,8 +523,25 @@ impl Shared {
         lock(&self.closed).clone()
     }
 
-    /// Registers a mailbox for `id` (replacing one a caller no longer has).
-    fn register(&self, id: u32) -> Result<Arc<Mailbox>, ClientError> {
+    fn reserve_id(&self) -> u32 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Asks the agent to end request `target` early, without waiting for
+    /// the answer (handles call this when dropped unfinished).
+    fn cancel_quietly(&self, target: u32) {
+        let deadline = Instant::now() + self.limits.exec_grace.min(self.limits.write_stall);
+        let _ = self.send(
+            Kind::Request,
+            self.reserve_id(),
+            &encode(&Request::Cancel { target }),
+            deadline,
+        );
+    }
+
+    /// Registers a mailbox for `id` (replacing one a caller no longer has),
+    /// flow-controlled when `windowed`.
+    fn register(&self, id: u32, windowed: bool) -> Result<Arc<Mailbox>, ClientError> {
         // Checked under the routes lock: `close` drains routes under the same
         // lock after setting `closed`, so a request either sees the close or
         // has its mailbox closed by it.
@@ -349,6 +550,9 @@ impl Shared {
             return Err(ClientError::Closed(reason));
         }
         let mb = Arc::new(Mailbox::default());
+        if windowed {
+            lock(&mb.slot).flow = Some(Flow::new());
+        }
         if let Some(old) = routes.insert(id, Arc::clone(&mb)) {
             old.abandon();
         }
@@ -415,19 +619,41 @@ impl Shared {
 
 /// A caller's registration for one request id; unregisters when dropped, so
 /// no path out of a request leaves its mailbox behind.
-struct Route<'a> {
+struct Route {
     id: u32,
     mailbox: Arc<Mailbox>,
-    shared: &'a Shared,
+    shared: Arc<Shared>,
 }
 
-impl Route<'_> {
-    /// The next frame for this request, until `deadline`.
+impl Route {
+    /// The next frame for this request, until `deadline`. Data taken from a
+    /// windowed request is granted back to the agent as it is taken.
     fn recv(&self, deadline: Option<Instant>, timeout: Duration) -> Result<Frame, ClientError> {
-        self.mailbox.take(deadline).map_err(|w| match w {
+        let f = self
+            .mailbox
+            .take(deadline)
+            .map_err(|w| self.waited(w, timeout))?;
+        if f.kind.is_data() {
+            if let Some(grant) = self.mailbox.consumed(f.payload.len()) {
+                let deadline = Instant::now() + self.shared.limits.write_stall;
+                self.shared
+                    .send(Kind::Window, self.id, &window_payload(grant), deadline)?;
+            }
+        }
+        Ok(f)
+    }
+
+    fn waited(&self, w: Waited, timeout: Duration) -> ClientError {
+        match w {
             Waited::Closed(reason) => ClientError::Closed(reason),
             Waited::Deadline => ClientError::Timeout(timeout),
-        })
+            Waited::Violated { sent, allowed } => ClientError::FlowControl {
+                id: self.id,
+                sent,
+                allowed,
+            },
+            Waited::Ended => ClientError::StreamEnded("the agent ended the request"),
+        }
     }
 
     /// The final `Response`, skipping data frames.
@@ -440,9 +666,46 @@ impl Route<'_> {
             }
         }
     }
+
+    /// Sends `data` as frames of `kind`, each within the flow-control window
+    /// of a windowed request (waiting for grants until `deadline`).
+    fn send_data(
+        &self,
+        kind: Kind,
+        mut data: &[u8],
+        deadline: Option<Instant>,
+    ) -> Result<(), ClientError> {
+        if data.is_empty() {
+            // An empty frame ends the stream; it needs no credit.
+            return self.shared.send(kind, self.id, &[], self.send_by(deadline));
+        }
+        let timeout = deadline.map_or(Duration::ZERO, |d| {
+            d.saturating_duration_since(Instant::now())
+        });
+        while !data.is_empty() {
+            let n = self
+                .mailbox
+                .take_credit(data.len().min(CHUNK), deadline)
+                .map_err(|w| self.waited(w, timeout))?;
+            self.shared
+                .send(kind, self.id, &data[..n], self.send_by(deadline))?;
+            data = &data[n..];
+        }
+        Ok(())
+    }
+
+    fn send_by(&self, deadline: Option<Instant>) -> Instant {
+        let stall = Instant::now() + self.shared.limits.write_stall;
+        deadline.map_or(stall, |d| d.min(stall))
+    }
+
+    /// Whether the request's `Response` has arrived.
+    fn ended(&self) -> bool {
+        lock(&self.mailbox.slot).ended
+    }
 }
 
-impl Drop for Route<'_> {
+impl Drop for Route {
     fn drop(&mut self) {
         self.shared.unregister(self.id, &self.mailbox);
     }
@@ -451,7 +714,6 @@ impl Drop for Route<'_> {
 /// A connected, handshaken agent session.
 pub struct AgentClient {
     shared: Arc<Shared>,
-    next_id: AtomicU32,
     reader: Option<JoinHandle<()>>,
     agent_version: String,
 }
@@ -552,6 +814,13 @@ impl AgentClient {
                 Err(e) => return Err(ClientError::Io(e)),
             }
         };
+        if ack.protocol != PROTOCOL {
+            return Err(ClientError::ProtocolMismatch {
+                agent: ack.protocol,
+                host: PROTOCOL,
+                agent_version: ack.agent_version,
+            });
+        }
         reader.set_read_timeout(Some(TICK))?;
 
         let shared = Arc::new(Shared {
@@ -561,6 +830,10 @@ impl AgentClient {
             writer,
             stop: AtomicBool::new(false),
             limits,
+            // A random base: a restored guest's agent may still run requests
+            // of an earlier session (its parent's) under small ids, whose
+            // late frames must not be mistaken for ours.
+            next_id: AtomicU32::new(((nonce >> 16) as u32 | 1) & 0x7fff_ffff),
         });
         let thread_shared = Arc::clone(&shared);
         let handle = std::thread::Builder::new()
@@ -571,10 +844,6 @@ impl AgentClient {
             })?;
         Ok(AgentClient {
             shared,
-            // A random base: a restored guest's agent may still run requests
-            // of an earlier session (its parent's) under small ids, whose
-            // late frames must not be mistaken for ours.
-            next_id: AtomicU32::new(((nonce >> 16) as u32 | 1) & 0x7fff_ffff),
             reader: Some(handle),
             agent_version: ack.agent_version,
         })
@@ -597,16 +866,11 @@ impl AgentClient {
     }
 
     /// Registers a route for `id` and sends the request before `deadline`.
-    fn start_as(
-        &self,
-        id: u32,
-        req: &Request,
-        deadline: Instant,
-    ) -> Result<Route<'_>, ClientError> {
+    fn start_as(&self, id: u32, req: &Request, deadline: Instant) -> Result<Route, ClientError> {
         let route = Route {
             id,
-            mailbox: self.shared.register(id)?,
-            shared: &self.shared,
+            mailbox: self.shared.register(id, req.is_windowed())?,
+            shared: Arc::clone(&self.shared),
         };
         self.shared
             .send(Kind::Request, id, &encode(req), deadline)?;
@@ -614,13 +878,13 @@ impl AgentClient {
     }
 
     /// [`Self::start_as`] under a fresh id, with the default send deadline.
-    fn start(&self, req: &Request) -> Result<Route<'_>, ClientError> {
+    fn start(&self, req: &Request) -> Result<Route, ClientError> {
         self.start_as(self.reserve_id(), req, self.send_deadline())
     }
 
     /// [`Self::start`] for a request answered within `timeout`: a send that
     /// does not finish in that time is that request's `Timeout` too.
-    fn start_timed(&self, req: &Request, timeout: Duration) -> Result<Route<'_>, ClientError> {
+    fn start_timed(&self, req: &Request, timeout: Duration) -> Result<Route, ClientError> {
         self.start_as(self.reserve_id(), req, Instant::now() + timeout)
             .map_err(|e| match e {
                 ClientError::SendTimeout(_) => ClientError::Timeout(timeout),
@@ -644,7 +908,7 @@ impl AgentClient {
     /// A fresh request id, for a caller that needs to know an exec's id before
     /// it starts (to signal it from another thread); pass it to [`Self::exec_as`].
     pub fn reserve_id(&self) -> u32 {
-        self.next_id.fetch_add(1, Ordering::Relaxed)
+        self.shared.reserve_id()
     }
 
     /// Runs a command, streaming its output to `on_output` as it arrives.
@@ -710,6 +974,7 @@ impl AgentClient {
                         grace,
                     })
                 }
+                Err(w) => return Err(route.waited(w, Duration::ZERO)),
             };
             let stream = match f.kind {
                 Kind::Stdout => OutputStream::Stdout,
@@ -784,64 +1049,18 @@ impl AgentClient {
         &self,
         path: &str,
         mode: Option<u32>,
-        mut data: impl Read,
+        data: impl Read,
     ) -> Result<u64, ClientError> {
-        let route = self.start(&Request::WriteFile {
-            path: path.to_string(),
+        let opts = WriteOptions {
             mode,
-        })?;
-        let mut buf = vec![0u8; CHUNK];
-        loop {
-            // Stop sending early if the agent already refused the file.
-            while let Some(f) = route.mailbox.try_take() {
-                if f.kind == Kind::Response {
-                    return match parse_response(&f.payload)? {
-                        Response::Written { bytes } => Ok(bytes),
-                        other => Err(unexpected(&other)),
-                    };
-                }
-            }
-            let n = match data.read(&mut buf) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    // Close the file on the agent side before reporting.
-                    let _ = self
-                        .shared
-                        .send(Kind::Data, route.id, &[], self.send_deadline());
-                    return Err(ClientError::Io(e));
-                }
-            };
-            self.shared
-                .send(Kind::Data, route.id, &buf[..n], self.send_deadline())?;
-            if n == 0 {
-                break;
-            }
-        }
-        match route.response(None)? {
-            Response::Written { bytes } => Ok(bytes),
-            other => Err(unexpected(&other)),
-        }
+            ..WriteOptions::default()
+        };
+        self.write_file_with(path, &opts, data)
     }
 
     /// Reads `path` from the guest into `out`. Returns the bytes read.
-    pub fn read_file(&self, path: &str, mut out: impl Write) -> Result<u64, ClientError> {
-        let route = self.start(&Request::ReadFile {
-            path: path.to_string(),
-        })?;
-        loop {
-            let f = route.recv(None, Duration::ZERO)?;
-            match f.kind {
-                Kind::Data => out.write_all(&f.payload)?,
-                Kind::Response => {
-                    return match parse_response(&f.payload)? {
-                        Response::FileDone { bytes } => Ok(bytes),
-                        other => Err(unexpected(&other)),
-                    }
-                }
-                _ => {}
-            }
-        }
+    pub fn read_file(&self, path: &str, out: impl Write) -> Result<u64, ClientError> {
+        self.read_file_as(path, None, out)
     }
 
     /// Sends `signal` to the process group of the exec with request id `target`.
@@ -895,7 +1114,7 @@ impl AgentClient {
             if lock(&self.shared.routes).contains_key(&id) {
                 continue;
             }
-            let mailbox = self.shared.register(id)?;
+            let mailbox = self.shared.register(id, false)?;
             let mut raw = lock(&self.shared.raw);
             raw.push_back((id, mailbox));
             while raw.len() > RAW_ROUTES {
@@ -917,12 +1136,12 @@ impl AgentClient {
         };
         let mailbox = match raw {
             Some(mb) => mb,
-            None => self.shared.register(id)?,
+            None => self.shared.register(id, false)?,
         };
         let route = Route {
             id,
             mailbox,
-            shared: &self.shared,
+            shared: Arc::clone(&self.shared),
         };
         route.response(Some(timeout))
     }
@@ -1024,10 +1243,17 @@ fn read_loop(mut stream: UnixStream, mut decoder: FrameDecoder, shared: &Shared)
 }
 
 /// Hands a frame to the mailbox of its request; drops it when none waits.
+/// `Window` frames are credit for the request's sender, not queued.
 fn route_frame(f: Frame, shared: &Shared) {
     let Some(mb) = lock(&shared.routes).get(&f.id).cloned() else {
         return;
     };
+    if f.kind == Kind::Window {
+        if let Some(bytes) = parse_window(&f.payload) {
+            mb.grant(bytes);
+        }
+        return;
+    }
     let id = f.id;
     let last = f.kind == Kind::Response;
     mb.deliver(f, shared.limits.mailbox_bytes, &shared.stop);

@@ -34,6 +34,10 @@ pub const MAX_PAYLOAD: u32 = 1 << 20;
 pub const DECODER_CAPACITY: usize = HEADER_LEN + MAX_PAYLOAD as usize;
 /// Size of the data chunks (stdout, stderr, stdin, file contents) senders use.
 pub const CHUNK: usize = 64 * 1024;
+/// Flow-control window of a windowed request (see
+/// [`crate::Request::is_windowed`]): data bytes a sender may have in flight
+/// for one request before the receiver grants more with a `Window` frame.
+pub const WINDOW: u32 = 256 * 1024;
 
 /// What a frame carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +59,14 @@ pub enum Kind {
     Stdin = 7,
     /// either way: file contents; an empty payload ends the file.
     Data = 8,
+    /// agent -> host: a notice within a streaming request (JSON [`crate::Event`]).
+    Event = 9,
+    /// either way: flow control for a windowed request; the payload is a
+    /// 4-byte big-endian count of further data bytes the sender of this frame
+    /// is ready to receive for the request (see [`WINDOW`]).
+    Window = 10,
+    /// agent -> host: bytes a process wrote to its pseudo-terminal.
+    Pty = 11,
 }
 
 impl Kind {
@@ -69,9 +81,32 @@ impl Kind {
             6 => Kind::Stderr,
             7 => Kind::Stdin,
             8 => Kind::Data,
+            9 => Kind::Event,
+            10 => Kind::Window,
+            11 => Kind::Pty,
             _ => return None,
         })
     }
+
+    /// Whether frames of this kind carry stream bytes that count against a
+    /// windowed request's flow-control window.
+    pub fn is_data(self) -> bool {
+        matches!(
+            self,
+            Kind::Stdout | Kind::Stderr | Kind::Stdin | Kind::Data | Kind::Pty
+        )
+    }
+}
+
+/// The payload of a `Window` frame granting `bytes`.
+pub fn window_payload(bytes: u32) -> [u8; 4] {
+    bytes.to_be_bytes()
+}
+
+/// The grant a `Window` frame's payload carries; `None` unless it is exactly
+/// 4 bytes.
+pub fn parse_window(payload: &[u8]) -> Option<u32> {
+    Some(u32::from_be_bytes(payload.try_into().ok()?))
 }
 
 /// One decoded frame.

@@ -7,9 +7,11 @@
 //!   [`DECODER_CAPACITY`], always has room after its frames are taken, and
 //!   every frame it returns is one that was in the input.
 //! - [`client_replies`]: a real [`AgentClient`] on a socketpair runs an
-//!   exec, a ping and a file read at once while the guest end plays a script
-//!   read from the bytes (frames of any kind for live, finished and unknown
-//!   ids, payloads of every response type, oversized and torn headers,
+//!   exec, a ping, a file read, a process attachment, a directory listing, a
+//!   TCP relay, an eval and a tar upload at once while the guest end plays a
+//!   script read from the bytes (frames of any kind for live, finished and
+//!   unknown ids, payloads of every response and event type, flow-control
+//!   grants of any size, data beyond the window, oversized and torn headers,
 //!   garbage), then closes. Every call must return, without a panic, within
 //!   a bound.
 
@@ -20,9 +22,13 @@ use std::time::{Duration, Instant};
 use crate::client::{AgentClient, Limits};
 use crate::frame::{write_frame, Frame, FrameDecoder, FrameError, Header, Kind, DECODER_CAPACITY};
 use crate::{
-    decode, encode, ErrorCode, ErrorReply, ExecRequest, ExitStatus, FrameReader, Hello, HelloAck,
-    Pong, Response, MAX_PAYLOAD,
+    decode, encode, AttachOptions, ErrorCode, ErrorReply, EvalError, EvalResult, ExecRequest,
+    ExitStatus, FileInfo, FileKind, FrameReader, FsEvent, FsEventKind, Hello, HelloAck, Pong,
+    ProcInfo, Response, TarSummary, MAX_PAYLOAD, PROTOCOL,
 };
+
+/// Host calls the guest end of [`client_replies`] answers.
+const CALLS: usize = 8;
 
 /// What one `next_frame` gave, comparable across runs.
 #[derive(Debug, PartialEq, Eq)]
@@ -114,15 +120,113 @@ impl Tape<'_> {
     }
 }
 
+fn exit_status(t: &mut Tape) -> ExitStatus {
+    ExitStatus {
+        code: Some(i32::from(t.u8())),
+        signal: None,
+        timed_out: t.u8() & 1 == 1,
+        duration_ms: u64::from(t.u32()),
+    }
+}
+
+fn proc_info(t: &mut Tape) -> ProcInfo {
+    ProcInfo {
+        pid: t.u32(),
+        tag: None,
+        argv: vec!["f".into()],
+        env: vec![],
+        cwd: "/".into(),
+        user: "root".into(),
+        uid: 0,
+        gid: 0,
+        pty: t.u8() & 1 == 1,
+        stdin: false,
+        started_unix_ms: 0,
+        exit: None,
+    }
+}
+
+fn file_info(t: &mut Tape) -> FileInfo {
+    FileInfo {
+        name: "f".into(),
+        path: "/f".into(),
+        kind: FileKind::File,
+        target_kind: None,
+        symlink_target: None,
+        size: u64::from(t.u32()),
+        mode: 0o644,
+        permissions: "-rw-r--r--".into(),
+        uid: 0,
+        gid: 0,
+        owner: "root".into(),
+        group: "root".into(),
+        mtime_ns: 0,
+    }
+}
+
+/// An event payload of a type picked by the tape.
+fn event_payload(t: &mut Tape) -> Vec<u8> {
+    use crate::Event;
+    let e = match t.u8() % 8 {
+        0 => Event::Started(proc_info(t)),
+        1 => Event::Attached(proc_info(t)),
+        2 => Event::Dropped {
+            bytes: u64::from(t.u32()),
+        },
+        3 => Event::Entries {
+            entries: (0..t.u8() % 4).map(|_| file_info(t)).collect(),
+        },
+        4 => Event::Process(proc_info(t)),
+        5 => Event::Connected,
+        6 => return b"{\"event\":\"started\"".to_vec(),
+        _ => {
+            let n = usize::from(t.u8() % 32);
+            return t.bytes(n);
+        }
+    };
+    encode(&e)
+}
+
 /// A response payload of a type picked by the tape.
 fn response_payload(t: &mut Tape) -> Vec<u8> {
-    let r = match t.u8() % 9 {
-        0 => Response::Exited(ExitStatus {
-            code: Some(i32::from(t.u8())),
-            signal: None,
-            timed_out: t.u8() & 1 == 1,
-            duration_ms: u64::from(t.u32()),
+    let r = match t.u8() % 20 {
+        9 => Response::ProcEnded(exit_status(t)),
+        10 => Response::Detached,
+        11 => Response::Listed {
+            entries: u64::from(t.u32()),
+        },
+        12 => Response::RelayClosed {
+            sent: u64::from(t.u32()),
+            received: 0,
+        },
+        13 => Response::Evaluated(EvalResult {
+            value: Some("1".into()),
+            value_truncated: false,
+            error: (t.u8() & 1 == 1).then(|| EvalError {
+                name: "E".into(),
+                value: "v".into(),
+                traceback: "tb".into(),
+            }),
+            execution_count: 1,
+            timed_out: false,
+            restarted: false,
+            duration_ms: 0,
         }),
+        14 => Response::TarDone(TarSummary {
+            bytes: u64::from(t.u32()),
+            entries: 1,
+        }),
+        15 => Response::Stat { info: file_info(t) },
+        16 => Response::WatchEvents {
+            events: vec![FsEvent {
+                name: "a".into(),
+                kind: FsEventKind::Create,
+            }],
+            dropped: 0,
+        },
+        17 => Response::ProcStarted(proc_info(t)),
+        18 => Response::Error(ErrorReply::new(ErrorCode::ConnectionRefused, "fuzz")),
+        0 => Response::Exited(exit_status(t)),
         1 => Response::Pong(Pong {
             agent_version: "f".into(),
             protocol: t.u8(),
@@ -155,6 +259,7 @@ pub fn client_replies(data: &[u8]) {
         write_stall: Duration::from_millis(200),
         mailbox_bytes: 4096,
         collect_bytes: 2048,
+        op_timeout: Duration::from_millis(300),
     };
     let (host, guest) = UnixStream::pair().expect("socketpair");
     let script = data.to_vec();
@@ -177,6 +282,39 @@ pub fn client_replies(data: &[u8]) {
         });
         s.spawn(|| {
             let _ = c.ping(Duration::from_millis(300));
+        });
+        s.spawn(|| {
+            let opts = AttachOptions {
+                replay: true,
+                backpressure: false,
+            };
+            if let Ok(mut a) = c.proc_attach(1, opts) {
+                while a.next(None).is_ok_and(|e| {
+                    !matches!(
+                        e,
+                        crate::client::AttachEvent::Ended(_) | crate::client::AttachEvent::Detached
+                    )
+                }) {}
+            }
+        });
+        s.spawn(|| {
+            let _ = c.list_dir("/", 2, None);
+        });
+        s.spawn(|| {
+            if let Ok(relay) = c.tcp_connect(1, Duration::from_millis(300)) {
+                let (mut r, mut w) = relay.split();
+                let _ = std::io::Write::write_all(&mut w, &[b'x'; 300_000]);
+                let _ = w.shutdown();
+                let mut sink = Vec::new();
+                let _ = std::io::Read::read_to_end(&mut r, &mut sink);
+            }
+        });
+        s.spawn(|| {
+            let _ = c.eval_collect("1", &[], Some(Duration::from_millis(100)));
+        });
+        s.spawn(|| {
+            let data = vec![0u8; 600_000];
+            let _ = c.tar_write("/d", None, &data[..]);
         });
         let _ = c.read_file("/f", Vec::new());
     });
@@ -203,14 +341,14 @@ fn play(guest: UnixStream, script: &[u8]) {
     };
     let ack = HelloAck {
         nonce: hello.nonce,
-        protocol: crate::VERSION,
+        protocol: PROTOCOL,
         agent_version: "fuzz".into(),
     };
     if write_frame(&mut w, Kind::HelloAck, 0, &encode(&ack)).is_err() {
         return;
     }
     let mut ids = Vec::new();
-    while ids.len() < 3 {
+    while ids.len() < CALLS {
         match r.read_frame() {
             Ok(f) if f.kind == Kind::Request => ids.push(f.id),
             Ok(_) => {}
@@ -224,19 +362,31 @@ fn play(guest: UnixStream, script: &[u8]) {
     let mut t = Tape(script);
     while !t.done() {
         let op = t.u8();
-        let id = match t.u8() % 4 {
-            3 => t.u32(),
-            i => ids.get(usize::from(i)).copied().unwrap_or(0),
+        let pick = usize::from(t.u8()) % (CALLS + 1);
+        let id = match ids.get(pick) {
+            Some(id) => *id,
+            None => t.u32(),
         };
         let bytes = match op % 6 {
             // A frame of a known kind.
             0 | 1 => {
-                let kind = Kind::from_u8(1 + t.u8() % 8).unwrap_or(Kind::Stdout);
-                let payload = if kind == Kind::Response {
-                    response_payload(&mut t)
-                } else {
-                    let n = usize::from(t.u8()) * 16;
-                    vec![b'o'; n]
+                let kind = Kind::from_u8(1 + t.u8() % 11).unwrap_or(Kind::Stdout);
+                let payload = match kind {
+                    Kind::Response => response_payload(&mut t),
+                    Kind::Event => event_payload(&mut t),
+                    // A grant of any size, or a malformed one.
+                    Kind::Window => match t.u8() % 4 {
+                        0 => {
+                            let n = usize::from(t.u8() % 8);
+                            t.bytes(n)
+                        }
+                        _ => t.u32().to_be_bytes().to_vec(),
+                    },
+                    // Data, sometimes more than any window allows.
+                    _ => match t.u8() % 16 {
+                        0 => vec![b'o'; 300 * 1024],
+                        n => vec![b'o'; usize::from(n) * usize::from(t.u8())],
+                    },
                 };
                 let mut v = Vec::new();
                 let _ = write_frame(&mut v, kind, id, &payload);

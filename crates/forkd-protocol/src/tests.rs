@@ -127,8 +127,13 @@ fn requests_round_trip_through_json() {
         Request::WriteFile {
             path: "/x".into(),
             mode: Some(0o600),
+            parents: true,
+            user: Some("user".into()),
         },
-        Request::ReadFile { path: "/y".into() },
+        Request::ReadFile {
+            path: "/y".into(),
+            user: None,
+        },
         Request::Signal {
             target: 4,
             signal: 15,
@@ -139,11 +144,260 @@ fn requests_round_trip_through_json() {
             unix_time_ns: 5,
             hostname: "sb-1".into(),
         },
+        Request::SetEnv {
+            vars: vec![("A".into(), "1".into())],
+        },
+        Request::Cancel { target: 9 },
+        Request::ProcStart {
+            spec: ProcSpec {
+                argv: vec!["/bin/bash".into(), "-l".into()],
+                env: vec![("TERM".into(), "xterm".into())],
+                cwd: Some("/tmp".into()),
+                user: Some("1000:1000".into()),
+                stdin: true,
+                pty: Some(PtySize { cols: 80, rows: 24 }),
+                tag: Some("t".into()),
+                timeout_ms: Some(60_000),
+                backlog_bytes: Some(4096),
+            },
+            attach: Some(AttachOptions {
+                replay: true,
+                backpressure: true,
+            }),
+        },
+        Request::ProcAttach {
+            target: ProcSelector::Tag("t".into()),
+            options: AttachOptions::default(),
+        },
+        Request::ProcWait {
+            target: ProcSelector::Pid(3),
+        },
+        Request::ProcInput {
+            target: 3.into(),
+            close: true,
+        },
+        Request::ProcCloseStdin { target: 3.into() },
+        Request::ProcSignal {
+            target: 3.into(),
+            signal: 15,
+        },
+        Request::ProcResize {
+            target: 3.into(),
+            cols: 100,
+            rows: 30,
+        },
+        Request::ProcList {},
+        Request::Stat {
+            path: "/a".into(),
+            user: None,
+        },
+        Request::ListDir {
+            path: "/".into(),
+            depth: 2,
+            user: None,
+        },
+        Request::MakeDir {
+            path: "/d".into(),
+            mode: Some(0o700),
+            user: None,
+        },
+        Request::Remove {
+            path: "/d".into(),
+            recursive: true,
+            user: None,
+        },
+        Request::Move {
+            from: "/a".into(),
+            to: "/b".into(),
+            user: None,
+        },
+        Request::WatchStart {
+            path: "/tmp".into(),
+            recursive: true,
+            idle_ms: Some(5),
+        },
+        Request::WatchPoll {
+            watch: 1,
+            wait_ms: 10,
+        },
+        Request::WatchStop { watch: 1 },
+        Request::TarRead {
+            path: "/d".into(),
+            user: None,
+        },
+        Request::TarWrite {
+            path: "/d".into(),
+            user: None,
+        },
+        Request::TcpConnect {
+            port: 49999,
+            timeout_ms: None,
+        },
+        Request::Eval {
+            code: "1+1".into(),
+            env: vec![],
+            timeout_ms: Some(5),
+        },
+        Request::CodeInterpreter {
+            port: 49999,
+            cwd: None,
+        },
     ];
     for r in reqs {
         let back: Request = decode(&encode(&r)).unwrap();
         assert_eq!(back, r);
     }
+}
+
+#[test]
+fn protocol_1_requests_still_decode() {
+    // What a protocol-1 host sends must mean the same to this agent.
+    let r: Request = decode(br#"{"op":"write_file","path":"/x","mode":420}"#).unwrap();
+    assert_eq!(
+        r,
+        Request::WriteFile {
+            path: "/x".into(),
+            mode: Some(0o644),
+            parents: false,
+            user: None
+        }
+    );
+    let r: Request = decode(br#"{"op":"read_file","path":"/y"}"#).unwrap();
+    assert_eq!(
+        r,
+        Request::ReadFile {
+            path: "/y".into(),
+            user: None
+        }
+    );
+}
+
+#[test]
+fn windowed_requests_are_the_streams() {
+    let attach = Request::ProcAttach {
+        target: 1.into(),
+        options: AttachOptions::default(),
+    };
+    assert!(attach.is_windowed());
+    assert!(!Request::ProcStart {
+        spec: ProcSpec::new(["true"]),
+        attach: None
+    }
+    .is_windowed());
+    assert!(Request::ProcStart {
+        spec: ProcSpec::new(["true"]),
+        attach: Some(AttachOptions::default())
+    }
+    .is_windowed());
+    assert!(!Request::Exec(ExecRequest::default()).is_windowed());
+    assert!(Request::TcpConnect {
+        port: 1,
+        timeout_ms: None
+    }
+    .is_windowed());
+}
+
+#[test]
+fn responses_and_events_round_trip_through_json() {
+    let info = ProcInfo {
+        pid: 42,
+        tag: Some("t".into()),
+        argv: vec!["sleep".into(), "1".into()],
+        env: vec![("A".into(), "1".into())],
+        cwd: "/".into(),
+        user: "root".into(),
+        uid: 0,
+        gid: 0,
+        pty: false,
+        stdin: true,
+        started_unix_ms: 7,
+        exit: Some(ExitStatus {
+            code: None,
+            signal: Some(9),
+            timed_out: true,
+            duration_ms: 3,
+        }),
+    };
+    let file = FileInfo {
+        name: "l".into(),
+        path: "/l".into(),
+        kind: FileKind::Symlink,
+        target_kind: Some(FileKind::Dir),
+        symlink_target: Some("/tmp".into()),
+        size: 4,
+        mode: 0o777,
+        permissions: permissions_string(FileKind::Symlink, 0o777),
+        uid: 0,
+        gid: 0,
+        owner: "root".into(),
+        group: "root".into(),
+        mtime_ns: -1,
+    };
+    let responses = vec![
+        Response::ProcStarted(info.clone()),
+        Response::ProcEnded(info.exit.unwrap()),
+        Response::Stat { info: file.clone() },
+        Response::Moved { info: file.clone() },
+        Response::WatchEvents {
+            events: vec![FsEvent {
+                name: "a/b".into(),
+                kind: FsEventKind::Rename,
+            }],
+            dropped: 2,
+        },
+        Response::Evaluated(EvalResult {
+            value: Some("2".into()),
+            value_truncated: false,
+            error: Some(EvalError {
+                name: "NameError".into(),
+                value: "x".into(),
+                traceback: "Traceback".into(),
+            }),
+            execution_count: 3,
+            timed_out: false,
+            restarted: false,
+            duration_ms: 1,
+        }),
+        Response::TarDone(TarSummary {
+            bytes: 10240,
+            entries: 2,
+        }),
+        Response::RelayClosed {
+            sent: 1,
+            received: 2,
+        },
+        Response::Error(ErrorReply::new(ErrorCode::CwdNotFound, "no /x")),
+    ];
+    for r in responses {
+        let back: Response = decode(&encode(&r)).unwrap();
+        assert_eq!(back, r);
+    }
+    let events = vec![
+        Event::Started(info.clone()),
+        Event::Attached(info.clone()),
+        Event::Dropped { bytes: 9 },
+        Event::Entries {
+            entries: vec![file],
+        },
+        Event::Process(info),
+        Event::Connected,
+    ];
+    for e in events {
+        let back: Event = decode(&encode(&e)).unwrap();
+        assert_eq!(back, e);
+    }
+}
+
+#[test]
+fn window_frames_carry_four_bytes() {
+    use crate::frame::{parse_window, window_payload};
+    assert_eq!(parse_window(&window_payload(WINDOW)), Some(WINDOW));
+    assert_eq!(parse_window(b"abc"), None);
+    assert_eq!(parse_window(b"abcde"), None);
+    for k in 1..=11u8 {
+        assert_eq!(Kind::from_u8(k).map(|k| k as u8), Some(k));
+    }
+    assert_eq!(Kind::from_u8(12), None);
 }
 
 #[test]
@@ -208,7 +462,7 @@ mod properties {
             )
                 .prop_map(|(k, id, p)| {
                     let mut v = Vec::new();
-                    let kind = Kind::from_u8(1 + k % 8).unwrap_or(Kind::Data);
+                    let kind = Kind::from_u8(1 + k % 11).unwrap_or(Kind::Data);
                     write_frame(&mut v, kind, id, &p).unwrap();
                     v
                 }),

@@ -60,7 +60,7 @@ fn connect(limits: Limits) -> (AgentClient, Guest) {
         let hello: Hello = decode(&f.payload).unwrap();
         let ack = HelloAck {
             nonce: hello.nonce,
-            protocol: forkd_protocol::VERSION,
+            protocol: forkd_protocol::PROTOCOL,
             agent_version: "hostile".into(),
         };
         write_frame(&mut w, Kind::HelloAck, 0, &encode(&ack)).unwrap();
@@ -343,4 +343,154 @@ fn a_closed_channel_ends_an_untimed_exec() {
         c.ping(Duration::from_secs(1)),
         Err(ClientError::Closed(_))
     ));
+}
+
+// ----- protocol 2 -----
+
+#[test]
+fn an_agent_of_another_protocol_is_refused_with_the_reason() {
+    let (host, guest) = UnixStream::pair().unwrap();
+    let g = std::thread::spawn(move || {
+        let mut r = FrameReader::new(guest.try_clone().unwrap());
+        let mut w = guest;
+        let hello: Hello = decode(&r.read_frame().unwrap().payload).unwrap();
+        let ack = HelloAck {
+            nonce: hello.nonce,
+            protocol: 1,
+            agent_version: "0.0.1".into(),
+        };
+        write_frame(&mut w, Kind::HelloAck, 0, &encode(&ack)).unwrap();
+        w
+    });
+    let e = match AgentClient::connect_with(host, Duration::from_secs(5), limits(), &mut || Ok(()))
+    {
+        Ok(_) => panic!("a protocol-1 agent was accepted"),
+        Err(e) => e,
+    };
+    let _w = g.join().unwrap();
+    match &e {
+        ClientError::ProtocolMismatch { agent, host, .. } => {
+            assert_eq!((*agent, *host), (1, forkd_protocol::PROTOCOL));
+        }
+        other => panic!("{other:?}"),
+    }
+    let msg = e.to_string();
+    assert!(msg.contains("protocol 1") && msg.contains("0.0.1"), "{msg}");
+}
+
+fn info(pid: u32) -> forkd_protocol::ProcInfo {
+    forkd_protocol::ProcInfo {
+        pid,
+        tag: None,
+        argv: vec!["yes".into()],
+        env: vec![],
+        cwd: "/".into(),
+        user: "root".into(),
+        uid: 0,
+        gid: 0,
+        pty: false,
+        stdin: false,
+        started_unix_ms: 0,
+        exit: None,
+    }
+}
+
+#[test]
+fn data_past_the_window_fails_that_request_alone() {
+    let (c, mut g) = connect(limits());
+    let h = std::thread::spawn(move || {
+        let (id, req) = g.request();
+        assert!(matches!(req, Request::ProcAttach { .. }), "{req:?}");
+        g.frame(
+            Kind::Event,
+            id,
+            &encode(&forkd_protocol::Event::Attached(info(7))),
+        );
+        // Ignore flow control: 2 MiB at once, never waiting for a grant.
+        let chunk = vec![b'y'; 64 * 1024];
+        for _ in 0..32 {
+            g.frame(Kind::Stdout, id, &chunk);
+        }
+        // The session is still good: answer a ping.
+        let (pid, _) = g.request();
+        g.respond(
+            pid,
+            &Response::Pong(forkd_protocol::Pong {
+                agent_version: "hostile".into(),
+                protocol: forkd_protocol::PROTOCOL,
+                uptime_ms: 0,
+                root_disk: false,
+                hostname: "h".into(),
+            }),
+        );
+        g
+    });
+    let mut a = c
+        .proc_attach(7, forkd_protocol::AttachOptions::default())
+        .unwrap();
+    // Read nothing while the flood arrives: past the window it is refused
+    // (a caller that keeps up grants as it reads, and nothing piles up).
+    std::thread::sleep(Duration::from_millis(1000));
+    let mut got = 0usize;
+    let err = loop {
+        match a.next(Some(Duration::from_secs(5))) {
+            Ok(forkd_protocol::client::AttachEvent::Stdout(b)) => got += b.len(),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(err, ClientError::FlowControl { .. }), "{err:?}");
+    assert!(got <= forkd_protocol::WINDOW as usize, "{got}");
+    assert!(c.ping(Duration::from_secs(5)).is_ok());
+    assert_eq!(c.closed_reason(), None);
+    drop(h.join().unwrap());
+}
+
+#[test]
+fn a_relay_nobody_reads_does_not_stall_the_session() {
+    let (c, mut g) = connect(limits());
+    let h = std::thread::spawn(move || {
+        let (id, req) = g.request();
+        assert!(
+            matches!(req, Request::TcpConnect { port: 49999, .. }),
+            "{req:?}"
+        );
+        g.frame(Kind::Event, id, &encode(&forkd_protocol::Event::Connected));
+        // A full window of data the host's caller does not read, and no
+        // grant for the host's own sending.
+        let chunk = vec![b'z'; 64 * 1024];
+        for _ in 0..(forkd_protocol::WINDOW as usize / chunk.len()) {
+            g.frame(Kind::Stdout, id, &[]);
+            g.frame(Kind::Data, id, &chunk);
+        }
+        // Meanwhile other requests are served.
+        for _ in 0..3 {
+            let (pid, _) = g.request();
+            g.respond(pid, &exited(0));
+        }
+        g
+    });
+    let relay = c.tcp_connect(49999, Duration::from_secs(5)).unwrap();
+    let (mut reader, mut writer) = relay.split();
+    // Sending blocks after a window without grants: the write times out.
+    writer.set_timeout(Some(Duration::from_millis(500)));
+    let big = vec![b'h'; forkd_protocol::WINDOW as usize + 1];
+    let e = std::io::Write::write_all(&mut writer, &big).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+    // Three execs complete while the relay's window sits unread.
+    for _ in 0..3 {
+        let out = c.exec_collect(sh("true", Some(5_000)), None).unwrap();
+        assert_eq!(out.status.code, Some(0));
+    }
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0;
+    reader.set_timeout(Some(Duration::from_millis(500)));
+    while total < forkd_protocol::WINDOW as usize {
+        match std::io::Read::read(&mut reader, &mut buf) {
+            Ok(n) => total += n,
+            Err(e) => panic!("after {total} bytes: {e}"),
+        }
+    }
+    assert_eq!(total, forkd_protocol::WINDOW as usize);
+    drop(h.join().unwrap());
 }

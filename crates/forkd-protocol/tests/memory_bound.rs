@@ -30,7 +30,7 @@ fn connect() -> (AgentClient, UnixStream, FrameReader<UnixStream>) {
         let hello: Hello = decode(&r.read_frame().unwrap().payload).unwrap();
         let ack = HelloAck {
             nonce: hello.nonce,
-            protocol: forkd_protocol::VERSION,
+            protocol: forkd_protocol::PROTOCOL,
             agent_version: "flood".into(),
         };
         write_frame(&mut w, Kind::HelloAck, 0, &encode(&ack)).unwrap();
