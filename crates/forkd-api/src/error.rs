@@ -16,7 +16,7 @@ pub struct ErrorBody {
     /// What went wrong and, where there is one, how to fix it.
     pub error: String,
     /// forkd: the kind of failure (`bad_input`, `not_found`, `conflict`,
-    /// `busy`, `unprocessable`, `internal`).
+    /// `busy`, `unprocessable`, `permission_denied`, `internal`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kind: Option<String>,
     /// forkd: what went wrong, without the advice in `error`.
@@ -184,6 +184,7 @@ impl ApiError {
             Self::Internal(_) => 500,
             Self::Op(e) => match e.kind {
                 forkd_ops::ErrorKind::BadInput => 400,
+                forkd_ops::ErrorKind::PermissionDenied => 403,
                 forkd_ops::ErrorKind::NotFound => 404,
                 forkd_ops::ErrorKind::Conflict | forkd_ops::ErrorKind::Busy => 409,
                 forkd_ops::ErrorKind::Unprocessable => 422,

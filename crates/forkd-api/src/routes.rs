@@ -62,6 +62,10 @@ pub enum Body {
     PrometheusText,
     /// An OpenAPI document (`GET /v1/openapi.json`).
     OpenApi,
+    /// Raw bytes (`application/octet-stream`), streamed.
+    Octet,
+    /// A tar archive (`application/x-tar`), streamed.
+    Tar,
 }
 
 /// One documented answer of a route.
@@ -103,6 +107,10 @@ pub struct Route {
     pub auth: bool,
     /// The JSON request body, if it takes one.
     pub request: Option<&'static str>,
+    /// A raw request body ([`Body::Octet`] or [`Body::Tar`]) that the
+    /// server streams to the operation instead of buffering, so it has no
+    /// size cap.
+    pub stream_request: Option<Body>,
     /// The query-string type (a component schema), if it takes one.
     pub query: Option<&'static str>,
     /// Largest accepted body, in bytes.
@@ -140,6 +148,7 @@ const fn route(
         mutating: false,
         auth: true,
         request: None,
+        stream_request: None,
         query: None,
         body_limit: DEFAULT_BODY_LIMIT,
         limit: None,
@@ -166,6 +175,12 @@ const fn no_body(status: u16, description: &'static str) -> Response {
 const SANDBOX_404: Response = no_body(404, "No sandbox with this id.");
 const SNAPSHOT_404: Response = no_body(404, "No snapshot with this tag.");
 const SANDBOX_NOT_RUNNING: Response = no_body(409, "The sandbox is not running.");
+const GUEST_PATH_404: Response = no_body(
+    404,
+    "No sandbox with this id, or no such path in the guest.",
+);
+const GUEST_403: Response = no_body(403, "The guest refused the access (its permissions).");
+const PROCESS_404: Response = no_body(404, "No sandbox with this id, or no such process.");
 
 /// Every route the daemon serves.
 pub const ROUTES: &[Route] = &[
@@ -452,16 +467,25 @@ pub const ROUTES: &[Route] = &[
             "sandboxes",
         )
     },
+    // ---- files
     Route {
         mutating: true,
         request: Some("FileWriteRequest"),
         body_limit: FILE_BODY_LIMIT,
-        responses: &[no_body(204, "Written."), SANDBOX_404, SANDBOX_NOT_RUNNING],
+        responses: &[
+            ok(200, "Written.", Body::Json("FileWritten")),
+            GUEST_403,
+            no_body(
+                404,
+                "No sandbox with this id, or a parent directory is missing and `mkdir` is false.",
+            ),
+            SANDBOX_NOT_RUNNING,
+        ],
         ..route(
             Method::Put,
             "/v1/sandboxes/{id}/files",
             "writeFile",
-            "Write a file in the guest.",
+            "Write a file in the guest from base64 JSON (parents created).",
             "files",
         )
     },
@@ -469,18 +493,343 @@ pub const ROUTES: &[Route] = &[
         query: Some("FileReadQuery"),
         responses: &[
             ok(200, "The file.", Body::Json("FileContent")),
-            no_body(
-                404,
-                "No sandbox with this id, or no such file in the guest.",
-            ),
+            GUEST_403,
+            GUEST_PATH_404,
             SANDBOX_NOT_RUNNING,
         ],
         ..route(
             Method::Get,
             "/v1/sandboxes/{id}/files",
             "readFile",
-            "Read a file from the guest.",
+            "Read a file from the guest as base64 JSON (a directory is a 400).",
             "files",
+        )
+    },
+    Route {
+        mutating: true,
+        query: Some("PathQuery"),
+        responses: &[
+            no_body(204, "Removed (a directory with everything in it)."),
+            GUEST_403,
+            GUEST_PATH_404,
+            SANDBOX_NOT_RUNNING,
+        ],
+        ..route(
+            Method::Delete,
+            "/v1/sandboxes/{id}/files",
+            "removeFile",
+            "forkd: remove a file, or a directory and everything in it.",
+            "files",
+        )
+    },
+    Route {
+        mutating: true,
+        query: Some("RawWriteQuery"),
+        stream_request: Some(Body::Octet),
+        responses: &[
+            ok(200, "Written.", Body::Json("FileWritten")),
+            GUEST_403,
+            no_body(
+                404,
+                "No sandbox with this id, or a parent directory is missing and `mkdir` is false.",
+            ),
+            SANDBOX_NOT_RUNNING,
+        ],
+        ..route(
+            Method::Put,
+            "/v1/sandboxes/{id}/files/raw",
+            "uploadFile",
+            "forkd: write a file from a raw body, streamed (no size cap).",
+            "files",
+        )
+    },
+    Route {
+        query: Some("PathQuery"),
+        responses: &[
+            ok(200, "The file's bytes, streamed.", Body::Octet),
+            GUEST_403,
+            GUEST_PATH_404,
+            SANDBOX_NOT_RUNNING,
+        ],
+        ..route(
+            Method::Get,
+            "/v1/sandboxes/{id}/files/raw",
+            "downloadFile",
+            "forkd: read a file as raw bytes, streamed (no size cap).",
+            "files",
+        )
+    },
+    Route {
+        query: Some("PathQuery"),
+        responses: &[
+            ok(200, "The path's facts.", Body::Json("FileInfo")),
+            GUEST_403,
+            GUEST_PATH_404,
+            SANDBOX_NOT_RUNNING,
+        ],
+        ..route(
+            Method::Get,
+            "/v1/sandboxes/{id}/files/stat",
+            "statFile",
+            "forkd: facts about a path (type, size, mode, owner, time).",
+            "files",
+        )
+    },
+    Route {
+        query: Some("ListQuery"),
+        responses: &[
+            ok(
+                200,
+                "The entries, sorted by path.",
+                Body::JsonArray("FileInfo"),
+            ),
+            GUEST_403,
+            GUEST_PATH_404,
+            SANDBOX_NOT_RUNNING,
+        ],
+        ..route(
+            Method::Get,
+            "/v1/sandboxes/{id}/files/list",
+            "listFiles",
+            "forkd: list a directory, `depth` levels down.",
+            "files",
+        )
+    },
+    Route {
+        mutating: true,
+        request: Some("MkdirRequest"),
+        responses: &[
+            ok(
+                200,
+                "The directory exists (`created` says whether this call made it).",
+                Body::Json("MkdirResponse"),
+            ),
+            GUEST_403,
+            SANDBOX_404,
+            no_body(
+                409,
+                "The path exists and is not a directory, or the sandbox is not running.",
+            ),
+        ],
+        ..route(
+            Method::Post,
+            "/v1/sandboxes/{id}/files/mkdir",
+            "makeDir",
+            "forkd: make a directory and its missing parents.",
+            "files",
+        )
+    },
+    Route {
+        mutating: true,
+        request: Some("RenameRequest"),
+        responses: &[
+            ok(200, "The path at its new place.", Body::Json("FileInfo")),
+            GUEST_403,
+            GUEST_PATH_404,
+            SANDBOX_NOT_RUNNING,
+        ],
+        ..route(
+            Method::Post,
+            "/v1/sandboxes/{id}/files/rename",
+            "renameFile",
+            "forkd: move or rename a path.",
+            "files",
+        )
+    },
+    Route {
+        mutating: true,
+        query: Some("PathQuery"),
+        stream_request: Some(Body::Tar),
+        responses: &[
+            ok(200, "Unpacked.", Body::Json("TarSummary")),
+            GUEST_403,
+            SANDBOX_404,
+            SANDBOX_NOT_RUNNING,
+        ],
+        ..route(
+            Method::Put,
+            "/v1/sandboxes/{id}/files/tar",
+            "uploadTar",
+            "forkd: unpack a tar stream into directory `path` (created; modes kept).",
+            "files",
+        )
+    },
+    Route {
+        query: Some("PathQuery"),
+        responses: &[
+            ok(200, "The tar stream.", Body::Tar),
+            GUEST_403,
+            GUEST_PATH_404,
+            SANDBOX_NOT_RUNNING,
+        ],
+        ..route(
+            Method::Get,
+            "/v1/sandboxes/{id}/files/tar",
+            "downloadTar",
+            "forkd: pack a file or directory into a tar stream.",
+            "files",
+        )
+    },
+    // ---- watches
+    Route {
+        mutating: true,
+        request: Some("WatchRequest"),
+        responses: &[
+            ok(201, "Watching.", Body::Json("WatchCreated")),
+            GUEST_PATH_404,
+            SANDBOX_NOT_RUNNING,
+        ],
+        ..route(
+            Method::Post,
+            "/v1/sandboxes/{id}/watches",
+            "watchDir",
+            "forkd: start watching a directory for changes.",
+            "files",
+        )
+    },
+    Route {
+        query: Some("WatchPollQuery"),
+        responses: &[
+            ok(
+                200,
+                "The changes since the last poll (waiting up to `wait_ms` for the first).",
+                Body::JsonArray("FsEvent"),
+            ),
+            no_body(404, "No sandbox with this id, or no such watch."),
+            SANDBOX_NOT_RUNNING,
+        ],
+        ..route(
+            Method::Get,
+            "/v1/sandboxes/{id}/watches/{watch}",
+            "pollWatch",
+            "forkd: the changes under a watch.",
+            "files",
+        )
+    },
+    Route {
+        mutating: true,
+        responses: &[
+            no_body(204, "Stopped."),
+            no_body(404, "No sandbox with this id, or no such watch."),
+            SANDBOX_NOT_RUNNING,
+        ],
+        ..route(
+            Method::Delete,
+            "/v1/sandboxes/{id}/watches/{watch}",
+            "deleteWatch",
+            "forkd: stop a watch.",
+            "files",
+        )
+    },
+    // ---- processes
+    Route {
+        mutating: true,
+        request: Some("ProcessStartRequest"),
+        responses: &[
+            ok(
+                200,
+                "One JSON object per line: `started`, its output, then `exit` (or `error`). \
+                 Disconnecting stops following; the process goes on.",
+                Body::NdJson("ProcessEvent"),
+            ),
+            no_body(
+                404,
+                "No sandbox with this id, or the program or account does not exist.",
+            ),
+            no_body(
+                409,
+                "The sandbox is not running, or a running process has this tag.",
+            ),
+        ],
+        ..route(
+            Method::Post,
+            "/v1/sandboxes/{id}/processes",
+            "startProcess",
+            "forkd: start a process the guest keeps, and stream its output.",
+            "processes",
+        )
+    },
+    Route {
+        responses: &[
+            ok(
+                200,
+                "Running processes, and the last ones that ended.",
+                Body::JsonArray("ProcessInfo"),
+            ),
+            SANDBOX_404,
+            SANDBOX_NOT_RUNNING,
+        ],
+        ..route(
+            Method::Get,
+            "/v1/sandboxes/{id}/processes",
+            "listProcesses",
+            "forkd: the processes the guest keeps.",
+            "processes",
+        )
+    },
+    Route {
+        query: Some("FollowQuery"),
+        responses: &[
+            ok(
+                200,
+                "One JSON object per line: its output, then `exit` (or `error`).",
+                Body::NdJson("ProcessEvent"),
+            ),
+            PROCESS_404,
+            SANDBOX_NOT_RUNNING,
+        ],
+        ..route(
+            Method::Get,
+            "/v1/sandboxes/{id}/processes/{process}/stream",
+            "followProcess",
+            "forkd: follow a running process's output.",
+            "processes",
+        )
+    },
+    Route {
+        mutating: true,
+        request: Some("ProcessInputRequest"),
+        responses: &[
+            no_body(204, "Written."),
+            no_body(400, "Bad input, or the process's stdin is closed."),
+            PROCESS_404,
+            SANDBOX_NOT_RUNNING,
+        ],
+        ..route(
+            Method::Post,
+            "/v1/sandboxes/{id}/processes/{process}/input",
+            "processInput",
+            "forkd: write to a process's stdin (and close it).",
+            "processes",
+        )
+    },
+    Route {
+        mutating: true,
+        request: Some("SignalRequest"),
+        responses: &[no_body(204, "Sent."), PROCESS_404, SANDBOX_NOT_RUNNING],
+        ..route(
+            Method::Post,
+            "/v1/sandboxes/{id}/processes/{process}/signal",
+            "signalProcess",
+            "forkd: send a signal to a process's group.",
+            "processes",
+        )
+    },
+    Route {
+        mutating: true,
+        request: Some("PtySize"),
+        responses: &[
+            no_body(204, "Resized."),
+            no_body(400, "Bad input, or the process has no terminal."),
+            PROCESS_404,
+            SANDBOX_NOT_RUNNING,
+        ],
+        ..route(
+            Method::Post,
+            "/v1/sandboxes/{id}/processes/{process}/resize",
+            "resizeProcess",
+            "forkd: resize a process's terminal.",
+            "processes",
         )
     },
 ];
@@ -520,6 +869,26 @@ fn component_schemas() -> Map<String, Value> {
     gen.subschema_for::<FileWriteRequest>();
     gen.subschema_for::<FileReadQuery>();
     gen.subschema_for::<FileContent>();
+    gen.subschema_for::<FileWritten>();
+    gen.subschema_for::<FileInfo>();
+    gen.subschema_for::<PathQuery>();
+    gen.subschema_for::<ListQuery>();
+    gen.subschema_for::<RawWriteQuery>();
+    gen.subschema_for::<MkdirRequest>();
+    gen.subschema_for::<MkdirResponse>();
+    gen.subschema_for::<RenameRequest>();
+    gen.subschema_for::<TarSummary>();
+    gen.subschema_for::<WatchRequest>();
+    gen.subschema_for::<WatchCreated>();
+    gen.subschema_for::<WatchPollQuery>();
+    gen.subschema_for::<FsEvent>();
+    gen.subschema_for::<ProcessStartRequest>();
+    gen.subschema_for::<ProcessInfo>();
+    gen.subschema_for::<ProcessEvent>();
+    gen.subschema_for::<FollowQuery>();
+    gen.subschema_for::<ProcessInputRequest>();
+    gen.subschema_for::<SignalRequest>();
+    gen.subschema_for::<PtySize>();
     let mut definitions = gen.take_definitions();
     // The OpenAPI 3.0 visitors (e.g. moving `$ref` siblings into `allOf`, which
     // 3.0 would ignore) only run on root schemas by themselves.
@@ -552,6 +921,12 @@ fn body_content(body: Body) -> Value {
             json!({ "text/plain; version=0.0.4": { "schema": { "type": "string" } } })
         }
         Body::OpenApi => json!({ "application/json": { "schema": { "type": "object" } } }),
+        Body::Octet => {
+            json!({ "application/octet-stream": { "schema": { "type": "string", "format": "binary" } } })
+        }
+        Body::Tar => {
+            json!({ "application/x-tar": { "schema": { "type": "string", "format": "binary" } } })
+        }
     }
 }
 
@@ -596,6 +971,8 @@ fn operation(route: &Route, schemas: &Map<String, Value>) -> Value {
             let description = match name {
                 "id" => "Sandbox id.",
                 "tag" => "Snapshot tag (`[A-Za-z0-9._-]{1,64}`, not starting with `.`).",
+                "watch" => "Watch id, as starting the watch answered.",
+                "process" => "The process's pid, or its tag (which is never all digits).",
                 _ => "",
             };
             json!({
@@ -663,6 +1040,9 @@ fn operation(route: &Route, schemas: &Map<String, Value>) -> Value {
     if let Some(request) = route.request {
         op["requestBody"] =
             json!({ "required": true, "content": body_content(Body::Json(request)) });
+    }
+    if let Some(body) = route.stream_request {
+        op["requestBody"] = json!({ "required": true, "content": body_content(body) });
     }
     if route.mutating {
         op["x-forkd-audited"] = json!(true);
@@ -748,9 +1128,19 @@ mod tests {
             if r.method == Method::Get {
                 assert!(r.request.is_none() && !r.mutating, "{}", r.operation_id);
             }
+            assert!(
+                r.request.is_none() || r.stream_request.is_none(),
+                "{} takes one body",
+                r.operation_id
+            );
+            assert!(
+                matches!(r.stream_request, None | Some(Body::Octet | Body::Tar)),
+                "{}: streamed bodies are raw",
+                r.operation_id
+            );
             for p in r.path_params() {
                 assert!(
-                    matches!(p, "id" | "tag"),
+                    matches!(p, "id" | "tag" | "watch" | "process"),
                     "{}: unexpected parameter {p}",
                     r.path
                 );

@@ -55,6 +55,49 @@ pub fn guest_path(field: &str, value: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// 1 to `max` bytes of letters, digits, `.`, `_` and `-`.
+fn name_like(value: &str, max: usize) -> bool {
+    !value.is_empty()
+        && value.len() <= max
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Checks a guest account name (or a numeric uid): 1 to 32 bytes of
+/// letters, digits, `.`, `_` and `-`, not starting with `-`.
+pub fn user(field: &str, value: &str) -> Result<(), ApiError> {
+    let ok = name_like(value, 32) && !value.starts_with('-');
+    if !ok {
+        return Err(ApiError::field(
+            field,
+            format!(
+                "{value:?} is not an account name (1-32 letters, digits, `.`, `_`, `-`) or a uid"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a process tag: 1 to 64 bytes of letters, digits, `.`, `_` and
+/// `-`, and not all digits (a number in a path is a pid).
+pub fn process_tag(field: &str, value: &str) -> Result<(), ApiError> {
+    let ok = name_like(value, 64);
+    if !ok {
+        return Err(ApiError::field(
+            field,
+            format!("{value:?} is not a process tag (1-64 letters, digits, `.`, `_`, `-`)"),
+        ));
+    }
+    if value.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ApiError::field(
+            field,
+            "a process tag must not be all digits (a number names a pid)",
+        ));
+    }
+    Ok(())
+}
+
 /// Decodes a standard, padded base64 field.
 pub fn base64(field: &str, value: &str) -> Result<Vec<u8>, ApiError> {
     BASE64
@@ -80,6 +123,18 @@ mod tests {
         let err = range("n", 0, 1, 1000).unwrap_err();
         assert!(err.to_string().contains("between 1 and 1000"), "{err}");
         assert!(range("n", 1000, 1, 1000).is_ok());
+    }
+
+    #[test]
+    fn users_and_process_tags() {
+        assert!(user("user", "root").is_ok());
+        assert!(user("user", "1000").is_ok());
+        for bad in ["", "-x", "a:b", "a b", &"u".repeat(33)] {
+            assert!(user("user", bad).is_err(), "{bad:?}");
+        }
+        assert!(process_tag("tag", "web-1").is_ok());
+        assert!(process_tag("tag", "123").is_err());
+        assert!(process_tag("tag", "a/b").is_err());
     }
 
     #[test]

@@ -214,6 +214,43 @@ pub fn kill(ops: &dyn Operations, ids: Vec<String>, all: bool, json: bool) -> Re
 }
 
 /// `forkd snapshot`: a full branch (the guest stopped for the copy).
+pub fn cp(ops: &dyn Operations, src: &str, dst: &str, quiet: bool, json: bool) -> Result<ExitCode> {
+    let (src, dst) = (crate::cp::Place::parse(src), crate::cp::Place::parse(dst));
+    let copied = crate::cp::copy(ops, &src, &dst)?;
+    if json {
+        let line = serde_json::to_string(&copied)?;
+        // A tar on stdout keeps stdout to itself.
+        if dst == crate::cp::Place::Stdio {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    } else if !quiet {
+        eprintln!(
+            "forkd: copied {} {} ({}) from {} to {}",
+            copied.entries,
+            if copied.entries == 1 {
+                "entry"
+            } else {
+                "entries"
+            },
+            human_bytes(copied.bytes),
+            copied.src,
+            copied.dst
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn human_bytes(b: u64) -> String {
+    match b {
+        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} B"),
+    }
+}
+
 pub fn snapshot(ops: &dyn Operations, id: &str, tag: &str, json: bool) -> Result<ExitCode> {
     let out = ops.branch(&BranchRequest {
         source: id.to_string(),

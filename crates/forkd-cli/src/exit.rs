@@ -29,6 +29,7 @@ pub fn of_op(e: &OpError) -> u8 {
         | ErrorKind::Conflict
         | ErrorKind::Busy
         | ErrorKind::Unprocessable
+        | ErrorKind::PermissionDenied
         | ErrorKind::Internal => FORKD_FAILED,
     }
 }

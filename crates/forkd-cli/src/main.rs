@@ -3,6 +3,7 @@
 //! prints; nothing else lives here.
 
 mod commands;
+mod cp;
 mod exit;
 mod hints;
 mod remote;
@@ -85,6 +86,24 @@ enum FleetCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Copy files and directories between this host and a sandbox (modes
+    /// and times kept, parents made): `cp ./src ID:/work`, `cp ID:/out .`.
+    /// As `docker cp`: a directory lands inside an existing directory, or
+    /// becomes a new path; `DIR/.` copies its contents; `-` is a tar stream
+    /// on stdin or stdout.
+    Cp {
+        /// Source: a local path, `ID:/path` in a sandbox, or `-` (a tar on stdin).
+        src: String,
+        /// Destination: a local path, `ID:/path` in a sandbox, or `-` (a tar
+        /// to stdout).
+        dst: String,
+        /// Print nothing on success.
+        #[arg(short, long)]
+        quiet: bool,
+        /// Print one JSON object ({src, dst, entries, bytes}) instead of text.
+        #[arg(long, conflicts_with = "quiet")]
+        json: bool,
+    },
     /// Snapshot a running sandbox (it pauses briefly, then goes on).
     Snapshot {
         /// The sandbox to snapshot.
@@ -160,7 +179,7 @@ enum FleetCommand {
     },
     /// Serve the operations to an AI agent over the Model Context Protocol on
     /// stdin/stdout (tools: create_sandbox, run_command, write_file,
-    /// read_file, branch_sandbox, spawn_sandboxes, kill_sandbox,
+    /// read_file, list_files, branch_sandbox, spawn_sandboxes, kill_sandbox,
     /// list_sandboxes, list_snapshots). The daemon serves the same at /mcp.
     Mcp,
     /// Fill the warm pool of a snapshot to K pre-started QEMUs (`forkd ls` shows them as pooled).
@@ -411,6 +430,12 @@ fn fleet_command(owned: Box<dyn forkd_ops::Operations>, command: FleetCommand) -
         Command::Exec(args) => commands::exec(ops, args),
         Command::Ls { json } => commands::ls(ops, json),
         Command::Kill { ids, all, json } => commands::kill(ops, ids, all, json),
+        Command::Cp {
+            src,
+            dst,
+            quiet,
+            json,
+        } => commands::cp(ops, &src, &dst, quiet, json),
         Command::Snapshot { id, tag, json } => commands::snapshot(ops, &id, &tag, json),
         Command::Snapshots { json } => commands::snapshots(ops, json),
         Command::Info { tag, json } => commands::info(ops, &tag, json),

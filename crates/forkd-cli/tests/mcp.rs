@@ -7,23 +7,8 @@
 mod common;
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
-use common::{free_port, World};
-
-/// The test venv's python (`$FORKD_PY_VENV`, else `target/py-venv`).
-pub fn venv_python() -> PathBuf {
-    let venv = std::env::var_os("FORKD_PY_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/py-venv"));
-    let python = venv.join("bin/python");
-    assert!(
-        python.is_file(),
-        "{} is missing: run scripts/setup.sh (it runs scripts/setup-python.sh)",
-        python.display()
-    );
-    python
-}
+use common::{free_port, pytest, wait_for_http, World};
 
 #[test]
 fn the_official_mcp_client_drives_forkd_over_stdio_and_http() {
@@ -35,38 +20,15 @@ fn the_official_mcp_client_drives_forkd_over_stdio_and_http() {
         &[("FORKD_TOKEN", token)],
     );
     let url = format!("http://{addr}");
-    let health = forkd_client::Client::new(&url, None).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while health.call("GET", "/healthz", None).is_err() {
-        assert!(Instant::now() < deadline, "{}", w.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_http(&url, &w);
     let tests = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../forkd-mcp/tests/python");
-    let out = std::process::Command::new(venv_python())
-        .args([
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "test_mcp.py",
-        ])
-        .current_dir(&tests)
-        .env("FORKD_BIN", env!("CARGO_BIN_EXE_forkd"))
-        .env("FORKD_HOME", &w.home)
-        .env("FORKD_RUNTIME_DIR", &w.runtime)
-        .env("FORKD_MCP_URL", format!("{url}/mcp"))
-        .env("FORKD_MCP_TOKEN", token)
-        .env_remove("FORKD_TOKEN")
-        .env_remove("FORKD_REMOTE")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "pytest failed:\n{}\n{}\ndaemon log:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        w.log()
+    pytest(
+        &w,
+        &tests,
+        "test_mcp.py",
+        &[
+            ("FORKD_MCP_URL", format!("{url}/mcp")),
+            ("FORKD_MCP_TOKEN", token.to_string()),
+        ],
     );
-    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
 }

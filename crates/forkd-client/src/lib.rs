@@ -17,9 +17,14 @@ use forkd_api::convert;
 use forkd_api::types as api;
 use forkd_ops::{
     BranchOutcome, BranchRequest, CreateRequest, Created, EvalOutcome, ExecOutcome, ExecSpec,
-    OnChild, OpError, Operations, Pong, PoolStatus, RemoveSnapshot, Sandbox, Snapshot,
-    SnapshotDetail, SpawnOutcome, SpawnRequest, Stream,
+    FileInfo, FsEvent, OnChild, OpError, Operations, Pong, PoolStatus, ProcessEvent, ProcessInfo,
+    ProcessRef, ProcessSpec, PtySize, RemoveSnapshot, Sandbox, Snapshot, SnapshotDetail,
+    SpawnOutcome, SpawnRequest, Stream, TarSummary, WriteOptions,
 };
+
+mod guest;
+pub mod pipe;
+pub mod tarcount;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -154,17 +159,44 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<reqwest::blocking::Response, ClientError> {
+        match body {
+            Some(b) => self.send_body(method, path, "application/json", b.into()),
+            None => self.send_request(self.request(method, path)?),
+        }
+    }
+
+    fn request(
+        &self,
+        method: &str,
+        path: &str,
+    ) -> Result<reqwest::blocking::RequestBuilder, ClientError> {
         let method = reqwest::Method::from_bytes(method.as_bytes())
             .map_err(|e| ClientError::Protocol(format!("method {method}: {e}")))?;
         let mut req = self.http.request(method, format!("{}{path}", self.base));
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
         }
-        if let Some(b) = body {
-            req = req
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(b);
-        }
+        Ok(req)
+    }
+
+    fn send_body(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: &str,
+        body: reqwest::blocking::Body,
+    ) -> Result<reqwest::blocking::Response, ClientError> {
+        let req = self
+            .request(method, path)?
+            .header(reqwest::header::CONTENT_TYPE, content_type)
+            .body(body);
+        self.send_request(req)
+    }
+
+    fn send_request(
+        &self,
+        req: reqwest::blocking::RequestBuilder,
+    ) -> Result<reqwest::blocking::Response, ClientError> {
         req.send().map_err(|source| {
             if source.is_connect() {
                 ClientError::Connect {
@@ -178,6 +210,21 @@ impl Client {
                 }
             }
         })
+    }
+
+    /// The error an error answer carries.
+    fn error_answer(&self, resp: reqwest::blocking::Response) -> OpError {
+        let status = resp.status().as_u16();
+        match resp.bytes() {
+            Ok(body) => match api_error(Answer {
+                status,
+                body: body.to_vec(),
+            }) {
+                Err(e) => e.into(),
+                Ok(_) => OpError::internal(format!("the daemon answered HTTP {status}")),
+            },
+            Err(e) => self.transport(e).into(),
+        }
     }
 
     fn transport(&self, source: reqwest::Error) -> ClientError {
@@ -253,7 +300,7 @@ impl Client {
     }
 }
 
-fn api_error(a: Answer) -> Result<Answer, ClientError> {
+pub(crate) fn api_error(a: Answer) -> Result<Answer, ClientError> {
     if a.status < 400 {
         return Ok(a);
     }
@@ -271,25 +318,13 @@ fn api_error(a: Answer) -> Result<Answer, ClientError> {
     })
 }
 
-fn to_value(v: impl serde::Serialize) -> Value {
+pub(crate) fn to_value(v: impl serde::Serialize) -> Value {
     serde_json::to_value(v).expect("requests serialise")
-}
-
-/// Percent-encodes a query value.
-fn query_value(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// A sandbox id or tag as a path segment: refused when it would change the
 /// path (the daemon checks the rule too).
-fn segment(what: &str, s: &str) -> Result<(), OpError> {
+pub(crate) fn segment(what: &str, s: &str) -> Result<(), OpError> {
     match what {
         "tag" => forkd_ops::validate_tag(s)?,
         _ => forkd_ops::validate_id(s).map_err(|_| OpError::no_sandbox(s))?,
@@ -406,18 +441,22 @@ impl Operations for Client {
         }
     }
 
-    fn eval(&self, id: &str, code: &str) -> Result<EvalOutcome, OpError> {
+    fn eval(
+        &self,
+        id: &str,
+        code: &str,
+        timeout: Option<Duration>,
+    ) -> Result<EvalOutcome, OpError> {
         segment("id", id)?;
         let r: api::EvalResponse = self.json(
             "POST",
             &format!("/v1/sandboxes/{id}/eval"),
-            Some(serde_json::json!({ "code": code })),
+            Some(serde_json::json!({
+                "code": code,
+                "timeout_secs": timeout.map(|t| t.as_secs().max(1)),
+            })),
         )?;
-        Ok(EvalOutcome {
-            result: r.result,
-            error: r.error,
-            exit_code: r.exit_code as i32,
-        })
+        Ok(convert::eval_from_wire(r))
     }
 
     fn ping(&self, id: &str) -> Result<Pong, OpError> {
@@ -430,37 +469,131 @@ impl Operations for Client {
         &self,
         id: &str,
         path: &str,
-        mode: Option<u32>,
+        opts: &WriteOptions,
         data: &mut dyn Read,
     ) -> Result<u64, OpError> {
-        use base64::Engine as _;
-        segment("id", id)?;
-        let mut buf = Vec::new();
-        data.read_to_end(&mut buf)
-            .map_err(|e| OpError::bad_input(format!("reading the file to send: {e}")))?;
-        let body = serde_json::json!({
-            "path": path,
-            "content_b64": base64::engine::general_purpose::STANDARD.encode(&buf),
-            "mode": mode,
-        });
-        self.call("PUT", &format!("/v1/sandboxes/{id}/files"), Some(&body))?;
-        Ok(buf.len() as u64)
+        self.guest_write(id, path, opts, data)
     }
 
-    fn read_file(&self, id: &str, path: &str, out: &mut dyn Write) -> Result<u64, OpError> {
-        use base64::Engine as _;
-        segment("id", id)?;
-        let f: api::FileContent = self.json(
-            "GET",
-            &format!("/v1/sandboxes/{id}/files?path={}", query_value(path)),
-            None,
-        )?;
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(&f.content_b64)
-            .map_err(|e| OpError::internal(format!("the daemon sent bad base64: {e}")))?;
-        out.write_all(&bytes)
-            .map_err(|e| OpError::internal(format!("writing the file here: {e}")))?;
-        Ok(bytes.len() as u64)
+    fn read_file(
+        &self,
+        id: &str,
+        path: &str,
+        user: Option<&str>,
+        out: &mut dyn Write,
+    ) -> Result<u64, OpError> {
+        self.guest_read(id, path, user, out)
+    }
+
+    fn stat(&self, id: &str, path: &str, user: Option<&str>) -> Result<FileInfo, OpError> {
+        self.guest_stat(id, path, user)
+    }
+
+    fn list_dir(
+        &self,
+        id: &str,
+        path: &str,
+        depth: u32,
+        user: Option<&str>,
+    ) -> Result<Vec<FileInfo>, OpError> {
+        self.guest_list(id, path, depth, user)
+    }
+
+    fn make_dir(&self, id: &str, path: &str, user: Option<&str>) -> Result<bool, OpError> {
+        self.guest_mkdir(id, path, user)
+    }
+
+    fn remove_path(&self, id: &str, path: &str, user: Option<&str>) -> Result<(), OpError> {
+        self.guest_remove(id, path, user)
+    }
+
+    fn rename_path(
+        &self,
+        id: &str,
+        from: &str,
+        to: &str,
+        user: Option<&str>,
+    ) -> Result<FileInfo, OpError> {
+        self.guest_rename(id, from, to, user)
+    }
+
+    fn copy_in(
+        &self,
+        id: &str,
+        dir: &str,
+        user: Option<&str>,
+        tar: &mut dyn Read,
+    ) -> Result<TarSummary, OpError> {
+        self.guest_copy_in(id, dir, user, tar)
+    }
+
+    fn copy_out(
+        &self,
+        id: &str,
+        path: &str,
+        user: Option<&str>,
+        tar: &mut dyn Write,
+    ) -> Result<TarSummary, OpError> {
+        self.guest_copy_out(id, path, user, tar)
+    }
+
+    fn watch_dir(
+        &self,
+        id: &str,
+        path: &str,
+        recursive: bool,
+        user: Option<&str>,
+    ) -> Result<u32, OpError> {
+        self.guest_watch(id, path, recursive, user)
+    }
+
+    fn watch_events(&self, id: &str, watch: u32, wait: Duration) -> Result<Vec<FsEvent>, OpError> {
+        self.guest_watch_events(id, watch, wait)
+    }
+
+    fn unwatch(&self, id: &str, watch: u32) -> Result<(), OpError> {
+        self.guest_unwatch(id, watch)
+    }
+
+    fn run_process(
+        &self,
+        id: &str,
+        spec: &ProcessSpec,
+        on_event: &mut dyn FnMut(ProcessEvent) -> bool,
+    ) -> Result<Option<ExecOutcome>, OpError> {
+        self.guest_run(id, spec, on_event)
+    }
+
+    fn follow_process(
+        &self,
+        id: &str,
+        process: &ProcessRef,
+        replay: bool,
+        on_event: &mut dyn FnMut(ProcessEvent) -> bool,
+    ) -> Result<Option<ExecOutcome>, OpError> {
+        self.guest_follow(id, process, replay, on_event)
+    }
+
+    fn process_input(
+        &self,
+        id: &str,
+        process: &ProcessRef,
+        data: &[u8],
+        close: bool,
+    ) -> Result<(), OpError> {
+        self.guest_input(id, process, data, close)
+    }
+
+    fn signal_process(&self, id: &str, process: &ProcessRef, signal: i32) -> Result<(), OpError> {
+        self.guest_signal(id, process, signal)
+    }
+
+    fn resize_process(&self, id: &str, process: &ProcessRef, size: PtySize) -> Result<(), OpError> {
+        self.guest_resize(id, process, size)
+    }
+
+    fn list_processes(&self, id: &str) -> Result<Vec<ProcessInfo>, OpError> {
+        self.guest_processes(id)
     }
 
     fn branch(&self, req: &BranchRequest) -> Result<BranchOutcome, OpError> {
@@ -557,7 +690,7 @@ mod tests {
 
     #[test]
     fn query_values_are_escaped_and_segments_checked() {
-        assert_eq!(query_value("/tmp/a b&c"), "/tmp/a%20b%26c");
+        assert_eq!(convert::query_value("/tmp/a b&c"), "/tmp/a%20b%26c");
         assert!(segment("id", "../x").is_err());
         assert!(segment("tag", "ok.1").is_ok());
     }

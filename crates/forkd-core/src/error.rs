@@ -55,6 +55,15 @@ pub enum CoreError {
     BranchFailed { tag: String, reason: String },
     #[error("sandbox `{id}` has no python3 ({detail})")]
     NoPython { id: String, detail: String },
+    /// The guest refused an operation on its own things (a path that does
+    /// not exist, a directory where a file was asked, its permissions).
+    #[error("{what} in `{id}`: {message}")]
+    InGuest {
+        id: String,
+        what: String,
+        code: forkd_protocol::ErrorCode,
+        message: String,
+    },
     #[error("choosing the accelerator: {0}")]
     Accel(String),
     #[error("{0}")]
@@ -137,6 +146,22 @@ impl CoreError {
             | C::SnapshotWritingTooLong { .. }
             | C::BranchInProgress { .. } => ErrorKind::Busy,
             C::NoPython { .. } => ErrorKind::Unprocessable,
+            C::InGuest { code, .. } => {
+                use forkd_protocol::ErrorCode as W;
+                match code {
+                    W::NotFound | W::CommandNotFound | W::UnknownUser => ErrorKind::NotFound,
+                    W::AlreadyExists => ErrorKind::Conflict,
+                    W::PermissionDenied => ErrorKind::PermissionDenied,
+                    W::NotADirectory
+                    | W::IsADirectory
+                    | W::NotEmpty
+                    | W::CwdNotFound
+                    | W::BadRequest
+                    | W::NoStdin => ErrorKind::BadInput,
+                    W::Limit | W::TimedOut => ErrorKind::Busy,
+                    _ => ErrorKind::Unprocessable,
+                }
+            }
             C::Store(e) => match e {
                 S::InvalidTag(_) => ErrorKind::BadInput,
                 S::NoSandbox { .. } | S::NoSnapshot { .. } => ErrorKind::NotFound,

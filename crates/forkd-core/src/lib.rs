@@ -18,6 +18,7 @@ pub mod doctor;
 mod error;
 pub mod files;
 pub mod fleet;
+mod guest;
 pub mod helper;
 pub mod hugepages;
 mod ops;

@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 
 use forkd_ops::{
     policy, Accel, BranchOutcome, BranchRequest, Child, CreateRequest, Created, EvalOutcome,
-    ExecOutcome, ExecSpec, Network, OnChild, OpError, Operations, Pong, PoolStatus, RemoveSnapshot,
-    Sandbox, Snapshot, SnapshotDetail, SpawnOutcome, SpawnRequest, Stream,
+    ExecOutcome, ExecSpec, FileInfo, FsEvent, Network, OnChild, OpError, Operations, Pong,
+    PoolStatus, ProcessEvent, ProcessInfo, ProcessRef, ProcessSpec, PtySize, RemoveSnapshot,
+    Sandbox, Snapshot, SnapshotDetail, SpawnOutcome, SpawnRequest, Stream, TarSummary,
+    WriteOptions,
 };
 use forkd_protocol::client::OutputStream;
 
@@ -30,9 +32,6 @@ impl From<&CoreError> for OpError {
         }
     }
 }
-
-/// How long an `eval` may run.
-const EVAL_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn boot_options(req: &CreateRequest) -> BootOptions {
     BootOptions {
@@ -134,36 +133,13 @@ impl Operations for Fleet {
         })
     }
 
-    fn eval(&self, id: &str, code: &str) -> Result<EvalOutcome, OpError> {
-        let req = forkd_protocol::ExecRequest {
-            argv: vec!["python3".into(), "-c".into(), code.into()],
-            env: vec![],
-            cwd: None,
-            timeout_ms: Some(EVAL_TIMEOUT.as_millis() as u64),
-            stdin: false,
-        };
-        let no_python = |detail: String| CoreError::NoPython {
-            id: id.into(),
-            detail,
-        };
-        let out = self
-            .with_agent(id, "an eval", |agent| agent.exec_collect(req, None))
-            .map_err(|e| match e {
-                e @ CoreError::Vm(forkd_vm::VmError::Agent(
-                    forkd_protocol::client::ClientError::Agent(_),
-                )) => no_python(e.to_string()),
-                other => other,
-            })?;
-        let exit_code = out.status.shell_code();
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        if exit_code == 127 {
-            return Err(no_python(stderr.trim().to_string()).into());
-        }
-        Ok(EvalOutcome {
-            result: Some(String::from_utf8_lossy(&out.stdout).into_owned()),
-            error: (exit_code != 0).then_some(stderr),
-            exit_code,
-        })
+    fn eval(
+        &self,
+        id: &str,
+        code: &str,
+        timeout: Option<Duration>,
+    ) -> Result<EvalOutcome, OpError> {
+        Ok(self.guest_eval(id, code, timeout)?)
     }
 
     fn ping(&self, id: &str) -> Result<Pong, OpError> {
@@ -177,14 +153,131 @@ impl Operations for Fleet {
         &self,
         id: &str,
         path: &str,
-        mode: Option<u32>,
+        opts: &WriteOptions,
         data: &mut dyn Read,
     ) -> Result<u64, OpError> {
-        Ok(Fleet::write_file(self, id, path, mode, data)?)
+        Ok(self.guest_write(id, path, opts, data)?)
     }
 
-    fn read_file(&self, id: &str, path: &str, out: &mut dyn Write) -> Result<u64, OpError> {
-        Ok(Fleet::read_file(self, id, path, out)?)
+    fn read_file(
+        &self,
+        id: &str,
+        path: &str,
+        user: Option<&str>,
+        out: &mut dyn Write,
+    ) -> Result<u64, OpError> {
+        Ok(self.guest_read(id, path, user, out)?)
+    }
+
+    fn stat(&self, id: &str, path: &str, user: Option<&str>) -> Result<FileInfo, OpError> {
+        Ok(self.guest_stat(id, path, user)?)
+    }
+
+    fn list_dir(
+        &self,
+        id: &str,
+        path: &str,
+        depth: u32,
+        user: Option<&str>,
+    ) -> Result<Vec<FileInfo>, OpError> {
+        Ok(self.guest_list(id, path, depth, user)?)
+    }
+
+    fn make_dir(&self, id: &str, path: &str, user: Option<&str>) -> Result<bool, OpError> {
+        Ok(self.guest_mkdir(id, path, user)?)
+    }
+
+    fn remove_path(&self, id: &str, path: &str, user: Option<&str>) -> Result<(), OpError> {
+        Ok(self.guest_remove(id, path, user)?)
+    }
+
+    fn rename_path(
+        &self,
+        id: &str,
+        from: &str,
+        to: &str,
+        user: Option<&str>,
+    ) -> Result<FileInfo, OpError> {
+        Ok(self.guest_rename(id, from, to, user)?)
+    }
+
+    fn copy_in(
+        &self,
+        id: &str,
+        dir: &str,
+        user: Option<&str>,
+        tar: &mut dyn Read,
+    ) -> Result<TarSummary, OpError> {
+        Ok(self.guest_copy_in(id, dir, user, tar)?)
+    }
+
+    fn copy_out(
+        &self,
+        id: &str,
+        path: &str,
+        user: Option<&str>,
+        tar: &mut dyn Write,
+    ) -> Result<TarSummary, OpError> {
+        Ok(self.guest_copy_out(id, path, user, tar)?)
+    }
+
+    fn watch_dir(
+        &self,
+        id: &str,
+        path: &str,
+        recursive: bool,
+        user: Option<&str>,
+    ) -> Result<u32, OpError> {
+        Ok(self.guest_watch(id, path, recursive, user)?)
+    }
+
+    fn watch_events(&self, id: &str, watch: u32, wait: Duration) -> Result<Vec<FsEvent>, OpError> {
+        Ok(self.guest_watch_events(id, watch, wait)?)
+    }
+
+    fn unwatch(&self, id: &str, watch: u32) -> Result<(), OpError> {
+        Ok(self.guest_unwatch(id, watch)?)
+    }
+
+    fn run_process(
+        &self,
+        id: &str,
+        spec: &ProcessSpec,
+        on_event: &mut dyn FnMut(ProcessEvent) -> bool,
+    ) -> Result<Option<ExecOutcome>, OpError> {
+        Ok(self.guest_run(id, spec, on_event)?)
+    }
+
+    fn follow_process(
+        &self,
+        id: &str,
+        process: &ProcessRef,
+        replay: bool,
+        on_event: &mut dyn FnMut(ProcessEvent) -> bool,
+    ) -> Result<Option<ExecOutcome>, OpError> {
+        Ok(self.guest_follow(id, process, replay, on_event)?)
+    }
+
+    fn process_input(
+        &self,
+        id: &str,
+        process: &ProcessRef,
+        data: &[u8],
+        close: bool,
+    ) -> Result<(), OpError> {
+        Ok(self.guest_input(id, process, data, close)?)
+    }
+
+    fn signal_process(&self, id: &str, process: &ProcessRef, signal: i32) -> Result<(), OpError> {
+        Ok(self.guest_signal(id, process, signal)?)
+    }
+
+    fn resize_process(&self, id: &str, process: &ProcessRef, size: PtySize) -> Result<(), OpError> {
+        Ok(self.guest_resize(id, process, size)?)
+    }
+
+    fn list_processes(&self, id: &str) -> Result<Vec<ProcessInfo>, OpError> {
+        Ok(self.guest_processes(id)?)
     }
 
     fn branch(&self, req: &BranchRequest) -> Result<BranchOutcome, OpError> {

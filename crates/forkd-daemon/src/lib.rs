@@ -11,7 +11,9 @@
 //! ([`forkd_ops::Operations`]): the client side of the same API is
 //! `forkd-client`.
 
+mod guest;
 pub mod ops;
+pub mod pipe;
 pub mod server;
 
 use std::path::PathBuf;

@@ -12,9 +12,8 @@ use std::time::Instant;
 use base64::Engine as _;
 use forkd_api::convert;
 use forkd_api::types::{
-    BootRequest, BranchRequest, DeleteSnapshotQuery, EvalRequest, EvalResponse, ExecEvent,
-    ExecRequest, ExecResponse, FileContent, FileReadQuery, FileWriteRequest, HealthResponse,
-    PingResponse, PoolRequest, SpawnRequest, VersionResponse,
+    BootRequest, BranchRequest, DeleteSnapshotQuery, EvalRequest, ExecEvent, ExecRequest,
+    ExecResponse, HealthResponse, PingResponse, PoolRequest, SpawnRequest, VersionResponse,
 };
 use forkd_api::{decode_json, decode_query, ApiError};
 use forkd_core::{CoreError, Env, Fleet};
@@ -29,17 +28,19 @@ pub enum Reply {
     Empty(u16),
     /// 200 with `application/x-ndjson` lines as they are produced.
     Stream(tokio::sync::mpsc::Receiver<Vec<u8>>),
+    /// 200 with a body an operation streams (see [`crate::pipe`]).
+    Streamed(crate::pipe::Streamed),
 }
 
 impl Reply {
-    fn json(status: u16, v: impl Serialize) -> Reply {
+    pub(crate) fn json(status: u16, v: impl Serialize) -> Reply {
         Reply::Json(status, serde_json::to_value(v).expect("replies serialise"))
     }
 
     pub fn status(&self) -> u16 {
         match self {
             Reply::Json(s, _) | Reply::Text(s, _, _) | Reply::Empty(s) => *s,
-            Reply::Stream(_) => 200,
+            Reply::Stream(_) | Reply::Streamed(_) => 200,
         }
     }
 }
@@ -66,7 +67,7 @@ impl Daemon {
     }
 
     /// Runs operation `op` (an `operation_id`) with its path parameters,
-    /// query string and body.
+    /// query string and body (`upload` for routes whose body is streamed).
     pub fn dispatch(
         &self,
         op: &str,
@@ -74,7 +75,18 @@ impl Daemon {
         query: Option<&str>,
         body: &[u8],
         body_limit: usize,
+        upload: Option<Box<dyn std::io::Read + Send>>,
     ) -> Result<Reply, ApiError> {
+        let input = crate::guest::Input {
+            params,
+            query,
+            body,
+            body_limit,
+            upload,
+        };
+        if let Some(reply) = self.guest_route(op, input)? {
+            return Ok(reply);
+        }
         let id = || params.get("id").cloned().unwrap_or_default();
         let tag = || params.get("tag").cloned().unwrap_or_default();
         match op {
@@ -134,15 +146,9 @@ impl Daemon {
             "execStream" => self.exec_stream(&id(), decode_json(body, body_limit)?),
             "eval" => {
                 let req: EvalRequest = decode_json(body, body_limit)?;
-                let r = self.ops().eval(&id(), &req.code)?;
-                Ok(Reply::json(
-                    200,
-                    EvalResponse {
-                        result: r.result,
-                        error: r.error,
-                        exit_code: i64::from(r.exit_code),
-                    },
-                ))
+                let timeout = req.timeout_secs.map(std::time::Duration::from_secs);
+                let r = self.ops().eval(&id(), &req.code, timeout)?;
+                Ok(Reply::json(200, convert::eval_to_wire(&r)))
             }
             "ping" => {
                 let p = self.ops().ping(&id())?;
@@ -165,29 +171,6 @@ impl Daemon {
                     201
                 };
                 Ok(Reply::json(status, convert::branch_outcome_to_wire(&out)))
-            }
-            "writeFile" => {
-                let req: FileWriteRequest = decode_json(body, body_limit)?;
-                let data = req.content()?;
-                let n = self
-                    .ops()
-                    .write_file(&id(), &req.path, req.mode, &mut &data[..])?;
-                Ok(Reply::Json(
-                    200,
-                    serde_json::json!({ "path": req.path, "bytes": n }),
-                ))
-            }
-            "readFile" => {
-                let q: FileReadQuery = decode_query(query)?;
-                let mut buf = Vec::new();
-                self.ops().read_file(&id(), &q.path, &mut buf)?;
-                Ok(Reply::json(
-                    200,
-                    FileContent {
-                        path: q.path,
-                        content_b64: base64::engine::general_purpose::STANDARD.encode(&buf),
-                    },
-                ))
             }
             other => Err(ApiError::Internal(format!(
                 "operation `{other}` has no implementation"
@@ -374,6 +357,24 @@ const IMPLEMENTED: &[&str] = &[
     "branch",
     "writeFile",
     "readFile",
+    "removeFile",
+    "uploadFile",
+    "downloadFile",
+    "statFile",
+    "listFiles",
+    "makeDir",
+    "renameFile",
+    "uploadTar",
+    "downloadTar",
+    "watchDir",
+    "pollWatch",
+    "deleteWatch",
+    "startProcess",
+    "listProcesses",
+    "followProcess",
+    "processInput",
+    "signalProcess",
+    "resizeProcess",
 ];
 
 #[cfg(test)]

@@ -144,6 +144,22 @@ fn reply_response(reply: Reply) -> Response {
             )
                 .into_response()
         }
+        Reply::Streamed(st) => {
+            use tokio_stream::StreamExt as _;
+            let first = tokio_stream::iter(st.first.map(|d| Ok(axum::body::Bytes::from(d))));
+            let rest = tokio_stream::wrappers::ReceiverStream::new(st.rest).map(|p| match p {
+                crate::pipe::Piece::Data(d) => Ok(axum::body::Bytes::from(d)),
+                // An error chunk makes the server break the body off, so
+                // the client sees a truncated answer, never a short file.
+                crate::pipe::Piece::Failed(e) => Err(std::io::Error::other(e.message)),
+            });
+            (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, st.content_type)],
+                axum::body::Body::from_stream(first.chain(rest)),
+            )
+                .into_response()
+        }
         Reply::Empty(s) => StatusCode::from_u16(s)
             .unwrap_or(StatusCode::NO_CONTENT)
             .into_response(),
@@ -227,11 +243,11 @@ async fn serve_route(
     req: Request,
 ) -> Result<Reply, ApiError> {
     app.policy.authorize(route.auth, auth.as_deref())?;
-    let body = axum::body::to_bytes(req.into_body(), route.body_limit)
-        .await
-        .map_err(|_| ApiError::PayloadTooLarge {
-            limit: route.body_limit,
-        })?;
+    let (body, upload) = if route.stream_request.is_some() {
+        (axum::body::Bytes::new(), Some(stream_body(req.into_body())))
+    } else {
+        (read_body(req.into_body(), route.body_limit).await?, None)
+    };
     let permit = match route.limit {
         Some(Limit::Spawn) => Some(app.spawn_limit.try_acquire()?),
         Some(Limit::Branch) => Some(app.branch_limit.try_acquire()?),
@@ -241,7 +257,7 @@ async fn serve_route(
     let op = route.operation_id;
     let limit = route.body_limit;
     let joined = tokio::task::spawn_blocking(move || {
-        let r = daemon.dispatch(op, &params, query.as_deref(), &body, limit);
+        let r = daemon.dispatch(op, &params, query.as_deref(), &body, limit, upload);
         drop(permit);
         r
     })
@@ -251,6 +267,67 @@ async fn serve_route(
             "the `{op}` handler failed: {e}"
         )))
     })
+}
+
+/// How much of a body the server still reads (and drops) after it has
+/// decided to refuse it, so that the client, which is still sending, gets
+/// to read the answer instead of a broken pipe.
+const DRAIN_LIMIT: usize = 64 << 20;
+
+/// Reads a whole body of at most `limit` bytes.
+async fn read_body(body: axum::body::Body, limit: usize) -> Result<axum::body::Bytes, ApiError> {
+    use tokio_stream::StreamExt as _;
+    let mut stream = body.into_data_stream();
+    let mut buf: Vec<u8> = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("reading the body: {e}")))?;
+        if buf.len() + chunk.len() > limit {
+            drain(stream, DRAIN_LIMIT).await;
+            return Err(ApiError::PayloadTooLarge { limit });
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.into())
+}
+
+/// Reads and drops up to `limit` more bytes of a body.
+async fn drain(mut stream: axum::body::BodyDataStream, limit: usize) {
+    use tokio_stream::StreamExt as _;
+    let mut seen = 0usize;
+    while let Some(Ok(chunk)) = stream.next().await {
+        seen += chunk.len();
+        if seen > limit {
+            return;
+        }
+    }
+}
+
+/// A request body as a blocking reader for the operation, fed as the
+/// operation reads (at most a few chunks ahead). A body the client breaks
+/// off ends the reader with an error, so a half upload is never taken for
+/// a whole one. When the operation stops reading early (it failed), the
+/// rest is drained so the client reads the answer.
+fn stream_body(body: axum::body::Body) -> Box<dyn std::io::Read + Send> {
+    let (reader, tx) = crate::pipe::BodyReader::new();
+    tokio::spawn(async move {
+        use tokio_stream::StreamExt as _;
+        let mut stream = body.into_data_stream();
+        while let Some(chunk) = stream.next().await {
+            let piece = chunk
+                .map(|b| b.to_vec())
+                .map_err(|e| std::io::Error::other(format!("the upload broke off: {e}")));
+            let failed = piece.is_err();
+            if failed {
+                let _ = tx.send(piece).await;
+                return;
+            }
+            if tx.send(piece).await.is_err() {
+                drain(stream, DRAIN_LIMIT).await;
+                return;
+            }
+        }
+    });
+    Box::new(reader)
 }
 
 /// The MCP endpoint (streamable HTTP) behind the same bearer-token policy

@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use forkd_ops::{
-    policy, BranchRequest, CreateRequest, ExecSpec, Hint, OpError, Operations, SpawnRequest, Stream,
+    policy, BranchRequest, CreateRequest, ExecSpec, FileKind, Hint, OpError, Operations,
+    SpawnRequest, Stream, WriteOptions,
 };
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::{Json, Parameters};
@@ -203,6 +204,37 @@ pub struct ReadOut {
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
+pub struct ListArgs {
+    pub sandbox_id: String,
+    /// Absolute path of a directory in the sandbox.
+    pub path: String,
+    /// Levels to descend: 1 (default) lists the directory itself, at most 5.
+    #[serde(default)]
+    pub depth: Option<u32>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct EntryOut {
+    pub path: String,
+    /// `file`, `dir`, `symlink` or `other`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub size: u64,
+    /// As `ls -l` shows them (`drwxr-xr-x`).
+    pub permissions: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub symlink_target: Option<String>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ListOut {
+    pub path: String,
+    pub entries: Vec<EntryOut>,
+    /// Whether entries were cut at 1000.
+    pub truncated: bool,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
 pub struct BranchArgs {
     pub sandbox_id: String,
     /// Tag of the new snapshot (letters, digits, `.`, `_`, `-`); a fresh one
@@ -299,6 +331,38 @@ impl Capped {
 
 /// Largest file `read_file` returns.
 const READ_CAP: usize = 1 << 20;
+/// Most entries `list_files` returns.
+const LIST_CAP: usize = 1000;
+/// Deepest `list_files` descends.
+const MAX_LIST_DEPTH: u32 = 5;
+
+/// Keeps the first `cap` bytes written to it and counts the rest away.
+struct Head {
+    kept: Vec<u8>,
+    cap: usize,
+}
+
+impl std::io::Write for Head {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let take = self.cap.saturating_sub(self.kept.len()).min(b.len());
+        self.kept.extend_from_slice(&b[..take]);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn absolute(path: &str) -> Result<(), OpError> {
+    if path.starts_with('/') {
+        Ok(())
+    } else {
+        Err(OpError::bad_input(format!(
+            "path `{path}` must be absolute (start with /)"
+        )))
+    }
+}
 
 #[tool_router(router = tool_router)]
 impl ForkdMcp {
@@ -399,33 +463,12 @@ impl ForkdMcp {
             } else {
                 a.content.into_bytes()
             };
-            if !a.path.starts_with('/') {
-                return Err(OpError::bad_input(format!(
-                    "path `{}` must be absolute (start with /)",
-                    a.path
-                )));
-            }
-            if let Some((parent, _)) = a.path.rsplit_once('/').filter(|(p, _)| !p.is_empty()) {
-                let mkdir = ExecSpec {
-                    argv: vec!["mkdir".into(), "-p".into(), "--".into(), parent.into()],
-                    timeout: Some(policy::AGENT_COMMAND_TIMEOUT),
-                    ..ExecSpec::default()
-                };
-                let mut err = Vec::new();
-                let r = ops.exec(&a.sandbox_id, &mkdir, None, &mut |_, b| {
-                    err.extend_from_slice(b)
-                })?;
-                if r.exit_code() != 0 {
-                    return Err(OpError::new(
-                        forkd_ops::ErrorKind::Unprocessable,
-                        format!(
-                            "cannot create the directory {parent}: {}",
-                            String::from_utf8_lossy(&err).trim()
-                        ),
-                    ));
-                }
-            }
-            let bytes = ops.write_file(&a.sandbox_id, &a.path, a.mode, &mut &data[..])?;
+            absolute(&a.path)?;
+            let opts = WriteOptions {
+                mode: a.mode,
+                ..WriteOptions::default()
+            };
+            let bytes = ops.write_file(&a.sandbox_id, &a.path, &opts, &mut &data[..])?;
             Ok(WriteOut {
                 path: a.path,
                 bytes,
@@ -442,11 +485,14 @@ impl ForkdMcp {
     async fn read_file(&self, Parameters(a): Parameters<ReadArgs>) -> ToolResult<ReadOut> {
         let ops = self.ops.clone();
         blocking(move || {
-            let mut buf = Vec::new();
-            let bytes = ops.read_file(&a.sandbox_id, &a.path, &mut buf)?;
-            let truncated = buf.len() > READ_CAP;
-            buf.truncate(READ_CAP);
-            let (content, base64) = match String::from_utf8(buf) {
+            absolute(&a.path)?;
+            let mut kept = Head {
+                kept: Vec::new(),
+                cap: READ_CAP,
+            };
+            let bytes = ops.read_file(&a.sandbox_id, &a.path, None, &mut kept)?;
+            let truncated = bytes > READ_CAP as u64;
+            let (content, base64) = match String::from_utf8(kept.kept) {
                 Ok(s) => (s, false),
                 Err(e) => (
                     base64::engine::general_purpose::STANDARD.encode(e.as_bytes()),
@@ -458,6 +504,48 @@ impl ForkdMcp {
                 content,
                 base64,
                 bytes,
+                truncated,
+            })
+        })
+        .await
+        .map(Json)
+    }
+
+    #[tool(
+        name = "list_files",
+        description = "List a directory in a sandbox: each entry's path, type (file, dir, symlink, other), size and permissions. depth 1 (default) lists the directory itself; up to 5 descends into subdirectories. At most 1000 entries."
+    )]
+    async fn list_files(&self, Parameters(a): Parameters<ListArgs>) -> ToolResult<ListOut> {
+        let ops = self.ops.clone();
+        blocking(move || {
+            absolute(&a.path)?;
+            let depth = a.depth.unwrap_or(policy::LIST_DEPTH);
+            if !(1..=MAX_LIST_DEPTH).contains(&depth) {
+                return Err(OpError::bad_input(format!(
+                    "depth {depth} is out of range; use 1 to {MAX_LIST_DEPTH}"
+                )));
+            }
+            let mut all = ops.list_dir(&a.sandbox_id, &a.path, depth, None)?;
+            let truncated = all.len() > LIST_CAP;
+            all.truncate(LIST_CAP);
+            Ok(ListOut {
+                path: a.path,
+                entries: all
+                    .into_iter()
+                    .map(|f| EntryOut {
+                        path: f.path,
+                        kind: match f.kind {
+                            FileKind::File => "file",
+                            FileKind::Dir => "dir",
+                            FileKind::Symlink => "symlink",
+                            FileKind::Other => "other",
+                        }
+                        .to_string(),
+                        size: f.size,
+                        permissions: f.permissions,
+                        symlink_target: f.symlink_target,
+                    })
+                    .collect(),
                 truncated,
             })
         })

@@ -22,9 +22,11 @@ pub enum ErrorKind {
     Conflict,
     /// Someone else is doing this right now; retrying later may work.
     Busy,
-    /// The request is valid but the target cannot do it (a command that
-    /// does not exist in the guest, a directory where a file was asked).
+    /// The request is valid but the target cannot do it (a directory where
+    /// a file was asked, no Python in the guest).
     Unprocessable,
+    /// The guest refused the access (its permissions, a read-only file).
+    PermissionDenied,
     /// The host, QEMU or the guest failed.
     Internal,
 }
@@ -38,6 +40,7 @@ impl ErrorKind {
             ErrorKind::Conflict => "conflict",
             ErrorKind::Busy => "busy",
             ErrorKind::Unprocessable => "unprocessable",
+            ErrorKind::PermissionDenied => "permission_denied",
             ErrorKind::Internal => "internal",
         }
     }
@@ -150,6 +153,7 @@ mod tests {
             ErrorKind::Conflict,
             ErrorKind::Busy,
             ErrorKind::Unprocessable,
+            ErrorKind::PermissionDenied,
             ErrorKind::Internal,
         ] {
             assert_eq!(

@@ -9,14 +9,17 @@
 //! trait and print. Nothing here does I/O: types, rules and the trait only.
 
 mod error;
+mod guest;
 mod name;
 pub mod policy;
 mod state;
 mod types;
 
 use std::io::{Read, Write};
+use std::time::Duration;
 
 pub use error::{ErrorKind, Hint, OpError};
+pub use guest::*;
 pub use name::{validate_id, validate_tag, InvalidName, MAX_NAME_LEN};
 pub use state::{BranchMode, SandboxState, SnapshotStatus, UnknownState};
 pub use types::*;
@@ -48,23 +51,138 @@ pub trait Operations: Send + Sync {
         output: &mut dyn FnMut(Stream, &[u8]),
     ) -> Result<ExecOutcome, OpError>;
 
-    /// Runs Python code (the guest needs python3).
-    fn eval(&self, id: &str, code: &str) -> Result<EvalOutcome, OpError>;
-
     /// A round trip to the guest agent.
     fn ping(&self, id: &str) -> Result<Pong, OpError>;
+
+    /// Runs Python code in the sandbox's persistent interpreter: variables
+    /// survive between calls, and into branches and children (the guest
+    /// needs python3).
+    fn eval(&self, id: &str, code: &str, timeout: Option<Duration>)
+        -> Result<EvalOutcome, OpError>;
+
+    // ---- files
 
     /// Writes a file in the guest (created or truncated); returns its size.
     fn write_file(
         &self,
         id: &str,
         path: &str,
-        mode: Option<u32>,
+        opts: &WriteOptions,
         data: &mut dyn Read,
     ) -> Result<u64, OpError>;
 
     /// Reads a file from the guest into `out`; returns its size.
-    fn read_file(&self, id: &str, path: &str, out: &mut dyn Write) -> Result<u64, OpError>;
+    fn read_file(
+        &self,
+        id: &str,
+        path: &str,
+        user: Option<&str>,
+        out: &mut dyn Write,
+    ) -> Result<u64, OpError>;
+
+    /// Facts about a path.
+    fn stat(&self, id: &str, path: &str, user: Option<&str>) -> Result<FileInfo, OpError>;
+
+    /// A directory's entries, `depth` levels down (1: the directory's own
+    /// entries), sorted by path.
+    fn list_dir(
+        &self,
+        id: &str,
+        path: &str,
+        depth: u32,
+        user: Option<&str>,
+    ) -> Result<Vec<FileInfo>, OpError>;
+
+    /// Makes a directory and its missing parents; false when it existed.
+    fn make_dir(&self, id: &str, path: &str, user: Option<&str>) -> Result<bool, OpError>;
+
+    /// Removes a file, or a directory with everything in it.
+    fn remove_path(&self, id: &str, path: &str, user: Option<&str>) -> Result<(), OpError>;
+
+    /// Moves or renames a path; returns it at its new place.
+    fn rename_path(
+        &self,
+        id: &str,
+        from: &str,
+        to: &str,
+        user: Option<&str>,
+    ) -> Result<FileInfo, OpError>;
+
+    /// Unpacks a tar stream into directory `dir` in the guest (created with
+    /// its parents; modes kept).
+    fn copy_in(
+        &self,
+        id: &str,
+        dir: &str,
+        user: Option<&str>,
+        tar: &mut dyn Read,
+    ) -> Result<TarSummary, OpError>;
+
+    /// Packs a file or directory of the guest into a tar stream.
+    fn copy_out(
+        &self,
+        id: &str,
+        path: &str,
+        user: Option<&str>,
+        tar: &mut dyn Write,
+    ) -> Result<TarSummary, OpError>;
+
+    /// Starts watching a directory; returns the watch to poll.
+    fn watch_dir(
+        &self,
+        id: &str,
+        path: &str,
+        recursive: bool,
+        user: Option<&str>,
+    ) -> Result<u32, OpError>;
+
+    /// The changes under a watch since the last call, waiting up to `wait`
+    /// for the first.
+    fn watch_events(&self, id: &str, watch: u32, wait: Duration) -> Result<Vec<FsEvent>, OpError>;
+
+    /// Stops a watch.
+    fn unwatch(&self, id: &str, watch: u32) -> Result<(), OpError>;
+
+    // ---- processes the guest keeps
+
+    /// Starts a process that outlives the call and follows it from its first
+    /// byte: `on_event` hears `Started` first, then its output, until it
+    /// ends (returns how) or `on_event` answers false (returns `None`; the
+    /// process goes on).
+    fn run_process(
+        &self,
+        id: &str,
+        spec: &ProcessSpec,
+        on_event: &mut dyn FnMut(ProcessEvent) -> bool,
+    ) -> Result<Option<ExecOutcome>, OpError>;
+
+    /// Follows a running process's output (from the oldest output still
+    /// kept with `replay`, else from now), as [`Operations::run_process`].
+    fn follow_process(
+        &self,
+        id: &str,
+        process: &ProcessRef,
+        replay: bool,
+        on_event: &mut dyn FnMut(ProcessEvent) -> bool,
+    ) -> Result<Option<ExecOutcome>, OpError>;
+
+    /// Writes to a process's stdin; `close` closes it after.
+    fn process_input(
+        &self,
+        id: &str,
+        process: &ProcessRef,
+        data: &[u8],
+        close: bool,
+    ) -> Result<(), OpError>;
+
+    /// Sends a signal to a process's group.
+    fn signal_process(&self, id: &str, process: &ProcessRef, signal: i32) -> Result<(), OpError>;
+
+    /// Resizes a process's terminal.
+    fn resize_process(&self, id: &str, process: &ProcessRef, size: PtySize) -> Result<(), OpError>;
+
+    /// The processes the guest keeps (running, and the last ended ones).
+    fn list_processes(&self, id: &str) -> Result<Vec<ProcessInfo>, OpError>;
 
     /// Snapshots a running sandbox (live: the pause does not grow with its
     /// memory; full: stop, copy, resume).

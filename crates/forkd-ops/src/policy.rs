@@ -31,7 +31,15 @@ pub const AGENT_COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 /// How much of each output stream an agent gets back from one command;
 /// the rest is counted and marked.
 pub const AGENT_OUTPUT_CAP: usize = 64 << 10;
+/// Writing a file creates its missing parent directories unless asked not to.
+pub const WRITE_CREATES_PARENTS: bool = true;
+/// How long an eval may run unless asked otherwise.
+pub const EVAL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most children (and pool members) one call may ask for.
+/// How many levels a directory listing descends unless asked (1: the
+/// directory's own entries).
+pub const LIST_DEPTH: u32 = 1;
+
 pub const MAX_CHILDREN: usize = 1000;
 
 /// The tag of a branch that was given none: the source's id and the time in

@@ -180,16 +180,6 @@ impl ExecOutcome {
     }
 }
 
-/// Python evaluated in a sandbox.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EvalOutcome {
-    /// What the code printed.
-    pub result: Option<String>,
-    /// The traceback, when it raised.
-    pub error: Option<String>,
-    pub exit_code: i32,
-}
-
 /// A round trip to a sandbox's guest agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pong {

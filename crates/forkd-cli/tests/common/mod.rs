@@ -166,3 +166,52 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("a free loopback port")
 }
+
+/// The test venv's python (`$FORKD_PY_VENV`, else `target/py-venv`).
+pub fn venv_python() -> PathBuf {
+    let venv = std::env::var_os("FORKD_PY_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/py-venv"));
+    let python = venv.join("bin/python");
+    assert!(
+        python.is_file(),
+        "{} is missing: run scripts/setup.sh (it runs scripts/setup-python.sh)",
+        python.display()
+    );
+    python
+}
+
+/// Waits until the daemon answers at `url`.
+pub fn wait_for_http(url: &str, w: &World) {
+    let health = Client::new(url, None).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while health.call("GET", "/healthz", None).is_err() {
+        assert!(Instant::now() < deadline, "{}", w.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs one pytest file under `dir` with `env`; panics with its output and
+/// the daemon's log when it fails.
+pub fn pytest(w: &World, dir: &Path, file: &str, env: &[(&str, String)]) {
+    let mut c = Command::new(venv_python());
+    c.args(["-m", "pytest", "-q", "-p", "no:cacheprovider", file])
+        .current_dir(dir)
+        .env("FORKD_BIN", env!("CARGO_BIN_EXE_forkd"))
+        .env("FORKD_HOME", &w.home)
+        .env("FORKD_RUNTIME_DIR", &w.runtime)
+        .env_remove("FORKD_TOKEN")
+        .env_remove("FORKD_REMOTE");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = c.output().unwrap();
+    assert!(
+        out.status.success(),
+        "pytest {file} failed:\n{}\n{}\ndaemon log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        w.log()
+    );
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+}

@@ -24,7 +24,7 @@ mod remove;
 mod snapshot;
 mod spawn;
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -188,11 +188,18 @@ impl Fleet {
         let session = self.session(id)?;
         let out = f(session.vm().agent());
         session.touch();
-        out.map_err(|e| {
-            if !matches!(e, forkd_protocol::client::ClientError::Agent(_)) {
+        out.map_err(|e| match e {
+            // The agent refused this request; the session is fine.
+            forkd_protocol::client::ClientError::Agent(reply) => CoreError::InGuest {
+                id: id.into(),
+                what: what.into(),
+                code: reply.code,
+                message: reply.message,
+            },
+            e => {
                 self.drop_session(id);
+                explain_detached(session.vm(), e, what)
             }
-            explain_detached(session.vm(), e, what)
         })
     }
 
@@ -206,24 +213,6 @@ impl Fleet {
     ) -> Result<forkd_protocol::ExitStatus, CoreError> {
         let what = format!("exec of `{}`", req.argv.join(" "));
         self.with_agent(id, &what, |agent| agent.exec(req, stdin, on_output))
-    }
-
-    /// Writes a file in the guest; returns its size.
-    pub fn write_file(
-        &self,
-        id: &str,
-        path: &str,
-        mode: Option<u32>,
-        data: impl Read,
-    ) -> Result<u64, CoreError> {
-        self.with_agent(id, "a file write", |agent| {
-            agent.write_file(path, mode, data)
-        })
-    }
-
-    /// Reads a file from the guest into `out`; returns its size.
-    pub fn read_file(&self, id: &str, path: &str, out: impl Write) -> Result<u64, CoreError> {
-        self.with_agent(id, "a file read", |agent| agent.read_file(path, out))
     }
 
     /// A round trip to the guest agent.

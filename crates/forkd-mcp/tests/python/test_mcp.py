@@ -38,7 +38,7 @@ async def workflow(session: ClientSession):
     await session.initialize()
     tools = {t.name: t for t in (await session.list_tools()).tools}
     for name in [
-        "create_sandbox", "run_command", "write_file", "read_file",
+        "create_sandbox", "run_command", "write_file", "read_file", "list_files",
         "branch_sandbox", "spawn_sandboxes", "kill_sandbox",
         "list_sandboxes", "list_snapshots",
     ]:
@@ -67,6 +67,12 @@ async def workflow(session: ClientSession):
         assert r["truncated"] and "more bytes of stdout not shown" in r["stdout"], r["stdout"][-80:]
         f = structured(await session.call_tool("read_file", {"sandbox_id": sid, "path": "/work/app/hello.sh"}))
         assert (f["content"], f["base64"]) == ("echo hello from $1\n", False)
+        ls = structured(await session.call_tool("list_files", {"sandbox_id": sid, "path": "/work", "depth": 2}))
+        assert [(e["path"], e["type"]) for e in ls["entries"]] == [
+            ("/work/app", "dir"), ("/work/app/hello.sh", "file")], ls
+        assert ls["entries"][1]["permissions"] == "-rwxr-xr-x", ls
+        e = error_text(await session.call_tool("list_files", {"sandbox_id": sid, "path": "/nope"}))
+        assert "/nope" in e, e
 
         # Fork: warm state in memory, then children that see it.
         structured(await session.call_tool(

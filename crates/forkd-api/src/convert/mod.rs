@@ -15,6 +15,9 @@ pub use crate::error::{api_hint, api_text};
 use crate::error::{ApiError, ErrorBody};
 use crate::types as api;
 
+mod guest;
+pub use guest::*;
+
 /// Every user-mode network guest has this address (QEMU's slirp default).
 pub const GUEST_ADDR: &str = "10.0.2.15";
 
@@ -29,6 +32,7 @@ pub fn op_error(status: u16, body: &ErrorBody) -> ops::OpError {
         .and_then(kind_of)
         .unwrap_or(match status {
             400 | 401 | 413 => ops::ErrorKind::BadInput,
+            403 => ops::ErrorKind::PermissionDenied,
             404 => ops::ErrorKind::NotFound,
             409 => ops::ErrorKind::Conflict,
             422 => ops::ErrorKind::Unprocessable,
@@ -55,6 +59,7 @@ fn kind_of(s: &str) -> Option<ops::ErrorKind> {
         K::Conflict,
         K::Busy,
         K::Unprocessable,
+        K::PermissionDenied,
         K::Internal,
     ]
     .into_iter()

@@ -15,6 +15,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::ApiError;
 use crate::validate::{self, Validate};
 
+mod guest;
+pub use guest::*;
+
 /// Most children one spawn call may ask for.
 pub const MAX_SPAWN: usize = 1000;
 /// Longest exec timeout, in seconds (one day).
@@ -487,38 +490,54 @@ pub struct ExecRequest {
     pub stdin_b64: Option<String>,
 }
 
+/// Checks a command line: a non-empty program, no NUL byte anywhere.
+pub(crate) fn validate_command(field: &str, args: &[String]) -> Result<(), ApiError> {
+    if args.is_empty() {
+        return Err(ApiError::field(
+            field,
+            "must name a command, e.g. [\"uname\", \"-a\"]",
+        ));
+    }
+    if args[0].is_empty() {
+        return Err(ApiError::field(
+            format!("{field}[0]"),
+            "the command must not be empty",
+        ));
+    }
+    if let Some(i) = args.iter().position(|a| a.contains('\0')) {
+        return Err(ApiError::field(
+            format!("{field}[{i}]"),
+            "must not contain a NUL byte",
+        ));
+    }
+    Ok(())
+}
+
+/// Checks environment variables: names non-empty without `=` or NUL, values
+/// without NUL.
+pub(crate) fn validate_env(env: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    for (key, value) in env {
+        if key.is_empty() || key.contains(['=', '\0']) {
+            return Err(ApiError::field(
+                format!("env.{key}"),
+                "a variable name must be non-empty without `=` or NUL",
+            ));
+        }
+        if value.contains('\0') {
+            return Err(ApiError::field(
+                format!("env.{key}"),
+                "a value must not contain a NUL byte",
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl Validate for ExecRequest {
     fn validate(&self) -> Result<(), ApiError> {
-        if self.args.is_empty() {
-            return Err(ApiError::field(
-                "args",
-                "must name a command, e.g. [\"uname\", \"-a\"]",
-            ));
-        }
-        if self.args[0].is_empty() {
-            return Err(ApiError::field("args[0]", "the command must not be empty"));
-        }
-        if let Some(i) = self.args.iter().position(|a| a.contains('\0')) {
-            return Err(ApiError::field(
-                format!("args[{i}]"),
-                "must not contain a NUL byte",
-            ));
-        }
+        validate_command("args", &self.args)?;
         validate::range("timeout_secs", self.timeout_secs, 1, MAX_EXEC_TIMEOUT_SECS)?;
-        for (key, value) in &self.env {
-            if key.is_empty() || key.contains(['=', '\0']) {
-                return Err(ApiError::field(
-                    format!("env.{key}"),
-                    "a variable name must be non-empty without `=` or NUL",
-                ));
-            }
-            if value.contains('\0') {
-                return Err(ApiError::field(
-                    format!("env.{key}"),
-                    "a value must not contain a NUL byte",
-                ));
-            }
-        }
+        validate_env(&self.env)?;
         if let Some(cwd) = &self.cwd {
             validate::guest_path("cwd", cwd)?;
         }
@@ -571,13 +590,17 @@ pub struct ExecEvent {
     pub error: Option<String>,
 }
 
-/// `POST /v1/sandboxes/{id}/eval`: run Python code in the guest (needs a
-/// Python image, e.g. `debian-python`).
+/// `POST /v1/sandboxes/{id}/eval`: run Python code in the sandbox's
+/// persistent interpreter (needs a Python image, e.g. `debian-python`):
+/// variables survive between calls, and into branches and their children.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EvalRequest {
     /// Python source; the value of a final expression is the result.
     pub code: String,
+    /// forkd: interrupt the code after this many seconds (default 30).
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
 }
 
 impl Validate for EvalRequest {
@@ -585,19 +608,52 @@ impl Validate for EvalRequest {
         if self.code.contains('\0') {
             return Err(ApiError::field("code", "must not contain a NUL byte"));
         }
+        if let Some(t) = self.timeout_secs {
+            validate::range("timeout_secs", t, 1, MAX_EXEC_TIMEOUT_SECS)?;
+        }
         Ok(())
     }
+}
+
+/// An exception evaluated code raised.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct EvalException {
+    /// The exception's class (`NameError`).
+    pub name: String,
+    /// `str()` of the exception.
+    pub value: String,
+    /// The traceback as Python prints it.
+    pub traceback: String,
 }
 
 /// The result of an eval.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct EvalResponse {
-    /// `repr` of the final expression's value, if there was one and no error.
+    /// `repr()` of the final expression's value, if there was one and no error.
     pub result: Option<String>,
-    /// The Python traceback, if the code raised.
+    /// The Python traceback, if the code raised (or why it stopped at its
+    /// timeout).
     pub error: Option<String>,
-    /// 0 on success.
+    /// 0 on success, 1 when the code raised or timed out.
     pub exit_code: i64,
+    /// forkd: what the code printed.
+    #[serde(default)]
+    pub stdout: String,
+    /// forkd: what the code wrote to stderr.
+    #[serde(default)]
+    pub stderr: String,
+    /// forkd: the exception, when the code raised.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exception: Option<EvalException>,
+    /// forkd: cells this interpreter has run.
+    #[serde(default)]
+    pub execution_count: u64,
+    /// forkd: interrupted at its timeout.
+    #[serde(default)]
+    pub timed_out: bool,
+    /// forkd: how long it ran.
+    #[serde(default)]
+    pub duration_ms: u64,
 }
 
 /// `POST /v1/sandboxes/{id}/ping`: a round trip to the guest agent.
@@ -700,7 +756,9 @@ impl Validate for BranchRequest {
 // ---------------------------------------------------------------- files
 
 /// `PUT /v1/sandboxes/{id}/files`: write a file in the guest (created or
-/// truncated; parent directories must exist). Answers 204.
+/// truncated; missing parent directories are created unless `mkdir` is
+/// false). For large files, `PUT /v1/sandboxes/{id}/files/raw` streams the
+/// bytes without base64 and without a size cap.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FileWriteRequest {
@@ -711,6 +769,13 @@ pub struct FileWriteRequest {
     /// Permission bits (e.g. 493 for 0755); 0644 when absent.
     #[serde(default)]
     pub mode: Option<u32>,
+    /// forkd: create missing parent directories (default true); with false,
+    /// a missing parent is a 404.
+    #[serde(default)]
+    pub mkdir: Option<bool>,
+    /// forkd: write as this guest account (default root).
+    #[serde(default)]
+    pub user: Option<String>,
 }
 
 impl FileWriteRequest {
@@ -726,6 +791,9 @@ impl Validate for FileWriteRequest {
         if let Some(mode) = self.mode {
             validate::range("mode", mode, 0, 0o7777)?;
         }
+        if let Some(u) = &self.user {
+            validate::user("user", u)?;
+        }
         self.content().map(drop)
     }
 }
@@ -736,11 +804,18 @@ impl Validate for FileWriteRequest {
 pub struct FileReadQuery {
     /// Absolute guest path of the file to read.
     pub path: String,
+    /// forkd: read as this guest account (default root).
+    #[serde(default)]
+    pub user: Option<String>,
 }
 
 impl Validate for FileReadQuery {
     fn validate(&self) -> Result<(), ApiError> {
-        validate::guest_path("path", &self.path)
+        validate::guest_path("path", &self.path)?;
+        if let Some(u) = &self.user {
+            validate::user("user", u)?;
+        }
+        Ok(())
     }
 }
 
