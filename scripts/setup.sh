@@ -45,6 +45,14 @@ if installed docker-registry && [ -d /run/systemd/system ]; then
   systemctl disable --now docker-registry.service >/dev/null 2>&1 || true
 fi
 
+# --- the user QEMU runs as -------------------------------------------------
+# forkd started as root runs every QEMU as this unprivileged user (-runas),
+# so a guest that escapes into QEMU holds no root (SECURITY.md).
+if [ "$(id -u)" = 0 ] && ! getent passwd forkd-qemu >/dev/null; then
+  log "creating the system user forkd-qemu"
+  useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin forkd-qemu
+fi
+
 # --- binaries --------------------------------------------------------------
 scripts/build-agent.sh
 log "building forkd (release)"

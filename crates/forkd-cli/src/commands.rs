@@ -23,6 +23,10 @@ pub fn create(ops: &dyn Operations, args: CreateArgs) -> Result<ExitCode> {
         cpus: m.cpus,
         accel: Some(m.accel.parse().map_err(anyhow::Error::msg)?),
         network: Some(m.net.parse().map_err(anyhow::Error::msg)?),
+        allow_out: m.allow_out.clone(),
+        deny_out: m.deny_out.clone(),
+        memory_limit_mib: m.limits.memory_limit,
+        cpu_quota_pct: m.limits.cpu_quota_pct()?,
         tcg_tb_mib: m.tcg_tb_mib,
         huge_pages: args.hugepages,
         prealloc: args.prealloc,
@@ -269,23 +273,8 @@ pub fn pool(ops: &dyn Operations, tag: &str, size: usize) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn spawn(
-    ops: &dyn Operations,
-    tag: &str,
-    n: usize,
-    parallel: Option<usize>,
-    pool: Option<usize>,
-    no_wait: bool,
-    json: bool,
-) -> Result<ExitCode> {
-    let req = SpawnRequest {
-        tag: tag.to_string(),
-        n,
-        parallel,
-        pool,
-        wait: no_wait.then_some(false),
-        on_failure: None,
-    };
+pub fn spawn(ops: &dyn Operations, req: SpawnRequest, json: bool) -> Result<ExitCode> {
+    let (tag, n) = (req.tag.as_str(), req.n);
     let tty = !json && std::io::stderr().is_terminal();
     let done = std::sync::atomic::AtomicUsize::new(0);
     let on_child = |_: usize, r: &Result<Child, OpError>| {

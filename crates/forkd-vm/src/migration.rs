@@ -264,7 +264,7 @@ impl Vm {
 
     /// A live snapshot: pauses the guest, freezes the prepared disk, and
     /// starts a background snapshot streamed to the UNIX socket `target`
-    /// (someone must be listening there). QEMU saves the device state,
+    /// (someone must be listening there; we connect and pass QEMU the fd). QEMU saves the device state,
     /// write-protects guest RAM and resumes the guest by itself; RAM then
     /// streams out while the guest runs. Returns once the guest runs again.
     /// Finishing the stream is the listener's business; [`Vm::wait_migration`]
@@ -276,6 +276,15 @@ impl Vm {
     ) -> Result<LivePause, VmError> {
         const WHAT: &str = "the live snapshot";
         set_capabilities(&mut self.qmp(), Purpose::BackgroundSnapshot)?;
+        // We connect and hand QEMU the connection: a QEMU that dropped its
+        // privileges could not open the listener's socket itself.
+        let stream =
+            std::os::unix::net::UnixStream::connect(target).map_err(|e| VmError::Migration {
+                what: WHAT,
+                reason: format!("connecting to {}: {e}", target.display()),
+            })?;
+        self.qmp().send_fd("forkd-live", stream.as_fd())?;
+        drop(stream);
         let t0 = Instant::now();
         self.qmp().take_events();
         if let Err(e) = self.qmp().stop() {
@@ -294,15 +303,18 @@ impl Vm {
                 }
                 None => None,
             };
-            self.qmp().execute(
-                "migrate",
-                Some(json!({ "uri": format!("unix:{}", target.display()) })),
-            )?;
+            self.qmp()
+                .execute("migrate", Some(json!({ "uri": "fd:forkd-live" })))?;
             Ok::<_, VmError>(frozen)
         })();
         let frozen_disk = match started {
             Ok(f) => f,
             Err(e) => {
+                // The writer must see the stream end, not wait on an fd
+                // QEMU keeps.
+                let _ = self
+                    .qmp()
+                    .execute("closefd", Some(json!({ "fdname": "forkd-live" })));
                 let _ = self.qmp().cont();
                 if let (Some(d), false) = (disk, committed) {
                     self.abandon_disk_snapshot(d);

@@ -412,6 +412,9 @@ impl Drop for Vm {
         if let Some(mut child) = child.take() {
             let _ = child.kill();
             let _ = child.wait();
+            if let Some(name) = self.run_path.file_name() {
+                crate::cgroup::release(&name.to_string_lossy());
+            }
         }
     }
 }
