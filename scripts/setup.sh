@@ -53,6 +53,14 @@ if [ "$(id -u)" = 0 ] && ! getent passwd forkd-qemu >/dev/null; then
   useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin forkd-qemu
 fi
 
+# That user needs userfaultfd for live branches: QEMU 7.2 opens it with the
+# system call, which Debian keeps to privileged processes unless this is 1.
+if [ "$(id -u)" = 0 ] && [ "$(cat /proc/sys/vm/unprivileged_userfaultfd 2>/dev/null)" = 0 ]; then
+  log "allowing unprivileged userfaultfd (live branches of a QEMU that is not root)"
+  sysctl -qw vm.unprivileged_userfaultfd=1
+  [ -d /etc/sysctl.d ] && echo "vm.unprivileged_userfaultfd = 1" > /etc/sysctl.d/60-forkd.conf
+fi
+
 # --- binaries --------------------------------------------------------------
 scripts/build-agent.sh
 log "building forkd (release)"

@@ -188,8 +188,35 @@ fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
 }
 
+/// `forkd info ID` for a sandbox.
+fn sandbox_info(s: &forkd_ops::Sandbox, json: bool) -> Result<ExitCode> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(s)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("id:          {}", s.id);
+    println!("state:       {}", s.state);
+    println!("pid:         {}", s.pid);
+    println!("image:       {}", s.image);
+    println!("machine:     {} MiB, {} vCPU", s.mem_mib, s.cpus);
+    if let Some(t) = &s.snapshot {
+        println!("snapshot:    {t}");
+    }
+    println!("network:     {}", s.network);
+    println!("branches:    {}", s.branches);
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn info(ops: &dyn Operations, tag: &str, json: bool) -> Result<ExitCode> {
-    let d = ops.snapshot_info(tag)?;
+    let d = match ops.snapshot_info(tag) {
+        Ok(d) => d,
+        // Not a snapshot: a sandbox, when one has that id.
+        Err(e) if e.kind == forkd_ops::ErrorKind::NotFound => match ops.sandbox(tag) {
+            Ok(sb) => return sandbox_info(&sb, json),
+            Err(_) => return Err(e.into()),
+        },
+        Err(e) => return Err(e.into()),
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(&d)?);
         return Ok(ExitCode::SUCCESS);
@@ -220,6 +247,9 @@ pub fn info(ops: &dyn Operations, tag: &str, json: bool) -> Result<ExitCode> {
         ),
         (Some(p), None) => println!("ram:         layer over `{p}` (unreadable map)"),
         _ => println!("ram:         full image"),
+    }
+    if let Some(n) = &d.network {
+        println!("network:     {n} (its children's, unless a spawn says otherwise)");
     }
     println!("size:        {} on disk", mib(d.allocated));
     for f in &d.files {

@@ -98,8 +98,9 @@ enum FleetCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Show one snapshot: files and real sizes, parent chain, RAM layer,
-    /// dependents.
+    /// Show one snapshot (files and real sizes, parent chain, RAM layer,
+    /// dependents, the network its children get) or one sandbox (its
+    /// network and egress policy among the rest).
     Info {
         tag: String,
         #[arg(long)]
@@ -406,7 +407,12 @@ fn fleet_command(ops: &dyn forkd_ops::Operations, command: FleetCommand) -> Resu
     use FleetCommand as Command;
     match command {
         Command::Create(args) => commands::create(ops, args),
-        Command::Exec(args) => commands::exec(ops, args),
+        Command::Exec(args) => {
+            // Waiting on a command in a sandbox that outlives us: a signal
+            // ends the wait (128+N), the sandbox and its command go on.
+            signals::exit_on_termination();
+            commands::exec(ops, args)
+        }
         Command::Ls { json } => commands::ls(ops, json),
         Command::Kill { ids, all } => commands::kill(ops, ids, all),
         Command::Snapshot { id, tag, json } => commands::snapshot(ops, &id, &tag, json),

@@ -241,6 +241,7 @@ struct Lookup {
     client: smoltcp::wire::IpEndpoint,
     query: Vec<u8>,
     name: String,
+    kind: QueryKind,
     result: io::Result<Vec<IpAddr>>,
 }
 
@@ -650,12 +651,13 @@ impl Gateway {
             let Some(query) = dns::parse_query(&bytes) else {
                 continue;
             };
+            // AAAA is looked up like A, so that both answers agree on
+            // whether the name exists (it never gets IPv6 addresses).
             let answer = match query.kind {
                 QueryKind::Other => Some(Answer::NotImplemented),
                 _ if !self.policy.may_resolve(&query.name) => Some(Answer::Refused),
-                QueryKind::Aaaa => Some(Answer::Addresses(vec![])),
-                QueryKind::A if self.in_flight >= MAX_LOOKUPS => Some(Answer::ServerFailure),
-                QueryKind::A => None,
+                _ if self.in_flight >= MAX_LOOKUPS => Some(Answer::ServerFailure),
+                QueryKind::A | QueryKind::Aaaa => None,
             };
             match answer {
                 Some(a) => self.send_dns(meta.endpoint, &bytes, &a),
@@ -664,6 +666,7 @@ impl Gateway {
                     let tx = self.lookups_tx.clone();
                     let waker = self.waker.clone();
                     let name = query.name.clone();
+                    let kind = query.kind;
                     let client = meta.endpoint;
                     std::thread::spawn(move || {
                         let result = (name.as_str(), 0)
@@ -673,6 +676,7 @@ impl Gateway {
                             client,
                             query: bytes,
                             name,
+                            kind,
                             result,
                         });
                         let _ = waker.wake();
@@ -700,6 +704,8 @@ impl Gateway {
                     }
                     if v4.is_empty() {
                         Answer::NoSuchName
+                    } else if l.kind == QueryKind::Aaaa {
+                        Answer::Addresses(vec![])
                     } else {
                         Answer::Addresses(v4)
                     }

@@ -7,8 +7,9 @@
 //! QEMU enters its group before it executes: the caller opens each
 //! `cgroup.procs` here and the child writes `0` ("myself") into them
 //! between fork and exec ([`Group::enter_in_child`], async-signal-safe).
-//! Empty groups of QEMUs that ended are removed by [`sweep`] (an `rmdir` of
-//! a group that still has a task fails, so sweeping is safe at any time).
+//! A group is removed when its QEMU has ended ([`release`]); groups left by
+//! a forkd that died are removed by [`sweep`] once old (an `rmdir` of a
+//! group that still has a task fails).
 //!
 //! Pure parts, tested without cgroups: reading `/proc/self/mountinfo` and
 //! `/proc/self/cgroup` ([`Layout::from_texts`]) and the files and values a
@@ -355,14 +356,27 @@ pub fn release(name: &str) {
     }
 }
 
-/// Removes every empty VM group under forkd's parents.
+/// How old an empty group must be before [`sweep`] removes it: a group is
+/// empty between its creation and its QEMU entering it (milliseconds), and
+/// another forkd process sweeping then must not take it away.
+pub const SWEEP_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Removes the empty VM groups under forkd's parents that are older than
+/// [`SWEEP_AFTER`] (the QEMUs that were in them have ended).
 pub fn sweep(layout: &Layout) {
     for (_, parent) in &layout.parents {
         let Ok(entries) = fs::read_dir(parent) else {
             continue;
         };
         for e in entries.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
+            let old_enough = e
+                .metadata()
+                .ok()
+                .filter(|m| m.is_dir())
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > SWEEP_AFTER);
+            if old_enough {
                 let _ = fs::remove_dir(e.path());
             }
         }

@@ -130,6 +130,28 @@ pub fn process_ids(pid: u32) -> Option<RunAs> {
     })
 }
 
+/// Where the kernel says whether unprivileged processes may use
+/// userfaultfd (for faults in kernel mode too, which QEMU 7.2 asks for).
+pub const UNPRIVILEGED_USERFAULTFD: &str = "/proc/sys/vm/unprivileged_userfaultfd";
+
+/// Why QEMU `pid` cannot take a live (background) snapshot on this host,
+/// if it cannot: it runs unprivileged and the kernel keeps userfaultfd,
+/// which write-protects guest RAM, to privileged processes. QEMU 7.2 opens
+/// it with the `userfaultfd` system call (not `/dev/userfaultfd`), so only
+/// the sysctl helps.
+pub fn userfaultfd_denied(pid: u32) -> Option<String> {
+    let ids = process_ids(pid)?;
+    let allowed = std::fs::read_to_string(UNPRIVILEGED_USERFAULTFD)
+        .map(|v| v.trim() == "1")
+        .unwrap_or(true);
+    (ids.uid != 0 && !allowed).then(|| {
+        format!(
+            "QEMU runs as the unprivileged uid {} and this kernel lets only privileged processes use userfaultfd, which a live snapshot needs to write-protect guest RAM; allow it with `sysctl -w vm.unprivileged_userfaultfd=1` (scripts/setup.sh does), or take a full snapshot instead",
+            ids.uid
+        )
+    })
+}
+
 /// Gives `path` to the user QEMU `pid` runs as, when that is not us: a
 /// file forkd made that QEMU opens after it dropped its privileges (an
 /// overlay hot-added during a branch).

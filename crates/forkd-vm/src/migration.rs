@@ -275,6 +275,9 @@ impl Vm {
         disk: Option<PreparedDiskSnapshot>,
     ) -> Result<LivePause, VmError> {
         const WHAT: &str = "the live snapshot";
+        if let Some(reason) = crate::confine::userfaultfd_denied(self.pid()) {
+            return Err(VmError::Migration { what: WHAT, reason });
+        }
         set_capabilities(&mut self.qmp(), Purpose::BackgroundSnapshot)?;
         // We connect and hand QEMU the connection: a QEMU that dropped its
         // privileges could not open the listener's socket itself.
