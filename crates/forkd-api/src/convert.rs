@@ -14,7 +14,7 @@ use forkd_ops as ops;
 use crate::error::{ApiError, ErrorBody};
 use crate::types as api;
 
-/// Every user-mode network guest has this address (QEMU's slirp default).
+/// Every guest with a network has this address (the gateway keeps slirp's).
 pub const GUEST_ADDR: &str = "10.0.2.15";
 
 // ---------------------------------------------------------------- errors

@@ -241,7 +241,7 @@ pub struct SandboxInfo {
     pub id: String,
     /// The snapshot it was spawned from; empty for a sandbox booted fresh.
     pub snapshot_tag: String,
-    /// Always null on forkd: each child has its own user-mode network and no
+    /// Always null on forkd: each child has its own network gateway and no
     /// host network namespace.
     pub netns: Option<String>,
     /// Where the guest is reachable from the host, as forkd sees it.
@@ -316,10 +316,11 @@ pub struct SpawnRequest {
     /// How many children (1 to 1000).
     #[serde(default = "default_one")]
     pub n: usize,
-    /// No-op on forkd: every child already has its own user-mode network.
+    /// No-op on forkd: every child already has its own network gateway.
     #[serde(default)]
     pub per_child_netns: bool,
-    /// Memory limit of each child's QEMU process, in MiB (at least 1).
+    /// Memory limit of each child's QEMU process (its cgroup), in MiB; the
+    /// snapshot's when absent. At least guest RAM + 64 MiB.
     #[serde(default)]
     pub memory_limit_mib: Option<u64>,
     /// No-op on forkd: children map the parent's RAM copy-on-write from tmpfs,
