@@ -12,11 +12,12 @@
 //! and a refused destination gets a TCP reset at once. UDP reaches only the
 //! DNS server; ICMP only the gateway's own addresses; IPv6 nothing.
 //!
-//! Bounded: frames (64 KiB), connections per guest ([`MAX_CONNECTIONS`]),
-//! lookups in flight, bytes queued toward QEMU; every socket buffer is fixed.
+//! Bounded: frames (64 KiB), bytes read per round, connections per guest
+//! ([`MAX_CONNECTIONS`]), lookups in flight, bytes queued toward QEMU; every
+//! socket buffer is fixed.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{self, Read, Write};
+use std::io::{self, Read as _, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::mpsc;
@@ -54,6 +55,8 @@ const MAX_OUT: usize = 4 << 20;
 const TCP_BUFFER: usize = 64 * 1024;
 /// A host connection that has not completed within this is reset.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+/// Bytes read from QEMU in one round before the queued frames are handled.
+const MAX_READ_PER_ROUND: usize = 1 << 20;
 /// Resolved names remembered for domain rules.
 const MAX_REMEMBERED: usize = 4096;
 
@@ -89,6 +92,13 @@ pub fn serve_listener(
 /// Serves one QEMU `-netdev stream` connection until QEMU hangs up.
 pub fn serve(stream: UnixStream, policy: EgressPolicy) -> Result<(), NetError> {
     Gateway::new(stream, policy)?.run()
+}
+
+/// What one read of QEMU's stream found.
+enum Read {
+    Hangup,
+    Drained,
+    More,
 }
 
 /// Frames between smoltcp and QEMU.
@@ -363,40 +373,54 @@ impl Gateway {
 
     fn run(mut self) -> Result<(), NetError> {
         let mut events = Events::with_capacity(256);
+        let mut more = false;
         loop {
             let now = self.now();
-            let delay = self
-                .iface
-                .poll_delay(now, &self.sockets)
-                .map(|d| Duration::from_micros(d.total_micros()))
-                .unwrap_or(Duration::from_millis(500))
-                .min(Duration::from_millis(500));
+            let delay = if more {
+                // QEMU has sent more than one round takes: no waiting (the
+                // readiness was not drained, so no event would come).
+                Duration::ZERO
+            } else {
+                self.iface
+                    .poll_delay(now, &self.sockets)
+                    .map(|d| Duration::from_micros(d.total_micros()))
+                    .unwrap_or(Duration::from_millis(500))
+                    .min(Duration::from_millis(500))
+            };
             match self.poll.poll(&mut events, Some(delay)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(NetError::Io(e)),
             }
-            if !self.read_qemu()? {
-                return Ok(());
-            }
+            more = match self.read_qemu()? {
+                Read::Hangup => return Ok(()),
+                Read::Drained => false,
+                Read::More => true,
+            };
             self.answer_lookups();
             self.step()?;
         }
     }
 
-    /// Reads what QEMU sent; `false` once it hung up.
-    fn read_qemu(&mut self) -> Result<bool, NetError> {
+    /// Reads what QEMU sent, at most [`MAX_READ_PER_ROUND`] bytes, so that
+    /// a guest flooding its NIC cannot grow the frame queue without bound.
+    fn read_qemu(&mut self) -> Result<Read, NetError> {
         let mut buf = [0u8; 64 * 1024];
+        let mut taken = 0;
         loop {
+            if taken >= MAX_READ_PER_ROUND {
+                return Ok(Read::More);
+            }
             match self.qemu.read(&mut buf) {
-                Ok(0) => return Ok(false),
+                Ok(0) => return Ok(Read::Hangup),
                 Ok(n) => {
+                    taken += n;
                     self.inbuf.extend_from_slice(&buf[..n]);
                     self.take_frames()?;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Read::Drained),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(Read::Hangup),
                 Err(e) => return Err(NetError::Io(e)),
             }
         }
