@@ -134,6 +134,10 @@ pub(crate) fn start_qemu(
     let child = cmd.spawn().map_err(VmError::Spawn)?;
     drop(group);
     let pid = child.id();
+    if die_with_parent {
+        // PR_SET_PDEATHSIG does not survive QEMU's drop to its user.
+        run_dir.kill_when_owner_dies(pid);
+    }
     let pid_start = process_start_time(pid).unwrap_or(0);
     let mut partial = Partial {
         child: Some(child),
