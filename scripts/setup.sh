@@ -45,16 +45,11 @@ if installed docker-registry && [ -d /run/systemd/system ]; then
   systemctl disable --now docker-registry.service >/dev/null 2>&1 || true
 fi
 
-# --- the user QEMU runs as -------------------------------------------------
-# forkd started as root runs every QEMU as this unprivileged user (-runas),
-# so a guest that escapes into QEMU holds no root (SECURITY.md).
-if [ "$(id -u)" = 0 ] && ! getent passwd forkd-qemu >/dev/null; then
-  log "creating the system user forkd-qemu"
-  useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin forkd-qemu
-fi
-
-# That user needs userfaultfd for live branches: QEMU 7.2 opens it with the
-# system call, which Debian keeps to privileged processes unless this is 1.
+# --- QEMU's users ----------------------------------------------------------
+# forkd started as root runs each QEMU as a uid of its own (-runas, from
+# 2100000000 up; no passwd entry needed, SECURITY.md).
+# An unprivileged QEMU needs userfaultfd for live branches: QEMU 7.2 opens it
+# with the system call, which Debian keeps to privileged processes unless 1.
 if [ "$(id -u)" = 0 ] && [ "$(cat /proc/sys/vm/unprivileged_userfaultfd 2>/dev/null)" = 0 ]; then
   log "allowing unprivileged userfaultfd (live branches of a QEMU that is not root)"
   sysctl -qw vm.unprivileged_userfaultfd=1

@@ -197,31 +197,39 @@ pub fn run(env: &Env, qemu: &str) -> Vec<Check> {
 fn isolation_checks(qemu: &Path) -> Vec<Check> {
     let mut out = Vec::new();
     let root = forkd_vm::confine::is_root();
-    let run_as = forkd_vm::confine::run_as_for_this_host();
-    out.push(match &run_as {
-        Ok(Some(r)) => check(
+    let policy = forkd_vm::confine::user_policy();
+    out.push(match &policy {
+        Ok(Some(forkd_vm::confine::UserPolicy::PerVm { start, count })) => check(
             "qemu-user",
             Level::Ok,
             format!(
-                "forkd runs as root; every QEMU drops to uid {} gid {} (-runas) once it has opened its files",
-                r.uid, r.gid
+                "forkd runs as root; every QEMU drops (-runas) to a uid and gid of its own from {start}..{} once it has opened its files, as does its network gateway",
+                start + count - 1
             ),
             None,
+        ),
+        Ok(Some(forkd_vm::confine::UserPolicy::Shared(r))) => check(
+            "qemu-user",
+            Level::Warn,
+            format!(
+                "every QEMU drops to the one uid {} ({}): one escaped QEMU could reach the others",
+                r.uid,
+                forkd_vm::confine::USER_VAR
+            ),
+            Some("unset FORKD_QEMU_USER (each QEMU then gets a uid of its own)"),
         ),
         Ok(None) => check(
             "qemu-user",
             Level::Warn,
-            "forkd is not root: QEMU runs as your own user, so a guest that escaped into QEMU could touch everything you can",
-            Some("run forkd as root (QEMU then drops to the forkd-qemu user), or as a user that owns nothing else"),
+            "forkd is not root: QEMU runs as your own user, so a guest that escaped into QEMU could touch everything you can, other sandboxes included",
+            Some("run forkd as root (each QEMU then drops to a uid of its own)"),
         ),
-        Err(e) => check(
-            "qemu-user",
-            Level::Fail,
-            e.to_string(),
-            Some("useradd --system --no-create-home --shell /usr/sbin/nologin forkd-qemu"),
-        ),
+        Err(e) => check("qemu-user", Level::Fail, e.to_string(), None),
     });
-    let filter = forkd_vm::confine::seccomp_option(run_as.ok().flatten());
+    let unprivileged = matches!(policy, Ok(Some(_)));
+    let filter = forkd_vm::confine::seccomp_option(
+        unprivileged.then_some(forkd_vm::confine::RunAs { uid: 1, gid: 1 }),
+    );
     let seccomp = std::process::Command::new(qemu)
         .args(["-sandbox", filter, "-version"])
         .output()
@@ -303,7 +311,7 @@ fn isolation_checks(qemu: &Path) -> Vec<Check> {
         check(
             "userfaultfd",
             Level::Warn,
-            format!("vm.unprivileged_userfaultfd={unpriv}: QEMU runs unprivileged{}, so live BRANCH (background snapshot) fails; full snapshots work", if root { " (as forkd-qemu)" } else { "" }),
+            format!("vm.unprivileged_userfaultfd={unpriv}: QEMU runs unprivileged{}, so live BRANCH (background snapshot) fails; full snapshots work", if root { " (as a uid of its own)" } else { "" }),
             Some("sysctl -w vm.unprivileged_userfaultfd=1"),
         )
     });

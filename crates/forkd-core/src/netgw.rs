@@ -1,8 +1,8 @@
 //! Each sandbox's network gateway (`forkd-net`): started before its QEMU on
 //! the socket QEMU's NIC connects to, and gone when that QEMU is. A sandbox
 //! that outlives its caller gets a detached helper (this executable re-run,
-//! see [`crate::helper`]) that drops to QEMU's unprivileged user once its
-//! socket is bound; an ephemeral one (and a program that cannot host
+//! see [`crate::helper`]) that drops to its QEMU's unprivileged uid once
+//! its socket is bound; an ephemeral one (and a program that cannot host
 //! helpers) serves it on a thread of its own.
 //!
 //! Also the one mapping between the rules as recorded ([`forkd_vm::Egress`])
@@ -63,6 +63,8 @@ pub(crate) fn start(config: &VmConfig, detached: bool) -> Result<(), CoreError> 
         .clone()
         .ok_or_else(|| CoreError::Network("the VM has a gateway NIC but no socket".into()))?;
     let policy = policy_of(&config.egress)?;
+    // Decide (and record) the VM's uid now, before a helper or QEMU asks.
+    qemu_user(&socket)?;
     if detached && helper::can_host() {
         helper::start(&Job::NetGateway {
             socket: socket.clone(),
@@ -84,13 +86,18 @@ pub(crate) fn start(config: &VmConfig, detached: bool) -> Result<(), CoreError> 
 fn bind(socket: &Path) -> Result<std::os::unix::net::UnixListener, CoreError> {
     let listener =
         forkd_net::gateway::bind(socket).map_err(|e| CoreError::Network(e.to_string()))?;
-    if let Some(r) =
-        forkd_vm::confine::run_as_for_this_host().map_err(|e| CoreError::Network(e.to_string()))?
-    {
+    if let Some(r) = qemu_user(socket)? {
         std::os::unix::fs::chown(socket, Some(r.uid), Some(r.gid))
             .map_err(CoreError::host("handing QEMU the gateway socket", socket))?;
     }
     Ok(listener)
+}
+
+/// The user the QEMU whose gateway listens on `socket` runs as (the
+/// gateway drops to the same one).
+fn qemu_user(socket: &Path) -> Result<Option<forkd_vm::confine::RunAs>, CoreError> {
+    let dir = socket.parent().unwrap_or(Path::new("/"));
+    forkd_vm::confine::run_as_for(dir).map_err(|e| CoreError::Network(e.to_string()))
 }
 
 fn wait_for(socket: &Path) -> Result<(), CoreError> {
@@ -112,9 +119,7 @@ fn wait_for(socket: &Path) -> Result<(), CoreError> {
 pub(crate) fn run_helper(socket: PathBuf, egress: Egress) -> Result<(), CoreError> {
     let policy = policy_of(&egress)?;
     let listener = bind(&socket)?;
-    if let Some(r) =
-        forkd_vm::confine::run_as_for_this_host().map_err(|e| CoreError::Network(e.to_string()))?
-    {
+    if let Some(r) = qemu_user(&socket)? {
         drop_privileges(r)?;
     }
     forkd_net::gateway::serve_listener(listener, policy, ACCEPT_WITHIN)

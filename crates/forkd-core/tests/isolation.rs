@@ -429,6 +429,15 @@ fn qemu_is_confined_and_a_hostile_guest_leaves_its_siblings_responsive() {
         .unwrap();
     if is_root() {
         assert_ne!(uid, 0, "QEMU runs as root");
+        let sibling_uid = std::fs::read_to_string(format!("/proc/{}/status", w.qemu_pid(&sibling)))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:").map(str::to_string))
+            .unwrap();
+        assert!(
+            !sibling_uid.split_whitespace().any(|u| u == uid.to_string()),
+            "two QEMUs share uid {uid}"
+        );
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
         assert!(String::from_utf8_lossy(&cmdline).contains("spawn=deny"));
     }

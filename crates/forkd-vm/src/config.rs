@@ -168,7 +168,7 @@ pub struct VmConfig {
     #[serde(default)]
     pub limits: Limits,
     /// The unprivileged user QEMU drops to (`-runas`), decided at launch on
-    /// each host ([`crate::confine::run_as_for_this_host`]), never recorded.
+    /// each host ([`crate::confine::run_as_for`]), never recorded.
     #[serde(skip)]
     pub run_as: Option<crate::confine::RunAs>,
 }

@@ -90,7 +90,7 @@ pub(crate) fn start_qemu(
     let qemu = which(&config.qemu)
         .ok_or_else(|| VmError::QemuNotFound(config.qemu.display().to_string()))?;
     let mut confined = config.clone();
-    confined.run_as = crate::confine::run_as_for_this_host()?;
+    confined.run_as = crate::confine::run_as_for(run_dir.path())?;
     if let Some(r) = confined.run_as {
         // QEMU's user may traverse the run directory (it connects to the
         // network gateway's socket after dropping privileges), nobody else.
