@@ -47,6 +47,17 @@ if installed docker-registry && [ -d /run/systemd/system ]; then
   systemctl disable --now docker-registry.service >/dev/null 2>&1 || true
 fi
 
+# --- QEMU's users ----------------------------------------------------------
+# forkd started as root runs each QEMU as a uid of its own (-runas, from
+# 2100000000 up; no passwd entry needed, SECURITY.md).
+# An unprivileged QEMU needs userfaultfd for live branches: QEMU 7.2 opens it
+# with the system call, which Debian keeps to privileged processes unless 1.
+if [ "$(id -u)" = 0 ] && [ "$(cat /proc/sys/vm/unprivileged_userfaultfd 2>/dev/null)" = 0 ]; then
+  log "allowing unprivileged userfaultfd (live branches of a QEMU that is not root)"
+  sysctl -qw vm.unprivileged_userfaultfd=1
+  [ -d /etc/sysctl.d ] && echo "vm.unprivileged_userfaultfd = 1" > /etc/sysctl.d/60-forkd.conf
+fi
+
 # --- binaries --------------------------------------------------------------
 scripts/build-agent.sh
 log "building forkd (release)"

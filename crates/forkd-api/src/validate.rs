@@ -98,6 +98,32 @@ pub fn process_tag(field: &str, value: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Most egress rules one list may hold.
+pub const MAX_EGRESS_RULES: usize = 256;
+
+/// Bounds a list of egress rules (their syntax is the operation's to judge):
+/// at most [`MAX_EGRESS_RULES`], each 1 to 255 bytes without control bytes.
+pub fn egress_rules(field: &str, rules: &[String]) -> Result<(), ApiError> {
+    if rules.len() > MAX_EGRESS_RULES {
+        return Err(ApiError::field(
+            field,
+            format!(
+                "{} rules are too many; at most {MAX_EGRESS_RULES}",
+                rules.len()
+            ),
+        ));
+    }
+    for r in rules {
+        if r.is_empty() || r.len() > 255 || r.chars().any(char::is_control) {
+            return Err(ApiError::field(
+                field,
+                format!("{r:?} is not a rule: a CIDR or a domain name of 1 to 255 bytes"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Decodes a standard, padded base64 field.
 pub fn base64(field: &str, value: &str) -> Result<Vec<u8>, ApiError> {
     BASE64

@@ -23,6 +23,10 @@ pub fn create(ops: &dyn Operations, args: CreateArgs) -> Result<ExitCode> {
         cpus: m.cpus,
         accel: Some(m.accel.parse().map_err(crate::exit::Usage)?),
         network: Some(m.net.parse().map_err(crate::exit::Usage)?),
+        allow_out: m.allow_out.clone(),
+        deny_out: m.deny_out.clone(),
+        memory_limit_mib: m.limits.memory_limit,
+        cpu_quota_pct: m.limits.cpu_quota_pct()?,
         tcg_tb_mib: m.tcg_tb_mib,
         huge_pages: args.hugepages,
         prealloc: args.prealloc,
@@ -304,8 +308,35 @@ fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
 }
 
+/// `forkd info ID` for a sandbox.
+fn sandbox_info(s: &forkd_ops::Sandbox, json: bool) -> Result<ExitCode> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(s)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("id:          {}", s.id);
+    println!("state:       {}", s.state);
+    println!("pid:         {}", s.pid);
+    println!("image:       {}", s.image);
+    println!("machine:     {} MiB, {} vCPU", s.mem_mib, s.cpus);
+    if let Some(t) = &s.snapshot {
+        println!("snapshot:    {t}");
+    }
+    println!("network:     {}", s.network);
+    println!("branches:    {}", s.branches);
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn info(ops: &dyn Operations, tag: &str, json: bool) -> Result<ExitCode> {
-    let d = ops.snapshot_info(tag)?;
+    let d = match ops.snapshot_info(tag) {
+        Ok(d) => d,
+        // Not a snapshot: a sandbox, when one has that id.
+        Err(e) if e.kind == forkd_ops::ErrorKind::NotFound => match ops.sandbox(tag) {
+            Ok(sb) => return sandbox_info(&sb, json),
+            Err(_) => return Err(e.into()),
+        },
+        Err(e) => return Err(e.into()),
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(&d)?);
         return Ok(ExitCode::SUCCESS);
@@ -336,6 +367,9 @@ pub fn info(ops: &dyn Operations, tag: &str, json: bool) -> Result<ExitCode> {
         ),
         (Some(p), None) => println!("ram:         layer over `{p}` (unreadable map)"),
         _ => println!("ram:         full image"),
+    }
+    if let Some(n) = &d.network {
+        println!("network:     {n} (its children's, unless a spawn says otherwise)");
     }
     println!("size:        {} on disk", mib(d.allocated));
     for f in &d.files {
@@ -389,23 +423,8 @@ pub fn pool(ops: &dyn Operations, tag: &str, size: usize) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn spawn(
-    ops: &dyn Operations,
-    tag: &str,
-    n: usize,
-    parallel: Option<usize>,
-    pool: Option<usize>,
-    no_wait: bool,
-    json: bool,
-) -> Result<ExitCode> {
-    let req = SpawnRequest {
-        tag: tag.to_string(),
-        n,
-        parallel,
-        pool,
-        wait: no_wait.then_some(false),
-        on_failure: None,
-    };
+pub fn spawn(ops: &dyn Operations, req: SpawnRequest, json: bool) -> Result<ExitCode> {
+    let (tag, n) = (req.tag.as_str(), req.n);
     let tty = !json && std::io::stderr().is_terminal();
     let done = std::sync::atomic::AtomicUsize::new(0);
     let on_child = |_: usize, r: &Result<Child, OpError>| {

@@ -121,8 +121,9 @@ enum FleetCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Show one snapshot: files and real sizes, parent chain, RAM layer,
-    /// dependents.
+    /// Show one snapshot (files and real sizes, parent chain, RAM layer,
+    /// dependents, the network its children get) or one sandbox (its
+    /// network and egress policy among the rest).
     Info {
         /// The snapshot's tag.
         tag: String,
@@ -155,6 +156,8 @@ enum FleetCommand {
         /// Fail at once if the snapshot is still being written (default: wait).
         #[arg(long)]
         no_wait: bool,
+        #[command(flatten)]
+        limits: ChildLimitArgs,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -204,12 +207,69 @@ struct MachineArgs {
     /// Accelerator: auto (KVM where hardware virtualization works, else TCG), kvm or tcg.
     #[arg(long, default_value = "auto")]
     accel: String,
-    /// Guest network: user (QEMU user-mode stack) or none.
-    #[arg(long, default_value = "user")]
+    /// Guest network: default (the public internet as --allow-out and
+    /// --deny-out allow; never the host, its loopback or private networks,
+    /// never another sandbox) or none.
+    #[arg(long, default_value = "default")]
     net: String,
+    /// Allow only these destinations (repeatable): a CIDR (10.1.0.0/16,
+    /// 1.2.3.4) or a domain (pypi.org also matches its subdomains,
+    /// *.github.com only them). A CIDR inside private space opens it.
+    #[arg(long = "allow-out", value_name = "CIDR|DOMAIN")]
+    allow_out: Vec<String>,
+    /// Never reach these destinations (repeatable); beats --allow-out.
+    #[arg(long = "deny-out", value_name = "CIDR|DOMAIN")]
+    deny_out: Vec<String>,
+    #[command(flatten)]
+    limits: LimitArgs,
     /// TCG translation-cache size in MiB (smaller: less memory per VM).
     #[arg(long, value_name = "MIB")]
     tcg_tb_mib: Option<u32>,
+}
+
+/// The QEMU process's cgroup limits.
+#[derive(Args, Clone)]
+struct LimitArgs {
+    /// Memory limit of the sandbox's QEMU process in MiB [default: guest
+    /// RAM plus QEMU's own overhead].
+    #[arg(long = "memory-limit", value_name = "MIB")]
+    memory_limit: Option<u64>,
+    /// CPU time the sandbox may use, in host CPUs (1.5 = one and a half).
+    #[arg(long = "cpus-quota", value_name = "CPUS")]
+    cpus_quota: Option<f64>,
+}
+
+impl LimitArgs {
+    fn cpu_quota_pct(&self) -> Result<Option<u32>> {
+        self.cpus_quota.map(cpus_to_pct).transpose()
+    }
+}
+
+/// `--cpus-quota 1.5` as 150 percent of one CPU.
+fn cpus_to_pct(cpus: f64) -> Result<u32> {
+    if !(cpus.is_finite() && (0.01..=1024.0).contains(&cpus)) {
+        return Err(crate::exit::Usage(format!(
+            "--cpus-quota {cpus} is out of range: give a number of CPUs from 0.01 to 1024"
+        ))
+        .into());
+    }
+    Ok((cpus * 100.0).round() as u32)
+}
+
+/// What children of a snapshot may change (default: the snapshot's).
+#[derive(Args)]
+struct ChildLimitArgs {
+    /// The children's network: default or none [default: the snapshot's].
+    #[arg(long)]
+    net: Option<String>,
+    /// Replace the snapshot's --allow-out rules (repeatable).
+    #[arg(long = "allow-out", value_name = "CIDR|DOMAIN")]
+    allow_out: Vec<String>,
+    /// Replace the snapshot's --deny-out rules (repeatable).
+    #[arg(long = "deny-out", value_name = "CIDR|DOMAIN")]
+    deny_out: Vec<String>,
+    #[command(flatten)]
+    limits: LimitArgs,
 }
 
 impl MachineArgs {
@@ -219,8 +279,17 @@ impl MachineArgs {
             mem_mib: self.mem.unwrap_or(forkd_ops::policy::MEM_MIB),
             accel: self.accel.parse().map_err(crate::exit::Usage)?,
             network: match self.net.parse().map_err(crate::exit::Usage)? {
-                forkd_ops::Network::User => forkd_vm::Network::User,
-                forkd_ops::Network::None => forkd_vm::Network::None,
+                forkd_ops::Network::Default => forkd_vm::Network::Gateway,
+                forkd_ops::Network::None | forkd_ops::Network::Slirp => forkd_vm::Network::None,
+            },
+            egress: forkd_vm::Egress {
+                deny_all: false,
+                allow_out: self.allow_out.clone(),
+                deny_out: self.deny_out.clone(),
+            },
+            limits: forkd_vm::Limits {
+                memory_limit_mib: self.limits.memory_limit,
+                cpu_quota_pct: self.limits.cpu_quota_pct()?,
             },
             tcg_tb_mib: self.tcg_tb_mib,
             ..BootOptions::default()
@@ -427,7 +496,12 @@ fn fleet_command(owned: Box<dyn forkd_ops::Operations>, command: FleetCommand) -
     let ops = &*owned;
     match command {
         Command::Create(args) => commands::create(ops, args),
-        Command::Exec(args) => commands::exec(ops, args),
+        Command::Exec(args) => {
+            // Waiting on a command in a sandbox that outlives us: a signal
+            // ends the wait (128+N), the sandbox and its command go on.
+            signals::exit_on_termination();
+            commands::exec(ops, args)
+        }
         Command::Ls { json } => commands::ls(ops, json),
         Command::Kill { ids, all, json } => commands::kill(ops, ids, all, json),
         Command::Cp {
@@ -446,8 +520,27 @@ fn fleet_command(owned: Box<dyn forkd_ops::Operations>, command: FleetCommand) -
             parallel,
             pool,
             no_wait,
+            limits,
             json,
-        } => commands::spawn(ops, &tag, n, parallel, pool, no_wait, json),
+        } => {
+            let req = forkd_ops::SpawnRequest {
+                parallel,
+                pool,
+                wait: no_wait.then_some(false),
+                network: limits
+                    .net
+                    .as_deref()
+                    .map(str::parse)
+                    .transpose()
+                    .map_err(crate::exit::Usage)?,
+                allow_out: (!limits.allow_out.is_empty()).then_some(limits.allow_out),
+                deny_out: (!limits.deny_out.is_empty()).then_some(limits.deny_out),
+                memory_limit_mib: limits.limits.memory_limit,
+                cpu_quota_pct: limits.limits.cpu_quota_pct()?,
+                ..forkd_ops::SpawnRequest::new(tag, n)
+            };
+            commands::spawn(ops, req, json)
+        }
         Command::Branch {
             id,
             tag,
@@ -684,4 +777,15 @@ fn daemon(args: DaemonArgs) -> Result<ExitCode> {
     }
     forkd_daemon::run(&env, opts, &|line| eprintln!("forkd daemon: {line}"))?;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cpu_quotas_are_percent_of_a_cpu_and_bounded() {
+        assert_eq!(super::cpus_to_pct(1.5).unwrap(), 150);
+        assert_eq!(super::cpus_to_pct(0.25).unwrap(), 25);
+        assert!(super::cpus_to_pct(0.0).is_err());
+        assert!(super::cpus_to_pct(f64::NAN).is_err());
+    }
 }

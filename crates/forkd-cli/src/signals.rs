@@ -1,4 +1,4 @@
-//! Ctrl-C and friends while a sandbox runs.
+//! Ctrl-C and friends while a sandbox runs, and while `forkd exec` waits.
 //!
 //! The first SIGINT is forwarded to the command in the guest (it may want to
 //! clean up, and its exit status flows back as usual). SIGTERM, SIGHUP or a
@@ -39,6 +39,20 @@ pub fn unblock_termination_signals() {
     let set = sigset();
     // SAFETY: valid sigset; changes only this thread's mask.
     unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) };
+}
+
+/// Starts a thread that ends the process with 128+N when SIGINT, SIGTERM or
+/// SIGHUP arrives (they stay blocked everywhere else): for commands that
+/// only wait on a sandbox that outlives them, like `forkd exec`.
+pub fn exit_on_termination() {
+    std::thread::spawn(|| loop {
+        let set = sigset();
+        let mut sig: libc::c_int = 0;
+        // SAFETY: valid sigset and out pointer.
+        if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+            std::process::exit(128 + sig);
+        }
+    });
 }
 
 struct State {

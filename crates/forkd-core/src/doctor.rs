@@ -189,17 +189,143 @@ pub fn run(env: &Env, qemu: &str) -> Vec<Check> {
 
     out.push(huge_pages_check());
 
-    let unpriv = std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd")
+    out.extend(isolation_checks(qemu_path));
+    out
+}
+
+/// What isolation this host gives sandboxes, and what it lacks.
+fn isolation_checks(qemu: &Path) -> Vec<Check> {
+    let mut out = Vec::new();
+    let root = forkd_vm::confine::is_root();
+    let policy = forkd_vm::confine::user_policy();
+    out.push(match &policy {
+        Ok(Some(forkd_vm::confine::UserPolicy::PerVm { start, count })) => check(
+            "qemu-user",
+            Level::Ok,
+            format!(
+                "forkd runs as root; every QEMU drops (-runas) to a uid and gid of its own from {start}..{} once it has opened its files, as does its network gateway",
+                start + count - 1
+            ),
+            None,
+        ),
+        Ok(Some(forkd_vm::confine::UserPolicy::Shared(r))) => check(
+            "qemu-user",
+            Level::Warn,
+            format!(
+                "every QEMU drops to the one uid {} ({}): one escaped QEMU could reach the others",
+                r.uid,
+                forkd_vm::confine::USER_VAR
+            ),
+            Some("unset FORKD_QEMU_USER (each QEMU then gets a uid of its own)"),
+        ),
+        Ok(None) => check(
+            "qemu-user",
+            Level::Warn,
+            "forkd is not root: QEMU runs as your own user, so a guest that escaped into QEMU could touch everything you can, other sandboxes included",
+            Some("run forkd as root (each QEMU then drops to a uid of its own)"),
+        ),
+        Err(e) => check("qemu-user", Level::Fail, e.to_string(), None),
+    });
+    let unprivileged = matches!(policy, Ok(Some(_)));
+    let filter = forkd_vm::confine::seccomp_option(
+        unprivileged.then_some(forkd_vm::confine::RunAs { uid: 1, gid: 1 }),
+    );
+    let seccomp = std::process::Command::new(qemu)
+        .args(["-sandbox", filter, "-version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    out.push(if seccomp {
+        check(
+            "seccomp",
+            Level::Ok,
+            format!("every QEMU runs under -sandbox {filter}"),
+            None,
+        )
+    } else {
+        check(
+            "seccomp",
+            Level::Fail,
+            format!(
+                "this QEMU refuses -sandbox {filter} (built without libseccomp?): no VM can start"
+            ),
+            Some("apt-get install -y qemu-system-x86 (Debian's is built with seccomp)"),
+        )
+    });
+    out.push(match forkd_vm::cgroup::Layout::detect() {
+        None => check(
+            "cgroups",
+            Level::Warn,
+            "no memory cgroup controller: sandboxes run without memory, task or CPU limits",
+            Some("boot with cgroups enabled (cgroup v2: systemd.unified_cgroup_hierarchy=1)"),
+        ),
+        Some(layout) => {
+            let dir = &layout.parents[0].1;
+            let writable = root || writable_dir(dir.parent().unwrap_or(dir));
+            let ctrls: Vec<&str> = layout.parents.iter().map(|(c, _)| *c).collect();
+            if writable {
+                check(
+                    "cgroups",
+                    Level::Ok,
+                    format!(
+                        "cgroup {} ({}): each QEMU in its own group under {}, memory limited to guest RAM + QEMU's overhead (or --memory-limit), at most {} tasks, --cpus-quota",
+                        layout.version,
+                        ctrls.join(", "),
+                        dir.display(),
+                        forkd_vm::config::PIDS_MAX
+                    ),
+                    None,
+                )
+            } else {
+                check(
+                    "cgroups",
+                    Level::Warn,
+                    format!(
+                        "cgroup {} present, but {} is not writable by this user: sandboxes run without resource limits",
+                        layout.version,
+                        dir.display()
+                    ),
+                    Some("run forkd as root, or in a delegated cgroup (systemd-run --user --scope -p Delegate=yes forkd ...)"),
+                )
+            }
+        }
+    });
+    out.push(check(
+        "network",
+        Level::Ok,
+        "each sandbox's NIC ends in forkd's own gateway: the public internet (or only --allow-out), never the host, its loopback, link-local, private or shared address space, nor another sandbox; TCP and DNS only (no other UDP, no ICMP beyond the gateway, no IPv6)",
+        None,
+    ));
+    let unpriv = std::fs::read_to_string(forkd_vm::confine::UNPRIVILEGED_USERFAULTFD)
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "?".into());
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    out.push(if root || unpriv == "1" {
-        check("userfaultfd", Level::Ok, format!("vm.unprivileged_userfaultfd={unpriv}, {}: QEMU can write-protect guest RAM for live branches", if root { "running as root" } else { "unprivileged use allowed" }), None)
+    // As root QEMU runs unprivileged too: it needs the sysctl either way.
+    out.push(if unpriv == "1" {
+        check(
+            "userfaultfd",
+            Level::Ok,
+            "vm.unprivileged_userfaultfd=1: an unprivileged QEMU can write-protect guest RAM for live branches",
+            None,
+        )
     } else {
-        check("userfaultfd", Level::Warn, format!("vm.unprivileged_userfaultfd={unpriv} and not root: live BRANCH (background-snapshot) will fail"), Some("sysctl -w vm.unprivileged_userfaultfd=1 (or run forkd as root / with CAP_SYS_PTRACE)"))
+        check(
+            "userfaultfd",
+            Level::Warn,
+            format!("vm.unprivileged_userfaultfd={unpriv}: QEMU runs unprivileged{}, so live BRANCH (background snapshot) fails; full snapshots work", if root { " (as a uid of its own)" } else { "" }),
+            Some("sysctl -w vm.unprivileged_userfaultfd=1"),
+        )
     });
     out
+}
+
+/// Whether this process may create entries in `dir`.
+fn writable_dir(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: access reads a NUL-terminated path; no memory is written.
+    unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) == 0 }
 }
 
 /// The 2 MiB huge-page pool `forkd create --hugepages` sandboxes use.

@@ -79,6 +79,8 @@ pub enum CoreError {
     DiskImage(String),
     #[error("the branch writer: {0}")]
     Writer(String),
+    #[error("the sandbox's network gateway: {0}")]
+    Network(String),
     #[error(
         "the static guest agent binary was not found ({0}); build it with `scripts/build-agent.sh`"
     )]
@@ -189,6 +191,7 @@ impl CoreError {
             | C::Host { .. }
             | C::DiskImage(_)
             | C::Writer(_)
+            | C::Network(_)
             | C::AgentNotFound(_)
             | C::Guest(_)
             | C::Vm(_) => ErrorKind::Internal,

@@ -1,5 +1,6 @@
 //! Detached helpers: work that must outlive the call that started it (the
-//! writer of a branch that did not wait, a warm-pool refill).
+//! writer of a branch that did not wait, a warm-pool refill, a sandbox's
+//! network gateway).
 //!
 //! A helper is this very executable started again with its job, as JSON, in
 //! the environment variable [`JOB_VAR`]. A program that opens a
@@ -32,6 +33,11 @@ pub const JOB_VAR: &str = "FORKD_HELPER_JOB";
 pub enum Job {
     /// Receive a live branch's stream and publish the snapshot.
     BranchWriter(Box<WriterJob>),
+    /// Serve a sandbox's network gateway on `socket` until its QEMU ends.
+    NetGateway {
+        socket: PathBuf,
+        egress: forkd_vm::Egress,
+    },
     /// Top snapshot `tag`'s warm pool up to `size` members.
     FillPool {
         home: PathBuf,
@@ -53,6 +59,9 @@ pub fn run_if_helper() -> Option<ExitCode> {
     };
     // Not inherited by what the helper starts (pool QEMUs).
     std::env::remove_var(JOB_VAR);
+    // A helper may start helpers of its own (a pool fill, the gateways of
+    // the members it starts).
+    CAN_HOST.store(true, Ordering::Relaxed);
     let ran = serde_json::from_str::<Job>(&job.to_string_lossy())
         .map_err(|e| CoreError::Writer(format!("unreadable helper job: {e}")))
         .and_then(run);
@@ -65,6 +74,7 @@ pub fn run_if_helper() -> Option<ExitCode> {
 fn run(job: Job) -> Result<(), CoreError> {
     match job {
         Job::BranchWriter(job) => run_writer(*job),
+        Job::NetGateway { socket, egress } => crate::netgw::run_helper(socket, egress),
         Job::FillPool {
             home,
             runtime,

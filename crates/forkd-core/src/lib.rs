@@ -5,7 +5,7 @@
 //! snapshot store and QEMU: persistent sandboxes, spawn and the warm pool
 //! ([`fleet`]), live branches ([`branch`]), the agent sessions a long-lived
 //! process shares ([`sessions`]) and the detached helpers that outlive a
-//! call ([`helper`]). Around them: where files live ([`paths`]), which guest
+//! call ([`helper`]), each sandbox's network gateway ([`netgw`]). Around them: where files live ([`paths`]), which guest
 //! artifacts a sandbox boots from ([`artifacts`]), the ephemeral sandbox of
 //! `forkd run` ([`sandbox`]), RAM images and layers ([`ramimage`]), huge
 //! pages ([`hugepages`]) and the host report ([`doctor`]). It parses no
@@ -21,6 +21,7 @@ pub mod fleet;
 mod guest;
 pub mod helper;
 pub mod hugepages;
+pub(crate) mod netgw;
 mod ops;
 pub mod paths;
 pub mod ramimage;

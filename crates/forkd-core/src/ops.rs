@@ -43,8 +43,17 @@ fn boot_options(req: &CreateRequest) -> BootOptions {
             Accel::Tcg => forkd_vm::AccelRequest::Tcg,
         },
         network: match req.network.unwrap_or_default() {
-            Network::User => forkd_vm::Network::User,
-            Network::None => forkd_vm::Network::None,
+            Network::Default => forkd_vm::Network::Gateway,
+            Network::None | Network::Slirp => forkd_vm::Network::None,
+        },
+        egress: forkd_vm::Egress {
+            deny_all: false,
+            allow_out: req.allow_out.clone(),
+            deny_out: req.deny_out.clone(),
+        },
+        limits: forkd_vm::Limits {
+            memory_limit_mib: req.memory_limit_mib,
+            cpu_quota_pct: req.cpu_quota_pct,
         },
         tcg_tb_mib: req.tcg_tb_mib,
         huge_pages: if req.huge_pages {
@@ -59,6 +68,11 @@ fn boot_options(req: &CreateRequest) -> BootOptions {
 
 impl Operations for Fleet {
     fn create(&self, req: &CreateRequest, progress: &dyn Fn(&str)) -> Result<Created, OpError> {
+        if req.network == Some(Network::Slirp) {
+            return Err(OpError::bad_input(
+                "network slirp cannot be asked for: use default (filtered) or none",
+            ));
+        }
         let name = req.image.as_deref().unwrap_or(policy::IMAGE);
         let image: Image = name.parse().map_err(OpError::bad_input)?;
         if let Some(tag) = &req.snapshot_as {
@@ -304,13 +318,21 @@ impl Operations for Fleet {
         let cores = std::thread::available_parallelism()
             .map(|p| p.get())
             .unwrap_or(1);
-        let results = Fleet::spawn(
+        let overrides = crate::fleet::ChildOverrides {
+            network: req.network,
+            allow_out: req.allow_out.clone(),
+            deny_out: req.deny_out.clone(),
+            memory_limit_mib: req.memory_limit_mib,
+            cpu_quota_pct: req.cpu_quota_pct,
+        };
+        let results = Fleet::spawn_with(
             self,
             &req.tag,
             req.n,
             policy::spawn_parallelism(req.n, req.parallel, cores),
             req.wait.unwrap_or(policy::SPAWN_WAITS_FOR_WRITING),
             req.on_failure.unwrap_or(policy::PARTIAL_FAILURE),
+            &overrides,
             &|i, r: &Result<Child, CoreError>| {
                 let r = match r {
                     Ok(c) => Ok(c.clone()),

@@ -37,6 +37,10 @@ pub struct BootOptions {
     pub huge_pages: forkd_vm::HugePages,
     /// Populate all guest RAM at start (QEMU `prealloc=on`).
     pub prealloc: bool,
+    /// What the network gateway lets out ([`Network::Gateway`]).
+    pub egress: forkd_vm::Egress,
+    /// The QEMU process's cgroup limits.
+    pub limits: forkd_vm::Limits,
 }
 
 impl Default for BootOptions {
@@ -45,13 +49,15 @@ impl Default for BootOptions {
             cpus: 1,
             mem_mib: 256,
             accel: AccelRequest::Auto,
-            network: Network::User,
+            network: Network::Gateway,
             boot_timeout: Duration::from_secs(60),
             qemu: "qemu-system-x86_64".into(),
             cancel: None,
             tcg_tb_mib: None,
             huge_pages: forkd_vm::HugePages::Off,
             prealloc: false,
+            egress: forkd_vm::Egress::default(),
+            limits: forkd_vm::Limits::default(),
         }
     }
 }
@@ -92,6 +98,7 @@ impl Sandbox {
             MemoryBackend::Anonymous,
             disks,
         );
+        crate::netgw::start(&config, false)?;
         let vm = Vm::launch(
             config,
             run_dir,
@@ -221,6 +228,10 @@ pub(crate) fn boot_config(
         hostname: id.to_string(),
         disks,
         network: opts.network,
+        net_socket: (opts.network == Network::Gateway).then(|| run_dir.file("net.sock")),
+        egress: opts.egress.clone(),
+        limits: opts.limits,
+        run_as: None,
         qmp_socket: run_dir.file("qmp.sock"),
         agent_socket: run_dir.file("agent.sock"),
         console_log: run_dir.file("console.log"),

@@ -113,7 +113,11 @@ pub fn run(env: &Env, opts: DaemonOptions, log: &dyn Fn(&str)) -> Result<(), Dae
         .max_blocking_threads(256)
         .enable_all()
         .build()?;
-    rt.block_on(server::serve(app))?;
+    let served = rt.block_on(server::serve(app));
+    // Handlers still blocked on a guest (an exec that never ends) are
+    // abandoned, not waited for: the sandboxes are detached and go on.
+    rt.shutdown_timeout(std::time::Duration::from_millis(500));
+    served?;
     log("stopped; sandboxes keep running");
     Ok(())
 }

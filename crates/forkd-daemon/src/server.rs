@@ -363,14 +363,43 @@ pub async fn serve(app: Arc<App>) -> std::io::Result<()> {
             }
         });
     }
-    let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing a SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let (stopping_tx, mut stopping) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
         tokio::select! {
             _ = term.recv() => {},
             _ = tokio::signal::ctrl_c() => {},
         }
+        let _ = stopping_tx.send(true);
     };
+    // Requests in flight get a grace period, not forever: an exec of a
+    // command that never ends would otherwise hold the daemon up.
+    let grace = async move {
+        let _ = stopping.wait_for(|s| *s).await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    let socket = match app.policy.addr() {
+        ListenAddr::Unix(path) => Some(path.clone()),
+        ListenAddr::Tcp(_) => None,
+    };
+    let served = tokio::select! {
+        r = serve_until(app, router, shutdown) => r,
+        _ = grace => Ok(()),
+    };
+    if let Some(path) = socket {
+        let _ = std::fs::remove_file(path);
+    }
+    served
+}
+
+/// How long requests in flight may go on after SIGTERM.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+async fn serve_until(
+    app: Arc<App>,
+    router: axum::Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     match app.policy.addr().clone() {
         ListenAddr::Unix(path) => {
             let listener = bind_unix(&path, &app.socket_access)?;

@@ -35,7 +35,7 @@ pub const USER_HOME: &str = "/home/user";
 const DEBIAN_SUITE: &str = "bookworm";
 const DEBIAN_MIRROR: &str = "http://deb.debian.org/debian";
 const DEBIAN_INCLUDE: &str = "python3";
-/// Slirp's DNS forwarder, the guest's resolver under user-mode networking.
+/// The DNS server of the sandbox's network gateway (slirp's address, kept).
 const NAMESERVER: &str = "10.0.2.3";
 
 /// What goes into a root image.

@@ -29,6 +29,9 @@ pub struct Sandbox {
     /// How many snapshots were branched from it.
     #[serde(default)]
     pub branches: u32,
+    /// Its network and egress policy.
+    #[serde(default)]
+    pub network: NetworkPolicy,
 }
 
 /// Which accelerator a new sandbox runs on.
@@ -60,21 +63,67 @@ impl std::str::FromStr for Accel {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Network {
-    /// QEMU's user-mode stack, one per sandbox.
+    /// A NIC behind forkd's own gateway: the public internet as the egress
+    /// policy allows, nothing of the host, no other sandbox. (`user`, the
+    /// name this mode had, is read as `default`.)
     #[default]
-    User,
-    /// No network device.
+    #[serde(alias = "user")]
+    Default,
+    /// Nothing: no network device (or, for a child of a snapshot that has
+    /// one, a gateway that lets nothing out).
     None,
+    /// QEMU's unfiltered user-mode stack: only reported, for children of
+    /// snapshots made before the gateway existed.
+    Slirp,
 }
 
 impl std::str::FromStr for Network {
     type Err = String;
     fn from_str(s: &str) -> Result<Network, String> {
         match s {
-            "user" => Ok(Network::User),
+            "default" | "user" => Ok(Network::Default),
             "none" => Ok(Network::None),
-            other => Err(format!("unknown network {other:?}: use user or none")),
+            other => Err(format!("unknown network {other:?}: use default or none")),
         }
+    }
+}
+
+impl std::fmt::Display for Network {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Network::Default => "default",
+            Network::None => "none",
+            Network::Slirp => "slirp",
+        })
+    }
+}
+
+/// A sandbox's network as it was asked for and is enforced: its mode and
+/// its `--allow-out`/`--deny-out` rules (CIDRs or domain names, as given).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkPolicy {
+    pub mode: Network,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_out: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny_out: Vec<String>,
+}
+
+impl std::fmt::Display for NetworkPolicy {
+    /// `default`, `default (allow-out pypi.org; deny-out 1.2.3.4)`, `none`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.mode)?;
+        let mut parts = Vec::new();
+        if !self.allow_out.is_empty() {
+            parts.push(format!("allow-out {}", self.allow_out.join(", ")));
+        }
+        if !self.deny_out.is_empty() {
+            parts.push(format!("deny-out {}", self.deny_out.join(", ")));
+        }
+        if !parts.is_empty() {
+            write!(f, " ({})", parts.join("; "))?;
+        }
+        Ok(())
     }
 }
 
@@ -106,6 +155,16 @@ pub struct CreateRequest {
     pub cpus: Option<u32>,
     pub accel: Option<Accel>,
     pub network: Option<Network>,
+    /// Destinations the guest may reach (CIDRs or domains); with any, only
+    /// those ([`crate::policy`] words the rules).
+    pub allow_out: Vec<String>,
+    /// Destinations the guest may never reach; beats `allow_out`.
+    pub deny_out: Vec<String>,
+    /// The memory limit of the sandbox's QEMU process in MiB (default: guest
+    /// RAM plus QEMU's own overhead).
+    pub memory_limit_mib: Option<u64>,
+    /// CPU time as a percentage of one host CPU (150 = 1.5 CPUs).
+    pub cpu_quota_pct: Option<u32>,
     /// TCG translation-cache size in MiB.
     pub tcg_tb_mib: Option<u32>,
     /// Back guest RAM with 2 MiB hugetlb pages.
@@ -258,6 +317,9 @@ pub struct SnapshotDetail {
     pub allocated: u64,
     /// Ready and with a readable manifest: children can be spawned from it.
     pub bootable: bool,
+    /// The network its children get unless a spawn overrides it.
+    #[serde(default)]
+    pub network: Option<NetworkPolicy>,
 }
 
 /// Options of a snapshot deletion.
@@ -329,6 +391,24 @@ pub struct SpawnRequest {
     pub wait: Option<bool>,
     /// Default: [`crate::policy::PARTIAL_FAILURE`].
     pub on_failure: Option<PartialFailure>,
+    /// The children's network; the snapshot's when `None`. A snapshot
+    /// without a network device cannot give its children one.
+    #[serde(default)]
+    pub network: Option<Network>,
+    /// Replaces the snapshot's `allow_out` rules when set.
+    #[serde(default)]
+    pub allow_out: Option<Vec<String>>,
+    /// Replaces the snapshot's `deny_out` rules when set.
+    #[serde(default)]
+    pub deny_out: Option<Vec<String>>,
+    /// The memory limit of each child's QEMU process in MiB (default: the
+    /// snapshot's).
+    #[serde(default)]
+    pub memory_limit_mib: Option<u64>,
+    /// CPU quota of each child, percent of one host CPU (default: the
+    /// snapshot's).
+    #[serde(default)]
+    pub cpu_quota_pct: Option<u32>,
 }
 
 impl SpawnRequest {
@@ -340,7 +420,17 @@ impl SpawnRequest {
             pool: None,
             wait: None,
             on_failure: None,
+            network: None,
+            allow_out: None,
+            deny_out: None,
+            memory_limit_mib: None,
+            cpu_quota_pct: None,
         }
+    }
+
+    /// Whether the children's network differs from the snapshot's.
+    pub fn overrides_network(&self) -> bool {
+        self.network.is_some() || self.allow_out.is_some() || self.deny_out.is_some()
     }
 }
 
@@ -403,6 +493,31 @@ mod tests {
         assert_eq!(outcome(None, Some(9), false).exit_code(), 137);
         assert_eq!(outcome(None, Some(9), true).exit_code(), 124);
         assert_eq!(outcome(None, None, false).exit_code(), 255);
+    }
+
+    #[test]
+    fn networks_read_the_old_name_and_print_their_rules() {
+        assert_eq!("user".parse::<Network>().unwrap(), Network::Default);
+        assert_eq!(
+            serde_json::from_str::<Network>("\"user\"").unwrap(),
+            Network::Default
+        );
+        assert!("wifi"
+            .parse::<Network>()
+            .unwrap_err()
+            .contains("default or none"));
+        let p = NetworkPolicy {
+            mode: Network::Default,
+            allow_out: vec!["pypi.org".into(), "10.1.0.0/16".into()],
+            deny_out: vec!["1.2.3.4".into()],
+        };
+        assert_eq!(
+            p.to_string(),
+            "default (allow-out pypi.org, 10.1.0.0/16; deny-out 1.2.3.4)"
+        );
+        assert_eq!(NetworkPolicy::default().to_string(), "default");
+        let json = serde_json::to_value(NetworkPolicy::default()).unwrap();
+        assert_eq!(json, serde_json::json!({"mode": "default"}));
     }
 
     #[test]

@@ -52,9 +52,66 @@ pub struct Disk {
 pub enum Network {
     #[default]
     None,
-    /// QEMU's user-mode (slirp) stack: no root, one isolated stack per VM.
+    /// QEMU's user-mode (slirp) stack. Its gateway is the host's loopback and
+    /// it reaches every address the host does: kept only so that snapshots
+    /// made with it can still be spawned (slirp's state is in their device
+    /// state), never chosen for a new sandbox.
     User,
+    /// A virtio NIC whose frames go over `-netdev stream` to forkd's own
+    /// gateway (`forkd-net`), listening on [`VmConfig::net_socket`], which
+    /// enforces the sandbox's egress policy. The guest sees the same
+    /// addresses as under slirp.
+    Gateway,
 }
+
+/// What the network gateway lets out: the sandbox's egress rules as the
+/// user gave them (`forkd-net` parses and enforces them). Recorded with the
+/// config, so children inherit them.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct Egress {
+    /// Nothing gets out (`--net none` for a VM that has a NIC).
+    #[serde(default)]
+    pub deny_all: bool,
+    #[serde(default)]
+    pub allow_out: Vec<String>,
+    #[serde(default)]
+    pub deny_out: Vec<String>,
+}
+
+/// Resource limits of the QEMU process (its cgroup). Recorded with the
+/// config, so children inherit them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct Limits {
+    /// The memory limit of the whole QEMU process; guest RAM plus
+    /// [`qemu_overhead_mib`] when absent.
+    #[serde(default)]
+    pub memory_limit_mib: Option<u64>,
+    /// CPU time as a percentage of one host CPU (150 = 1.5 CPUs); no quota
+    /// when absent.
+    #[serde(default)]
+    pub cpu_quota_pct: Option<u32>,
+}
+
+/// Tasks (threads) a QEMU may have: its vCPUs, I/O and migration threads and
+/// a worker pool of at most 64; a guest cannot make host threads.
+pub const PIDS_MAX: u32 = 256;
+
+/// Host memory a QEMU needs beyond guest RAM, in MiB: its own heap, device
+/// state and, under TCG, the translation cache (QEMU's default reserves up
+/// to 1 GiB and fills it as the guest runs new code; `tcg_tb_mib` bounds it).
+/// Measured in `forkd-vm/tests` (see [`QEMU_BASE_OVERHEAD_MIB`]).
+pub fn qemu_overhead_mib(accel: Accel, tcg_tb_mib: Option<u32>) -> u64 {
+    match accel {
+        Accel::Kvm => QEMU_BASE_OVERHEAD_MIB,
+        Accel::Tcg => QEMU_BASE_OVERHEAD_MIB + u64::from(tcg_tb_mib.unwrap_or(TCG_DEFAULT_TB_MIB)),
+    }
+}
+
+/// QEMU's own memory beside guest RAM and the TCG cache: measured peak
+/// 60-70 MiB for a microvm with forkd's devices, doubled for headroom.
+pub const QEMU_BASE_OVERHEAD_MIB: u64 = 128;
+/// QEMU 7.2's default TCG translation-cache size on a 64-bit host.
+pub const TCG_DEFAULT_TB_MIB: u32 = 1024;
 
 /// Everything QEMU needs to start a VM.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -101,6 +158,19 @@ pub struct VmConfig {
     /// when absent.
     #[serde(default)]
     pub tsc_khz: Option<u64>,
+    /// Where the network gateway listens ([`Network::Gateway`]).
+    #[serde(default)]
+    pub net_socket: Option<PathBuf>,
+    /// The gateway's egress rules ([`Network::Gateway`]).
+    #[serde(default)]
+    pub egress: Egress,
+    /// The QEMU process's resource limits.
+    #[serde(default)]
+    pub limits: Limits,
+    /// The unprivileged user QEMU drops to (`-runas`), decided at launch on
+    /// each host ([`crate::confine::run_as_for`]), never recorded.
+    #[serde(skip)]
+    pub run_as: Option<crate::confine::RunAs>,
 }
 
 /// Smallest guest the kernel and agent boot in.
@@ -134,6 +204,22 @@ impl VmConfig {
                 "--mem {} MiB is not a multiple of the 2 MiB huge page size",
                 self.mem_mib
             ));
+        }
+        if self.network == Network::Gateway && self.net_socket.is_none() {
+            return Err("a gateway network needs the gateway's socket".into());
+        }
+        if let Some(limit) = self.limits.memory_limit_mib {
+            if limit < self.mem_mib + MIN_MEM_MIB {
+                return Err(format!(
+                    "memory limit {limit} MiB is too small for a guest of {} MiB: QEMU needs the guest's RAM plus at least {MIN_MEM_MIB} MiB",
+                    self.mem_mib
+                ));
+            }
+        }
+        if self.limits.cpu_quota_pct == Some(0) {
+            return Err(
+                "a CPU quota of 0 would stop the VM: give a positive share of a CPU".into(),
+            );
         }
         for (what, p) in [("kernel", &self.kernel), ("initramfs", &self.initramfs)] {
             if !p.is_file() {
@@ -175,11 +261,21 @@ impl VmConfig {
         if !self.disks.is_empty() {
             words.push("forkd.root=/dev/vda".into());
         }
-        if self.network == Network::User {
+        if matches!(self.network, Network::User | Network::Gateway) {
+            // The gateway shows the guest slirp's addresses.
             words.push("forkd.net=user".into());
         }
         words.extend(self.kernel_args.iter().cloned());
         words.join(" ")
+    }
+
+    /// The memory limit of this VM's QEMU process, in bytes.
+    pub fn memory_limit_bytes(&self) -> u64 {
+        let mib = self
+            .limits
+            .memory_limit_mib
+            .unwrap_or(self.mem_mib + qemu_overhead_mib(self.accel, self.tcg_tb_mib));
+        mib << 20
     }
 
     /// The full argument vector after the QEMU binary.
@@ -187,6 +283,12 @@ impl VmConfig {
         let mut a: Vec<String> = Vec::new();
         let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
         push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+        // Every QEMU runs under seccomp; one started by root drops to an
+        // unprivileged user once it has opened its files.
+        push(&["-sandbox", crate::confine::seccomp_option(self.run_as)]);
+        if let Some(r) = self.run_as {
+            push(&["-runas", &r.arg()]);
+        }
         push(&["-machine", "microvm,x-option-roms=off,isa-serial=on,rtc=on"]);
         match self.accel {
             Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
@@ -262,13 +364,26 @@ impl VmConfig {
             let dev = format!("virtio-blk-device,drive=disk{i},id=vd{i}");
             push(&["-device", &dev]);
         }
-        if self.network == Network::User {
-            push(&[
+        match (self.network, &self.net_socket) {
+            (Network::User, _) => push(&[
                 "-netdev",
                 "user,id=net0",
                 "-device",
                 "virtio-net-device,netdev=net0",
-            ]);
+            ]),
+            (Network::Gateway, Some(sock)) => {
+                let netdev = format!(
+                    "stream,id=net0,server=off,addr.type=unix,addr.path={}",
+                    opt_escape(sock)
+                );
+                push(&[
+                    "-netdev",
+                    &netdev,
+                    "-device",
+                    "virtio-net-device,netdev=net0",
+                ]);
+            }
+            (Network::Gateway, None) | (Network::None, _) => {}
         }
         if self.incoming {
             push(&["-incoming", "defer"]);
@@ -320,6 +435,10 @@ mod tests {
             huge_pages: HugePages::Off,
             prealloc: false,
             tsc_khz: None,
+            net_socket: None,
+            egress: Egress::default(),
+            limits: Limits::default(),
+            run_as: None,
         }
     }
 
@@ -454,6 +573,64 @@ mod tests {
         // A child maps its image privately; nothing is preallocated.
         c.memory = MemoryBackend::PrivateFile("/dev/shm/img".into());
         assert_eq!(c.prealloc_allowance(), Duration::ZERO);
+    }
+
+    #[test]
+    fn every_qemu_is_sandboxed_and_drops_to_its_user_under_root() {
+        let mut c = config();
+        let args = c.to_args();
+        assert_eq!(
+            value_after(&args, "-sandbox"),
+            ["on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
+        );
+        assert!(value_after(&args, "-runas").is_empty());
+        c.run_as = Some(crate::confine::RunAs { uid: 990, gid: 991 });
+        let args = c.to_args();
+        assert_eq!(value_after(&args, "-runas"), ["990:991"]);
+        assert!(value_after(&args, "-sandbox")[0].contains("spawn=deny"));
+        // Never recorded: each host decides.
+        let json = serde_json::to_value(&c).unwrap();
+        assert!(json.get("run_as").is_none());
+    }
+
+    #[test]
+    fn the_gateway_network_is_a_stream_to_its_socket() {
+        let mut c = config();
+        c.network = Network::Gateway;
+        assert!(c.validate().unwrap_err().contains("gateway"));
+        c.net_socket = Some("/run/x,y/net.sock".into());
+        let args = c.to_args();
+        assert_eq!(
+            value_after(&args, "-netdev"),
+            ["stream,id=net0,server=off,addr.type=unix,addr.path=/run/x,,y/net.sock"]
+        );
+        assert!(value_after(&args, "-append")[0].contains("forkd.net=user"));
+        assert!(!args.iter().any(|a| a.starts_with("user,")));
+    }
+
+    #[test]
+    fn memory_limits_are_guest_ram_plus_overhead_unless_given() {
+        let mut c = config();
+        assert_eq!(c.memory_limit_bytes(), (256 + 128 + 1024) << 20);
+        c.tcg_tb_mib = Some(64);
+        assert_eq!(c.memory_limit_bytes(), (256 + 128 + 64) << 20);
+        c.accel = Accel::Kvm;
+        assert_eq!(c.memory_limit_bytes(), (256 + 128) << 20);
+        c.limits.memory_limit_mib = Some(300);
+        assert_eq!(c.memory_limit_bytes(), 300 << 20);
+        c.kernel = std::env::current_exe().unwrap();
+        c.initramfs = std::env::current_exe().unwrap();
+        c.limits.memory_limit_mib = Some(200);
+        assert!(c.validate().unwrap_err().contains("memory limit 200 MiB"));
+        c.limits.memory_limit_mib = None;
+        c.limits.cpu_quota_pct = Some(0);
+        assert!(c.validate().unwrap_err().contains("CPU quota"));
+        // Configs recorded before limits existed still load.
+        let mut old = serde_json::to_value(config()).unwrap();
+        old.as_object_mut().unwrap().remove("limits");
+        old.as_object_mut().unwrap().remove("net_socket");
+        let back: VmConfig = serde_json::from_value(old).unwrap();
+        assert_eq!(back.limits, Limits::default());
     }
 
     #[test]

@@ -75,6 +75,14 @@ impl Vm {
                 String::from_utf8_lossy(&out.stderr).trim()
             )));
         }
+        // QEMU opens it after dropping its privileges.
+        if let Err(e) = crate::confine::hand_to(self.pid(), new_overlay) {
+            let _ = std::fs::remove_file(new_overlay);
+            return Err(VmError::RunDir {
+                path: new_overlay.display().to_string(),
+                source: e,
+            });
+        }
         let stamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())

@@ -44,6 +44,10 @@ pub enum VmError {
     Qmp(#[from] QmpError),
     #[error(transparent)]
     Agent(#[from] ClientError),
+    #[error(transparent)]
+    RunAs(#[from] crate::confine::RunAsError),
+    #[error("{0}; forkd runs as root, so every QEMU must be confined in a cgroup of its own")]
+    Cgroup(#[from] crate::cgroup::CgroupError),
     #[error("VM run directory {path}: {source}")]
     RunDir { path: String, source: io::Error },
 }

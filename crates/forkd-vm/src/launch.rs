@@ -3,6 +3,7 @@
 //! (a [`Partial`] QEMU is killed when dropped).
 
 use std::fs::{self, File};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -113,6 +114,21 @@ pub(crate) fn start_qemu(
     config.validate().map_err(VmError::Config)?;
     let qemu = which(&config.qemu)
         .ok_or_else(|| VmError::QemuNotFound(config.qemu.display().to_string()))?;
+    let mut confined = config.clone();
+    confined.run_as = crate::confine::run_as_for(run_dir.path())?;
+    if let Some(r) = confined.run_as {
+        // QEMU's user may traverse the run directory (it connects to the
+        // network gateway's socket after dropping privileges), nobody else.
+        let dir = run_dir.path();
+        let denied = |source| VmError::RunDir {
+            path: dir.display().to_string(),
+            source,
+        };
+        std::os::unix::fs::chown(dir, Some(0), Some(r.gid)).map_err(denied)?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o710)).map_err(denied)?;
+    }
+    let group = cgroup_for(&confined, run_dir)?;
+    let cgroup_fds = group.as_ref().map(|g| g.procs_fds()).unwrap_or_default();
     let stderr_path = run_dir.file("qemu.stderr");
     let stderr = File::create(&stderr_path).map_err(|source| VmError::RunDir {
         path: stderr_path.display().to_string(),
@@ -120,7 +136,7 @@ pub(crate) fn start_qemu(
     })?;
     let started = Instant::now();
     let mut cmd = Command::new(&qemu);
-    cmd.args(config.to_args())
+    cmd.args(confined.to_args())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(stderr);
@@ -135,11 +151,18 @@ pub(crate) fn start_qemu(
             if die_with_parent {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
             }
-            Ok(())
+            // Into its cgroup before it runs: every byte QEMU allocates
+            // is charged to the VM's limits.
+            crate::cgroup::Group::enter_in_child(&cgroup_fds)
         });
     }
     let child = cmd.spawn().map_err(VmError::Spawn)?;
+    drop(group);
     let pid = child.id();
+    if die_with_parent {
+        // PR_SET_PDEATHSIG does not survive QEMU's drop to its user.
+        run_dir.kill_when_owner_dies(pid);
+    }
     let pid_start = process_start_time(pid).unwrap_or(0);
     let mut partial = Partial {
         child: Some(child),
@@ -183,6 +206,34 @@ pub(crate) fn start_qemu(
         pid,
         pid_start,
     })
+}
+
+/// Makes the cgroup of the VM in `run_dir` with `config`'s limits. Without
+/// root a host may give forkd no writable cgroup: the VM then runs without
+/// one (`forkd doctor` says so); as root that is an error.
+fn cgroup_for(
+    config: &VmConfig,
+    run_dir: &RunDir,
+) -> Result<Option<crate::cgroup::Group>, VmError> {
+    use crate::cgroup::{Group, Layout, Limits};
+    let Some(layout) = Layout::detect() else {
+        return Ok(None);
+    };
+    let name = run_dir
+        .path()
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let limits = Limits {
+        memory_bytes: config.memory_limit_bytes(),
+        pids: crate::config::PIDS_MAX,
+        cpu_quota_pct: config.limits.cpu_quota_pct,
+    };
+    match Group::create(&layout, &name, &limits) {
+        Ok(g) => Ok(Some(g)),
+        Err(e) if crate::confine::is_root() => Err(e.into()),
+        Err(_) => Ok(None),
+    }
 }
 
 /// Connects to the agent of a starting QEMU, failing fast if QEMU exits or

@@ -1,7 +1,8 @@
 //! QEMU `microvm`, driven from Rust.
 //!
 //! Owns everything about a QEMU process: the command line built from a typed
-//! [`VmConfig`] ([`config`], pure), the accelerator decision ([`accel`], pure),
+//! [`VmConfig`] ([`config`], pure), its confinement (seccomp and the
+//! unprivileged user, [`confine`]; its cgroup and limits, [`cgroup`]), the accelerator decision ([`accel`], pure),
 //! the QMP client ([`qmp`]), the one place that speaks QEMU migration
 //! ([`migration`]: device state, live snapshots), disk overlays and disk
 //! freezing ([`disk`]), the run directory ([`rundir`]), host process facts
@@ -10,7 +11,9 @@
 //! run; this crate starts it, talks to it and cleans up after it.
 
 pub mod accel;
+pub mod cgroup;
 pub mod config;
+pub mod confine;
 pub mod disk;
 mod error;
 mod launch;
@@ -21,7 +24,7 @@ pub mod rundir;
 pub mod vm;
 
 pub use accel::{Accel, AccelChoice, AccelRequest, HostProbe};
-pub use config::{Disk, HugePages, MemoryBackend, Network, VmConfig};
+pub use config::{Disk, Egress, HugePages, Limits, MemoryBackend, Network, VmConfig};
 pub use disk::PreparedDiskSnapshot;
 pub use error::VmError;
 pub use migration::{LivePause, MigrationInfo, MigrationStatus, StoppedSnapshot};

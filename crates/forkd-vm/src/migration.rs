@@ -271,7 +271,7 @@ impl Vm {
 
     /// A live snapshot: pauses the guest, freezes the prepared disk, and
     /// starts a background snapshot streamed to the UNIX socket `target`
-    /// (someone must be listening there). QEMU saves the device state,
+    /// (someone must be listening there; we connect and pass QEMU the fd). QEMU saves the device state,
     /// write-protects guest RAM and resumes the guest by itself; RAM then
     /// streams out while the guest runs. Returns once the guest runs again.
     /// Finishing the stream is the listener's business; [`Vm::wait_migration`]
@@ -282,15 +282,39 @@ impl Vm {
         disk: Option<PreparedDiskSnapshot>,
     ) -> Result<LivePause, VmError> {
         const WHAT: &str = "the live snapshot";
+        if let Some(reason) = crate::confine::userfaultfd_denied(self.pid()) {
+            return Err(VmError::Migration { what: WHAT, reason });
+        }
         set_capabilities(&mut self.qmp(), Purpose::BackgroundSnapshot)?;
+        // We connect and hand QEMU the connection: a QEMU that dropped its
+        // privileges could not open the listener's socket itself.
+        let stream =
+            std::os::unix::net::UnixStream::connect(target).map_err(|e| VmError::Migration {
+                what: WHAT,
+                reason: format!("connecting to {}: {e}", target.display()),
+            })?;
+        self.qmp().send_fd("forkd-live", stream.as_fd())?;
+        drop(stream);
         let t0 = Instant::now();
         self.qmp().take_events();
-        let frozen_disk = self.stop_and_freeze_disk(disk)?;
-        let started = self.qmp().execute(
-            "migrate",
-            Some(json!({ "uri": format!("unix:{}", target.display()) })),
-        );
-        if let Err(e) = started {
+        // The writer must see the stream end, not wait on an fd QEMU keeps.
+        let close_stream = || {
+            let _ = self
+                .qmp()
+                .execute("closefd", Some(json!({ "fdname": "forkd-live" })));
+        };
+        let frozen_disk = match self.stop_and_freeze_disk(disk) {
+            Ok(f) => f,
+            Err(e) => {
+                close_stream();
+                return Err(e);
+            }
+        };
+        if let Err(e) = self
+            .qmp()
+            .execute("migrate", Some(json!({ "uri": "fd:forkd-live" })))
+        {
+            close_stream();
             let _ = self.qmp().cont();
             return Err(e.into());
         }

@@ -3,7 +3,7 @@
 //! died are swept by the next forkd process ([`sweep_stale`]).
 
 use std::fs::{self, File, OpenOptions};
-use std::io;
+use std::io::{self, Write};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -65,7 +65,8 @@ impl RunDir {
 
     /// Guarantees removal even if this process is killed with SIGKILL: a
     /// watchdog shell blocks reading a pipe only we hold open; when we die
-    /// the pipe closes and it removes the directory. It runs in its own
+    /// the pipe closes and it removes the directory (and kills the QEMU
+    /// named by [`RunDir::kill_when_owner_dies`]). It runs in its own
     /// session so terminal signals meant for us do not end it early.
     pub fn remove_when_owner_dies(&mut self) -> Result<(), VmError> {
         let err = |source| VmError::RunDir {
@@ -73,8 +74,10 @@ impl RunDir {
             source,
         };
         let mut cmd = Command::new("/bin/sh");
+        // Lines on the pipe name the QEMU to kill with us (0: none any
+        // more); the last one counts.
         cmd.arg("-c")
-            .arg("while read -r _; do :; done; rm -rf -- \"$0\"")
+            .arg("q=0; while read -r p; do q=$p; done; [ \"$q\" -gt 0 ] 2>/dev/null && kill -9 \"$q\"; rm -rf -- \"$0\"")
             .arg(&self.path)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
@@ -94,8 +97,26 @@ impl RunDir {
     }
 }
 
+impl RunDir {
+    /// The watchdog of [`RunDir::remove_when_owner_dies`] also kills `pid`
+    /// when we die. Needed because QEMU that drops to its `-runas` user
+    /// loses `PR_SET_PDEATHSIG` (the kernel clears it on a credential
+    /// change). No-op without a watchdog.
+    pub fn kill_when_owner_dies(&self, pid: u32) {
+        if let Some((Some(pipe), _)) = &self.watchdog {
+            let mut w: &std::process::ChildStdin = pipe;
+            let _ = writeln!(w, "{pid}");
+        }
+    }
+}
+
 impl Drop for RunDir {
     fn drop(&mut self) {
+        // We end normally: the QEMU is gone (its pid may be reused soon).
+        if let Some((Some(pipe), _)) = &self.watchdog {
+            let mut w: &std::process::ChildStdin = pipe;
+            let _ = writeln!(w, "0");
+        }
         if !self.keep {
             let _ = fs::remove_dir_all(&self.path);
         }

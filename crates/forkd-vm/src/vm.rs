@@ -4,8 +4,9 @@
 //! (sockets, console log, overlays), locked with `flock` by the process that
 //! owns the VM. Dropping a [`Vm`] kills QEMU and removes the directory. If the
 //! owner dies without dropping (SIGKILL), QEMU gets SIGKILL from the kernel
-//! (`PR_SET_PDEATHSIG`) and the next forkd process removes the unlocked
-//! directory ([`crate::rundir::sweep_stale`]). Disks and migration are in
+//! (`PR_SET_PDEATHSIG`; once QEMU has dropped to its `-runas` user, which
+//! clears that, from the run directory's watchdog) and the next forkd
+//! process removes the unlocked directory ([`crate::rundir::sweep_stale`]). Disks and migration are in
 //! their own modules ([`crate::disk`], [`crate::migration`]); this one is the
 //! handle and its lifecycle.
 
@@ -387,6 +388,9 @@ impl Drop for Vm {
         if let Some(mut child) = child.take() {
             let _ = child.kill();
             let _ = child.wait();
+            if let Some(name) = self.run_path.file_name() {
+                crate::cgroup::release(&name.to_string_lossy());
+            }
         }
     }
 }

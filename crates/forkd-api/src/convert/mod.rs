@@ -18,7 +18,7 @@ use crate::types as api;
 mod guest;
 pub use guest::*;
 
-/// Every user-mode network guest has this address (QEMU's slirp default).
+/// Every guest with a network has this address (the gateway keeps slirp's).
 pub const GUEST_ADDR: &str = "10.0.2.15";
 
 // ---------------------------------------------------------------- errors
@@ -141,6 +141,41 @@ pub fn sandbox_to_wire(s: &ops::Sandbox) -> api::SandboxInfo {
         mem_mib: Some(s.mem_mib),
         cpus: Some(s.cpus),
         spawn: None,
+        network: Some(network_to_wire(&s.network)),
+    }
+}
+
+fn mode_to_wire_net(m: ops::Network) -> api::NetworkMode {
+    match m {
+        ops::Network::Default => api::NetworkMode::Default,
+        ops::Network::None => api::NetworkMode::None,
+        ops::Network::Slirp => api::NetworkMode::Slirp,
+    }
+}
+
+fn mode_from_wire_net(m: api::NetworkMode) -> ops::Network {
+    match m {
+        api::NetworkMode::Default => ops::Network::Default,
+        api::NetworkMode::None => ops::Network::None,
+        api::NetworkMode::Slirp => ops::Network::Slirp,
+    }
+}
+
+/// A network policy on the wire.
+pub fn network_to_wire(n: &ops::NetworkPolicy) -> api::NetworkInfo {
+    api::NetworkInfo {
+        mode: mode_to_wire_net(n.mode),
+        allow_out: n.allow_out.clone(),
+        deny_out: n.deny_out.clone(),
+    }
+}
+
+/// A network policy from the wire.
+pub fn network_from_wire(n: api::NetworkInfo) -> ops::NetworkPolicy {
+    ops::NetworkPolicy {
+        mode: mode_from_wire_net(n.mode),
+        allow_out: n.allow_out,
+        deny_out: n.deny_out,
     }
 }
 
@@ -155,6 +190,7 @@ pub fn sandbox_from_wire(s: api::SandboxInfo) -> ops::Sandbox {
         cpus: s.cpus.unwrap_or(0),
         created_at: s.created_at_unix,
         branches: s.branch_count,
+        network: s.network.map(network_from_wire).unwrap_or_default(),
         id: s.id,
     }
 }
@@ -199,10 +235,11 @@ pub fn create_from_wire(b: &api::BootRequest) -> ops::CreateRequest {
             api::Accel::Kvm => ops::Accel::Kvm,
             api::Accel::Tcg => ops::Accel::Tcg,
         }),
-        network: b.network.map(|n| match n {
-            api::NetworkMode::User => ops::Network::User,
-            api::NetworkMode::None => ops::Network::None,
-        }),
+        network: b.network.map(mode_from_wire_net),
+        allow_out: b.allow_out.clone(),
+        deny_out: b.deny_out.clone(),
+        memory_limit_mib: b.memory_limit_mib,
+        cpu_quota_pct: b.cpu_quota_pct,
         tcg_tb_mib: b.tcg_tb_mib,
         huge_pages: b.huge_pages,
         prealloc: b.prealloc,
@@ -239,10 +276,11 @@ pub fn create_to_wire(r: &ops::CreateRequest) -> Result<api::BootRequest, ops::O
             ops::Accel::Kvm => api::Accel::Kvm,
             ops::Accel::Tcg => api::Accel::Tcg,
         }),
-        network: r.network.map(|n| match n {
-            ops::Network::User => api::NetworkMode::User,
-            ops::Network::None => api::NetworkMode::None,
-        }),
+        network: r.network.map(mode_to_wire_net),
+        allow_out: r.allow_out.clone(),
+        deny_out: r.deny_out.clone(),
+        memory_limit_mib: r.memory_limit_mib,
+        cpu_quota_pct: r.cpu_quota_pct,
         tcg_tb_mib: r.tcg_tb_mib,
         huge_pages: r.huge_pages,
         prealloc: r.prealloc,
@@ -380,6 +418,7 @@ pub fn detail_to_wire(d: &ops::SnapshotDetail) -> api::SnapshotDetail {
         total_physical_bytes: d.allocated,
         ram_parent: d.ram_parent.clone(),
         layer_pages: d.layer_pages,
+        network: d.network.as_ref().map(network_to_wire),
     }
 }
 
@@ -405,6 +444,7 @@ pub fn detail_from_wire(d: api::SnapshotDetail) -> ops::SnapshotDetail {
             .collect(),
         allocated: d.total_physical_bytes,
         bootable: d.snapshot.bootable,
+        network: d.network.map(network_from_wire),
     }
 }
 
@@ -475,6 +515,11 @@ pub fn spawn_from_wire(r: &api::SpawnRequest) -> ops::SpawnRequest {
             api::PartialFailure::Kill => ops::PartialFailure::Kill,
             api::PartialFailure::Keep => ops::PartialFailure::Keep,
         }),
+        network: r.network.map(mode_from_wire_net),
+        allow_out: r.allow_out.clone(),
+        deny_out: r.deny_out.clone(),
+        memory_limit_mib: r.memory_limit_mib,
+        cpu_quota_pct: r.cpu_quota_pct,
     }
 }
 
@@ -486,7 +531,7 @@ pub fn spawn_to_wire(r: &ops::SpawnRequest) -> api::SpawnRequest {
         snapshot_tag: r.tag.clone(),
         n: r.n,
         per_child_netns: false,
-        memory_limit_mib: None,
+        memory_limit_mib: r.memory_limit_mib,
         prewarm: false,
         live_fork: false,
         hugepages: false,
@@ -498,6 +543,10 @@ pub fn spawn_to_wire(r: &ops::SpawnRequest) -> api::SpawnRequest {
         },
         parallel: r.parallel,
         refill_pool: r.pool,
+        network: r.network.map(mode_to_wire_net),
+        allow_out: r.allow_out.clone(),
+        deny_out: r.deny_out.clone(),
+        cpu_quota_pct: r.cpu_quota_pct,
     }
 }
 
@@ -535,6 +584,11 @@ mod tests {
             cpus: 2,
             created_at: 9,
             branches: 3,
+            network: ops::NetworkPolicy {
+                mode: ops::Network::None,
+                allow_out: vec!["pypi.org".into()],
+                deny_out: vec!["10.0.0.0/8".into()],
+            },
         }
     }
 
@@ -585,6 +639,10 @@ mod tests {
             }],
             allocated: 10,
             bootable: false,
+            network: Some(ops::NetworkPolicy {
+                mode: ops::Network::Slirp,
+                ..Default::default()
+            }),
         };
         let wire = detail_to_wire(&d);
         assert_eq!(wire.ancestors, ["root", "warm"]);
@@ -615,6 +673,11 @@ mod tests {
             mem_mib: Some(1024),
             accel: Some(ops::Accel::Tcg),
             snapshot_as: Some("t".into()),
+            allow_out: vec!["*.github.com".into()],
+            deny_out: vec!["1.2.3.4".into()],
+            memory_limit_mib: Some(700),
+            cpu_quota_pct: Some(150),
+            network: Some(ops::Network::None),
             ..Default::default()
         };
         assert_eq!(create_from_wire(&create_to_wire(&c).unwrap()), c);
@@ -624,6 +687,12 @@ mod tests {
         let mut s = ops::SpawnRequest::new("warm", 3);
         s.wait = Some(false);
         s.on_failure = Some(ops::PartialFailure::Keep);
+        assert_eq!(spawn_from_wire(&spawn_to_wire(&s)), s);
+        s.network = Some(ops::Network::None);
+        s.allow_out = Some(vec![]);
+        s.deny_out = Some(vec!["evil.example".into()]);
+        s.memory_limit_mib = Some(900);
+        s.cpu_quota_pct = Some(50);
         assert_eq!(spawn_from_wire(&spawn_to_wire(&s)), s);
         let spec = ops::ExecSpec {
             argv: vec!["true".into()],

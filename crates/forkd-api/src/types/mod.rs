@@ -162,6 +162,9 @@ pub struct SnapshotDetail {
     /// forkd: pages held by the RAM layer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layer_pages: Option<u64>,
+    /// forkd: the network its children get unless a spawn says otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkInfo>,
 }
 
 /// Query of `DELETE /v1/snapshots/{tag}`.
@@ -241,7 +244,7 @@ pub struct SandboxInfo {
     pub id: String,
     /// The snapshot it was spawned from; empty for a sandbox booted fresh.
     pub snapshot_tag: String,
-    /// Always null on forkd: each child has its own user-mode network and no
+    /// Always null on forkd: each child has its own network gateway and no
     /// host network namespace.
     pub netns: Option<String>,
     /// Where the guest is reachable from the host, as forkd sees it.
@@ -272,6 +275,24 @@ pub struct SandboxInfo {
     /// forkd: how its spawn went; only in spawn answers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spawn: Option<SpawnReport>,
+    /// forkd: its network and egress policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkInfo>,
+}
+
+/// forkd: a sandbox's network as enforced: its mode and egress rules.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct NetworkInfo {
+    /// `default` (the public internet the rules allow, nothing of the
+    /// host), `none`, or `slirp` (QEMU's unfiltered stack, only for
+    /// children of snapshots made before forkd filtered).
+    pub mode: NetworkMode,
+    /// Destinations allowed (CIDRs or domain names); with any, only those.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_out: Vec<String>,
+    /// Destinations denied; beats `allow_out`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny_out: Vec<String>,
 }
 
 /// forkd: the timings of one spawned child.
@@ -298,10 +319,11 @@ pub struct SpawnRequest {
     /// How many children (1 to 1000).
     #[serde(default = "default_one")]
     pub n: usize,
-    /// No-op on forkd: every child already has its own user-mode network.
+    /// No-op on forkd: every child already has its own network gateway.
     #[serde(default)]
     pub per_child_netns: bool,
-    /// Memory limit of each child's QEMU process, in MiB (at least 1).
+    /// Memory limit of each child's QEMU process (its cgroup), in MiB; the
+    /// snapshot's when absent. At least guest RAM + 64 MiB.
     #[serde(default)]
     pub memory_limit_mib: Option<u64>,
     /// No-op on forkd: children map the parent's RAM copy-on-write from tmpfs,
@@ -336,6 +358,19 @@ pub struct SpawnRequest {
     /// members in the background.
     #[serde(default)]
     pub refill_pool: Option<usize>,
+    /// forkd: the children's network (default: the snapshot's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkMode>,
+    /// forkd: replaces the snapshot's allowed destinations (CIDRs or domain
+    /// names; with any, only those are reachable).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_out: Option<Vec<String>>,
+    /// forkd: replaces the snapshot's denied destinations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deny_out: Option<Vec<String>>,
+    /// forkd: CPU time of each child as a percentage of one host CPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_quota_pct: Option<u32>,
 }
 
 /// forkd: what a spawn does when some children fail.
@@ -361,6 +396,15 @@ impl Validate for SpawnRequest {
         }
         if let Some(k) = self.refill_pool {
             validate::range("refill_pool", k, 0, MAX_SPAWN)?;
+        }
+        if let Some(rules) = &self.allow_out {
+            validate::egress_rules("allow_out", rules)?;
+        }
+        if let Some(rules) = &self.deny_out {
+            validate::egress_rules("deny_out", rules)?;
+        }
+        if let Some(q) = self.cpu_quota_pct {
+            validate::range("cpu_quota_pct", q, 1, 100 * 1024)?;
         }
         Ok(())
     }
@@ -411,9 +455,24 @@ pub struct BootRequest {
     /// `kvm` or `tcg`.
     #[serde(default)]
     pub accel: Option<Accel>,
-    /// forkd: `user` (default: QEMU's user-mode stack) or `none`.
+    /// forkd: `default` (the public internet as `allow_out`/`deny_out`
+    /// allow, nothing of the host; `user` is read as `default`) or `none`.
     #[serde(default)]
     pub network: Option<NetworkMode>,
+    /// forkd: allowed destinations (CIDRs or domain names); with any, only
+    /// those are reachable.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_out: Vec<String>,
+    /// forkd: denied destinations; beats `allow_out`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny_out: Vec<String>,
+    /// forkd: memory limit of the sandbox's QEMU process in MiB (default:
+    /// guest RAM plus QEMU's own overhead).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limit_mib: Option<u64>,
+    /// forkd: CPU time as a percentage of one host CPU (150 = 1.5 CPUs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_quota_pct: Option<u32>,
     /// forkd: TCG translation-cache size in MiB.
     #[serde(default)]
     pub tcg_tb_mib: Option<u32>,
@@ -439,13 +498,19 @@ pub enum Accel {
 }
 
 /// forkd: a sandbox's network.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum NetworkMode {
-    /// QEMU's user-mode stack, one per sandbox.
-    User,
-    /// No network device.
+    /// forkd's gateway: the public internet as the egress rules allow,
+    /// nothing of the host, no other sandbox. `user` is read as this.
+    #[default]
+    #[serde(alias = "user")]
+    Default,
+    /// No network (no device, or a gateway that lets nothing out).
     None,
+    /// Reported only: QEMU's unfiltered user-mode stack of a child of a
+    /// snapshot made before forkd filtered.
+    Slirp,
 }
 
 impl Validate for BootRequest {
@@ -461,6 +526,14 @@ impl Validate for BootRequest {
         }
         if let Some(mib) = self.tcg_tb_mib {
             validate::range("tcg_tb_mib", mib, 1, 4096)?;
+        }
+        validate::egress_rules("allow_out", &self.allow_out)?;
+        validate::egress_rules("deny_out", &self.deny_out)?;
+        if let Some(mib) = self.memory_limit_mib {
+            validate::range("memory_limit_mib", mib, 1, u64::from(u32::MAX))?;
+        }
+        if let Some(q) = self.cpu_quota_pct {
+            validate::range("cpu_quota_pct", q, 1, 100 * 1024)?;
         }
         Ok(())
     }
@@ -899,6 +972,7 @@ mod tests {
             total_physical_bytes: 0,
             ram_parent: None,
             layer_pages: None,
+            network: None,
         };
         let value = serde_json::to_value(&detail).unwrap();
         assert_eq!(
@@ -925,6 +999,7 @@ mod tests {
             mem_mib: None,
             cpus: None,
             spawn: None,
+            network: None,
         };
         let value = serde_json::to_value(&info).unwrap();
         for key in [

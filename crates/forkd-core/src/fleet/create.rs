@@ -39,6 +39,7 @@ impl Fleet {
         let memory = MemoryBackend::SharedFile(run_dir.file("ram"));
         let config =
             crate::sandbox::boot_config(artifacts, opts, &accel, &run_dir, &id, memory, disks);
+        crate::netgw::start(&config, true)?;
         let vm = Vm::launch(
             config.clone(),
             run_dir,

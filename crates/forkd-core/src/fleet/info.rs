@@ -97,6 +97,12 @@ impl Fleet {
             layer_pages,
             allocated: files.iter().map(|f| f.allocated).sum(),
             files,
+            network: manifest
+                .as_ref()
+                .and_then(|m| {
+                    serde_json::from_value::<super::record::SandboxConfig>(m.machine.clone()).ok()
+                })
+                .map(|c| crate::netgw::view(&c.vm)),
             bootable: manifest.is_some(),
             ram_parent,
         })

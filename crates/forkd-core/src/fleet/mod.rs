@@ -37,6 +37,7 @@ use forkd_vm::Vm;
 pub(crate) use info::snapshot_view;
 pub use record::SandboxConfig;
 pub use recover::Recovery;
+pub use spawn::ChildOverrides;
 
 use crate::paths::Env;
 use crate::sessions::{Session, Sessions};
@@ -266,6 +267,9 @@ impl Fleet {
         // If this process started it, it is our child: reap it, or it stays
         // a zombie.
         forkd_vm::process::reap_if_child(row.pid, row.pid_start);
+        if let Some(name) = row.run_dir.file_name() {
+            forkd_vm::cgroup::release(&name.to_string_lossy());
+        }
         let dir = row.run_dir.as_path();
         if dir.starts_with(self.sandboxes_dir()) {
             let _ = std::fs::remove_dir_all(dir);

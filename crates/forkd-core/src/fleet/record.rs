@@ -49,6 +49,10 @@ pub fn view(row: &SandboxRow, branches: Option<u32>) -> Sandbox {
         cpus: config.as_ref().map(|c| c.vm.cpus).unwrap_or(0),
         created_at: row.created_at,
         branches: branches.unwrap_or(0),
+        network: config
+            .as_ref()
+            .map(|c| crate::netgw::view(&c.vm))
+            .unwrap_or_default(),
     }
 }
 

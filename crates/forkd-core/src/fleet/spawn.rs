@@ -85,6 +85,71 @@ pub(crate) struct Parent {
     pub(crate) dir: PathBuf,
     pub(crate) config: SandboxConfig,
     pub(crate) accel: AccelChoice,
+    /// The children's config differs from the snapshot's (pool members,
+    /// started with the snapshot's, do not fit).
+    pub(crate) overridden: bool,
+}
+
+/// What children may change of their snapshot's configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChildOverrides {
+    pub network: Option<forkd_ops::Network>,
+    pub allow_out: Option<Vec<String>>,
+    pub deny_out: Option<Vec<String>>,
+    pub memory_limit_mib: Option<u64>,
+    pub cpu_quota_pct: Option<u32>,
+}
+
+impl ChildOverrides {
+    pub fn is_empty(&self) -> bool {
+        *self == ChildOverrides::default()
+    }
+
+    /// Applies the overrides to a snapshot's VM config; the network can be
+    /// narrowed or reopened only where the snapshot has a gateway NIC.
+    pub(crate) fn apply(&self, tag: &str, vm: &mut VmConfig) -> Result<(), CoreError> {
+        let net_changed =
+            self.network.is_some() || self.allow_out.is_some() || self.deny_out.is_some();
+        if net_changed {
+            let refuse = |why: &str| {
+                Err(CoreError::BadRequest(format!(
+                    "the children of snapshot `{tag}` cannot change their network: {why}"
+                )))
+            };
+            match (vm.network, self.network) {
+                (forkd_vm::Network::None, Some(forkd_ops::Network::None)) => {}
+                (forkd_vm::Network::None, _) => {
+                    return refuse("it has no network device (it was made with network none)")
+                }
+                (forkd_vm::Network::User, _) => {
+                    return refuse("it was made with QEMU's unfiltered user-mode network, which forkd cannot restrict; make the snapshot again")
+                }
+                (forkd_vm::Network::Gateway, _) => {}
+            }
+            match self.network {
+                Some(forkd_ops::Network::None) => vm.egress.deny_all = true,
+                Some(forkd_ops::Network::Default) => vm.egress.deny_all = false,
+                Some(forkd_ops::Network::Slirp) => {
+                    return refuse("slirp is only ever reported, never asked for")
+                }
+                None => {}
+            }
+            if let Some(a) = &self.allow_out {
+                vm.egress.allow_out = a.clone();
+            }
+            if let Some(d) = &self.deny_out {
+                vm.egress.deny_out = d.clone();
+            }
+            crate::netgw::policy_of(&vm.egress)?;
+        }
+        if let Some(m) = self.memory_limit_mib {
+            vm.limits.memory_limit_mib = Some(m);
+        }
+        if let Some(q) = self.cpu_quota_pct {
+            vm.limits.cpu_quota_pct = Some(q);
+        }
+        Ok(())
+    }
 }
 
 /// What a pool fill did.
@@ -111,13 +176,34 @@ impl Fleet {
         on_failure: PartialFailure,
         on_child: &(dyn Fn(usize, &Result<Child, CoreError>) + Sync),
     ) -> Result<Vec<Result<Child, CoreError>>, CoreError> {
+        let none = ChildOverrides::default();
+        self.spawn_with(tag, n, parallel, wait, on_failure, &none, on_child)
+    }
+
+    /// [`Fleet::spawn`] with children that differ from their snapshot
+    /// (network, limits); such children never come from the warm pool.
+    #[allow(clippy::too_many_arguments)]
+    pub fn spawn_with(
+        &self,
+        tag: &str,
+        n: usize,
+        parallel: usize,
+        wait: bool,
+        on_failure: PartialFailure,
+        overrides: &ChildOverrides,
+        on_child: &(dyn Fn(usize, &Result<Child, CoreError>) + Sync),
+    ) -> Result<Vec<Result<Child, CoreError>>, CoreError> {
         forkd_store::validate_tag(tag)?;
         if n == 0 {
             return Err(CoreError::BadRequest(
                 "a spawn needs at least one child".into(),
             ));
         }
-        let parent = self.prepare_spawn(tag, wait)?;
+        let mut parent = self.prepare_spawn(tag, wait)?;
+        if !overrides.is_empty() {
+            overrides.apply(tag, &mut parent.config.vm)?;
+            parent.overridden = true;
+        }
         let results = fan_out(n, parallel, &|_| self.spawn_one(&parent), on_child);
         if on_failure == PartialFailure::Kill {
             if let Some(i) = results.iter().position(|r| r.is_err()) {
@@ -187,6 +273,7 @@ impl Fleet {
             dir: self.store.dir(tag),
             config,
             accel,
+            overridden: false,
         })
     }
 
@@ -206,6 +293,9 @@ impl Fleet {
         config.console_log = run_dir.file("console.log");
         config.hostname = id.to_string();
         config.incoming = true;
+        if config.network == forkd_vm::Network::Gateway {
+            config.net_socket = Some(run_dir.file("net.sock"));
+        }
         if !config.disks.is_empty() {
             let overlay = run_dir.file("root.qcow2");
             forkd_vm::disk::create_overlay(&parent.dir.join(DISK_IMAGE), "qcow2", &overlay)
@@ -228,6 +318,7 @@ impl Fleet {
             let run_dir = RunDir::create(&self.sandboxes_dir(), &id)?;
             let guard = DirGuard(run_dir.path().to_path_buf());
             let config = self.child_config(&parent, &id, &run_dir)?;
+            crate::netgw::start(&config, true)?;
             let (pid, pid_start) = Vm::launch_standby(
                 &config,
                 run_dir,
@@ -290,7 +381,12 @@ impl Fleet {
 
     fn spawn_one(&self, parent: &Parent) -> Result<Child, CoreError> {
         let t0 = Instant::now();
-        if let Some((id, vm)) = self.claim_from_pool(&parent.tag, &parent.dir) {
+        let pooled = if parent.overridden {
+            None
+        } else {
+            self.claim_from_pool(&parent.tag, &parent.dir)
+        };
+        if let Some((id, vm)) = pooled {
             return self.finish_child(&id, vm, t0, true).inspect_err(|_| {
                 let _ = self.kill(&id);
             });
@@ -302,6 +398,7 @@ impl Fleet {
         let config = self.child_config(parent, &id, &run_dir)?;
         run_dir.keep();
         let guard = DirGuard(run_dir.path().to_path_buf());
+        crate::netgw::start(&config, true)?;
         let vm = Vm::launch(
             config.clone(),
             run_dir,
