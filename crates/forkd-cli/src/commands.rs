@@ -106,13 +106,34 @@ fn age(secs: u64) -> String {
 }
 
 pub fn kill(ops: &dyn Operations, ids: Vec<String>, all: bool) -> Result<ExitCode> {
-    let ids: Vec<String> = if all {
-        ops.list()?.into_iter().map(|s| s.id).collect()
-    } else if ids.is_empty() {
+    if all {
+        let k = ops.kill_all()?;
+        for id in &k.killed {
+            println!("{id}");
+        }
+        for (_, e) in &k.failed {
+            eprintln!("forkd: error: {}", crate::hints::render(e));
+        }
+        if !k.orphans.is_empty() {
+            eprintln!(
+                "forkd: killed {} QEMU(s) that had no record: pid {}",
+                k.orphans.len(),
+                k.orphans
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        return Ok(if k.failed.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        });
+    }
+    if ids.is_empty() {
         anyhow::bail!("name sandboxes to kill, or pass --all");
-    } else {
-        ids
-    };
+    }
     let mut failed = false;
     for id in ids {
         match ops.kill(&id) {
@@ -256,6 +277,54 @@ pub fn rmi(ops: &dyn Operations, tag: &str, force: bool) -> Result<ExitCode> {
         },
     )? {
         println!("{t}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `forkd rmi --failed`.
+pub fn prune(ops: &dyn Operations) -> Result<ExitCode> {
+    let p = ops.prune_snapshots()?;
+    for t in &p.removed {
+        println!("{t}");
+    }
+    for k in &p.kept {
+        let deps: Vec<String> = k
+            .dependents
+            .sandboxes
+            .iter()
+            .map(|s| format!("sandbox {s}"))
+            .chain(
+                k.dependents
+                    .snapshots
+                    .iter()
+                    .map(|t| format!("snapshot {t}")),
+            )
+            .collect();
+        eprintln!(
+            "forkd: kept `{}`: in use by {}; kill those first or `forkd rmi --force {}`",
+            k.tag,
+            deps.join(", "),
+            k.tag
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `forkd gc`.
+pub fn gc(ops: &dyn Operations, json: bool) -> Result<ExitCode> {
+    let g = ops.gc()?;
+    if json {
+        println!("{}", serde_json::to_string(&g)?);
+    } else {
+        for name in &g.removed {
+            println!("{name}");
+        }
+        eprintln!(
+            "forkd: deleted {} cached RAM image(s), {} freed; {} still referenced",
+            g.removed.len(),
+            mib(g.freed_bytes),
+            g.kept
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -48,8 +48,17 @@ enum Command {
     /// Exits with CMD's exit code (128+N if a signal killed it, 124 on timeout,
     /// 125 if forkd itself failed).
     Run(RunArgs),
-    /// Check this host: QEMU, accelerator, guest artifacts, tmpfs, userfaultfd.
+    /// Check this host (QEMU, accelerator, guest artifacts, tmpfs,
+    /// userfaultfd) and where the state database, the snapshot store and
+    /// the runtime directory disagree.
     Doctor {
+        /// Repair the disagreements found (stray store directories, files
+        /// of failed snapshots, snapshot disks that depend on a sandbox's
+        /// run directory, dead sandboxes, QEMUs no record names, cached
+        /// RAM images nothing references). Failed and broken snapshots are
+        /// only reported: `forkd rmi --failed` deletes them.
+        #[arg(long)]
+        repair: bool,
         #[arg(long)]
         json: bool,
     },
@@ -81,7 +90,9 @@ enum FleetCommand {
     Kill {
         /// Sandbox ids.
         ids: Vec<String>,
-        /// Kill every sandbox.
+        /// Kill every sandbox, and every QEMU of this home that has no
+        /// record (a creator that died mid-start); then delete cached RAM
+        /// images nothing references.
         #[arg(long, conflicts_with = "ids")]
         all: bool,
     },
@@ -105,12 +116,22 @@ enum FleetCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Delete a snapshot (refused while sandboxes or snapshots depend on it).
+    /// Delete a snapshot (refused while sandboxes or snapshots depend on
+    /// it), failed and broken ones included.
     Rmi {
-        tag: String,
+        #[arg(required_unless_present = "failed")]
+        tag: Option<String>,
         /// Delete even if sandboxes were spawned from it.
         #[arg(long)]
         force: bool,
+        /// Delete every failed and broken snapshot that nothing else needs.
+        #[arg(long, conflicts_with_all = ["tag", "force"])]
+        failed: bool,
+    },
+    /// Delete cached RAM images no snapshot of any home references.
+    Gc {
+        #[arg(long)]
+        json: bool,
     },
     /// Start N copy-on-write children of a snapshot.
     Spawn {
@@ -309,8 +330,8 @@ fn main() -> ExitCode {
     let remote = remote::daemon(cli.remote.clone());
     let result = match cli.command {
         Command::Run(args) => remote::local_only(remote.as_deref(), "run").and_then(|()| run(args)),
-        Command::Doctor { json } => {
-            remote::local_only(remote.as_deref(), "doctor").and_then(|()| doctor_cmd(json))
+        Command::Doctor { repair, json } => {
+            remote::local_only(remote.as_deref(), "doctor").and_then(|()| doctor_cmd(repair, json))
         }
         Command::Image(ImageCommand::Build { guest, json }) => {
             remote::local_only(remote.as_deref(), "image").and_then(|()| image_build(&guest, json))
@@ -345,7 +366,12 @@ fn fleet_command(ops: &dyn forkd_ops::Operations, command: FleetCommand) -> Resu
         Command::Snapshot { id, tag, json } => commands::snapshot(ops, &id, &tag, json),
         Command::Snapshots { json } => commands::snapshots(ops, json),
         Command::Info { tag, json } => commands::info(ops, &tag, json),
-        Command::Rmi { tag, force } => commands::rmi(ops, &tag, force),
+        Command::Rmi { tag, force, failed } => match (tag, failed) {
+            (_, true) => commands::prune(ops),
+            (Some(tag), false) => commands::rmi(ops, &tag, force),
+            (None, false) => anyhow::bail!("name a snapshot to delete, or pass --failed"),
+        },
+        Command::Gc { json } => commands::gc(ops, json),
         Command::Spawn {
             tag,
             n,
@@ -479,12 +505,24 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     Ok(ExitCode::from((status.shell_code() & 0xff) as u8))
 }
 
-fn doctor_cmd(json: bool) -> Result<ExitCode> {
+/// `forkd doctor`: the host report, then where this home's state, store and
+/// runtime directory disagree (repaired with `--repair`). Local only: it
+/// reads this host's files and processes, which a daemon's caller cannot
+/// see or mend.
+fn doctor_cmd(repair: bool, json: bool) -> Result<ExitCode> {
     let env = Env::from_process();
     let checks = doctor::run(&env, "qemu-system-x86_64");
+    let fleet = forkd_core::Fleet::open(&env)?;
+    let found = forkd_core::consistency::findings(&fleet)?;
+    let repaired = if repair {
+        forkd_core::consistency::repair(&fleet, &found)
+    } else {
+        Vec::new()
+    };
     let failed = checks.iter().any(|c| c.level == doctor::Level::Fail);
     if json {
-        println!("{}", serde_json::to_string_pretty(&checks)?);
+        let v = serde_json::json!({ "checks": checks, "findings": found, "repaired": repaired });
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("forkd home:    {}", env.home.display());
         println!("runtime dir:   {}", env.runtime.display());
@@ -498,6 +536,44 @@ fn doctor_cmd(json: bool) -> Result<ExitCode> {
             if let Some(fix) = &c.fix {
                 println!("       {:<12} fix: {fix}", "");
             }
+        }
+        if found.is_empty() {
+            println!(
+                "[ok  ] {:<12} state database, store and runtime directory agree",
+                "state"
+            );
+        }
+        for f in &found {
+            let kind = serde_json::to_value(f.kind)?;
+            println!(
+                "[warn] {:<12} {} `{}`: {}",
+                "state",
+                kind.as_str().unwrap_or("?").replace('_', " "),
+                f.subject,
+                f.detail
+            );
+        }
+        let fixable = found.iter().filter(|f| f.repairable).count();
+        if fixable > 0 && !repair {
+            println!(
+                "       {:<12} fix: forkd doctor --repair ({fixable} to repair)",
+                ""
+            );
+        }
+        if found.iter().any(|f| {
+            matches!(
+                f.kind,
+                forkd_core::consistency::Kind::BrokenSnapshot
+                    | forkd_core::consistency::Kind::FailedSnapshot
+            )
+        }) {
+            println!(
+                "       {:<12} fix: forkd rmi --failed deletes failed and broken snapshots",
+                ""
+            );
+        }
+        for r in &repaired {
+            println!("[done] {:<12} {r}", "repair");
         }
     }
     Ok(if failed {

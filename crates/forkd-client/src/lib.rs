@@ -17,8 +17,8 @@ use forkd_api::convert;
 use forkd_api::types as api;
 use forkd_ops::{
     BranchOutcome, BranchRequest, CreateRequest, Created, EvalOutcome, ExecOutcome, ExecSpec,
-    OnChild, OpError, Operations, Pong, PoolStatus, RemoveSnapshot, Sandbox, Snapshot,
-    SnapshotDetail, SpawnOutcome, SpawnRequest, Stream,
+    GcReport, KilledAll, OnChild, OpError, Operations, Pong, PoolStatus, Pruned, RemoveSnapshot,
+    Sandbox, Snapshot, SnapshotDetail, SpawnOutcome, SpawnRequest, Stream,
 };
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -325,6 +325,11 @@ impl Operations for Client {
         Ok(())
     }
 
+    fn kill_all(&self) -> Result<KilledAll, OpError> {
+        let k: api::KillAllResponse = self.json("DELETE", "/v1/sandboxes", None)?;
+        Ok(convert::killed_all_from_wire(k))
+    }
+
     fn exec(
         &self,
         id: &str,
@@ -530,6 +535,16 @@ impl Operations for Client {
         }
         serde_json::from_slice(&a.body)
             .map_err(|e| OpError::internal(format!("the daemon sent an unexpected answer: {e}")))
+    }
+
+    fn prune_snapshots(&self) -> Result<Pruned, OpError> {
+        let p: api::PruneResponse = self.json("POST", "/v1/snapshots/prune", None)?;
+        Ok(convert::pruned_from_wire(p))
+    }
+
+    fn gc(&self) -> Result<GcReport, OpError> {
+        let g: api::GcResponse = self.json("POST", "/v1/gc", None)?;
+        Ok(convert::gc_from_wire(g))
     }
 }
 

@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use forkd_ops::{
     policy, Accel, BranchOutcome, BranchRequest, Child, CreateRequest, Created, EvalOutcome,
-    ExecOutcome, ExecSpec, Network, OnChild, OpError, Operations, Pong, PoolStatus, RemoveSnapshot,
-    Sandbox, Snapshot, SnapshotDetail, SpawnOutcome, SpawnRequest, Stream,
+    ExecOutcome, ExecSpec, GcReport, KilledAll, Network, OnChild, OpError, Operations, Pong,
+    PoolStatus, Pruned, RemoveSnapshot, Sandbox, Snapshot, SnapshotDetail, SpawnOutcome,
+    SpawnRequest, Stream,
 };
 use forkd_protocol::client::OutputStream;
 
@@ -98,6 +99,20 @@ impl Operations for Fleet {
 
     fn kill(&self, id: &str) -> Result<(), OpError> {
         Ok(Fleet::kill(self, id)?)
+    }
+
+    fn kill_all(&self) -> Result<KilledAll, OpError> {
+        let mut out = KilledAll::default();
+        for s in Fleet::list(self)? {
+            match Fleet::kill(self, &s.id) {
+                Ok(()) => out.killed.push(s.id),
+                Err(e) => out.failed.push((s.id, e.into())),
+            }
+        }
+        out.orphans = self.kill_orphans()?;
+        // What only the killed children mapped can go now.
+        let _ = Fleet::gc(self);
+        Ok(out)
     }
 
     fn exec(
@@ -260,6 +275,14 @@ impl Operations for Fleet {
 
     fn remove_snapshot(&self, tag: &str, opts: RemoveSnapshot) -> Result<Vec<String>, OpError> {
         Ok(Fleet::remove_snapshot(self, tag, opts)?)
+    }
+
+    fn prune_snapshots(&self) -> Result<Pruned, OpError> {
+        Ok(Fleet::prune_snapshots(self)?)
+    }
+
+    fn gc(&self) -> Result<GcReport, OpError> {
+        Ok(Fleet::gc(self)?)
     }
 }
 

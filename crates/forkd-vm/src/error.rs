@@ -44,6 +44,8 @@ pub enum VmError {
     Qmp(#[from] QmpError),
     #[error(transparent)]
     Agent(#[from] ClientError),
+    #[error("cannot release the guest memory a failed live snapshot left write-protected in QEMU (pid {pid}): {reason}")]
+    Thaw { pid: u32, reason: String },
     #[error("VM run directory {path}: {source}")]
     RunDir { path: String, source: io::Error },
 }

@@ -22,6 +22,8 @@ use crate::VmError;
 /// A QEMU that has not finished booting: cleans up after itself on error.
 pub(crate) struct Partial {
     pub(crate) child: Option<Child>,
+    /// Why a SIGBUS would have killed it ([`VmConfig::sigbus_cause`]).
+    pub(crate) sigbus_cause: Option<&'static str>,
     pub(crate) stderr_path: PathBuf,
     pub(crate) console: PathBuf,
 }
@@ -32,7 +34,7 @@ impl Partial {
             if let Ok(Some(status)) = child.try_wait() {
                 self.child = None;
                 return Err(VmError::ExitedDuringBoot {
-                    status: describe(status),
+                    status: describe(status, self.sigbus_cause),
                     stderr: fs::read_to_string(&self.stderr_path).unwrap_or_default(),
                     console: tail(&self.console, 15),
                 });
@@ -116,8 +118,12 @@ pub(crate) fn start_qemu(
     let child = cmd.spawn().map_err(VmError::Spawn)?;
     let pid = child.id();
     let pid_start = process_start_time(pid).unwrap_or(0);
+    if let Some(hook) = &opts.on_spawn {
+        (hook.0)(pid, pid_start);
+    }
     let mut partial = Partial {
         child: Some(child),
+        sigbus_cause: config.sigbus_cause(),
         stderr_path: stderr_path.clone(),
         console: config.console_log.clone(),
     };

@@ -50,6 +50,26 @@ pub struct LaunchOptions {
     /// Restore the guest from this device-state stream (the config must say
     /// `incoming`) instead of booting it.
     pub restore: Option<PathBuf>,
+    /// Called with QEMU's pid and start time right after the process is
+    /// spawned, before anything can fail: a caller that recorded the VM
+    /// before starting it completes the record here.
+    pub on_spawn: Option<SpawnHook>,
+}
+
+/// What [`LaunchOptions::on_spawn`] calls.
+#[derive(Clone)]
+pub struct SpawnHook(pub Arc<dyn Fn(u32, u64) + Send + Sync>);
+
+impl SpawnHook {
+    pub fn new(f: impl Fn(u32, u64) + Send + Sync + 'static) -> SpawnHook {
+        SpawnHook(Arc::new(f))
+    }
+}
+
+impl std::fmt::Debug for SpawnHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SpawnHook")
+    }
 }
 
 impl Default for LaunchOptions {
@@ -59,6 +79,7 @@ impl Default for LaunchOptions {
             die_with_parent: true,
             cancel: None,
             restore: None,
+            on_spawn: None,
         }
     }
 }
@@ -347,7 +368,7 @@ impl Vm {
             while Instant::now() < deadline {
                 if let Some(status) = self.try_exit() {
                     return VmError::Died {
-                        status: describe(status),
+                        status: describe(status, self.config.sigbus_cause()),
                         during: during.into(),
                         console: tail(&self.config.console_log, 10),
                     };
