@@ -140,18 +140,29 @@ impl Writer {
         // source first, if the failed stream left it write-protected.
         let recorded = match &r {
             Ok(parent) => {
-                let db = fleet.db();
-                db.set_snapshot_parent(&tag, parent.as_deref())
-                    .and_then(|()| {
-                        db.transition_snapshot(
-                            &tag,
-                            SnapshotStatus::Writing,
-                            SnapshotStatus::Ready,
-                            None,
-                        )
-                    })
-                    .map(drop)
-                    .map_err(CoreError::from)
+                let ready = {
+                    let db = fleet.db();
+                    db.set_snapshot_parent(&tag, parent.as_deref())
+                        .and_then(|()| {
+                            db.transition_snapshot(
+                                &tag,
+                                SnapshotStatus::Writing,
+                                SnapshotStatus::Ready,
+                                None,
+                            )
+                        })
+                        .map_err(CoreError::from)
+                };
+                match ready {
+                    // Someone failed the branch meanwhile (its brancher gave
+                    // up on it): what was published goes, as the row says.
+                    Ok(false) => fleet
+                        .store()
+                        .remove_if_present(&tag)
+                        .map(drop)
+                        .map_err(CoreError::from),
+                    other => other.map(drop),
+                }
             }
             Err(e) => fleet.fail_branch(&tag, &e.to_string()).map(drop),
         };
