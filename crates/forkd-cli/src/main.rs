@@ -510,19 +510,50 @@ fn run(args: RunArgs) -> Result<ExitCode> {
 /// reads this host's files and processes, which a daemon's caller cannot
 /// see or mend.
 fn doctor_cmd(repair: bool, json: bool) -> Result<ExitCode> {
+    use forkd_core::consistency::{self, Kind};
     let env = Env::from_process();
-    let checks = doctor::run(&env, "qemu-system-x86_64");
+    let mut checks = doctor::run(&env, "qemu-system-x86_64");
     let fleet = forkd_core::Fleet::open(&env)?;
-    let found = forkd_core::consistency::findings(&fleet)?;
-    let repaired = if repair {
-        forkd_core::consistency::repair(&fleet, &found)
-    } else {
-        Vec::new()
-    };
+    let found = consistency::findings(&fleet)?;
+    for f in &found {
+        let kind = serde_json::to_value(f.kind)?;
+        let fix = match f.kind {
+            Kind::BrokenSnapshot | Kind::FailedSnapshot => "forkd rmi --failed".to_string(),
+            _ => "forkd doctor --repair".to_string(),
+        };
+        checks.push(doctor::Check {
+            name: "state",
+            level: doctor::Level::Warn,
+            detail: format!(
+                "{} `{}`: {}",
+                kind.as_str().unwrap_or("?").replace('_', " "),
+                f.subject,
+                f.detail
+            ),
+            fix: (!repair || !f.repairable).then_some(fix),
+        });
+    }
+    if found.is_empty() {
+        checks.push(doctor::Check {
+            name: "state",
+            level: doctor::Level::Ok,
+            detail: "state database, snapshot store and runtime directory agree".into(),
+            fix: None,
+        });
+    }
+    if repair {
+        for line in consistency::repair(&fleet, &found) {
+            checks.push(doctor::Check {
+                name: "repair",
+                level: doctor::Level::Ok,
+                detail: line,
+                fix: None,
+            });
+        }
+    }
     let failed = checks.iter().any(|c| c.level == doctor::Level::Fail);
     if json {
-        let v = serde_json::json!({ "checks": checks, "findings": found, "repaired": repaired });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        println!("{}", serde_json::to_string_pretty(&checks)?);
     } else {
         println!("forkd home:    {}", env.home.display());
         println!("runtime dir:   {}", env.runtime.display());
@@ -536,44 +567,6 @@ fn doctor_cmd(repair: bool, json: bool) -> Result<ExitCode> {
             if let Some(fix) = &c.fix {
                 println!("       {:<12} fix: {fix}", "");
             }
-        }
-        if found.is_empty() {
-            println!(
-                "[ok  ] {:<12} state database, store and runtime directory agree",
-                "state"
-            );
-        }
-        for f in &found {
-            let kind = serde_json::to_value(f.kind)?;
-            println!(
-                "[warn] {:<12} {} `{}`: {}",
-                "state",
-                kind.as_str().unwrap_or("?").replace('_', " "),
-                f.subject,
-                f.detail
-            );
-        }
-        let fixable = found.iter().filter(|f| f.repairable).count();
-        if fixable > 0 && !repair {
-            println!(
-                "       {:<12} fix: forkd doctor --repair ({fixable} to repair)",
-                ""
-            );
-        }
-        if found.iter().any(|f| {
-            matches!(
-                f.kind,
-                forkd_core::consistency::Kind::BrokenSnapshot
-                    | forkd_core::consistency::Kind::FailedSnapshot
-            )
-        }) {
-            println!(
-                "       {:<12} fix: forkd rmi --failed deletes failed and broken snapshots",
-                ""
-            );
-        }
-        for r in &repaired {
-            println!("[done] {:<12} {r}", "repair");
         }
     }
     Ok(if failed {
