@@ -171,7 +171,29 @@ fn killing_the_source_keeps_a_chain_of_two_snapshots_and_two_branches_spawnable(
         .to_string();
     assert!(e.contains("snapshot b"), "{e}");
 
+    // A snapshot made before stored disks were self-contained names a file
+    // of the source's run directory (made so here by hand): doctor says so,
+    // and `kill` makes it independent before it deletes that directory.
+    let run_dir = f.sandbox(&src).unwrap().0.run_dir;
+    let frozen_for_a = f.store().load("a").unwrap().disk_from.unwrap();
+    let legacy = store.join("b").join(".disk.legacy");
+    std::fs::copy(store.join("b").join("disk.qcow2"), &legacy).unwrap();
+    forkd_vm::disk::rebase(&legacy, Path::new(&frozen_for_a), "qcow2", false).unwrap();
+    f.store().replace_file("b", "disk.qcow2", &legacy).unwrap();
+    assert!(Path::new(&frozen_for_a).starts_with(&run_dir));
+    let found = forkd_core::consistency::findings(&f).unwrap();
+    assert!(
+        found.iter().any(
+            |x| x.kind == forkd_core::consistency::Kind::DiskInRunDirectory && x.subject == "b"
+        ),
+        "{found:?}"
+    );
     f.kill(&src).unwrap();
+    assert!(!run_dir.exists());
+    assert_eq!(
+        forkd_vm::disk::backing_file(&store.join("b").join("disk.qcow2")).unwrap(),
+        Some(store.join("a").join("disk.qcow2"))
+    );
     for (tag, want) in &expected {
         assert_eq!(status(&f, tag), (SnapshotStatus::Ready, None), "{tag}");
         let child = spawn1(&f, tag);

@@ -237,11 +237,7 @@ async fn serve_route(
     req: Request,
 ) -> Result<Reply, ApiError> {
     app.policy.authorize(route.auth, auth.as_deref())?;
-    let body = axum::body::to_bytes(req.into_body(), route.body_limit)
-        .await
-        .map_err(|_| ApiError::PayloadTooLarge {
-            limit: route.body_limit,
-        })?;
+    let body = read_body(req.into_body(), route.body_limit).await?;
     let permit = match route.limit {
         Some(Limit::Spawn) => Some(app.spawn_limit.try_acquire()?),
         Some(Limit::Branch) => Some(app.branch_limit.try_acquire()?),
@@ -261,6 +257,34 @@ async fn serve_route(
             "the `{op}` handler failed: {e}"
         )))
     })
+}
+
+/// Most bytes of an oversized body read (and dropped) before answering 413:
+/// a client still sending when the answer comes and the connection closes
+/// gets a broken pipe instead of the answer.
+const DRAIN_LIMIT: usize = 64 << 20;
+
+/// The request body, at most `limit` bytes; a larger one is read on (and
+/// dropped, up to [`DRAIN_LIMIT`]) so that its sender hears the 413.
+async fn read_body(body: axum::body::Body, limit: usize) -> Result<Vec<u8>, ApiError> {
+    use tokio_stream::StreamExt as _;
+    let mut stream = body.into_data_stream();
+    let (mut kept, mut seen) = (Vec::new(), 0usize);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            ApiError::BadRequest(format!("the request body could not be read: {e}"))
+        })?;
+        seen = seen.saturating_add(chunk.len());
+        if seen <= limit {
+            kept.extend_from_slice(&chunk);
+        } else if seen > DRAIN_LIMIT.max(limit) {
+            break;
+        }
+    }
+    if seen > limit {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    Ok(kept)
 }
 
 /// Serves until SIGTERM/SIGINT.
