@@ -75,7 +75,7 @@ impl Drop for World {
 fn warmed_parent(w: &World, tag: &str) -> String {
     let p = w.create();
     w.run(&p, "echo parent-mem > /tmp/mem.txt; echo parent-disk > /root/disk.txt; sync; \
-               (i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done) >/dev/null 2>&1 & \
+               (i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.1; done) >/dev/null 2>&1 & \
                echo $! > /tmp/loop.pid");
     std::thread::sleep(Duration::from_millis(500));
     let info = w.fleet.snapshot(&p, tag).unwrap();
