@@ -307,9 +307,18 @@ impl Store {
     /// cheaply about whether the snapshot is whole. [`Store::verify`] reads
     /// the contents too.
     pub fn check(&self, tag: &str) -> Result<Manifest> {
+        self.check_files(tag, &[])
+    }
+
+    /// [`Store::check`] of the files named `only` (all of them when empty).
+    pub fn check_files(&self, tag: &str, only: &[&str]) -> Result<Manifest> {
         let manifest = self.load(tag)?;
         let dir = self.dir(tag);
-        for entry in &manifest.files {
+        for entry in manifest
+            .files
+            .iter()
+            .filter(|e| only.is_empty() || only.contains(&e.name.as_str()))
+        {
             let path = dir.join(&entry.name);
             let meta = match fs::metadata(&path) {
                 Ok(m) => m,
@@ -1055,6 +1064,7 @@ mod tests {
             .unwrap();
         let e = f.store.check("py").unwrap_err();
         assert!(matches!(e, StoreError::FileSizeMismatch { .. }), "{e}");
+        f.store.check_files("py", &["ram.img"]).unwrap();
         fs::remove_file(f.store.dir("py").join("disk.qcow2")).unwrap();
         let e = f.store.check("py").unwrap_err();
         assert!(matches!(e, StoreError::FileMissing { .. }), "{e}");

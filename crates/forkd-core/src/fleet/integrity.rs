@@ -1,7 +1,8 @@
 //! Whether a `ready` snapshot can really spawn, told by cheap checks: its
 //! manifest and the size of every file it lists, the kernel and initramfs
-//! it was made with, every file below its disk in the backing chain, and
-//! the health of the snapshots it is layered on. No contents are read
+//! it was made with, every file below its disk in the backing chain, the
+//! health of the snapshot its RAM is a layer over, and the disk of the one
+//! its disk is layered on. No contents are read
 //! (spawn verifies those). A snapshot that fails one of them is reported
 //! `broken`, with why; the database keeps `ready` (the check is repeated
 //! each time, so a file put back heals it).
@@ -87,14 +88,23 @@ impl Fleet {
                 }
             }
         }
+        // A RAM layer needs all of the snapshot below (its flat image is
+        // made from that snapshot's own chain); a disk layered on another
+        // snapshot's needs only that disk, whose chain was checked above.
         let below = row.parent.iter().chain(manifest.ram_parent.iter());
         for parent in below.cloned().collect::<Vec<_>>() {
+            let whole = manifest.ram_parent.as_deref() == Some(parent.as_str());
             let status = self.db().get_snapshot(&parent)?.map(|r| r.status);
             let why = match status {
                 None => Some(format!("snapshot `{parent}` it is layered on is gone")),
-                Some(SnapshotStatus::Ready) => self
+                Some(SnapshotStatus::Ready) if whole => self
                     .broken_reason_memo(&parent, memo, depth + 1)?
                     .map(|w| format!("snapshot `{parent}` it is layered on is broken: {w}")),
+                Some(SnapshotStatus::Ready) => self
+                    .store
+                    .check_files(&parent, &[DISK_IMAGE])
+                    .err()
+                    .map(|e| format!("the disk of snapshot `{parent}` it is layered on: {e}")),
                 Some(s) => Some(format!("snapshot `{parent}` it is layered on is {s}")),
             };
             if why.is_some() {
@@ -121,10 +131,9 @@ mod tests {
             f.broken_reason("root").unwrap().unwrap(),
             "snapshot `root` is missing device.state: it is incomplete"
         );
-        assert_eq!(
-            f.broken_reason("leaf").unwrap().unwrap(),
-            "snapshot `root` it is layered on is broken: snapshot `root` is missing device.state: it is incomplete"
-        );
+        // Layered on `root` by its disk only (no RAM layer): what `root`
+        // lost does not matter to it.
+        assert_eq!(f.broken_reason("leaf").unwrap(), None);
         f.db().delete_snapshot_row("root").unwrap();
         assert_eq!(
             f.broken_reason("leaf").unwrap().unwrap(),
