@@ -8,6 +8,7 @@ mod exit;
 mod hints;
 mod remote;
 mod signals;
+mod transfer;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -128,6 +129,34 @@ enum FleetCommand {
         /// The snapshot's tag.
         tag: String,
         /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Push a snapshot (with its chain of parents) to an OCI registry.
+    Push {
+        /// The snapshot's tag.
+        tag: String,
+        /// Where: HOST[:PORT]/REPOSITORY[:TAG], e.g. 127.0.0.1:5000/team/agent:v3.
+        reference: String,
+        /// Plain HTTP to the registry (loopback registries); HTTPS otherwise.
+        #[arg(long)]
+        insecure: bool,
+        /// Print JSON instead of text (and no progress).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pull a snapshot from an OCI registry (only what this host lacks),
+    /// verify it and publish it.
+    Pull {
+        /// HOST[:PORT]/REPOSITORY[:TAG].
+        reference: String,
+        /// Local tag (default: the tag it was pushed with).
+        #[arg(long)]
+        tag: Option<String>,
+        /// Plain HTTP to the registry (loopback registries); HTTPS otherwise.
+        #[arg(long)]
+        insecure: bool,
+        /// Print JSON instead of text (and no progress).
         #[arg(long)]
         json: bool,
     },
@@ -514,6 +543,18 @@ fn fleet_command(owned: Box<dyn forkd_ops::Operations>, command: FleetCommand) -
         Command::Snapshots { json } => commands::snapshots(ops, json),
         Command::Info { tag, json } => commands::info(ops, &tag, json),
         Command::Rmi { tag, force } => commands::rmi(ops, &tag, force),
+        Command::Push {
+            tag,
+            reference,
+            insecure,
+            json,
+        } => transfer::push(ops, &tag, &reference, insecure, json),
+        Command::Pull {
+            reference,
+            tag,
+            insecure,
+            json,
+        } => transfer::pull(ops, &reference, tag, insecure, json),
         Command::Spawn {
             tag,
             n,

@@ -376,6 +376,24 @@ impl Operations for Fleet {
     fn remove_snapshot(&self, tag: &str, opts: RemoveSnapshot) -> Result<Vec<String>, OpError> {
         Ok(Fleet::remove_snapshot(self, tag, opts)?)
     }
+
+    fn push(
+        &self,
+        req: &forkd_ops::PushRequest,
+        progress: forkd_ops::OnTransfer<'_>,
+    ) -> Result<forkd_ops::PushOutcome, OpError> {
+        self.push_snapshot(req, progress)
+            .map_err(crate::transfer::op_error)
+    }
+
+    fn pull(
+        &self,
+        req: &forkd_ops::PullRequest,
+        progress: forkd_ops::OnTransfer<'_>,
+    ) -> Result<forkd_ops::PullOutcome, OpError> {
+        self.pull_snapshot(req, progress)
+            .map_err(crate::transfer::op_error)
+    }
 }
 
 impl Fleet {

@@ -227,6 +227,7 @@ impl Writer {
             ram_parent: if diff { self.job.parent.clone() } else { None },
             machine: self.job.machine.clone(),
             files: vec![],
+            origin: None,
         };
         self.staging.publish(manifest)?;
         Ok(())

@@ -411,6 +411,7 @@ pub(crate) mod testing {
                 ram_parent: None,
                 machine: serde_json::json!({}),
                 files: vec![],
+                origin: None,
             })
             .unwrap();
         f.db()

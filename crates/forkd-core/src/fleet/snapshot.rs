@@ -66,6 +66,7 @@ impl Fleet {
             ram_parent: None,
             machine: serde_json::to_value(&config).expect("config serialises"),
             files: vec![],
+            origin: None,
         };
         let manifest = staging.publish(manifest)?;
         let snapshot_row = forkd_store::SnapshotRow {
