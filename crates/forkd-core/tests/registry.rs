@@ -320,7 +320,25 @@ fn two_hosts_share_warm_snapshots_through_a_registry() {
     assert_eq!(b.run(&kid, "wc -c < /root/more").trim(), "3000000");
     assert_eq!(b.run(&kid, "cat /root/warm"), warm);
 
-    // Pulling the same thing again publishes nothing new.
-    let e = b.pull(&v2).unwrap_err();
+    // Pulling the same thing again moves and publishes nothing.
+    let again = b.pull(&v2).unwrap();
+    assert!(again.published.is_empty());
+    assert_eq!(again.reused, ["warm2"]);
+    assert_eq!(again.counts.bytes_transferred, 0);
+    // Under another tag it is refused: one snapshot, one tag.
+    let e = Operations::pull(
+        &b.fleet,
+        &PullRequest {
+            reference: v2.clone(),
+            tag: Some("other".into()),
+            insecure: true,
+        },
+        &|_| {},
+    )
+    .unwrap_err();
     assert_eq!(e.kind, ErrorKind::Conflict, "{e}");
+    assert!(
+        e.message.contains("already has that snapshot, as `warm2`"),
+        "{e}"
+    );
 }

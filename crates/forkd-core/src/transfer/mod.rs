@@ -62,6 +62,8 @@ pub enum TransferError {
     },
     #[error("snapshot `{tag}` already exists here (and is not the one pulled)")]
     TagTaken { tag: String },
+    #[error("this host already has that snapshot, as `{tag}`")]
+    AlreadyHere { tag: String },
     #[error("snapshot `{tag}` cannot be pushed: {reason}")]
     NotPushable { tag: String, reason: String },
     #[error("{what} {}: {source}", path.display())]
@@ -99,7 +101,9 @@ impl From<&TransferError> for OpError {
             TransferError::BadArtifact { .. } | TransferError::Corrupt { .. } => {
                 ErrorKind::Unprocessable
             }
-            TransferError::TagTaken { .. } => ErrorKind::Conflict,
+            TransferError::TagTaken { .. } | TransferError::AlreadyHere { .. } => {
+                ErrorKind::Conflict
+            }
             TransferError::NotPushable { .. } => ErrorKind::Conflict,
             TransferError::Host { .. } | TransferError::Disk(_) | TransferError::Core(_) => {
                 ErrorKind::Internal
@@ -472,7 +476,7 @@ impl Fleet {
             if let Some(have) = self.snapshot_with_origin(&s.origin) {
                 if i == 0 && req.tag.as_ref().is_some_and(|t| t != &have) {
                     // Asked for under another tag: a second copy is not made.
-                    return Err(TransferError::TagTaken { tag: have });
+                    return Err(TransferError::AlreadyHere { tag: have });
                 }
                 local_tag.push(have);
                 reused.push(true);
