@@ -9,6 +9,7 @@ mod hints;
 mod remote;
 mod signals;
 mod transfer;
+mod tree;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -128,6 +129,12 @@ enum FleetCommand {
     Info {
         /// The snapshot's tag.
         tag: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Snapshots and sandboxes as a lineage tree (status, layer size, age).
+    Tree {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -543,6 +550,7 @@ fn fleet_command(owned: Box<dyn forkd_ops::Operations>, command: FleetCommand) -
         Command::Snapshots { json } => commands::snapshots(ops, json),
         Command::Info { tag, json } => commands::info(ops, &tag, json),
         Command::Rmi { tag, force } => commands::rmi(ops, &tag, force),
+        Command::Tree { json } => tree::tree(ops, json),
         Command::Push {
             tag,
             reference,
