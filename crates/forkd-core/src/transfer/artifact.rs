@@ -308,6 +308,7 @@ mod tests {
             source_sandbox: None,
             pause_ms: 1.0,
             ram_parent: None,
+            disk_from: None,
             machine: serde_json::json!({}),
             files: vec![
                 FileEntry {

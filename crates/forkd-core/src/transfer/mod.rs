@@ -661,6 +661,8 @@ impl Fleet {
                 source_sandbox: None,
                 pause_ms: s.manifest.pause_ms,
                 ram_parent: map(&s.manifest.ram_parent),
+                // Names a run-directory file of the pushing host: meaningless here.
+                disk_from: None,
                 machine: serde_json::to_value(&machine).expect("config serialises"),
                 files: vec![],
                 origin: Some(s.origin.clone()),
