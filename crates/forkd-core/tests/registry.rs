@@ -323,7 +323,7 @@ fn two_hosts_share_warm_snapshots_through_a_registry() {
     // Pulling the same thing again moves and publishes nothing.
     let again = b.pull(&v2).unwrap();
     assert!(again.published.is_empty());
-    assert_eq!(again.reused, ["warm2"]);
+    assert_eq!(again.reused.first().map(String::as_str), Some("warm2"));
     assert_eq!(again.counts.bytes_transferred, 0);
     // Under another tag it is refused: one snapshot, one tag.
     let e = Operations::pull(
