@@ -9,6 +9,8 @@ mod hints;
 mod images;
 mod remote;
 mod signals;
+mod transfer;
+mod tree;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -140,6 +142,40 @@ enum FleetCommand {
         /// The snapshot's tag.
         tag: String,
         /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Snapshots and sandboxes as a lineage tree (status, layer size, age).
+    Tree {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Push a snapshot (with its chain of parents) to an OCI registry.
+    Push {
+        /// The snapshot's tag.
+        tag: String,
+        /// Where: HOST[:PORT]/REPOSITORY[:TAG], e.g. 127.0.0.1:5000/team/agent:v3.
+        reference: String,
+        /// Plain HTTP to the registry (loopback registries); HTTPS otherwise.
+        #[arg(long)]
+        insecure: bool,
+        /// Print JSON instead of text (and no progress).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pull a snapshot from an OCI registry (only what this host lacks),
+    /// verify it and publish it.
+    Pull {
+        /// HOST[:PORT]/REPOSITORY[:TAG].
+        reference: String,
+        /// Local tag (default: the tag it was pushed with).
+        #[arg(long)]
+        tag: Option<String>,
+        /// Plain HTTP to the registry (loopback registries); HTTPS otherwise.
+        #[arg(long)]
+        insecure: bool,
+        /// Print JSON instead of text (and no progress).
         #[arg(long)]
         json: bool,
     },
@@ -569,6 +605,19 @@ fn fleet_command(owned: Box<dyn forkd_ops::Operations>, command: FleetCommand) -
             (None, false) => anyhow::bail!("name a snapshot to delete, or pass --failed"),
         },
         Command::Gc { json } => commands::gc(ops, json),
+        Command::Tree { json } => tree::tree(ops, json),
+        Command::Push {
+            tag,
+            reference,
+            insecure,
+            json,
+        } => transfer::push(ops, &tag, &reference, insecure, json),
+        Command::Pull {
+            reference,
+            tag,
+            insecure,
+            json,
+        } => transfer::pull(ops, &reference, tag, insecure, json),
         Command::Spawn {
             tag,
             n,

@@ -33,6 +33,7 @@ pub mod paths;
 pub mod ramimage;
 pub mod sandbox;
 pub mod sessions;
+pub mod transfer;
 
 pub use artifacts::{ArtifactOptions, Artifacts, Image};
 pub use error::CoreError;
