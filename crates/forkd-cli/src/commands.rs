@@ -36,6 +36,7 @@ pub fn create(ops: &dyn Operations, args: CreateArgs) -> Result<ExitCode> {
             agent: g.agent.clone(),
         },
         snapshot_as: None,
+        settings: args.lifetime.settings()?,
     };
     let created = ops.create(&req, &crate::progress)?;
     if args.json {
@@ -140,8 +141,9 @@ impl Output {
     }
 }
 
-pub fn ls(ops: &dyn Operations, json: bool) -> Result<ExitCode> {
-    let list = ops.list()?;
+pub fn ls(ops: &dyn Operations, labels: &[(String, String)], json: bool) -> Result<ExitCode> {
+    let mut list = ops.list()?;
+    list.retain(|s| forkd_ops::lifetime::labels_match(&s.lifetime.labels, labels));
     if json {
         println!("{}", serde_json::to_string_pretty(&list)?);
         return Ok(ExitCode::SUCCESS);
@@ -175,11 +177,25 @@ fn age(secs: u64) -> String {
     }
 }
 
-pub fn kill(ops: &dyn Operations, ids: Vec<String>, all: bool, json: bool) -> Result<ExitCode> {
+pub fn kill(
+    ops: &dyn Operations,
+    ids: Vec<String>,
+    all: bool,
+    labels: &[(String, String)],
+    json: bool,
+) -> Result<ExitCode> {
     let ids: Vec<String> = if all {
         ops.list()?.into_iter().map(|s| s.id).collect()
+    } else if !labels.is_empty() {
+        ops.list()?
+            .into_iter()
+            .filter(|s| forkd_ops::lifetime::labels_match(&s.lifetime.labels, labels))
+            .map(|s| s.id)
+            .collect()
     } else if ids.is_empty() {
-        return Err(crate::exit::Usage("name sandboxes to kill, or pass --all".into()).into());
+        return Err(
+            crate::exit::Usage("name sandboxes to kill, or pass --all or --label".into()).into(),
+        );
     } else {
         ids
     };
@@ -215,6 +231,21 @@ pub fn kill(ops: &dyn Operations, ids: Vec<String>, all: bool, json: bool) -> Re
         killed.len(),
         failed.first().map(|(_, e)| e),
     ))
+}
+
+/// `forkd timeout`: moves a sandbox's end time; prints it (Unix
+/// milliseconds) or `none`.
+pub fn timeout(
+    ops: &dyn Operations,
+    id: &str,
+    ttl: Option<std::time::Duration>,
+) -> Result<ExitCode> {
+    let s = ops.set_timeout(id, ttl)?;
+    match s.lifetime.ends_at_ms {
+        Some(ms) => println!("{id} ends at {ms} (unix ms)"),
+        None => println!("{id} has no end time"),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `forkd snapshot`: a full branch (the guest stopped for the copy).

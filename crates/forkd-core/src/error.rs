@@ -15,6 +15,11 @@ pub enum CoreError {
     InvalidName(#[from] forkd_ops::InvalidName),
     #[error("no sandbox `{id}`")]
     NoSandbox { id: String },
+    #[error("sandbox `{id}` was killed: {why}")]
+    Expired {
+        id: String,
+        why: forkd_ops::lifetime::Expiry,
+    },
     #[error("no snapshot `{tag}`")]
     NoSnapshot { tag: String },
     #[error("sandbox `{id}` is dead (its QEMU, pid {pid}, is gone)")]
@@ -134,7 +139,7 @@ impl CoreError {
             C::BadRequest(_) | C::InvalidName(_) | C::Vm(forkd_vm::VmError::Config(_)) => {
                 ErrorKind::BadInput
             }
-            C::NoSandbox { .. } | C::NoSnapshot { .. } => ErrorKind::NotFound,
+            C::NoSandbox { .. } | C::NoSnapshot { .. } | C::Expired { .. } => ErrorKind::NotFound,
             C::SandboxDead { .. }
             | C::SandboxPooled { .. }
             | C::SnapshotNotReady { .. }
@@ -204,7 +209,7 @@ impl CoreError {
         use CoreError as C;
         let remove = |tag: &str| Some(Hint::RemoveSnapshot { tag: tag.into() });
         match self {
-            C::NoSandbox { .. } => Some(Hint::ListSandboxes),
+            C::NoSandbox { .. } | C::Expired { .. } => Some(Hint::ListSandboxes),
             C::NoSnapshot { .. } => Some(Hint::ListSnapshots),
             C::SandboxDead { id, .. } | C::BadRecord { id, .. } => {
                 Some(Hint::KillSandbox { id: id.clone() })

@@ -78,6 +78,7 @@ impl Operations for Fleet {
         if let Some(tag) = &req.snapshot_as {
             forkd_ops::validate_tag(tag)?;
         }
+        req.settings.validate()?;
         let artifacts = crate::artifacts::ensure(
             self.env(),
             &ArtifactOptions {
@@ -89,6 +90,10 @@ impl Operations for Fleet {
             progress,
         )?;
         let (sandbox, boot) = Fleet::create(self, &artifacts, name, &boot_options(req))?;
+        if let Err(e) = self.start_lifetime(&sandbox.id, &req.settings) {
+            let _ = Fleet::kill(self, &sandbox.id);
+            return Err(e.into());
+        }
         if let Some(tag) = &req.snapshot_as {
             if let Err(e) = Fleet::snapshot(self, &sandbox.id, tag) {
                 let _ = Fleet::kill(self, &sandbox.id);
@@ -113,6 +118,11 @@ impl Operations for Fleet {
         Ok(Fleet::kill(self, id)?)
     }
 
+    fn set_timeout(&self, id: &str, ttl: Option<Duration>) -> Result<Sandbox, OpError> {
+        Fleet::set_timeout(self, id, ttl)?;
+        Ok(self.sandbox_view(id)?)
+    }
+
     fn exec(
         &self,
         id: &str,
@@ -123,10 +133,12 @@ impl Operations for Fleet {
         if spec.argv.first().is_none_or(|a| a.is_empty()) {
             return Err(OpError::bad_input("name a command to run"));
         }
+        let (mut env, mut cwd) = (spec.env.clone(), spec.cwd.clone());
+        self.lifetime(id)?.apply(&mut env, &mut cwd);
         let req = forkd_protocol::ExecRequest {
             argv: spec.argv.clone(),
-            env: spec.env.clone(),
-            cwd: spec.cwd.clone(),
+            env,
+            cwd,
             timeout_ms: spec.timeout.map(|t| t.as_millis() as u64),
             stdin: false,
         };
@@ -259,7 +271,9 @@ impl Operations for Fleet {
         spec: &ProcessSpec,
         on_event: &mut dyn FnMut(ProcessEvent) -> bool,
     ) -> Result<Option<ExecOutcome>, OpError> {
-        Ok(self.guest_run(id, spec, on_event)?)
+        let mut spec = spec.clone();
+        self.lifetime(id)?.apply(&mut spec.env, &mut spec.cwd);
+        Ok(self.guest_run(id, &spec, on_event)?)
     }
 
     fn follow_process(
@@ -311,6 +325,18 @@ impl Operations for Fleet {
 
     fn spawn(&self, req: &SpawnRequest, on_child: OnChild<'_>) -> Result<SpawnOutcome, OpError> {
         policy::check_children("the number of children", req.n, 1)?;
+        req.settings.validate()?;
+        // One lifetime for every child, counted from the request.
+        let life = (!req.settings.is_empty())
+            .then(|| forkd_ops::Lifetime::start(&req.settings, crate::fleet::lifetime::now_ms()));
+        let with_life = |c: &Child| -> Result<Child, CoreError> {
+            let mut c = c.clone();
+            if let Some(life) = &life {
+                self.write_lifetime(&c.sandbox.id, life)?;
+                c.sandbox.lifetime = life.clone();
+            }
+            Ok(c)
+        };
         if let Some(k) = req.pool {
             policy::check_children("the pool size", k, 0)?;
         }
@@ -335,7 +361,12 @@ impl Operations for Fleet {
             &overrides,
             &|i, r: &Result<Child, CoreError>| {
                 let r = match r {
-                    Ok(c) => Ok(c.clone()),
+                    Ok(c) => with_life(c).map_err(|e| {
+                        // A child that cannot keep its lifetime must not
+                        // live on without it.
+                        let _ = Fleet::kill(self, &c.sandbox.id);
+                        OpError::from(&e)
+                    }),
                     Err(e) => Err(OpError::from(e)),
                 };
                 on_child(i, &r)
@@ -350,7 +381,15 @@ impl Operations for Fleet {
             wall_ms,
             children: results
                 .into_iter()
-                .map(|r| r.map_err(OpError::from))
+                .map(|r| match r {
+                    Ok(mut c) => {
+                        if let Some(life) = &life {
+                            c.sandbox.lifetime = life.clone();
+                        }
+                        Ok(c)
+                    }
+                    Err(e) => Err(OpError::from(e)),
+                })
                 .collect(),
         })
     }

@@ -10,6 +10,7 @@
 
 mod error;
 mod guest;
+pub mod lifetime;
 mod name;
 pub mod policy;
 mod state;
@@ -20,6 +21,7 @@ use std::time::Duration;
 
 pub use error::{ErrorKind, Hint, OpError};
 pub use guest::*;
+pub use lifetime::{Lifetime, Settings};
 pub use name::{validate_id, validate_tag, InvalidName, MAX_NAME_LEN};
 pub use state::{BranchMode, SandboxState, SnapshotStatus, UnknownState};
 pub use types::*;
@@ -41,6 +43,10 @@ pub trait Operations: Send + Sync {
 
     /// Kills a sandbox (if it still runs) and removes its files and record.
     fn kill(&self, id: &str) -> Result<(), OpError>;
+
+    /// Moves a sandbox's end time to `ttl` from now (`None`: it lives until
+    /// killed); returns it as it is now.
+    fn set_timeout(&self, id: &str, ttl: Option<Duration>) -> Result<Sandbox, OpError>;
 
     /// Runs a command, streaming its output to `output` as it comes.
     fn exec(

@@ -17,6 +17,7 @@
 
 mod create;
 mod info;
+pub mod lifetime;
 mod ramcache;
 pub mod record;
 mod recover;
@@ -120,6 +121,7 @@ impl Fleet {
     /// one is marked so.
     fn live(&self, id: &str) -> Result<(SandboxRow, SandboxConfig), CoreError> {
         let (row, config) = self.sandbox(id)?;
+        self.enforce(&row)?;
         if !forkd_vm::process::pid_alive(row.pid, row.pid_start) {
             self.db().update_sandbox_state(id, SandboxState::Dead)?;
             return Err(CoreError::SandboxDead {
@@ -157,6 +159,9 @@ impl Fleet {
     /// The agent session of a running, handed-out sandbox: shared by this
     /// process's calls in a long-lived fleet, this call's own otherwise.
     pub fn session(&self, id: &str) -> Result<Arc<Session>, CoreError> {
+        // Every use of a sandbox meets its lifetime first (a shared session
+        // skips `live`).
+        self.lifetime(id)?;
         let connect = || {
             let (row, _) = self.sandbox(id)?;
             if row.state == SandboxState::Pooled {
@@ -225,6 +230,7 @@ impl Fleet {
 
     /// All sandboxes, with dead ones marked as such.
     pub fn list(&self) -> Result<Vec<Sandbox>, CoreError> {
+        self.reap_expired()?;
         let rows = self.db().list_sandboxes()?;
         let branches = record::branch_counts(&self.db().list_snapshots()?);
         let mut out = Vec::with_capacity(rows.len());
@@ -304,6 +310,10 @@ impl Fleet {
         if let Some(shared) = &self.sessions {
             shared.close_idle();
         }
+        // Sandboxes whose time is up die here even when nobody asks for
+        // them (their end times are in their records, so a restarted daemon
+        // goes on where the last one stopped).
+        let _ = self.reap_expired();
     }
 }
 
