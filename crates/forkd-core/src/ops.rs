@@ -329,6 +329,9 @@ impl Operations for Fleet {
         // One lifetime for every child, counted from the request.
         let life = (!req.settings.is_empty())
             .then(|| forkd_ops::Lifetime::start(&req.settings, crate::fleet::lifetime::now_ms()));
+        // Slots whose child was killed because its lifetime could not be
+        // recorded: they are failures, whatever the spawn itself says.
+        let lost: std::sync::Mutex<Vec<(usize, OpError)>> = Default::default();
         let with_life = |c: &Child| -> Result<Child, CoreError> {
             let mut c = c.clone();
             if let Some(life) = &life {
@@ -365,7 +368,11 @@ impl Operations for Fleet {
                         // A child that cannot keep its lifetime must not
                         // live on without it.
                         let _ = Fleet::kill(self, &c.sandbox.id);
-                        OpError::from(&e)
+                        let e = OpError::from(&e);
+                        lost.lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push((i, e.clone()));
+                        e
                     }),
                     Err(e) => Err(OpError::from(e)),
                 };
@@ -373,6 +380,8 @@ impl Operations for Fleet {
             },
         )?;
         let wall_ms = t.elapsed().as_secs_f64() * 1000.0;
+        let lost = lost.into_inner().unwrap_or_else(|p| p.into_inner());
+        let lost_slot = |i: usize| lost.iter().find(|(j, _)| *j == i).map(|(_, e)| e.clone());
         if let Some(size) = req.pool {
             self.refill_pool(&req.tag, size)?;
         }
@@ -381,14 +390,16 @@ impl Operations for Fleet {
             wall_ms,
             children: results
                 .into_iter()
-                .map(|r| match r {
-                    Ok(mut c) => {
+                .enumerate()
+                .map(|(i, r)| match (r, lost_slot(i)) {
+                    (_, Some(e)) => Err(e),
+                    (Ok(mut c), None) => {
                         if let Some(life) = &life {
                             c.sandbox.lifetime = life.clone();
                         }
                         Ok(c)
                     }
-                    Err(e) => Err(OpError::from(e)),
+                    (Err(e), None) => Err(OpError::from(e)),
                 })
                 .collect(),
         })
