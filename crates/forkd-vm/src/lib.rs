@@ -6,7 +6,8 @@
 //! the QMP client ([`qmp`]), the one place that speaks QEMU migration
 //! ([`migration`]: device state, live snapshots), disk overlays and disk
 //! freezing ([`disk`]), the run directory ([`rundir`]), host process facts
-//! ([`process`]) and the VM handle with its lifecycle ([`vm`]). It knows nothing about
+//! ([`process`]), thawing a QEMU a failed live snapshot froze
+//! ([`unfreeze`]) and the VM handle with its lifecycle ([`vm`]). It knows nothing about
 //! snapshots, sandboxes or the state database: callers above decide what to
 //! run; this crate starts it, talks to it and cleans up after it.
 
@@ -21,6 +22,7 @@ pub mod migration;
 pub mod process;
 pub mod qmp;
 pub mod rundir;
+pub mod unfreeze;
 pub mod vm;
 
 pub use accel::{Accel, AccelChoice, AccelRequest, HostProbe};
@@ -29,4 +31,4 @@ pub use disk::PreparedDiskSnapshot;
 pub use error::VmError;
 pub use migration::{LivePause, MigrationInfo, MigrationStatus, StoppedSnapshot};
 pub use rundir::RunDir;
-pub use vm::{LaunchOptions, Shutdown, Vm};
+pub use vm::{LaunchOptions, Shutdown, SpawnHook, Vm};
