@@ -403,6 +403,25 @@ pub const ROUTES: &[Route] = &[
     },
     Route {
         mutating: true,
+        request: Some("TimeoutRequest"),
+        responses: &[
+            ok(
+                200,
+                "The sandbox with its new end time.",
+                Body::Json("SandboxInfo"),
+            ),
+            SANDBOX_404,
+        ],
+        ..route(
+            Method::Post,
+            "/v1/sandboxes/{id}/timeout",
+            "setSandboxTimeout",
+            "Move a sandbox's end time (`ttl_ms` from now; null: no end time).",
+            "sandboxes",
+        )
+    },
+    Route {
+        mutating: true,
         responses: &[no_body(204, "Killed and removed."), SANDBOX_404],
         ..route(
             Method::Delete,
@@ -939,6 +958,7 @@ fn component_schemas() -> Map<String, Value> {
     gen.subschema_for::<SandboxInfo>();
     gen.subschema_for::<SpawnRequest>();
     gen.subschema_for::<BootRequest>();
+    gen.subschema_for::<TimeoutRequest>();
     gen.subschema_for::<ExecRequest>();
     gen.subschema_for::<ExecResponse>();
     gen.subschema_for::<ExecEvent>();

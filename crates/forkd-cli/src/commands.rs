@@ -36,6 +36,7 @@ pub fn create(ops: &dyn Operations, args: CreateArgs) -> Result<ExitCode> {
             agent: g.agent.clone(),
         },
         snapshot_as: None,
+        settings: args.lifetime.settings()?,
     };
     let created = ops.create(&req, &crate::progress)?;
     if args.json {
@@ -140,8 +141,9 @@ impl Output {
     }
 }
 
-pub fn ls(ops: &dyn Operations, json: bool) -> Result<ExitCode> {
-    let list = ops.list()?;
+pub fn ls(ops: &dyn Operations, labels: &[(String, String)], json: bool) -> Result<ExitCode> {
+    let mut list = ops.list()?;
+    list.retain(|s| forkd_ops::lifetime::labels_match(&s.lifetime.labels, labels));
     if json {
         println!("{}", serde_json::to_string_pretty(&list)?);
         return Ok(ExitCode::SUCCESS);
@@ -175,15 +177,32 @@ pub(crate) fn age(secs: u64) -> String {
     }
 }
 
-/// `forkd kill`: the named sandboxes, or every one (`--all`, which also
-/// kills QEMUs of this home that have no record).
-pub fn kill(ops: &dyn Operations, ids: Vec<String>, all: bool, json: bool) -> Result<ExitCode> {
-    let mut done = if all {
-        ops.kill_all()?
+/// `forkd kill`: the named sandboxes, those with every label asked for
+/// (`--label`), or every one (`--all`, which also kills QEMUs of this home
+/// that have no record).
+pub fn kill(
+    ops: &dyn Operations,
+    ids: Vec<String>,
+    all: bool,
+    labels: &[(String, String)],
+    json: bool,
+) -> Result<ExitCode> {
+    let (mut done, ids) = if all {
+        (ops.kill_all()?, ids)
+    } else if !labels.is_empty() {
+        let selected = ops
+            .list()?
+            .into_iter()
+            .filter(|s| forkd_ops::lifetime::labels_match(&s.lifetime.labels, labels))
+            .map(|s| s.id)
+            .collect();
+        (forkd_ops::KilledAll::default(), selected)
     } else if ids.is_empty() {
-        return Err(crate::exit::Usage("name sandboxes to kill, or pass --all".into()).into());
+        return Err(
+            crate::exit::Usage("name sandboxes to kill, or pass --all or --label".into()).into(),
+        );
     } else {
-        forkd_ops::KilledAll::default()
+        (forkd_ops::KilledAll::default(), ids)
     };
     for id in ids {
         match ops.kill(&id) {
@@ -225,6 +244,21 @@ pub fn kill(ops: &dyn Operations, ids: Vec<String>, all: bool, json: bool) -> Re
         killed.len(),
         failed.first().map(|(_, e)| e),
     ))
+}
+
+/// `forkd timeout`: moves a sandbox's end time; prints it (Unix
+/// milliseconds) or `none`.
+pub fn timeout(
+    ops: &dyn Operations,
+    id: &str,
+    ttl: Option<std::time::Duration>,
+) -> Result<ExitCode> {
+    let s = ops.set_timeout(id, ttl)?;
+    match s.lifetime.ends_at_ms {
+        Some(ms) => println!("{id} ends at {ms} (unix ms)"),
+        None => println!("{id} has no end time"),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `forkd snapshot`: a full branch (the guest stopped for the copy).

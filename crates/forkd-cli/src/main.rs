@@ -83,6 +83,9 @@ enum FleetCommand {
     Exec(ExecArgs),
     /// List sandboxes.
     Ls {
+        /// Only sandboxes with this label (repeatable: all must match).
+        #[arg(long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -96,6 +99,13 @@ enum FleetCommand {
         /// images nothing references.
         #[arg(long, conflicts_with = "ids")]
         all: bool,
+        /// Kill every sandbox with this label (repeatable: all must match).
+        #[arg(
+            long = "label",
+            value_name = "KEY=VALUE",
+            conflicts_with_all = ["ids", "all"]
+        )]
+        labels: Vec<String>,
         /// Print JSON ({killed: [...], failed: [{id, error}]}) instead of text.
         #[arg(long)]
         json: bool,
@@ -216,9 +226,20 @@ enum FleetCommand {
         no_wait: bool,
         #[command(flatten)]
         limits: ChildLimitArgs,
+        #[command(flatten)]
+        lifetime: LifetimeArgs,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+    },
+    /// Move a sandbox's end time: DURATION from now (`90s`, `5m`, `1h`),
+    /// or `none` to let it live until killed.
+    Timeout {
+        /// The sandbox.
+        id: String,
+        /// How long from now, or `none`.
+        #[arg(value_name = "DURATION|none")]
+        ttl: String,
     },
     /// Snapshot a running sandbox while it runs (live: the pause does not
     /// grow with its memory); the branch is a snapshot `spawn` can fan out.
@@ -355,10 +376,76 @@ impl MachineArgs {
     }
 }
 
+/// What a sandbox keeps for its life: flags `create` and `spawn` share.
+#[derive(Args)]
+struct LifetimeArgs {
+    /// Kill the sandbox this long after it starts (`90s`, `5m`, `1h 30m`);
+    /// `forkd timeout` moves it.
+    #[arg(long, value_name = "DURATION")]
+    ttl: Option<String>,
+    /// Kill the sandbox after this long without a command, file or other
+    /// operation on it.
+    #[arg(long = "idle-timeout", value_name = "DURATION")]
+    idle_timeout: Option<String>,
+    /// A label to select it by (`ls --label`, `kill --label`); repeatable.
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
+    /// An environment variable every command in it gets unless the command
+    /// sets its own (repeatable).
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Working directory of every command that names none.
+    #[arg(long, value_name = "DIR")]
+    cwd: Option<String>,
+}
+
+impl LifetimeArgs {
+    fn settings(&self) -> Result<forkd_ops::Settings> {
+        Ok(forkd_ops::Settings {
+            ttl: self
+                .ttl
+                .as_deref()
+                .map(|d| duration("--ttl", d))
+                .transpose()?,
+            idle_timeout: self
+                .idle_timeout
+                .as_deref()
+                .map(|d| duration("--idle-timeout", d))
+                .transpose()?,
+            labels: parse_labels(&self.labels)?.into_iter().collect(),
+            env: parse_env(&self.env)?,
+            cwd: self.cwd.clone(),
+        })
+    }
+}
+
+/// A duration as people write it (`90s`, `5m`, `1h 30m`, `500ms`).
+pub(crate) fn duration(flag: &str, text: &str) -> Result<std::time::Duration> {
+    humantime::parse_duration(text).map_err(|e| {
+        exit::Usage(format!(
+            "{flag} {text:?} is not a duration ({e}): write e.g. 90s, 5m or 1h30m"
+        ))
+        .into()
+    })
+}
+
+/// `--label KEY=VALUE` flags.
+pub(crate) fn parse_labels(pairs: &[String]) -> Result<Vec<(String, String)>> {
+    pairs
+        .iter()
+        .map(|kv| {
+            forkd_ops::lifetime::parse_pair("--label", kv)
+                .map_err(|e| exit::Usage(e.message).into())
+        })
+        .collect()
+}
+
 #[derive(Args)]
 struct CreateArgs {
     #[command(flatten)]
     machine: MachineArgs,
+    #[command(flatten)]
+    lifetime: LifetimeArgs,
     /// Back guest RAM with 2 MiB hugetlb pages: a live branch then pauses
     /// for a few ms at any guest size (on 4 KiB pages the pause grows with
     /// it). The host must have them reserved first, at least MEM/2 pages
@@ -588,8 +675,20 @@ fn fleet_command(owned: Box<dyn forkd_ops::Operations>, command: FleetCommand) -
             signals::exit_on_termination();
             commands::exec(ops, args)
         }
-        Command::Ls { json } => commands::ls(ops, json),
-        Command::Kill { ids, all, json } => commands::kill(ops, ids, all, json),
+        Command::Ls { labels, json } => commands::ls(ops, &parse_labels(&labels)?, json),
+        Command::Kill {
+            ids,
+            all,
+            labels,
+            json,
+        } => commands::kill(ops, ids, all, &parse_labels(&labels)?, json),
+        Command::Timeout { id, ttl } => {
+            let ttl = match ttl.as_str() {
+                "none" => None,
+                d => Some(duration("timeout", d)?),
+            };
+            commands::timeout(ops, &id, ttl)
+        }
         Command::Cp {
             src,
             dst,
@@ -625,9 +724,11 @@ fn fleet_command(owned: Box<dyn forkd_ops::Operations>, command: FleetCommand) -
             pool,
             no_wait,
             limits,
+            lifetime,
             json,
         } => {
             let req = forkd_ops::SpawnRequest {
+                settings: lifetime.settings()?,
                 parallel,
                 pool,
                 wait: no_wait.then_some(false),

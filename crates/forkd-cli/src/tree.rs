@@ -236,6 +236,7 @@ mod tests {
             created_at: at,
             branches: 0,
             network: Default::default(),
+            lifetime: Default::default(),
         }
     }
 

@@ -151,12 +151,15 @@ fn a_directory_becomes_a_bootable_image_that_is_kept_while_used() {
     assert!(!list.to_string().contains(&name), "{list}");
 
     // Bad input is named.
-    let out = run(&w, &["image", "rm", "tree-nope"]);
+    let missing = "tree-0123456789abcdef";
+    let out = run(&w, &["image", "rm", missing]);
     assert_eq!(out.status.code(), Some(125));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no root image `tree-nope`"));
-    let out = run(&w, &["create", "--image", "tree-nope"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("no root image `{missing}`")), "{err}");
+    let out = run(&w, &["create", "--image", missing]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no root image `tree-nope`"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("no root image `{missing}`")), "{err}");
     let out = run(&w, &["image", "build", "--packages", "git"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--packages needs --image debian-python"));

@@ -365,6 +365,16 @@ impl Operations for Client {
         Ok(convert::killed_all_from_wire(k))
     }
 
+    fn set_timeout(&self, id: &str, ttl: Option<Duration>) -> Result<Sandbox, OpError> {
+        segment("id", id)?;
+        let body = serde_json::json!({
+            "ttl_ms": ttl.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        });
+        let s: api::SandboxInfo =
+            self.json("POST", &format!("/v1/sandboxes/{id}/timeout"), Some(body))?;
+        Ok(convert::sandbox_from_wire(s))
+    }
+
     fn exec(
         &self,
         id: &str,

@@ -15,6 +15,11 @@ pub enum CoreError {
     InvalidName(#[from] forkd_ops::InvalidName),
     #[error("no sandbox `{id}`")]
     NoSandbox { id: String },
+    #[error("sandbox `{id}` was killed: {why}")]
+    Expired {
+        id: String,
+        why: forkd_ops::lifetime::Expiry,
+    },
     #[error("no snapshot `{tag}`")]
     NoSnapshot { tag: String },
     #[error("sandbox `{id}` is dead (its QEMU, pid {pid}, is gone{})", cause.as_deref().map(|c| format!(": {c}")).unwrap_or_default())]
@@ -159,7 +164,9 @@ impl CoreError {
                 | forkd_guest::GuestError::PackagesNeedDebian { .. }
                 | forkd_guest::GuestError::NotADirectory { .. },
             ) => ErrorKind::BadInput,
-            C::NoSandbox { .. } | C::NoSnapshot { .. } | C::NoImage { .. } => ErrorKind::NotFound,
+            C::NoSandbox { .. } | C::NoSnapshot { .. } | C::NoImage { .. } | C::Expired { .. } => {
+                ErrorKind::NotFound
+            }
             C::ImageInUse { .. } => ErrorKind::Busy,
             C::SandboxDead { .. }
             | C::SnapshotBroken { .. }
@@ -234,7 +241,7 @@ impl CoreError {
         use CoreError as C;
         let remove = |tag: &str| Some(Hint::RemoveSnapshot { tag: tag.into() });
         match self {
-            C::NoSandbox { .. } => Some(Hint::ListSandboxes),
+            C::NoSandbox { .. } | C::Expired { .. } => Some(Hint::ListSandboxes),
             C::NoSnapshot { .. } => Some(Hint::ListSnapshots),
             C::SandboxDead { id, .. } | C::BadRecord { id, .. } => {
                 Some(Hint::KillSandbox { id: id.clone() })

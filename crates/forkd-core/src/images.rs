@@ -39,14 +39,24 @@ pub struct ImageEntry {
     pub used_by: Vec<String>,
 }
 
-/// Whether `s` can name an image built here: lower-case letters, digits,
-/// `.` and `-`, starting with a letter or digit (what the builders write).
+/// Whether `s` has the shape of an image built here: `KIND-KEY`, where
+/// KIND is lower-case letters, digits, `.` and `-` and KEY at least 8 hex
+/// digits (what the builders write: `busybox-3d554cd3…`). Anything else
+/// (`ubuntu`) is not taken for an image name, so that a mistyped recipe is
+/// refused as such.
 pub fn is_image_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 128
-        && s.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
-        && s.chars()
+    let Some((kind, key)) = s.rsplit_once('-') else {
+        return false;
+    };
+    s.len() <= 128
+        && kind.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && kind
+            .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && key.len() >= 8
+        && key
+            .chars()
+            .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
 }
 
 fn images_dir(env: &Env) -> PathBuf {
@@ -218,13 +228,27 @@ mod tests {
     fn names_and_kinds() {
         for good in [
             "busybox-3d554cd3",
-            "tree-0a1b",
-            "debian-python-f96f",
-            "my.img-2",
+            "tree-0a1b2c3d4e5f",
+            "debian-python-f96f132c9eb6ff577735ac35d5fee5b0",
+            "my.img-0123abcd",
         ] {
             assert!(is_image_name(good), "{good}");
         }
-        for bad in ["", "-x", "A", "a/b", "a b", "../x", ".hidden", "a_b"] {
+        for bad in [
+            "",
+            "-x",
+            "A",
+            "a/b",
+            "a b",
+            "../x",
+            ".hidden",
+            "a_b",
+            "ubuntu",
+            "tree-nope",
+            "tree-0123",
+            "tree-0123ABCD",
+            "-01234567",
+        ] {
             assert!(!is_image_name(bad), "{bad:?}");
         }
         assert_eq!(kind_of("busybox-3d55"), "busybox");

@@ -78,6 +78,7 @@ impl Operations for Fleet {
         if let Some(tag) = &req.snapshot_as {
             forkd_ops::validate_tag(tag)?;
         }
+        req.settings.validate()?;
         let artifacts = crate::artifacts::ensure(
             self.env(),
             &ArtifactOptions {
@@ -89,6 +90,10 @@ impl Operations for Fleet {
             progress,
         )?;
         let (sandbox, boot) = Fleet::create(self, &artifacts, name, &boot_options(req))?;
+        if let Err(e) = self.start_lifetime(&sandbox.id, &req.settings) {
+            let _ = Fleet::kill(self, &sandbox.id);
+            return Err(e.into());
+        }
         if let Some(tag) = &req.snapshot_as {
             if let Err(e) = Fleet::snapshot(self, &sandbox.id, tag) {
                 let _ = Fleet::kill(self, &sandbox.id);
@@ -127,6 +132,11 @@ impl Operations for Fleet {
         Ok(out)
     }
 
+    fn set_timeout(&self, id: &str, ttl: Option<Duration>) -> Result<Sandbox, OpError> {
+        Fleet::set_timeout(self, id, ttl)?;
+        Ok(self.sandbox_view(id)?)
+    }
+
     fn exec(
         &self,
         id: &str,
@@ -137,10 +147,12 @@ impl Operations for Fleet {
         if spec.argv.first().is_none_or(|a| a.is_empty()) {
             return Err(OpError::bad_input("name a command to run"));
         }
+        let (mut env, mut cwd) = (spec.env.clone(), spec.cwd.clone());
+        self.lifetime(id)?.apply(&mut env, &mut cwd);
         let req = forkd_protocol::ExecRequest {
             argv: spec.argv.clone(),
-            env: spec.env.clone(),
-            cwd: spec.cwd.clone(),
+            env,
+            cwd,
             timeout_ms: spec.timeout.map(|t| t.as_millis() as u64),
             stdin: false,
         };
@@ -273,7 +285,9 @@ impl Operations for Fleet {
         spec: &ProcessSpec,
         on_event: &mut dyn FnMut(ProcessEvent) -> bool,
     ) -> Result<Option<ExecOutcome>, OpError> {
-        Ok(self.guest_run(id, spec, on_event)?)
+        let mut spec = spec.clone();
+        self.lifetime(id)?.apply(&mut spec.env, &mut spec.cwd);
+        Ok(self.guest_run(id, &spec, on_event)?)
     }
 
     fn follow_process(
@@ -325,6 +339,21 @@ impl Operations for Fleet {
 
     fn spawn(&self, req: &SpawnRequest, on_child: OnChild<'_>) -> Result<SpawnOutcome, OpError> {
         policy::check_children("the number of children", req.n, 1)?;
+        req.settings.validate()?;
+        // One lifetime for every child, counted from the request.
+        let life = (!req.settings.is_empty())
+            .then(|| forkd_ops::Lifetime::start(&req.settings, crate::fleet::lifetime::now_ms()));
+        // Slots whose child was killed because its lifetime could not be
+        // recorded: they are failures, whatever the spawn itself says.
+        let lost: std::sync::Mutex<Vec<(usize, OpError)>> = Default::default();
+        let with_life = |c: &Child| -> Result<Child, CoreError> {
+            let mut c = c.clone();
+            if let Some(life) = &life {
+                self.write_lifetime(&c.sandbox.id, life)?;
+                c.sandbox.lifetime = life.clone();
+            }
+            Ok(c)
+        };
         if let Some(k) = req.pool {
             policy::check_children("the pool size", k, 0)?;
         }
@@ -349,13 +378,24 @@ impl Operations for Fleet {
             &overrides,
             &|i, r: &Result<Child, CoreError>| {
                 let r = match r {
-                    Ok(c) => Ok(c.clone()),
+                    Ok(c) => with_life(c).map_err(|e| {
+                        // A child that cannot keep its lifetime must not
+                        // live on without it.
+                        let _ = Fleet::kill(self, &c.sandbox.id);
+                        let e = OpError::from(&e);
+                        lost.lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push((i, e.clone()));
+                        e
+                    }),
                     Err(e) => Err(OpError::from(e)),
                 };
                 on_child(i, &r)
             },
         )?;
         let wall_ms = t.elapsed().as_secs_f64() * 1000.0;
+        let lost = lost.into_inner().unwrap_or_else(|p| p.into_inner());
+        let lost_slot = |i: usize| lost.iter().find(|(j, _)| *j == i).map(|(_, e)| e.clone());
         if let Some(size) = req.pool {
             self.refill_pool(&req.tag, size)?;
         }
@@ -364,7 +404,17 @@ impl Operations for Fleet {
             wall_ms,
             children: results
                 .into_iter()
-                .map(|r| r.map_err(OpError::from))
+                .enumerate()
+                .map(|(i, r)| match (r, lost_slot(i)) {
+                    (_, Some(e)) => Err(e),
+                    (Ok(mut c), None) => {
+                        if let Some(life) = &life {
+                            c.sandbox.lifetime = life.clone();
+                        }
+                        Ok(c)
+                    }
+                    (Err(e), None) => Err(OpError::from(e)),
+                })
                 .collect(),
         })
     }

@@ -13,7 +13,8 @@ use base64::Engine as _;
 use forkd_api::convert;
 use forkd_api::types::{
     BootRequest, BranchRequest, DeleteSnapshotQuery, EvalRequest, ExecEvent, ExecRequest,
-    ExecResponse, HealthResponse, PingResponse, PoolRequest, SpawnRequest, VersionResponse,
+    ExecResponse, HealthResponse, PingResponse, PoolRequest, SpawnRequest, TimeoutRequest,
+    VersionResponse,
 };
 use forkd_api::{decode_json, decode_query, ApiError};
 use forkd_core::{CoreError, Env, Fleet};
@@ -150,6 +151,12 @@ impl Daemon {
             "deleteSandbox" => {
                 self.ops().kill(&id())?;
                 Ok(Reply::Empty(204))
+            }
+            "setSandboxTimeout" => {
+                let req: TimeoutRequest = decode_json(body, body_limit)?;
+                let ttl = req.ttl_ms.map(std::time::Duration::from_millis);
+                let s = self.ops().set_timeout(&id(), ttl)?;
+                Ok(Reply::json(200, convert::sandbox_to_wire(&s)))
             }
             "exec" => self.exec(&id(), decode_json(body, body_limit)?),
             "execStream" => self.exec_stream(&id(), decode_json(body, body_limit)?),
@@ -409,6 +416,7 @@ const IMPLEMENTED: &[&str] = &[
     "bootSandbox",
     "getSandbox",
     "deleteSandbox",
+    "setSandboxTimeout",
     "exec",
     "execStream",
     "eval",

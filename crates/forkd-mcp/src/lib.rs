@@ -102,6 +102,31 @@ pub struct CreateArgs {
     /// Virtual CPUs (default 1).
     #[serde(default)]
     pub cpus: Option<u32>,
+    /// Kill the sandbox this many seconds after it starts (default: it
+    /// lives until kill_sandbox).
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+    /// Labels (`key: value`) to recognise it by in list_sandboxes.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Environment every command in it gets unless the command sets its own.
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// Working directory of every command that names none.
+    #[serde(default)]
+    pub cwd: Option<String>,
+}
+
+impl CreateArgs {
+    fn settings(&self) -> forkd_ops::Settings {
+        forkd_ops::Settings {
+            ttl: self.ttl_secs.map(std::time::Duration::from_secs),
+            idle_timeout: None,
+            labels: self.labels.clone(),
+            env: self.env.clone().into_iter().collect(),
+            cwd: self.cwd.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Serialize, JsonSchema)]
@@ -116,6 +141,12 @@ pub struct SandboxOut {
     pub snapshot: Option<String>,
     pub mem_mib: u64,
     pub cpus: u32,
+    /// When it is killed (Unix milliseconds), if it has a time to live.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ends_at_ms: Option<u64>,
+    /// Its labels.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 impl From<forkd_ops::Sandbox> for SandboxOut {
@@ -127,6 +158,8 @@ impl From<forkd_ops::Sandbox> for SandboxOut {
             snapshot: s.snapshot,
             mem_mib: s.mem_mib,
             cpus: s.cpus,
+            ends_at_ms: s.lifetime.ends_at_ms,
+            labels: s.lifetime.labels,
         }
     }
 }
@@ -382,9 +415,14 @@ impl ForkdMcp {
         Parameters(a): Parameters<CreateArgs>,
     ) -> ToolResult<SandboxOut> {
         let ops = self.ops.clone();
+        let settings = a.settings();
         blocking(move || match a.snapshot {
             Some(tag) => {
-                let out = ops.spawn(&SpawnRequest::new(tag, 1), &|_, _| {})?;
+                let req = SpawnRequest {
+                    settings,
+                    ..SpawnRequest::new(tag, 1)
+                };
+                let out = ops.spawn(&req, &|_, _| {})?;
                 let child = out
                     .children
                     .into_iter()
@@ -398,6 +436,7 @@ impl ForkdMcp {
                         image: a.image,
                         mem_mib: a.mem_mib,
                         cpus: a.cpus,
+                        settings,
                         ..CreateRequest::default()
                     },
                     &|_| {},

@@ -10,6 +10,7 @@
 
 mod error;
 mod guest;
+pub mod lifetime;
 mod name;
 pub mod policy;
 mod state;
@@ -21,6 +22,7 @@ use std::time::Duration;
 
 pub use error::{ErrorKind, Hint, OpError};
 pub use guest::*;
+pub use lifetime::{Lifetime, Settings};
 pub use name::{validate_id, validate_tag, InvalidName, MAX_NAME_LEN};
 pub use state::{BranchMode, SandboxState, SnapshotStatus, UnknownState};
 pub use transfer::*;
@@ -46,6 +48,10 @@ pub trait Operations: Send + Sync {
 
     /// Kills a sandbox (if it still runs) and removes its files and record.
     fn kill(&self, id: &str) -> Result<(), OpError>;
+
+    /// Moves a sandbox's end time to `ttl` from now (`None`: it lives until
+    /// killed); returns it as it is now.
+    fn set_timeout(&self, id: &str, ttl: Option<Duration>) -> Result<Sandbox, OpError>;
 
     /// Kills every sandbox, and every QEMU of this home that has no record
     /// (a creator that died before it wrote one), and collects the caches

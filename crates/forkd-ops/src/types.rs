@@ -32,6 +32,9 @@ pub struct Sandbox {
     /// Its network and egress policy.
     #[serde(default)]
     pub network: NetworkPolicy,
+    /// When it ends, its labels and the defaults its commands get.
+    #[serde(default, skip_serializing_if = "crate::Lifetime::is_unset")]
+    pub lifetime: crate::Lifetime,
 }
 
 /// Which accelerator a new sandbox runs on.
@@ -175,6 +178,9 @@ pub struct CreateRequest {
     /// Once the sandbox answers, take a full snapshot of it under this tag
     /// (the sandbox is removed again if that fails).
     pub snapshot_as: Option<String>,
+    /// Its time to live, idle timeout, labels and default env and cwd.
+    #[serde(default)]
+    pub settings: crate::Settings,
 }
 
 /// A sandbox `create` booted.
@@ -453,6 +459,10 @@ pub struct SpawnRequest {
     /// snapshot's).
     #[serde(default)]
     pub cpu_quota_pct: Option<u32>,
+    /// Each child's time to live, idle timeout, labels and default env and
+    /// cwd (nothing of the source's is inherited).
+    #[serde(default)]
+    pub settings: crate::Settings,
 }
 
 impl SpawnRequest {
@@ -469,6 +479,7 @@ impl SpawnRequest {
             deny_out: None,
             memory_limit_mib: None,
             cpu_quota_pct: None,
+            settings: crate::Settings::default(),
         }
     }
 

@@ -340,6 +340,30 @@ impl Db {
         self.query_sandboxes(&format!("{SANDBOX_SELECT} ORDER BY created_at, id"), [])
     }
 
+    /// Sets one top-level key of a sandbox's `config` (a JSON object) to
+    /// `value`, leaving the rest as it is, in one statement: two processes
+    /// setting different keys never undo each other. `key` is the caller's
+    /// constant, never user input.
+    pub fn set_sandbox_config_key(
+        &self,
+        id: &str,
+        key: &'static str,
+        value: &serde_json::Value,
+    ) -> Result<()> {
+        debug_assert!(key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+        let changed = self
+            .conn
+            .execute(
+                &format!("UPDATE sandboxes SET config = json_set(config, '$.{key}', json(?2)) WHERE id = ?1"),
+                params![id, value.to_string()],
+            )
+            .map_err(self.sql())?;
+        if changed == 0 {
+            return Err(StoreError::NoSandbox { id: id.to_owned() });
+        }
+        Ok(())
+    }
+
     /// Deletes a sandbox row; returns whether it existed.
     pub fn delete_sandbox(&self, id: &str) -> Result<bool> {
         let changed = self
@@ -814,6 +838,30 @@ mod tests {
             db.count_from_snapshot("py", SandboxState::Running).unwrap(),
             41
         );
+    }
+
+    #[test]
+    fn one_config_key_is_set_and_the_rest_kept() {
+        let (_dir, db) = open_temp();
+        db.insert_sandbox(&sandbox("a", None, 1)).unwrap();
+        db.set_sandbox_config_key("a", "lifetime", &json!({"ends_at_ms": 5}))
+            .unwrap();
+        db.set_sandbox_config_key(
+            "a",
+            "lifetime",
+            &json!({"ends_at_ms": 7, "labels": {"k": "v"}}),
+        )
+        .unwrap();
+        let row = db.get_sandbox("a").unwrap().unwrap();
+        assert_eq!(row.config["mem_mib"], json!(512));
+        assert_eq!(
+            row.config["lifetime"],
+            json!({"ends_at_ms": 7, "labels": {"k": "v"}})
+        );
+        let err = db
+            .set_sandbox_config_key("nope", "lifetime", &json!({}))
+            .unwrap_err();
+        assert!(matches!(err, StoreError::NoSandbox { .. }), "{err}");
     }
 
     #[test]

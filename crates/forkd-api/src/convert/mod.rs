@@ -7,6 +7,7 @@
 //! front ends show, and the round trips are tested here, so that the CLI
 //! prints the same bytes with and without `--remote`.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use forkd_ops as ops;
@@ -148,7 +149,72 @@ pub fn sandbox_to_wire(s: &ops::Sandbox) -> api::SandboxInfo {
         cpus: Some(s.cpus),
         spawn: None,
         network: Some(network_to_wire(&s.network)),
+        lifetime: lifetime_to_wire(&s.lifetime),
     }
+}
+
+/// A sandbox's lifetime on the wire (absent when it has none).
+pub fn lifetime_to_wire(l: &ops::Lifetime) -> Option<api::LifetimeInfo> {
+    (*l != ops::Lifetime::default()).then(|| api::LifetimeInfo {
+        ends_at_ms: l.ends_at_ms,
+        idle_timeout_ms: l.idle_timeout_ms,
+        last_active_ms: l.last_active_ms,
+        labels: l.labels.clone(),
+        env: l.env.iter().cloned().collect(),
+        cwd: l.cwd.clone(),
+    })
+}
+
+/// A sandbox's lifetime from the wire. The environment comes sorted by
+/// name (the order of distinct names does not change what a command sees).
+pub fn lifetime_from_wire(l: Option<api::LifetimeInfo>) -> ops::Lifetime {
+    l.map(|l| ops::Lifetime {
+        ends_at_ms: l.ends_at_ms,
+        idle_timeout_ms: l.idle_timeout_ms,
+        last_active_ms: l.last_active_ms,
+        labels: l.labels,
+        env: l.env.into_iter().collect(),
+        cwd: l.cwd,
+    })
+    .unwrap_or_default()
+}
+
+/// The lifetime fields of a boot or spawn as the seam's settings.
+pub fn settings_from_wire(
+    ttl_ms: Option<u64>,
+    idle_timeout_ms: Option<u64>,
+    labels: &BTreeMap<String, String>,
+    env: &BTreeMap<String, String>,
+    cwd: Option<&str>,
+) -> ops::Settings {
+    ops::Settings {
+        ttl: ttl_ms.map(Duration::from_millis),
+        idle_timeout: idle_timeout_ms.map(Duration::from_millis),
+        labels: labels.clone(),
+        env: env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        cwd: cwd.map(str::to_string),
+    }
+}
+
+/// The seam's settings as the lifetime fields of a boot or spawn.
+#[allow(clippy::type_complexity)]
+pub fn settings_to_wire(
+    s: &ops::Settings,
+) -> (
+    Option<u64>,
+    Option<u64>,
+    BTreeMap<String, String>,
+    BTreeMap<String, String>,
+    Option<String>,
+) {
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    (
+        s.ttl.map(ms),
+        s.idle_timeout.map(ms),
+        s.labels.clone(),
+        s.env.iter().cloned().collect(),
+        s.cwd.clone(),
+    )
 }
 
 fn mode_to_wire_net(m: ops::Network) -> api::NetworkMode {
@@ -197,6 +263,7 @@ pub fn sandbox_from_wire(s: api::SandboxInfo) -> ops::Sandbox {
         created_at: s.created_at_unix,
         branches: s.branch_count,
         network: s.network.map(network_from_wire).unwrap_or_default(),
+        lifetime: lifetime_from_wire(s.lifetime),
         id: s.id,
     }
 }
@@ -251,6 +318,13 @@ pub fn create_from_wire(b: &api::BootRequest) -> ops::CreateRequest {
         prealloc: b.prealloc,
         guest: ops::GuestFiles::default(),
         snapshot_as: b.tag.clone(),
+        settings: settings_from_wire(
+            b.ttl_ms,
+            b.idle_timeout_ms,
+            &b.labels,
+            &b.env,
+            b.cwd.as_deref(),
+        ),
     }
 }
 
@@ -272,7 +346,13 @@ pub fn create_to_wire(r: &ops::CreateRequest) -> Result<api::BootRequest, ops::O
             )))
         }
     };
+    let (ttl_ms, idle_timeout_ms, labels, env, cwd) = settings_to_wire(&r.settings);
     Ok(api::BootRequest {
+        ttl_ms,
+        idle_timeout_ms,
+        labels,
+        env,
+        cwd,
         image,
         memory_mib: r.mem_mib,
         vcpus: r.cpus,
@@ -526,6 +606,13 @@ pub fn spawn_from_wire(r: &api::SpawnRequest) -> ops::SpawnRequest {
         deny_out: r.deny_out.clone(),
         memory_limit_mib: r.memory_limit_mib,
         cpu_quota_pct: r.cpu_quota_pct,
+        settings: settings_from_wire(
+            r.ttl_ms,
+            r.idle_timeout_ms,
+            &r.labels,
+            &r.env,
+            r.cwd.as_deref(),
+        ),
     }
 }
 
@@ -533,7 +620,13 @@ pub fn spawn_from_wire(r: &api::SpawnRequest) -> ops::SpawnRequest {
 /// policy open gets the seam's default, not the route's.
 pub fn spawn_to_wire(r: &ops::SpawnRequest) -> api::SpawnRequest {
     let on_failure = r.on_failure.unwrap_or(ops::policy::PARTIAL_FAILURE);
+    let (ttl_ms, idle_timeout_ms, labels, env, cwd) = settings_to_wire(&r.settings);
     api::SpawnRequest {
+        ttl_ms,
+        idle_timeout_ms,
+        labels,
+        env,
+        cwd,
         snapshot_tag: r.tag.clone(),
         n: r.n,
         per_child_netns: false,
@@ -711,6 +804,14 @@ mod tests {
                 allow_out: vec!["pypi.org".into()],
                 deny_out: vec!["10.0.0.0/8".into()],
             },
+            lifetime: ops::Lifetime {
+                ends_at_ms: Some(1_764_000_000_123),
+                idle_timeout_ms: Some(1500),
+                last_active_ms: 1_763_999_999_000,
+                labels: [("team".to_string(), "a".to_string())].into(),
+                env: vec![("A".into(), "1".into()), ("B".into(), "2".into())],
+                cwd: Some("/work".into()),
+            },
         }
     }
 
@@ -731,6 +832,10 @@ mod tests {
     fn sandboxes_and_children_survive_the_wire() {
         let s = sandbox();
         assert_eq!(sandbox_from_wire(sandbox_to_wire(&s)), s);
+        let mut bare = sandbox();
+        bare.lifetime = ops::Lifetime::default();
+        assert!(sandbox_to_wire(&bare).lifetime.is_none());
+        assert_eq!(sandbox_from_wire(sandbox_to_wire(&bare)), bare);
         let c = ops::Child {
             sandbox: s,
             ready_ms: 1.5,
@@ -800,6 +905,13 @@ mod tests {
             memory_limit_mib: Some(700),
             cpu_quota_pct: Some(150),
             network: Some(ops::Network::None),
+            settings: ops::Settings {
+                ttl: Some(Duration::from_millis(90_500)),
+                idle_timeout: Some(Duration::from_secs(30)),
+                labels: [("k".to_string(), "v".to_string())].into(),
+                env: vec![("A".into(), "1".into())],
+                cwd: Some("/srv".into()),
+            },
             ..Default::default()
         };
         assert_eq!(create_from_wire(&create_to_wire(&c).unwrap()), c);
@@ -815,6 +927,7 @@ mod tests {
         s.deny_out = Some(vec!["evil.example".into()]);
         s.memory_limit_mib = Some(900);
         s.cpu_quota_pct = Some(50);
+        s.settings = c.settings.clone();
         assert_eq!(spawn_from_wire(&spawn_to_wire(&s)), s);
         let spec = ops::ExecSpec {
             argv: vec!["true".into()],

@@ -285,6 +285,63 @@ pub struct SandboxInfo {
     /// forkd: its network and egress policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkInfo>,
+    /// forkd: when it ends, its labels and the defaults its commands get;
+    /// absent when it has none of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifetime: Option<LifetimeInfo>,
+}
+
+/// forkd: a sandbox's end time, idle timeout, labels and command defaults.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct LifetimeInfo {
+    /// When it is killed (Unix milliseconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ends_at_ms: Option<u64>,
+    /// Killed after this many milliseconds without an operation on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_ms: Option<u64>,
+    /// The last operation on it (Unix milliseconds).
+    #[serde(default)]
+    pub last_active_ms: u64,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    /// Labels to select it by.
+    pub labels: BTreeMap<String, String>,
+    /// Environment every command gets (a command's own variables win).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Working directory of every command that names none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+}
+
+/// `POST /v1/sandboxes/{id}/timeout`: move a sandbox's end time.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutRequest {
+    /// Killed this many milliseconds from now; absent or null: it lives
+    /// until killed.
+    #[serde(default)]
+    pub ttl_ms: Option<u64>,
+}
+
+impl Validate for TimeoutRequest {
+    fn validate(&self) -> Result<(), ApiError> {
+        validate_lifetime(self.ttl_ms, None, &BTreeMap::new(), &BTreeMap::new(), None)
+    }
+}
+
+/// Checks the lifetime fields of a boot or spawn.
+pub(crate) fn validate_lifetime(
+    ttl_ms: Option<u64>,
+    idle_timeout_ms: Option<u64>,
+    labels: &BTreeMap<String, String>,
+    env: &BTreeMap<String, String>,
+    cwd: Option<&str>,
+) -> Result<(), ApiError> {
+    let settings = crate::convert::settings_from_wire(ttl_ms, idle_timeout_ms, labels, env, cwd);
+    settings
+        .validate()
+        .map_err(|e| ApiError::BadRequest(e.message))
 }
 
 /// forkd: a sandbox's network as enforced: its mode and egress rules.
@@ -378,6 +435,22 @@ pub struct SpawnRequest {
     /// forkd: CPU time of each child as a percentage of one host CPU.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_quota_pct: Option<u32>,
+    /// forkd: killed this many milliseconds after it starts (movable with
+    /// `POST /v1/sandboxes/{id}/timeout`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_ms: Option<u64>,
+    /// forkd: killed after this many milliseconds without an operation on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_ms: Option<u64>,
+    /// forkd: labels (`key: value`) to select sandboxes by.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// forkd: environment every command in it gets (a command's own wins).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// forkd: working directory of every command that names none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
 }
 
 /// forkd: what a spawn does when some children fail.
@@ -413,6 +486,13 @@ impl Validate for SpawnRequest {
         if let Some(q) = self.cpu_quota_pct {
             validate::range("cpu_quota_pct", q, 1, 100 * 1024)?;
         }
+        validate_lifetime(
+            self.ttl_ms,
+            self.idle_timeout_ms,
+            &self.labels,
+            &self.env,
+            self.cwd.as_deref(),
+        )?;
         Ok(())
     }
 }
@@ -490,6 +570,22 @@ pub struct BootRequest {
     /// forkd: populate all guest RAM at start.
     #[serde(default)]
     pub prealloc: bool,
+    /// forkd: killed this many milliseconds after it starts (movable with
+    /// `POST /v1/sandboxes/{id}/timeout`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_ms: Option<u64>,
+    /// forkd: killed after this many milliseconds without an operation on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_ms: Option<u64>,
+    /// forkd: labels (`key: value`) to select sandboxes by.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// forkd: environment every command in it gets (a command's own wins).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// forkd: working directory of every command that names none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
 }
 
 /// forkd: which accelerator a sandbox runs on.
@@ -542,6 +638,13 @@ impl Validate for BootRequest {
         if let Some(q) = self.cpu_quota_pct {
             validate::range("cpu_quota_pct", q, 1, 100 * 1024)?;
         }
+        validate_lifetime(
+            self.ttl_ms,
+            self.idle_timeout_ms,
+            &self.labels,
+            &self.env,
+            self.cwd.as_deref(),
+        )?;
         Ok(())
     }
 }
@@ -1077,6 +1180,7 @@ mod tests {
             cpus: None,
             spawn: None,
             network: None,
+            lifetime: None,
         };
         let value = serde_json::to_value(&info).unwrap();
         for key in [

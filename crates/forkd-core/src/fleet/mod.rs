@@ -22,6 +22,7 @@ mod create;
 pub(crate) mod diskchain;
 mod info;
 pub(crate) mod integrity;
+pub mod lifetime;
 mod ramcache;
 pub mod record;
 mod recover;
@@ -139,6 +140,7 @@ impl Fleet {
         if row.state == SandboxState::Starting {
             return Err(CoreError::SandboxStarting { id: id.into() });
         }
+        self.enforce(&row)?;
         if !forkd_vm::process::pid_alive(row.pid, row.pid_start) {
             self.db().update_sandbox_state(id, SandboxState::Dead)?;
             return Err(CoreError::SandboxDead {
@@ -177,6 +179,9 @@ impl Fleet {
     /// The agent session of a running, handed-out sandbox: shared by this
     /// process's calls in a long-lived fleet, this call's own otherwise.
     pub fn session(&self, id: &str) -> Result<Arc<Session>, CoreError> {
+        // Every use of a sandbox meets its lifetime first (a shared session
+        // skips `live`).
+        self.lifetime(id)?;
         let connect = || {
             let (row, _) = self.sandbox(id)?;
             if row.state == SandboxState::Pooled {
@@ -246,6 +251,7 @@ impl Fleet {
     /// All sandboxes, with dead ones marked as such.
     pub fn list(&self) -> Result<Vec<Sandbox>, CoreError> {
         self.reap_dead_starts()?;
+        self.reap_expired()?;
         let rows = self.db().list_sandboxes()?;
         let branches = record::branch_counts(&self.db().list_snapshots()?);
         let mut out = Vec::with_capacity(rows.len());
@@ -338,6 +344,10 @@ impl Fleet {
         if due {
             let _ = self.reconcile();
         }
+        // Sandboxes whose time is up die here even when nobody asks for
+        // them (their end times are in their records, so a restarted daemon
+        // goes on where the last one stopped).
+        let _ = self.reap_expired();
     }
 }
 

@@ -52,6 +52,7 @@ pub fn view(row: &SandboxRow, branches: Option<u32>) -> Sandbox {
             .as_ref()
             .map(|c| crate::netgw::view(&c.vm))
             .unwrap_or_default(),
+        lifetime: super::lifetime::of(row),
     }
 }
 

@@ -46,9 +46,16 @@ async def workflow(session: ClientSession):
         assert tools[name].description, name
         assert tools[name].input_schema["type"] == "object", name
 
-    sb = structured(await session.call_tool("create_sandbox", {}))
+    sb = structured(await session.call_tool(
+        "create_sandbox",
+        {"ttl_secs": 3600, "labels": {"agent": "mcp"}, "env": {"WHO": "mcp"}, "cwd": "/tmp"},
+    ))
     sid = sb["sandbox_id"]
     try:
+        assert sb["labels"] == {"agent": "mcp"}, sb
+        assert sb["ends_at_ms"] > 0, sb
+        r = structured(await session.call_tool("run_command", {"sandbox_id": sid, "command": "echo $WHO; pwd"}))
+        assert r["stdout"] == "mcp\n/tmp\n", r
         w = structured(await session.call_tool(
             "write_file",
             {"sandbox_id": sid, "path": "/work/app/hello.sh", "content": "echo hello from $1\n", "mode": 0o755},
