@@ -21,6 +21,7 @@ pub mod fleet;
 mod guest;
 pub mod helper;
 pub mod hugepages;
+pub mod hugepool;
 pub(crate) mod netgw;
 mod ops;
 pub mod paths;

@@ -6,7 +6,7 @@
 //! the QMP client ([`qmp`]), the one place that speaks QEMU migration
 //! ([`migration`]: device state, live snapshots), disk overlays and disk
 //! freezing ([`disk`]), the run directory ([`rundir`]), host process facts
-//! ([`process`]) and the VM handle with its lifecycle ([`vm`]). It knows nothing about
+//! ([`process`]), populating QEMU's guest-RAM mapping from outside ([`populate`]) and the VM handle with its lifecycle ([`vm`]). It knows nothing about
 //! snapshots, sandboxes or the state database: callers above decide what to
 //! run; this crate starts it, talks to it and cleans up after it.
 
@@ -18,6 +18,7 @@ pub mod disk;
 mod error;
 mod launch;
 pub mod migration;
+pub mod populate;
 pub mod process;
 pub mod qmp;
 pub mod rundir;

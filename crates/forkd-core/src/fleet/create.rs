@@ -25,6 +25,14 @@ impl Fleet {
             crate::hugepages::preflight(opts.mem_mib)?;
         }
         let id = new_id("sb");
+        // On-demand huge pages: the pool may grow by this guest's size for
+        // as long as its QEMU runs (crate::hugepool).
+        let on_demand = opts.huge_pages == forkd_vm::HugePages::HugetlbOnDemand;
+        let pages = crate::hugepages::HugePagePool::pages_for(opts.mem_mib);
+        if on_demand {
+            crate::hugepool::claim(&id, pages)?;
+        }
+        let claim = ClaimGuard(on_demand.then(|| id.clone()));
         let mut run_dir = RunDir::create(&self.sandboxes_dir(), &id)?;
         run_dir.keep();
         let cleanup = DirGuard(run_dir.path().to_path_buf());
@@ -49,9 +57,13 @@ impl Fleet {
                 cancel: opts.cancel.clone(),
                 restore: None,
             },
-        )?;
+        )
+        .map_err(|e| explain_sigbus(e, on_demand, opts.mem_mib))?;
         let boot = vm.boot_time();
         let (pid, pid_start) = vm.detach();
+        if on_demand {
+            crate::hugepool::bind(&id, pages, pid, pid_start)?;
+        }
         self.adopt(pid, pid_start);
         let sandbox = self.record(
             &id,
@@ -64,6 +76,39 @@ impl Fleet {
             SandboxState::Running,
         )?;
         cleanup.disarm();
+        claim.disarm();
         Ok((sandbox, boot))
+    }
+}
+
+/// Drops a sandbox's huge-page claim when its create fails.
+struct ClaimGuard(Option<String>);
+
+impl ClaimGuard {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for ClaimGuard {
+    fn drop(&mut self) {
+        if let Some(id) = self.0.take() {
+            let _ = crate::hugepool::release(&id);
+        }
+    }
+}
+
+/// A QEMU on on-demand huge pages that died of SIGBUS touched a page the
+/// host's pool could not give: say so instead of "killed by signal 7".
+fn explain_sigbus(e: forkd_vm::VmError, on_demand: bool, mem_mib: u64) -> CoreError {
+    match &e {
+        forkd_vm::VmError::ExitedDuringBoot { status, .. }
+            if on_demand && status.ends_with(&format!("signal {}", libc::SIGBUS)) =>
+        {
+            CoreError::HugePages(format!(
+                "the guest ({mem_mib} MiB on 2 MiB huge pages taken on demand) touched a page the host could not give                  (QEMU was {status}, SIGBUS): free memory ran out in 2 MiB blocks, or another program holds the                  surplus huge pages; free memory, or create the sandbox with 4 KiB pages"
+            ))
+        }
+        _ => e.into(),
     }
 }
