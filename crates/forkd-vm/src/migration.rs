@@ -389,7 +389,12 @@ impl Vm {
             }
         };
         let map = populate::locate(self.pid(), name, c.mem_mib << 20)?;
-        Ok(Some(populate::populate(self.pid(), map, page)?))
+        let first = populate::populate(self.pid(), map, page)?;
+        // The guest may free (and its balloon discard) pages behind the
+        // first pass, which takes long when it allocates; a second pass,
+        // quick when everything is present, narrows that window to itself.
+        let second = populate::populate(self.pid(), map, page)?;
+        Ok(Some(first + second))
     }
 
     /// Waits until QEMU's outgoing migration (a live snapshot streaming out)
