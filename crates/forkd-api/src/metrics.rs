@@ -192,6 +192,7 @@ impl Metrics {
         let _ = writeln!(out, "forkd_sandboxes_active {running}");
         header(&mut out, "forkd_sandboxes", "Sandboxes by state.", "gauge");
         for state in [
+            SandboxState::Starting,
             SandboxState::Running,
             SandboxState::Pooled,
             SandboxState::Dead,
@@ -218,6 +219,7 @@ impl Metrics {
             SnapshotStatus::Writing,
             SnapshotStatus::Ready,
             SnapshotStatus::Failed,
+            SnapshotStatus::Broken,
         ] {
             let label = snapshot_label(status);
             let n = snapshots.get(label).copied().unwrap_or(0);
@@ -270,6 +272,7 @@ impl Metrics {
 
 fn sandbox_label(state: SandboxState) -> &'static str {
     match state {
+        SandboxState::Starting => "starting",
         SandboxState::Running => "running",
         SandboxState::Pooled => "pooled",
         SandboxState::Dead => "dead",
@@ -281,6 +284,7 @@ fn snapshot_label(status: SnapshotStatus) -> &'static str {
         SnapshotStatus::Writing => "writing",
         SnapshotStatus::Ready => "ready",
         SnapshotStatus::Failed => "failed",
+        SnapshotStatus::Broken => "broken",
     }
 }
 

@@ -277,6 +277,36 @@ pub const ROUTES: &[Route] = &[
     },
     Route {
         mutating: true,
+        responses: &[ok(
+            200,
+            "What was deleted, and what was kept because something depends on it.",
+            Body::Json("PruneResponse"),
+        )],
+        ..route(
+            Method::Post,
+            "/v1/snapshots/prune",
+            "pruneSnapshots",
+            "forkd: delete every failed and broken snapshot nothing else needs.",
+            "snapshots",
+        )
+    },
+    Route {
+        mutating: true,
+        responses: &[ok(
+            200,
+            "The cached images deleted and how many are kept.",
+            Body::Json("GcResponse"),
+        )],
+        ..route(
+            Method::Post,
+            "/v1/gc",
+            "gc",
+            "forkd: delete cached RAM images that no snapshot of any home references.",
+            "snapshots",
+        )
+    },
+    Route {
+        mutating: true,
         request: Some("PoolRequest"),
         limit: Some(Limit::Spawn),
         responses: &[
@@ -303,6 +333,21 @@ pub const ROUTES: &[Route] = &[
             "/v1/sandboxes",
             "listSandboxes",
             "List sandboxes.",
+            "sandboxes",
+        )
+    },
+    Route {
+        mutating: true,
+        responses: &[ok(
+            200,
+            "The sandboxes killed, those that could not be, and the QEMUs without a record that were killed.",
+            Body::Json("KillAllResponse"),
+        )],
+        ..route(
+            Method::Delete,
+            "/v1/sandboxes",
+            "killAllSandboxes",
+            "forkd: kill every sandbox, and every QEMU of this home that has no record.",
             "sandboxes",
         )
     },
@@ -889,6 +934,9 @@ fn component_schemas() -> Map<String, Value> {
     gen.subschema_for::<ProcessInputRequest>();
     gen.subschema_for::<SignalRequest>();
     gen.subschema_for::<PtySize>();
+    gen.subschema_for::<KillAllResponse>();
+    gen.subschema_for::<PruneResponse>();
+    gen.subschema_for::<GcResponse>();
     let mut definitions = gen.take_definitions();
     // The OpenAPI 3.0 visitors (e.g. moving `$ref` siblings into `allOf`, which
     // 3.0 would ignore) only run on root schemas by themselves.

@@ -175,32 +175,27 @@ fn age(secs: u64) -> String {
     }
 }
 
+/// `forkd kill`: the named sandboxes, or every one (`--all`, which also
+/// kills QEMUs of this home that have no record).
 pub fn kill(ops: &dyn Operations, ids: Vec<String>, all: bool, json: bool) -> Result<ExitCode> {
-    let ids: Vec<String> = if all {
-        ops.list()?.into_iter().map(|s| s.id).collect()
+    let mut done = if all {
+        ops.kill_all()?
     } else if ids.is_empty() {
         return Err(crate::exit::Usage("name sandboxes to kill, or pass --all".into()).into());
     } else {
-        ids
+        forkd_ops::KilledAll::default()
     };
-    let mut killed = Vec::new();
-    let mut failed: Vec<(String, OpError)> = Vec::new();
     for id in ids {
         match ops.kill(&id) {
-            Ok(()) => {
-                if !json {
-                    println!("{id}");
-                }
-                killed.push(id);
-            }
-            Err(e) => {
-                if !json {
-                    eprintln!("forkd: error: {}", crate::hints::render(&e));
-                }
-                failed.push((id, e));
-            }
+            Ok(()) => done.killed.push(id),
+            Err(e) => done.failed.push((id, e)),
         }
     }
+    let forkd_ops::KilledAll {
+        killed,
+        failed,
+        orphans,
+    } = done;
     if json {
         let failed: Vec<serde_json::Value> = failed
             .iter()
@@ -208,8 +203,23 @@ pub fn kill(ops: &dyn Operations, ids: Vec<String>, all: bool, json: bool) -> Re
             .collect();
         println!(
             "{}",
-            serde_json::json!({ "killed": killed, "failed": failed })
+            serde_json::json!({ "killed": killed, "failed": failed, "orphans": orphans })
         );
+    } else {
+        for id in &killed {
+            println!("{id}");
+        }
+        for (_, e) in &failed {
+            eprintln!("forkd: error: {}", crate::hints::render(e));
+        }
+        if !orphans.is_empty() {
+            let pids: Vec<String> = orphans.iter().map(|p| p.to_string()).collect();
+            eprintln!(
+                "forkd: killed {} QEMU(s) that had no record: pid {}",
+                orphans.len(),
+                pids.join(", ")
+            );
+        }
     }
     Ok(crate::exit::of_items(
         killed.len(),
@@ -410,6 +420,54 @@ pub fn rmi(ops: &dyn Operations, tag: &str, force: bool) -> Result<ExitCode> {
         },
     )? {
         println!("{t}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `forkd rmi --failed`.
+pub fn prune(ops: &dyn Operations) -> Result<ExitCode> {
+    let p = ops.prune_snapshots()?;
+    for t in &p.removed {
+        println!("{t}");
+    }
+    for k in &p.kept {
+        let deps: Vec<String> = k
+            .dependents
+            .sandboxes
+            .iter()
+            .map(|s| format!("sandbox {s}"))
+            .chain(
+                k.dependents
+                    .snapshots
+                    .iter()
+                    .map(|t| format!("snapshot {t}")),
+            )
+            .collect();
+        eprintln!(
+            "forkd: kept `{}`: in use by {}; kill those first or `forkd rmi --force {}`",
+            k.tag,
+            deps.join(", "),
+            k.tag
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `forkd gc`.
+pub fn gc(ops: &dyn Operations, json: bool) -> Result<ExitCode> {
+    let g = ops.gc()?;
+    if json {
+        println!("{}", serde_json::to_string(&g)?);
+    } else {
+        for name in &g.removed {
+            println!("{name}");
+        }
+        eprintln!(
+            "forkd: deleted {} cached RAM image(s), {} freed; {} still referenced",
+            g.removed.len(),
+            mib(g.freed_bytes),
+            g.kept
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

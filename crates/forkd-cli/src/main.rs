@@ -44,8 +44,17 @@ enum Command {
     /// Exits with CMD's exit code (128+N if a signal killed it, 124 on timeout,
     /// 125 if forkd itself failed).
     Run(RunArgs),
-    /// Check this host: QEMU, accelerator, guest artifacts, tmpfs, userfaultfd.
+    /// Check this host (QEMU, accelerator, guest artifacts, tmpfs,
+    /// userfaultfd) and where the state database, the snapshot store and
+    /// the runtime directory disagree.
     Doctor {
+        /// Repair the disagreements found (stray store directories, files
+        /// of failed snapshots, snapshot disks that depend on a sandbox's
+        /// run directory, dead sandboxes, QEMUs no record names, cached
+        /// RAM images nothing references). Failed and broken snapshots are
+        /// only reported: `forkd rmi --failed` deletes them.
+        #[arg(long)]
+        repair: bool,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -79,7 +88,9 @@ enum FleetCommand {
     Kill {
         /// Sandbox ids.
         ids: Vec<String>,
-        /// Kill every sandbox.
+        /// Kill every sandbox, and every QEMU of this home that has no
+        /// record (a creator that died mid-start); then delete cached RAM
+        /// images nothing references.
         #[arg(long, conflicts_with = "ids")]
         all: bool,
         /// Print JSON ({killed: [...], failed: [{id, error}]}) instead of text.
@@ -131,13 +142,23 @@ enum FleetCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Delete a snapshot (refused while sandboxes or snapshots depend on it).
+    /// Delete a snapshot (refused while sandboxes or snapshots depend on
+    /// it), failed and broken ones included.
     Rmi {
         /// The snapshot's tag.
-        tag: String,
+        #[arg(required_unless_present = "failed")]
+        tag: Option<String>,
         /// Delete even if sandboxes were spawned from it.
         #[arg(long)]
         force: bool,
+        /// Delete every failed and broken snapshot that nothing else needs.
+        #[arg(long, conflicts_with_all = ["tag", "force"])]
+        failed: bool,
+    },
+    /// Delete cached RAM images no snapshot of any home references.
+    Gc {
+        #[arg(long)]
+        json: bool,
     },
     /// Start N copy-on-write children of a snapshot.
     Spawn {
@@ -435,8 +456,8 @@ fn main() -> ExitCode {
     let remote = remote::daemon(cli.remote.clone());
     let result = match cli.command {
         Command::Run(args) => remote::local_only(remote.as_deref(), "run").and_then(|()| run(args)),
-        Command::Doctor { json } => {
-            remote::local_only(remote.as_deref(), "doctor").and_then(|()| doctor_cmd(json))
+        Command::Doctor { repair, json } => {
+            remote::local_only(remote.as_deref(), "doctor").and_then(|()| doctor_cmd(repair, json))
         }
         Command::Image(ImageCommand::Build { guest, json }) => {
             remote::local_only(remote.as_deref(), "image").and_then(|()| image_build(&guest, json))
@@ -513,7 +534,12 @@ fn fleet_command(owned: Box<dyn forkd_ops::Operations>, command: FleetCommand) -
         Command::Snapshot { id, tag, json } => commands::snapshot(ops, &id, &tag, json),
         Command::Snapshots { json } => commands::snapshots(ops, json),
         Command::Info { tag, json } => commands::info(ops, &tag, json),
-        Command::Rmi { tag, force } => commands::rmi(ops, &tag, force),
+        Command::Rmi { tag, force, failed } => match (tag, failed) {
+            (_, true) => commands::prune(ops),
+            (Some(tag), false) => commands::rmi(ops, &tag, force),
+            (None, false) => anyhow::bail!("name a snapshot to delete, or pass --failed"),
+        },
+        Command::Gc { json } => commands::gc(ops, json),
         Command::Spawn {
             tag,
             n,
@@ -666,9 +692,52 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     })
 }
 
-fn doctor_cmd(json: bool) -> Result<ExitCode> {
+/// `forkd doctor`: the host report, then where this home's state, store and
+/// runtime directory disagree (repaired with `--repair`). Local only: it
+/// reads this host's files and processes, which a daemon's caller cannot
+/// see or mend.
+fn doctor_cmd(repair: bool, json: bool) -> Result<ExitCode> {
+    use forkd_core::consistency::{self, Kind};
     let env = Env::from_process();
-    let checks = doctor::run(&env, "qemu-system-x86_64");
+    let mut checks = doctor::run(&env, "qemu-system-x86_64");
+    let fleet = forkd_core::Fleet::open(&env)?;
+    let found = consistency::findings(&fleet)?;
+    for f in &found {
+        let kind = serde_json::to_value(f.kind)?;
+        let fix = match f.kind {
+            Kind::BrokenSnapshot | Kind::FailedSnapshot => "forkd rmi --failed".to_string(),
+            _ => "forkd doctor --repair".to_string(),
+        };
+        checks.push(doctor::Check {
+            name: "state",
+            level: doctor::Level::Warn,
+            detail: format!(
+                "{} `{}`: {}",
+                kind.as_str().unwrap_or("?").replace('_', " "),
+                f.subject,
+                f.detail
+            ),
+            fix: (!repair || !f.repairable).then_some(fix),
+        });
+    }
+    if found.is_empty() {
+        checks.push(doctor::Check {
+            name: "state",
+            level: doctor::Level::Ok,
+            detail: "state database, snapshot store and runtime directory agree".into(),
+            fix: None,
+        });
+    }
+    if repair {
+        for line in consistency::repair(&fleet, &found) {
+            checks.push(doctor::Check {
+                name: "repair",
+                level: doctor::Level::Ok,
+                detail: line,
+                fix: None,
+            });
+        }
+    }
     let failed = checks.iter().any(|c| c.level == doctor::Level::Fail);
     if json {
         println!("{}", serde_json::to_string_pretty(&checks)?);

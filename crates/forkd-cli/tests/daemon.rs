@@ -455,8 +455,10 @@ fn kill_9_of_the_daemon_touches_no_sandbox_and_the_branch_finishes() {
     let pid = w.ok("GET", &format!("/v1/sandboxes/{p}"), None)["pid"]
         .as_u64()
         .unwrap();
-    // A process in the guest whose progress shows the guest kept running.
-    w.sh(&p, "(i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done) >/dev/null 2>&1 &");
+    // A process in the guest whose progress shows the guest kept running
+    // (each count renamed into place, so that a reader never sees the file
+    // truncated and empty).
+    w.sh(&p, "(i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.05; done) >/dev/null 2>&1 &");
     let (st, b) = w.call(
         "POST",
         &format!("/v1/sandboxes/{p}/branch"),

@@ -17,9 +17,9 @@ use forkd_api::convert;
 use forkd_api::types as api;
 use forkd_ops::{
     BranchOutcome, BranchRequest, CreateRequest, Created, EvalOutcome, ExecOutcome, ExecSpec,
-    FileInfo, FsEvent, OnChild, OpError, Operations, Pong, PoolStatus, ProcessEvent, ProcessInfo,
-    ProcessRef, ProcessSpec, PtySize, RemoveSnapshot, Sandbox, Snapshot, SnapshotDetail,
-    SpawnOutcome, SpawnRequest, Stream, TarSummary, WriteOptions,
+    FileInfo, FsEvent, GcReport, KilledAll, OnChild, OpError, Operations, Pong, PoolStatus,
+    ProcessEvent, ProcessInfo, ProcessRef, ProcessSpec, Pruned, PtySize, RemoveSnapshot, Sandbox,
+    Snapshot, SnapshotDetail, SpawnOutcome, SpawnRequest, Stream, TarSummary, WriteOptions,
 };
 
 mod guest;
@@ -360,6 +360,11 @@ impl Operations for Client {
         Ok(())
     }
 
+    fn kill_all(&self) -> Result<KilledAll, OpError> {
+        let k: api::KillAllResponse = self.json("DELETE", "/v1/sandboxes", None)?;
+        Ok(convert::killed_all_from_wire(k))
+    }
+
     fn exec(
         &self,
         id: &str,
@@ -663,6 +668,16 @@ impl Operations for Client {
         }
         serde_json::from_slice(&a.body)
             .map_err(|e| OpError::internal(format!("the daemon sent an unexpected answer: {e}")))
+    }
+
+    fn prune_snapshots(&self) -> Result<Pruned, OpError> {
+        let p: api::PruneResponse = self.json("POST", "/v1/snapshots/prune", None)?;
+        Ok(convert::pruned_from_wire(p))
+    }
+
+    fn gc(&self) -> Result<GcReport, OpError> {
+        let g: api::GcResponse = self.json("POST", "/v1/gc", None)?;
+        Ok(convert::gc_from_wire(g))
     }
 }
 

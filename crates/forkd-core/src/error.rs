@@ -17,8 +17,24 @@ pub enum CoreError {
     NoSandbox { id: String },
     #[error("no snapshot `{tag}`")]
     NoSnapshot { tag: String },
-    #[error("sandbox `{id}` is dead (its QEMU, pid {pid}, is gone)")]
-    SandboxDead { id: String, pid: u32 },
+    #[error("sandbox `{id}` is dead (its QEMU, pid {pid}, is gone{})", cause.as_deref().map(|c| format!(": {c}")).unwrap_or_default())]
+    SandboxDead {
+        id: String,
+        pid: u32,
+        cause: Option<String>,
+    },
+    #[error("sandbox `{id}` is still starting")]
+    SandboxStarting { id: String },
+    #[error("cannot {what}: {reason}")]
+    Admission { what: &'static str, reason: String },
+    #[error("snapshot `{tag}` is broken: {why}")]
+    SnapshotBroken { tag: String, why: String },
+    #[error("sandbox `{id}` holds files that snapshot {} needs, and they could not be moved into the store: {reason}", tags.join(", "))]
+    RunDirNeeded {
+        id: String,
+        tags: Vec<String>,
+        reason: String,
+    },
     #[error(
         "sandbox `{id}` is a warm-pool member that has not been handed out; spawn from its snapshot instead"
     )]
@@ -136,6 +152,8 @@ impl CoreError {
             }
             C::NoSandbox { .. } | C::NoSnapshot { .. } => ErrorKind::NotFound,
             C::SandboxDead { .. }
+            | C::SnapshotBroken { .. }
+            | C::RunDirNeeded { .. }
             | C::SandboxPooled { .. }
             | C::SnapshotNotReady { .. }
             | C::SnapshotInUse { .. }
@@ -145,6 +163,8 @@ impl CoreError {
             | C::NoFullSnapshot { .. }
             | C::HugePages(_) => ErrorKind::Conflict,
             C::SnapshotWriting { .. }
+            | C::SandboxStarting { .. }
+            | C::Admission { .. }
             | C::SnapshotWritingTooLong { .. }
             | C::BranchInProgress { .. } => ErrorKind::Busy,
             C::NoPython { .. } => ErrorKind::Unprocessable,
@@ -222,7 +242,8 @@ impl CoreError {
             C::SnapshotInUse { tag, .. } => {
                 Some(Hint::RemoveDependentsOrForce { tag: tag.clone() })
             }
-            C::SnapshotUnusable { tag, .. } => remove(tag),
+            C::SnapshotUnusable { tag, .. } | C::SnapshotBroken { tag, .. } => remove(tag),
+            C::RunDirNeeded { tags, .. } => tags.first().and_then(|t| remove(t)),
             C::NoFullSnapshot { id, .. } => Some(Hint::BranchLive { id: id.clone() }),
             C::NoPython { .. } => Some(Hint::UsePythonImage),
             C::Store(e) => match e {

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::{Deserialize, Serialize};
 
-use crate::branch::writer::{run_writer, WriterJob};
+use crate::branch::WriterJob;
 use crate::paths::Env;
 use crate::{CoreError, Fleet};
 
@@ -31,13 +31,17 @@ pub const JOB_VAR: &str = "FORKD_HELPER_JOB";
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "job", rename_all = "snake_case")]
 pub enum Job {
-    /// Receive a live branch's stream and publish the snapshot.
+    /// Guard a live branch: run its writer as a child process and fail the
+    /// branch (releasing its source) if the writer dies.
     BranchWriter(Box<WriterJob>),
     /// Serve a sandbox's network gateway on `socket` until its QEMU ends.
     NetGateway {
         socket: PathBuf,
         egress: forkd_vm::Egress,
     },
+    /// Receive a live branch's stream and publish the snapshot (the child a
+    /// [`Job::BranchWriter`] starts).
+    BranchStream(Box<WriterJob>),
     /// Top snapshot `tag`'s warm pool up to `size` members.
     FillPool {
         home: PathBuf,
@@ -73,7 +77,8 @@ pub fn run_if_helper() -> Option<ExitCode> {
 
 fn run(job: Job) -> Result<(), CoreError> {
     match job {
-        Job::BranchWriter(job) => run_writer(*job),
+        Job::BranchWriter(job) => crate::branch::supervise_writer(*job),
+        Job::BranchStream(job) => crate::branch::run_writer(*job),
         Job::NetGateway { socket, egress } => crate::netgw::run_helper(socket, egress),
         Job::FillPool {
             home,
@@ -111,10 +116,16 @@ pub(crate) fn start(job: &Job) -> Result<(), CoreError> {
         .stderr(Stdio::null());
     use std::os::unix::process::CommandExt;
     // SAFETY: runs in the forked child before exec, where only
-    // async-signal-safe calls are allowed: setsid, fork and _exit are. The
-    // intermediate exits at once; the grandchild goes on to exec.
+    // async-signal-safe calls are allowed: sigemptyset, sigprocmask, setsid,
+    // fork and _exit are. The intermediate exits at once; the grandchild
+    // goes on to exec.
     unsafe {
         cmd.pre_exec(|| {
+            // The caller may block termination signals (the CLI does, to
+            // handle them on one thread); a helper must die of them.
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
             libc::setsid();
             match libc::fork() {
                 -1 => Err(std::io::Error::last_os_error()),

@@ -8,12 +8,16 @@
 //! call ([`helper`]), each sandbox's network gateway ([`netgw`]). Around them: where files live ([`paths`]), which guest
 //! artifacts a sandbox boots from ([`artifacts`]), the ephemeral sandbox of
 //! `forkd run` ([`sandbox`]), RAM images and layers ([`ramimage`]), huge
-//! pages ([`hugepages`]) and the host report ([`doctor`]). It parses no
+//! pages ([`hugepages`]), whether the host can take another guest
+//! ([`admission`]), the host report ([`doctor`]) and where state and files
+//! disagree, with the repairs ([`consistency`]). It parses no
 //! command lines and prints nothing, and it tells no user what to type:
 //! errors carry a kind and a hint that front ends word.
 
+pub mod admission;
 pub mod artifacts;
 pub mod branch;
+pub mod consistency;
 pub mod doctor;
 mod error;
 pub mod files;

@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 
 use forkd_ops::{
     policy, Accel, BranchOutcome, BranchRequest, Child, CreateRequest, Created, EvalOutcome,
-    ExecOutcome, ExecSpec, FileInfo, FsEvent, Network, OnChild, OpError, Operations, Pong,
-    PoolStatus, ProcessEvent, ProcessInfo, ProcessRef, ProcessSpec, PtySize, RemoveSnapshot,
-    Sandbox, Snapshot, SnapshotDetail, SpawnOutcome, SpawnRequest, Stream, TarSummary,
-    WriteOptions,
+    ExecOutcome, ExecSpec, FileInfo, FsEvent, GcReport, KilledAll, Network, OnChild, OpError,
+    Operations, Pong, PoolStatus, ProcessEvent, ProcessInfo, ProcessRef, ProcessSpec, Pruned,
+    PtySize, RemoveSnapshot, Sandbox, Snapshot, SnapshotDetail, SpawnOutcome, SpawnRequest, Stream,
+    TarSummary, WriteOptions,
 };
 use forkd_protocol::client::OutputStream;
 
@@ -117,6 +117,20 @@ impl Operations for Fleet {
 
     fn kill(&self, id: &str) -> Result<(), OpError> {
         Ok(Fleet::kill(self, id)?)
+    }
+
+    fn kill_all(&self) -> Result<KilledAll, OpError> {
+        let mut out = KilledAll::default();
+        for s in Fleet::list(self)? {
+            match Fleet::kill(self, &s.id) {
+                Ok(()) => out.killed.push(s.id),
+                Err(e) => out.failed.push((s.id, e.into())),
+            }
+        }
+        out.orphans = self.kill_orphans()?;
+        // What only the killed children mapped can go now.
+        let _ = Fleet::gc(self);
+        Ok(out)
     }
 
     fn exec(
@@ -381,6 +395,14 @@ impl Operations for Fleet {
 
     fn remove_snapshot(&self, tag: &str, opts: RemoveSnapshot) -> Result<Vec<String>, OpError> {
         Ok(Fleet::remove_snapshot(self, tag, opts)?)
+    }
+
+    fn prune_snapshots(&self) -> Result<Pruned, OpError> {
+        Ok(Fleet::prune_snapshots(self)?)
+    }
+
+    fn gc(&self) -> Result<GcReport, OpError> {
+        Ok(Fleet::gc(self)?)
     }
 }
 

@@ -107,6 +107,7 @@ impl Sandbox {
                 die_with_parent: true,
                 cancel: opts.cancel.clone(),
                 restore: None,
+                on_spawn: None,
             },
         )?;
         Ok(Sandbox { id, accel, vm })

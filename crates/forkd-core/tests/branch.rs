@@ -183,7 +183,7 @@ fn a_live_branch_captures_one_instant_of_256_mib_being_rewritten() {
     );
     assert!(map.pages.count() > 0 && map.pages.count() < map.pages.capacity() / 2 + 1024);
     let gc = w.spawn1("instant2");
-    let flat = std::fs::read(w.env.runtime.join("images").join("instant2.ram")).unwrap();
+    let flat = std::fs::read(w.fleet.ram_image_of("instant2").unwrap()).unwrap();
     let later = forkd_agent::memtest::verify_image(&flat, 4242, 256 * 256).unwrap();
     eprintln!(
         "instant2: sweep {} page {}",

@@ -80,9 +80,10 @@ pub fn run(env: &Env, opts: DaemonOptions, log: &dyn Fn(&str)) -> Result<(), Dae
     let daemon = ops::Daemon::new(env.clone())?;
     let rec = daemon.fleet.recover()?;
     log(&format!(
-        "recovered: {} running sandboxes re-attached, {} dead, {} branches still writing, {} interrupted branches failed",
+        "recovered: {} running sandboxes re-attached, {} dead, {} whose start was interrupted killed, {} branches still writing, {} interrupted branches failed",
         rec.running.len(),
         rec.dead.len(),
+        rec.abandoned.len(),
         rec.writing.len(),
         rec.failed.len()
     ));

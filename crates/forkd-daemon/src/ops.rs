@@ -17,7 +17,7 @@ use forkd_api::types::{
 };
 use forkd_api::{decode_json, decode_query, ApiError};
 use forkd_core::{CoreError, Env, Fleet};
-use forkd_ops::{Operations, RemoveSnapshot, SandboxState, SnapshotStatus};
+use forkd_ops::{policy, Operations, RemoveSnapshot, SandboxState, SnapshotStatus};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -118,6 +118,15 @@ impl Daemon {
                 )?;
                 Ok(Reply::Empty(204))
             }
+            "pruneSnapshots" => Ok(Reply::json(
+                200,
+                convert::pruned_to_wire(&self.ops().prune_snapshots()?),
+            )),
+            "gc" => Ok(Reply::json(200, convert::gc_to_wire(&self.ops().gc()?))),
+            "killAllSandboxes" => Ok(Reply::json(
+                200,
+                convert::killed_all_to_wire(&self.ops().kill_all()?),
+            )),
             "setPool" => {
                 let req: PoolRequest = decode_json(body, body_limit)?;
                 let p = self.ops().pool(&tag(), req.size as usize)?;
@@ -247,25 +256,33 @@ impl Daemon {
         Ok(Reply::json(201, convert::sandbox_to_wire(&created.sandbox)))
     }
 
+    /// Runs the command and answers with its output in one piece: at most
+    /// [`policy::EXEC_BUFFERED_OUTPUT_LIMIT`] bytes of each stream are
+    /// kept, the rest dropped and counted, so that one chatty command
+    /// cannot take the daemon's memory (`/exec/stream` has no limit: it
+    /// holds nothing).
     fn exec(&self, id: &str, req: ExecRequest) -> Result<Reply, ApiError> {
         let (spec, stdin) = convert::exec_from_wire(req)?;
-        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        let mut stdout = Capped::new(policy::EXEC_BUFFERED_OUTPUT_LIMIT);
+        let mut stderr = Capped::new(policy::EXEC_BUFFERED_OUTPUT_LIMIT);
         let t = Instant::now();
         let out = self.ops().exec(
             id,
             &spec,
             stdin.map(|b| Box::new(std::io::Cursor::new(b)) as Box<dyn std::io::Read + Send>),
             &mut |s, b| match s {
-                forkd_ops::Stream::Stdout => stdout.extend_from_slice(b),
-                forkd_ops::Stream::Stderr => stderr.extend_from_slice(b),
+                forkd_ops::Stream::Stdout => stdout.push(b),
+                forkd_ops::Stream::Stderr => stderr.push(b),
             },
         )?;
         self.metrics.exec_latency.observe_duration(t.elapsed());
         Ok(Reply::json(
             200,
             ExecResponse {
-                stdout: String::from_utf8_lossy(&stdout).into_owned(),
-                stderr: String::from_utf8_lossy(&stderr).into_owned(),
+                stdout_dropped: stdout.dropped,
+                stderr_dropped: stderr.dropped,
+                stdout: stdout.into_text("stdout"),
+                stderr: stderr.into_text("stderr"),
                 exit_code: i64::from(out.exit_code()),
                 timed_out: out.timed_out,
             },
@@ -336,6 +353,43 @@ impl Daemon {
     }
 }
 
+/// Output kept up to a limit; what comes after is counted, not kept.
+struct Capped {
+    kept: Vec<u8>,
+    limit: usize,
+    dropped: u64,
+}
+
+impl Capped {
+    fn new(limit: usize) -> Capped {
+        Capped {
+            kept: Vec::new(),
+            limit,
+            dropped: 0,
+        }
+    }
+
+    fn push(&mut self, b: &[u8]) {
+        let take = self.limit.saturating_sub(self.kept.len()).min(b.len());
+        self.kept.extend_from_slice(&b[..take]);
+        self.dropped += (b.len() - take) as u64;
+    }
+
+    /// The kept output as text, ending with a line that says what was
+    /// dropped, if anything was.
+    fn into_text(self, name: &str) -> String {
+        let mut text = String::from_utf8_lossy(&self.kept).into_owned();
+        if self.dropped > 0 {
+            text.push_str(&format!(
+                "\n[forkd: {} more bytes of {name} dropped: this answer keeps {} MiB per stream; stream the exec to get everything]\n",
+                self.dropped,
+                self.limit >> 20
+            ));
+        }
+        text
+    }
+}
+
 const IMPLEMENTED: &[&str] = &[
     "health",
     "version",
@@ -344,6 +398,9 @@ const IMPLEMENTED: &[&str] = &[
     "listSnapshots",
     "snapshotInfo",
     "deleteSnapshot",
+    "pruneSnapshots",
+    "gc",
+    "killAllSandboxes",
     "setPool",
     "listSandboxes",
     "spawnSandboxes",
@@ -380,6 +437,25 @@ const IMPLEMENTED: &[&str] = &[
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn buffered_output_keeps_its_limit_and_says_what_it_dropped() {
+        let mut c = Capped::new(8);
+        c.push(b"hello ");
+        c.push(b"world, again");
+        assert_eq!(c.dropped, 10);
+        let text = c.into_text("stdout");
+        assert!(
+            text.starts_with("hello wo\n[forkd: 10 more bytes of stdout dropped"),
+            "{text}"
+        );
+        let mut quiet = Capped::new(8);
+        quiet.push(b"ok");
+        assert_eq!(
+            (quiet.dropped, quiet.into_text("stderr")),
+            (0, "ok".to_string())
+        );
+    }
 
     #[test]
     fn every_route_of_the_table_is_implemented_and_nothing_else() {

@@ -205,32 +205,44 @@ pub async fn handle(
         .or_else(|| params.get("tag"))
         .cloned()
         .unwrap_or_default();
-    let result = serve_route(&app, route, params, query, auth, req).await;
-    let status = match &result {
-        Ok(r) => r.status(),
-        Err(e) => e.status(),
-    };
-    app.daemon.metrics.count_request(route.operation_id, status);
-    if route.mutating {
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        let rec = forkd_api::audit::AuditRecord::new(
-            now_ms,
-            caller.0,
-            route,
-            target,
-            result.as_ref().map(|r| r.status()),
-        );
-        let mut audit = app.audit.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(f) = audit.as_mut() {
-            let _ = f.write_all(rec.to_line().as_bytes());
+    // The route runs in a task of its own, audit line included: a client
+    // that hangs up right after sending drops this handler's future, but
+    // never the operation it asked for nor the record of it.
+    let task_app = Arc::clone(&app);
+    let task = tokio::spawn(async move {
+        let app = task_app;
+        let result = serve_route(&app, route, params, query, auth, req).await;
+        let status = match &result {
+            Ok(r) => r.status(),
+            Err(e) => e.status(),
+        };
+        app.daemon.metrics.count_request(route.operation_id, status);
+        if route.mutating {
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            let rec = forkd_api::audit::AuditRecord::new(
+                now_ms,
+                caller.0,
+                route,
+                target,
+                result.as_ref().map(|r| r.status()),
+            );
+            let mut audit = app.audit.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(f) = audit.as_mut() {
+                let _ = f.write_all(rec.to_line().as_bytes());
+            }
         }
-    }
-    match result {
-        Ok(reply) => reply_response(reply),
-        Err(e) => error_response(&e),
+        result
+    });
+    match task.await {
+        Ok(Ok(reply)) => reply_response(reply),
+        Ok(Err(e)) => error_response(&e),
+        Err(e) => error_response(&ApiError::Internal(format!(
+            "the `{}` handler failed: {e}",
+            route.operation_id
+        ))),
     }
 }
 

@@ -1,6 +1,6 @@
 //! The seam every forkd front end calls: one trait, [`Operations`], for
 //! everything a user does with sandboxes and snapshots (create, exec, files,
-//! branch, spawn, pool, kill, list, info, delete), with its request and
+//! branch, spawn, pool, kill, list, info, delete, prune, gc), with its request and
 //! result types, its error ([`OpError`]) and its defaults ([`policy`]).
 //!
 //! `forkd-core`'s fleet implements it on this host; `forkd-client`
@@ -41,6 +41,11 @@ pub trait Operations: Send + Sync {
 
     /// Kills a sandbox (if it still runs) and removes its files and record.
     fn kill(&self, id: &str) -> Result<(), OpError>;
+
+    /// Kills every sandbox, and every QEMU of this home that has no record
+    /// (a creator that died before it wrote one), and collects the caches
+    /// nothing references any more.
+    fn kill_all(&self) -> Result<KilledAll, OpError>;
 
     /// Runs a command, streaming its output to `output` as it comes.
     fn exec(
@@ -205,4 +210,11 @@ pub trait Operations: Send + Sync {
     /// Deletes a snapshot; returns the tags deleted (more than one with
     /// `cascade`).
     fn remove_snapshot(&self, tag: &str, opts: RemoveSnapshot) -> Result<Vec<String>, OpError>;
+
+    /// Deletes every failed and broken snapshot that nothing else needs.
+    fn prune_snapshots(&self) -> Result<Pruned, OpError>;
+
+    /// Deletes cached files no snapshot references (RAM images children
+    /// map, shared by every home on the host).
+    fn gc(&self) -> Result<GcReport, OpError>;
 }

@@ -42,6 +42,27 @@ pub const LIST_DEPTH: u32 = 1;
 
 pub const MAX_CHILDREN: usize = 1000;
 
+/// Most bytes of each output stream (stdout, stderr) an exec that answers
+/// in one piece keeps; the rest is dropped and counted, and the answer says
+/// so. Streaming an exec has no such limit: its output is never held.
+pub const EXEC_BUFFERED_OUTPUT_LIMIT: usize = 8 << 20;
+
+/// Free space (MiB) kept on the runtime tmpfs beyond what admitted guests
+/// may still claim, so that a guest never dies of SIGBUS writing its RAM.
+pub const TMPFS_HEADROOM_MIB: u64 = 64;
+
+/// The environment variable that sets the most guest memory (MiB, the sum
+/// of the sandboxes' sizes) one runtime directory may commit; `0` means no
+/// limit.
+pub const GUEST_MEMORY_LIMIT_VAR: &str = "FORKD_GUEST_MEMORY_LIMIT_MIB";
+
+/// The committed guest memory allowed when [`GUEST_MEMORY_LIMIT_VAR`] is
+/// not set: twice the host's RAM (children share their snapshot's pages
+/// copy-on-write, so guests rarely touch all they were given).
+pub fn default_guest_memory_limit_mib(host_ram_mib: u64) -> u64 {
+    host_ram_mib.saturating_mul(2)
+}
+
 /// The tag of a branch that was given none: the source's id and the time in
 /// milliseconds, so two branches of one sandbox a moment apart do not clash.
 pub fn default_branch_tag(source: &str, unix_ms: u128) -> String {

@@ -57,7 +57,11 @@ macro_rules! text_enum {
 
 text_enum!(
     /// Lifecycle of a sandbox.
-    SandboxState, "sandbox state", "running, pooled or dead" {
+    SandboxState, "sandbox state", "starting, running, pooled or dead" {
+        /// Being started: the record exists before its QEMU does, so that a
+        /// creator that dies mid-start leaves nothing unseen (recovery kills
+        /// what it started).
+        Starting = "starting",
         /// Its QEMU runs and it is handed out.
         Running = "running",
         /// Started and waiting in a snapshot's warm pool.
@@ -69,13 +73,17 @@ text_enum!(
 
 text_enum!(
     /// Lifecycle of a snapshot: `writing` until it is published.
-    SnapshotStatus, "snapshot status", "writing, ready or failed" {
+    SnapshotStatus, "snapshot status", "writing, ready, failed or broken" {
         /// Still being written by a branch that did not wait; not spawnable yet.
         Writing = "writing",
         /// Complete: children can be spawned from it.
         Ready = "ready",
         /// Writing failed; kept for diagnosis, never spawnable.
         Failed = "failed",
+        /// Was ready, but something it needs is gone (a file, the snapshot
+        /// it is layered on, the kernel it was made with): never spawnable,
+        /// the error says why. Found by cheap checks when listed, not stored.
+        Broken = "broken",
     }
 );
 
@@ -116,7 +124,7 @@ mod tests {
         let e = "zombie".parse::<SandboxState>().unwrap_err();
         assert_eq!(
             e.to_string(),
-            "unknown sandbox state `zombie` (expected running, pooled or dead)"
+            "unknown sandbox state `zombie` (expected starting, running, pooled or dead)"
         );
         assert!("Ready".parse::<SnapshotStatus>().is_err());
     }

@@ -331,6 +331,50 @@ pub struct RemoveSnapshot {
     pub cascade: bool,
 }
 
+/// What deleting every failed and broken snapshot did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Pruned {
+    /// Tags deleted, dependents first.
+    pub removed: Vec<String>,
+    /// Failed or broken snapshots left in place, with why.
+    pub kept: Vec<KeptSnapshot>,
+}
+
+/// A failed or broken snapshot a prune did not delete.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeptSnapshot {
+    pub tag: String,
+    /// What still depends on it (live sandboxes, or snapshots that are
+    /// themselves neither failed nor broken).
+    pub dependents: Dependents,
+}
+
+/// What a garbage collection of the shared caches did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcReport {
+    /// Cached RAM images deleted (file names in the runtime directory's
+    /// image cache): no snapshot of any home on this host references them.
+    pub removed: Vec<String>,
+    /// Bytes those files occupied.
+    pub freed_bytes: u64,
+    /// Cached images still referenced, kept.
+    pub kept: usize,
+}
+
+// ------------------------------------------------------------------ kill
+
+/// What killing every sandbox did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct KilledAll {
+    /// Sandboxes killed and removed, in list order.
+    pub killed: Vec<String>,
+    /// Sandboxes that could not be killed, and why.
+    pub failed: Vec<(String, crate::OpError)>,
+    /// QEMU processes of this home that had no record (found by their run
+    /// directory), killed with their directory.
+    pub orphans: Vec<u32>,
+}
+
 // ------------------------------------------------------------------ branch
 
 /// Snapshot a running sandbox.

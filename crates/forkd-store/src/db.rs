@@ -263,6 +263,22 @@ impl Db {
         Ok(())
     }
 
+    /// Records the QEMU of a sandbox whose row was written before it
+    /// started: its pid and start time, as soon as they are known.
+    pub fn set_sandbox_pid(&self, id: &str, pid: u32, pid_start: u64) -> Result<()> {
+        let changed = self
+            .conn
+            .execute(
+                "UPDATE sandboxes SET pid = ?2, pid_start = ?3 WHERE id = ?1",
+                params![id, pid, to_i64(pid_start)],
+            )
+            .map_err(self.sql())?;
+        if changed == 0 {
+            return Err(StoreError::NoSandbox { id: id.to_owned() });
+        }
+        Ok(())
+    }
+
     /// Takes one pooled sandbox of snapshot `tag` for a spawn: marks it
     /// running and returns it, or `None` when the pool is empty. Atomic
     /// across processes (a single conditional UPDATE), so two spawns never
@@ -379,6 +395,50 @@ impl Db {
         }
     }
 
+    /// Claims tag `row.tag` for a snapshot about to be written: inserts
+    /// `row`, replacing a `failed` row of the same tag (returned, so that
+    /// the caller can remove what it left behind). Any other row keeps the
+    /// tag taken: [`StoreError::SnapshotExists`]. One transaction, so two
+    /// processes never both claim a tag.
+    pub fn claim_snapshot(&mut self, row: &SnapshotRow) -> Result<Option<SnapshotRow>> {
+        self.transaction(|db| {
+            let old = db.get_snapshot(&row.tag)?;
+            match &old {
+                Some(o) if o.status == SnapshotStatus::Failed => {
+                    db.delete_snapshot_row(&row.tag)?;
+                }
+                Some(_) => {
+                    return Err(StoreError::SnapshotExists {
+                        tag: row.tag.clone(),
+                    })
+                }
+                None => {}
+            }
+            db.insert_snapshot(row)?;
+            Ok(old)
+        })
+    }
+
+    /// Sets the status of snapshot `tag` only if it is `from` now; returns
+    /// whether it changed. Whoever finishes a snapshot first wins: a writer
+    /// that completes and a watcher that saw it die never both record.
+    pub fn transition_snapshot(
+        &self,
+        tag: &str,
+        from: SnapshotStatus,
+        to: SnapshotStatus,
+        error: Option<&str>,
+    ) -> Result<bool> {
+        let changed = self
+            .conn
+            .execute(
+                "UPDATE snapshots SET status = ?3, error = ?4 WHERE tag = ?1 AND status = ?2",
+                params![tag, from.as_str(), to.as_str(), error],
+            )
+            .map_err(self.sql())?;
+        Ok(changed > 0)
+    }
+
     pub fn set_snapshot_status(
         &self,
         tag: &str,
@@ -390,6 +450,18 @@ impl Db {
             .execute(
                 "UPDATE snapshots SET status = ?2, error = ?3 WHERE tag = ?1",
                 params![tag, status.as_str(), error],
+            )
+            .map_err(self.sql())?;
+        self.expect_snapshot_changed(tag, changed)
+    }
+
+    /// Records the snapshot `tag` is layered on (known once its files are).
+    pub fn set_snapshot_parent(&self, tag: &str, parent: Option<&str>) -> Result<()> {
+        let changed = self
+            .conn
+            .execute(
+                "UPDATE snapshots SET parent = ?2 WHERE tag = ?1",
+                params![tag, parent],
             )
             .map_err(self.sql())?;
         self.expect_snapshot_changed(tag, changed)
@@ -439,7 +511,7 @@ impl Db {
             SnapshotStatus::Writing => Err(StoreError::SnapshotWriting {
                 tag: tag.to_owned(),
             }),
-            SnapshotStatus::Failed => Err(StoreError::SnapshotFailed {
+            SnapshotStatus::Failed | SnapshotStatus::Broken => Err(StoreError::SnapshotFailed {
                 tag: tag.to_owned(),
                 error: row.error,
             }),
@@ -467,6 +539,22 @@ impl Db {
             .execute("DELETE FROM snapshots WHERE tag = ?1", [tag])
             .map_err(self.sql())?;
         Ok(changed > 0)
+    }
+
+    /// Snapshots taken from sandbox `id`, oldest first.
+    pub fn snapshots_from_source(&self, id: &str) -> Result<Vec<SnapshotRow>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!(
+                "{SNAPSHOT_SELECT} WHERE source = ?1 ORDER BY created_at, tag"
+            ))
+            .map_err(self.sql())?;
+        let rows = stmt
+            .query_map([id], snapshot_from_row)
+            .map_err(self.sql())?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(self.sql())?;
+        Ok(rows)
     }
 
     /// Tags of the snapshots whose parent is `tag`, sorted.
@@ -798,6 +886,13 @@ mod tests {
         db.set_snapshot_status("base", SnapshotStatus::Failed, Some("disk full"))
             .unwrap();
         db.set_snapshot_pause("base", 12.5).unwrap();
+        db.set_snapshot_parent("base", Some("p")).unwrap();
+        assert_eq!(
+            db.get_snapshot("base").unwrap().unwrap().parent.as_deref(),
+            Some("p")
+        );
+        db.set_snapshot_parent("base", None).unwrap();
+        assert!(db.set_snapshot_parent("nope", None).is_err());
         let got = db.get_snapshot("base").unwrap().unwrap();
         assert_eq!(got.status, SnapshotStatus::Failed);
         assert_eq!(got.error.as_deref(), Some("disk full"));
@@ -831,6 +926,76 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_tag_can_be_claimed_again_and_no_other() {
+        let (_dir, mut db) = open_temp();
+        let mut row = snapshot("t1", None, 1);
+        row.status = SnapshotStatus::Writing;
+        assert_eq!(db.claim_snapshot(&row).unwrap(), None);
+        let e = db.claim_snapshot(&row).unwrap_err();
+        assert!(matches!(e, StoreError::SnapshotExists { .. }), "{e}");
+        // Only the first of two watchers records the failure.
+        assert!(db
+            .transition_snapshot(
+                "t1",
+                SnapshotStatus::Writing,
+                SnapshotStatus::Failed,
+                Some("x")
+            )
+            .unwrap());
+        assert!(!db
+            .transition_snapshot(
+                "t1",
+                SnapshotStatus::Writing,
+                SnapshotStatus::Failed,
+                Some("y")
+            )
+            .unwrap());
+        let replaced = db.claim_snapshot(&row).unwrap().unwrap();
+        assert_eq!(
+            (replaced.status, replaced.error.as_deref()),
+            (SnapshotStatus::Failed, Some("x"))
+        );
+        assert_eq!(
+            db.get_snapshot("t1").unwrap().unwrap().status,
+            SnapshotStatus::Writing
+        );
+        db.set_snapshot_status("t1", SnapshotStatus::Ready, None)
+            .unwrap();
+        assert!(db.claim_snapshot(&row).is_err());
+    }
+
+    #[test]
+    fn a_sandbox_row_written_before_its_qemu_gets_the_pid_later() {
+        let (_dir, db) = open_temp();
+        let mut row = sandbox("sb-1", None, 1);
+        row.state = SandboxState::Starting;
+        row.pid = 0;
+        row.pid_start = 0;
+        db.insert_sandbox(&row).unwrap();
+        db.set_sandbox_pid("sb-1", 77, 88).unwrap();
+        let got = db.get_sandbox("sb-1").unwrap().unwrap();
+        assert_eq!(
+            (got.state, got.pid, got.pid_start),
+            (SandboxState::Starting, 77, 88)
+        );
+        assert!(matches!(
+            db.set_sandbox_pid("nope", 1, 1),
+            Err(StoreError::NoSandbox { .. })
+        ));
+        let mut other = snapshot("a", None, 1);
+        other.source = Some("sb-1".into());
+        db.insert_snapshot(&other).unwrap();
+        db.insert_snapshot(&snapshot("b", None, 2)).unwrap();
+        let tags: Vec<String> = db
+            .snapshots_from_source("sb-1")
+            .unwrap()
+            .into_iter()
+            .map(|r| r.tag)
+            .collect();
+        assert_eq!(tags, ["a"]);
+    }
+
+    #[test]
     fn ready_snapshot_explains_each_status() {
         let (_dir, db) = open_temp();
         db.insert_snapshot(&snapshot("py", None, 1)).unwrap();
@@ -856,6 +1021,7 @@ mod tests {
     #[test]
     fn enums_display_parse_and_serialize_lowercase() {
         for state in [
+            SandboxState::Starting,
             SandboxState::Running,
             SandboxState::Pooled,
             SandboxState::Dead,

@@ -39,6 +39,13 @@ pub struct Manifest {
     /// only the pages listed in the layer map differ from it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ram_parent: Option<String>,
+    /// The source's disk image this snapshot's disk is a copy of (a file in
+    /// the source sandbox's run directory, frozen at the pause). The next
+    /// snapshot of the same source finds here which stored disk stands for
+    /// that file when it makes its own disk independent of the run
+    /// directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_from: Option<String>,
     /// The VM configuration needed to restore; owned by the caller.
     pub machine: serde_json::Value,
     /// Every file of the snapshot, sorted by name.
@@ -261,6 +268,86 @@ impl Store {
         Ok(())
     }
 
+    /// Whether the file at `path` (outside the store, e.g. a cached copy of
+    /// a snapshot file) has `size` bytes and BLAKE3 `blake3`; answered from
+    /// the verified cache when this version of the file was hashed before,
+    /// like [`Store::verify`]. A missing file is `false`.
+    pub fn matches_hash(&self, db: &Db, path: &Path, size: u64, blake3: &str) -> Result<bool> {
+        let file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(io_err("open", path)(e)),
+        };
+        let meta = file.metadata().map_err(io_err("stat", path))?;
+        if !meta.is_file() || meta.len() != size {
+            return Ok(false);
+        }
+        let stamp = FileStamp::of(&meta);
+        let key = path.to_string_lossy();
+        if db.verified_hash(&key, &stamp)?.as_deref() == Some(blake3) {
+            self.cache_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(true);
+        }
+        self.files_hashed.fetch_add(1, Ordering::Relaxed);
+        let actual = hash_open_file(&file, size)
+            .map_err(io_err("hash", path))?
+            .to_hex()
+            .to_string();
+        if actual != blake3 {
+            return Ok(false);
+        }
+        if !changed_recently(&stamp) {
+            db.record_verified(&key, &stamp, &actual)?;
+        }
+        Ok(true)
+    }
+
+    /// Loads the manifest of `tag` and checks, without reading them, that
+    /// every file it names is there with the right size: what can be told
+    /// cheaply about whether the snapshot is whole. [`Store::verify`] reads
+    /// the contents too.
+    pub fn check(&self, tag: &str) -> Result<Manifest> {
+        self.check_files(tag, &[])
+    }
+
+    /// [`Store::check`] of the files named `only` (all of them when empty).
+    pub fn check_files(&self, tag: &str, only: &[&str]) -> Result<Manifest> {
+        let manifest = self.load(tag)?;
+        let dir = self.dir(tag);
+        for entry in manifest
+            .files
+            .iter()
+            .filter(|e| only.is_empty() || only.contains(&e.name.as_str()))
+        {
+            let path = dir.join(&entry.name);
+            let meta = match fs::metadata(&path) {
+                Ok(m) => m,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    return Err(StoreError::FileMissing {
+                        tag: tag.to_owned(),
+                        name: entry.name.clone(),
+                    })
+                }
+                Err(e) => return Err(io_err("stat", &path)(e)),
+            };
+            if !meta.is_file() {
+                return Err(StoreError::NotRegularFile {
+                    tag: tag.to_owned(),
+                    name: entry.name.clone(),
+                });
+            }
+            if meta.len() != entry.size {
+                return Err(StoreError::FileSizeMismatch {
+                    tag: tag.to_owned(),
+                    name: entry.name.clone(),
+                    actual: meta.len(),
+                    expected: entry.size,
+                });
+            }
+        }
+        Ok(manifest)
+    }
+
     /// What [`Store::verify`] has done so far on this `Store`.
     pub fn verify_stats(&self) -> VerifyStats {
         VerifyStats {
@@ -297,6 +384,53 @@ impl Store {
         }
         sync_dir(&self.root)?;
         fs::remove_dir_all(&trash).map_err(io_err("remove", &trash))
+    }
+
+    /// Replaces file `name` of published snapshot `tag` with `new` (a file
+    /// in the snapshot's directory that its manifest does not list) and
+    /// records its new size and hash in the manifest. The file is renamed
+    /// over first, then the manifest: a crash in between leaves a snapshot
+    /// that fails verification, never one that passes with other contents.
+    pub fn replace_file(&self, tag: &str, name: &str, new: &Path) -> Result<Manifest> {
+        let mut manifest = self.load(tag)?;
+        let dir = self.dir(tag);
+        let Some(i) = manifest.files.iter().position(|f| f.name == name) else {
+            return Err(StoreError::FileMissing {
+                tag: tag.to_owned(),
+                name: name.to_owned(),
+            });
+        };
+        let file = File::open(new).map_err(io_err("open", new))?;
+        let size = file.metadata().map_err(io_err("stat", new))?.len();
+        let hash = hash_open_file(&file, size).map_err(io_err("hash", new))?;
+        file.sync_all().map_err(io_err("fsync", new))?;
+        drop(file);
+        manifest.files[i].size = size;
+        manifest.files[i].blake3 = hash.to_hex().to_string();
+        let target = dir.join(name);
+        fs::rename(new, &target).map_err(io_err("replace", &target))?;
+        let manifest_path = dir.join(MANIFEST_NAME);
+        let tmp = dir.join(format!(".{MANIFEST_NAME}.new"));
+        let mut json =
+            serde_json::to_vec_pretty(&manifest).expect("a manifest always serializes to JSON");
+        json.push(b'\n');
+        let mut f = File::create(&tmp).map_err(io_err("create", &tmp))?;
+        f.write_all(&json)
+            .and_then(|()| f.sync_all())
+            .map_err(io_err("write", &tmp))?;
+        fs::rename(&tmp, &manifest_path).map_err(io_err("replace", &manifest_path))?;
+        sync_dir(&dir)?;
+        Ok(manifest)
+    }
+
+    /// [`Store::remove`] for a snapshot whose directory may be missing (a
+    /// failed one never had one): returns whether there was one.
+    pub fn remove_if_present(&self, tag: &str) -> Result<bool> {
+        match self.remove(tag) {
+            Ok(()) => Ok(true),
+            Err(StoreError::NoSnapshot { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// Tags of the published snapshot directories, sorted. Hidden staging and
@@ -563,6 +697,7 @@ mod tests {
             source_sandbox: Some("sb-1".to_owned()),
             pause_ms: 42.5,
             ram_parent: None,
+            disk_from: None,
             machine: serde_json::json!({"mem_mib": 256, "cpus": 1}),
             files: Vec::new(),
         }
@@ -896,6 +1031,49 @@ mod tests {
         // The tag can be reused, and the old verification does not leak to it.
         publish(&f.store, "py");
         f.store.verify(&f.db, "py").unwrap();
+    }
+
+    #[test]
+    fn a_replaced_file_is_in_the_manifest() {
+        let f = fixture();
+        publish(&f.store, "py");
+        let new = f.store.dir("py").join(".disk.new");
+        fs::write(&new, b"other disk").unwrap();
+        let m = f.store.replace_file("py", "disk.qcow2", &new).unwrap();
+        assert!(!new.exists());
+        assert_eq!(f.store.load("py").unwrap(), m);
+        let e = m.files.iter().find(|e| e.name == "disk.qcow2").unwrap();
+        assert_eq!(e.blake3, blake3::hash(b"other disk").to_hex().to_string());
+        f.store.verify(&f.db, "py").unwrap();
+        assert!(matches!(
+            f.store.replace_file("py", "nope", &new),
+            Err(StoreError::FileMissing { .. })
+        ));
+    }
+
+    #[test]
+    fn check_finds_missing_and_resized_files_without_reading_them() {
+        let f = fixture();
+        publish(&f.store, "py");
+        f.store.check("py").unwrap();
+        fs::OpenOptions::new()
+            .write(true)
+            .open(f.store.dir("py").join("disk.qcow2"))
+            .unwrap()
+            .set_len(3)
+            .unwrap();
+        let e = f.store.check("py").unwrap_err();
+        assert!(matches!(e, StoreError::FileSizeMismatch { .. }), "{e}");
+        f.store.check_files("py", &["ram.img"]).unwrap();
+        fs::remove_file(f.store.dir("py").join("disk.qcow2")).unwrap();
+        let e = f.store.check("py").unwrap_err();
+        assert!(matches!(e, StoreError::FileMissing { .. }), "{e}");
+        assert!(f.store.remove_if_present("py").unwrap());
+        assert!(!f.store.remove_if_present("py").unwrap());
+        assert!(matches!(
+            f.store.check("py"),
+            Err(StoreError::NoSnapshot { .. })
+        ));
     }
 
     #[test]

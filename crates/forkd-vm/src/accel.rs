@@ -27,13 +27,18 @@ impl Accel {
     /// rate), and its calibration hangs on a busy host unless told the
     /// frequency: it must be told the host's real one, `tsc_khz`, or guest
     /// time runs at the wrong speed (a fixed 2 GHz on a 2.6 GHz host made
-    /// `sleep 4` take 3.1 s).
+    /// `sleep 4` take 3.1 s). `tsc=reliable` keeps the TSC as the guest's
+    /// clocksource: a microvm has no HPET or ACPI PM timer, so the kernel's
+    /// watchdog compares the TSC with jiffies, which lag whenever the host
+    /// is busy; it then marks the TSC unstable and falls back to jiffies, and
+    /// guest time drifts seconds behind host time on a loaded host.
     pub fn kernel_args(self, tsc_khz: u64) -> Vec<String> {
         match self {
             Accel::Kvm => vec![],
             Accel::Tcg => vec![
                 format!("tsc_early_khz={tsc_khz}"),
                 format!("lpj={}", tsc_khz * 1000 / GUEST_HZ),
+                "tsc=reliable".to_string(),
             ],
         }
     }
@@ -255,7 +260,7 @@ mod tests {
         assert_eq!(c.accel, Accel::Tcg);
         assert_eq!(
             Accel::Tcg.kernel_args(2_600_000),
-            ["tsc_early_khz=2600000", "lpj=10400000"]
+            ["tsc_early_khz=2600000", "lpj=10400000", "tsc=reliable"]
         );
         assert!(Accel::Kvm.kernel_args(2_600_000).is_empty());
     }

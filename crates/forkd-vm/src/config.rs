@@ -238,6 +238,19 @@ impl VmConfig {
 
     /// Whether this VM's own RAM is in a hugetlb memfd: it has no file a
     /// snapshot could copy (only a live branch, which streams RAM, works).
+    /// Why QEMU would die of SIGBUS with this configuration: the memory
+    /// behind guest RAM ran out where it cannot be swapped or refused.
+    pub fn sigbus_cause(&self) -> Option<&'static str> {
+        if self.ram_in_hugetlb_memfd() {
+            return Some("the huge-page pool ran out");
+        }
+        match self.memory {
+            MemoryBackend::SharedFile(_) => Some("the runtime tmpfs is full"),
+            MemoryBackend::PrivateFile(_) => Some("the RAM image it maps was truncated"),
+            MemoryBackend::Anonymous => None,
+        }
+    }
+
     pub fn ram_in_hugetlb_memfd(&self) -> bool {
         self.huge_pages != HugePages::Off && matches!(self.memory, MemoryBackend::SharedFile(_))
     }

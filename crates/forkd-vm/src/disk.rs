@@ -1,5 +1,6 @@
 //! Disk images: per-VM qcow2 overlays on read-only bases (made with
-//! `qemu-img`), and freezing a running VM's disk so that a snapshot can keep
+//! `qemu-img`), their backing chains (read from the qcow2 header) and
+//! rebasing, and freezing a running VM's disk so that a snapshot can keep
 //! it: a new overlay is prepared while the guest runs and swapped in with one
 //! graph change while it is paused.
 
@@ -30,6 +31,126 @@ pub fn create_overlay(base: &Path, base_format: &str, overlay: &Path) -> Result<
         return Err(format!(
             "qemu-img create {} failed: {}",
             overlay.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+/// The qcow2 magic, `QFI\xfb`.
+const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
+/// Longest backing file name qcow2 allows.
+const MAX_BACKING_NAME: u32 = 1023;
+/// Longest backing chain followed before giving up (a loop, or nonsense).
+const MAX_CHAIN: usize = 256;
+
+/// Where a qcow2 header says its backing file name is: `(offset, length)`,
+/// or `None` for an image without one. `Err` when `header` (the first 20
+/// bytes or more of the file) is not a qcow2 header.
+pub fn backing_name_location(header: &[u8]) -> Result<Option<(u64, u32)>, String> {
+    if header.len() < 20 || header[..4] != QCOW2_MAGIC {
+        return Err("not a qcow2 image".into());
+    }
+    let version = u32::from_be_bytes(header[4..8].try_into().expect("4 bytes"));
+    if !(2..=3).contains(&version) {
+        return Err(format!("qcow2 version {version} is not 2 or 3"));
+    }
+    let offset = u64::from_be_bytes(header[8..16].try_into().expect("8 bytes"));
+    let len = u32::from_be_bytes(header[16..20].try_into().expect("4 bytes"));
+    if offset == 0 || len == 0 {
+        return Ok(None);
+    }
+    if len > MAX_BACKING_NAME {
+        return Err(format!("a backing file name of {len} bytes"));
+    }
+    Ok(Some((offset, len)))
+}
+
+/// Whether `path` is a qcow2 image (by its magic).
+pub fn is_qcow2(path: &Path) -> bool {
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+        .is_ok_and(|()| magic == QCOW2_MAGIC)
+}
+
+/// The backing file qcow2 image `image` names (resolved against its
+/// directory when relative), or `None`. Reads only the header.
+pub fn backing_file(image: &Path) -> Result<Option<PathBuf>, String> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(image).map_err(|e| format!("{}: {e}", image.display()))?;
+    let mut header = [0u8; 20];
+    f.read_exact_at(&mut header, 0)
+        .map_err(|e| format!("{}: {e}", image.display()))?;
+    let Some((offset, len)) =
+        backing_name_location(&header).map_err(|e| format!("{}: {e}", image.display()))?
+    else {
+        return Ok(None);
+    };
+    let mut name = vec![0u8; len as usize];
+    f.read_exact_at(&mut name, offset)
+        .map_err(|e| format!("{}: reading its backing file name: {e}", image.display()))?;
+    let name =
+        PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(name));
+    Ok(Some(match image.parent() {
+        Some(dir) if name.is_relative() => dir.join(name),
+        _ => name,
+    }))
+}
+
+/// The files below `image` in its backing chain, nearest first, as far as
+/// they are qcow2 (a raw base ends the chain and is its last element). A
+/// file that is missing ends it too, so that the caller sees which.
+pub fn backing_chain(image: &Path) -> Result<Vec<PathBuf>, String> {
+    let mut chain: Vec<PathBuf> = Vec::new();
+    let mut next = backing_file(image)?;
+    while let Some(b) = next {
+        if chain.len() >= MAX_CHAIN || chain.contains(&b) {
+            return Err(format!(
+                "{}: its backing chain loops or is deeper than {MAX_CHAIN}",
+                image.display()
+            ));
+        }
+        chain.push(b.clone());
+        next = if b.exists() && is_qcow2(&b) {
+            backing_file(&b)?
+        } else {
+            None
+        };
+    }
+    Ok(chain)
+}
+
+/// Makes qcow2 `image` name `new_backing` (of format `backing_format`) as
+/// its backing file. With `copy_differences` (qemu-img's safe mode), every
+/// cluster where the old backing chain and the new one differ is copied
+/// into `image` first, so that its contents stay the same: the old chain
+/// must still be readable. Without, only the header changes: right only
+/// when the new backing holds the same data as the old.
+pub fn rebase(
+    image: &Path,
+    new_backing: &Path,
+    backing_format: &str,
+    copy_differences: bool,
+) -> Result<(), String> {
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(["rebase", "-q", "-f", "qcow2", "-F", backing_format]);
+    if !copy_differences {
+        cmd.arg("-u");
+    }
+    let out = cmd
+        .arg("-b")
+        .arg(new_backing)
+        .arg(image)
+        .output()
+        .map_err(|e| {
+            format!("cannot run qemu-img ({e}): install it with `apt-get install qemu-utils`")
+        })?;
+    if !out.status.success() {
+        return Err(format!(
+            "qemu-img rebase {} onto {} failed: {}",
+            image.display(),
+            new_backing.display(),
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
@@ -171,4 +292,63 @@ fn top_of(entry: &serde_json::Value) -> (String, String) {
 /// The node name and file of the top of disk `vdN`'s chain.
 fn top_node(qmp: &mut Qmp, index: usize) -> Result<(String, String), VmError> {
     Ok(top_of(&disk_entry(qmp, index)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(version: u32, offset: u64, len: u32) -> Vec<u8> {
+        let mut h = QCOW2_MAGIC.to_vec();
+        h.extend(version.to_be_bytes());
+        h.extend(offset.to_be_bytes());
+        h.extend(len.to_be_bytes());
+        h
+    }
+
+    #[test]
+    fn the_backing_name_is_located_in_the_header() {
+        assert_eq!(
+            backing_name_location(&header(3, 0x200, 12)),
+            Ok(Some((0x200, 12)))
+        );
+        assert_eq!(backing_name_location(&header(2, 0, 0)), Ok(None));
+        assert!(backing_name_location(&header(4, 0x200, 12)).is_err());
+        assert!(backing_name_location(&header(3, 0x200, 5000)).is_err());
+        assert!(backing_name_location(b"QFI").is_err());
+        assert!(backing_name_location(&[0u8; 64]).is_err());
+    }
+
+    #[test]
+    fn chains_are_followed_and_rebased_with_qemu_img() {
+        let tmp = std::env::temp_dir().join(format!("forkd-disk-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).unwrap();
+        let base = tmp.join("base.raw");
+        std::fs::File::create(&base)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let (a, b, c) = (
+            tmp.join("a.qcow2"),
+            tmp.join("b.qcow2"),
+            tmp.join("c.qcow2"),
+        );
+        create_overlay(&base, "raw", &a).unwrap();
+        create_overlay(&a, "qcow2", &b).unwrap();
+        create_overlay(&b, "qcow2", &c).unwrap();
+        assert_eq!(backing_file(&a).unwrap(), Some(base.clone()));
+        assert_eq!(
+            backing_chain(&c).unwrap(),
+            [b.clone(), a.clone(), base.clone()]
+        );
+        assert!(is_qcow2(&c) && !is_qcow2(&base));
+        // Safe mode: c keeps its contents on a's chain without b.
+        rebase(&c, &a, "qcow2", true).unwrap();
+        assert_eq!(backing_chain(&c).unwrap(), [a.clone(), base.clone()]);
+        std::fs::remove_file(&a).unwrap();
+        assert_eq!(backing_chain(&c).unwrap(), std::slice::from_ref(&a));
+        assert!(backing_file(&base).is_err());
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
 }

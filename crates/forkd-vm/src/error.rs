@@ -50,6 +50,8 @@ pub enum VmError {
     RunAs(#[from] crate::confine::RunAsError),
     #[error("{0}; forkd runs as root, so every QEMU must be confined in a cgroup of its own")]
     Cgroup(#[from] crate::cgroup::CgroupError),
+    #[error("cannot release the guest memory a failed live snapshot left write-protected in QEMU (pid {pid}): {reason}")]
+    Thaw { pid: u32, reason: String },
     #[error("VM run directory {path}: {source}")]
     RunDir { path: String, source: io::Error },
 }

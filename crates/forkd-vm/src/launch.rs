@@ -32,6 +32,26 @@ pub struct LaunchOptions {
     /// Restore the guest from this device-state stream (the config must say
     /// `incoming`) instead of booting it.
     pub restore: Option<PathBuf>,
+    /// Called with QEMU's pid and start time right after the process is
+    /// spawned, before anything can fail: a caller that recorded the VM
+    /// before starting it completes the record here.
+    pub on_spawn: Option<SpawnHook>,
+}
+
+/// What [`LaunchOptions::on_spawn`] calls.
+#[derive(Clone)]
+pub struct SpawnHook(pub Arc<dyn Fn(u32, u64) + Send + Sync>);
+
+impl SpawnHook {
+    pub fn new(f: impl Fn(u32, u64) + Send + Sync + 'static) -> SpawnHook {
+        SpawnHook(Arc::new(f))
+    }
+}
+
+impl std::fmt::Debug for SpawnHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SpawnHook")
+    }
 }
 
 impl Default for LaunchOptions {
@@ -41,6 +61,7 @@ impl Default for LaunchOptions {
             die_with_parent: true,
             cancel: None,
             restore: None,
+            on_spawn: None,
         }
     }
 }
@@ -48,6 +69,8 @@ impl Default for LaunchOptions {
 /// A QEMU that has not finished booting: cleans up after itself on error.
 pub(crate) struct Partial {
     pub(crate) child: Option<Child>,
+    /// Why a SIGBUS would have killed it ([`VmConfig::sigbus_cause`]).
+    pub(crate) sigbus_cause: Option<&'static str>,
     pub(crate) stderr_path: PathBuf,
     pub(crate) console: PathBuf,
 }
@@ -58,7 +81,7 @@ impl Partial {
             if let Ok(Some(status)) = child.try_wait() {
                 self.child = None;
                 return Err(VmError::ExitedDuringBoot {
-                    status: describe(status),
+                    status: describe(status, self.sigbus_cause),
                     stderr: fs::read_to_string(&self.stderr_path).unwrap_or_default(),
                     console: tail(&self.console, 15),
                 });
@@ -164,8 +187,12 @@ pub(crate) fn start_qemu(
         run_dir.kill_when_owner_dies(pid);
     }
     let pid_start = process_start_time(pid).unwrap_or(0);
+    if let Some(hook) = &opts.on_spawn {
+        (hook.0)(pid, pid_start);
+    }
     let mut partial = Partial {
         child: Some(child),
+        sigbus_cause: config.sigbus_cause(),
         stderr_path: stderr_path.clone(),
         console: config.console_log.clone(),
     };

@@ -6,7 +6,9 @@
 //! the QMP client ([`qmp`]), the one place that speaks QEMU migration
 //! ([`migration`]: device state, live snapshots), disk overlays and disk
 //! freezing ([`disk`]), the run directory ([`rundir`]), host process facts
-//! ([`process`]), populating QEMU's guest-RAM mapping from outside ([`populate`]) and the VM handle with its lifecycle ([`vm`]). It knows nothing about
+//! ([`process`]), populating QEMU's guest-RAM mapping from outside
+//! ([`populate`]), thawing a QEMU a failed live snapshot froze
+//! ([`unfreeze`]) and the VM handle with its lifecycle ([`vm`]). It knows nothing about
 //! snapshots, sandboxes or the state database: callers above decide what to
 //! run; this crate starts it, talks to it and cleans up after it.
 
@@ -22,6 +24,7 @@ pub mod populate;
 pub mod process;
 pub mod qmp;
 pub mod rundir;
+pub mod unfreeze;
 pub mod vm;
 
 pub use accel::{Accel, AccelChoice, AccelRequest, HostProbe};
@@ -30,4 +33,4 @@ pub use disk::PreparedDiskSnapshot;
 pub use error::VmError;
 pub use migration::{LivePause, MigrationInfo, MigrationStatus, StoppedSnapshot};
 pub use rundir::RunDir;
-pub use vm::{LaunchOptions, Shutdown, Vm};
+pub use vm::{LaunchOptions, Shutdown, SpawnHook, Vm};

@@ -10,12 +10,36 @@ use std::process::{Command, ExitStatus};
 
 use crate::VmError;
 
-/// "exit code 1", "killed by signal 9".
-pub fn describe(status: ExitStatus) -> String {
+/// "exit code 1", "killed by signal 9 (SIGKILL)"; `sigbus_cause` says why
+/// a SIGBUS happened (what backs guest RAM), so that a QEMU killed by one
+/// reads "killed by signal 7 (SIGBUS: the runtime tmpfs is full)".
+pub fn describe(status: ExitStatus, sigbus_cause: Option<&str>) -> String {
     match (status.code(), status.signal()) {
         (Some(c), _) => format!("exit code {c}"),
-        (None, Some(s)) => format!("killed by signal {s}"),
+        (None, Some(s)) => describe_signal(s, sigbus_cause),
         _ => status.to_string(),
+    }
+}
+
+/// "killed by signal 9 (SIGKILL)", with the cause of a SIGBUS when known.
+pub fn describe_signal(signal: i32, sigbus_cause: Option<&str>) -> String {
+    let name = match signal {
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGINT => "SIGINT",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGILL => "SIGILL",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGPIPE => "SIGPIPE",
+        libc::SIGTERM => "SIGTERM",
+        _ => return format!("killed by signal {signal}"),
+    };
+    match (signal, sigbus_cause) {
+        (libc::SIGBUS, Some(cause)) => format!("killed by signal {signal} (SIGBUS: {cause})"),
+        _ => format!("killed by signal {signal} ({name})"),
     }
 }
 
@@ -82,6 +106,55 @@ pub fn pid_alive(pid: u32, start: u64) -> bool {
     start == 0 || fields.nth(18).and_then(|s| s.parse::<u64>().ok()) == Some(start)
 }
 
+/// Live processes (pid, start time) whose command line contains `needle`:
+/// how a QEMU is found by its run directory when its pid was never
+/// recorded. Zombies are left out.
+pub fn processes_mentioning(needle: &str) -> Vec<(u32, u64)> {
+    let mut found = Vec::new();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return found;
+    };
+    for e in entries.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if pid == std::process::id() {
+            continue;
+        }
+        let Ok(cmd) = fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        if String::from_utf8_lossy(&cmd).contains(needle) {
+            if let Some(start) = process_start_time(pid) {
+                if pid_alive(pid, start) {
+                    found.push((pid, start));
+                }
+            }
+        }
+    }
+    found
+}
+
+/// Sends SIGKILL to each `(pid, start)` that is still that process, then
+/// waits (up to `within`) until they are gone, reaping those that are
+/// children of this process.
+pub fn kill_and_wait(targets: &[(u32, u64)], within: std::time::Duration) {
+    for &(pid, start) in targets {
+        if pid != 0 && pid_alive(pid, start) {
+            // SAFETY: kill has no memory effects; pid and start time were
+            // checked just above, so this is the process meant.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
+    }
+    let deadline = std::time::Instant::now() + within;
+    for &(pid, start) in targets {
+        while pid != 0 && pid_alive(pid, start) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        reap_if_child(pid, start);
+    }
+}
+
 /// Reaps `pid` if it is a child of this process that has been killed. Blocks
 /// until its whole thread group is gone: the leader of a multi-threaded
 /// process (QEMU) shows as a zombie while its other threads are still
@@ -110,6 +183,46 @@ pub fn reap_if_child(pid: u32, start: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sigbus_names_its_cause() {
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(describe(ExitStatus::from_raw(3 << 8), None), "exit code 3");
+        assert_eq!(
+            describe(ExitStatus::from_raw(9), None),
+            "killed by signal 9 (SIGKILL)"
+        );
+        assert_eq!(
+            describe(ExitStatus::from_raw(7), Some("the runtime tmpfs is full")),
+            "killed by signal 7 (SIGBUS: the runtime tmpfs is full)"
+        );
+        assert_eq!(describe_signal(40, None), "killed by signal 40");
+    }
+
+    #[test]
+    fn processes_are_found_by_their_command_line_and_killed() {
+        let marker = format!("forkd-process-test-{}", std::process::id());
+        // `read` is a shell builtin: the shell never forks a child that
+        // would carry the marker for a moment too.
+        let mut child = Command::new("sh")
+            .args(["-c", "read _", &marker])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let found = loop {
+            let f = processes_mentioning(&marker);
+            if !f.is_empty() || std::time::Instant::now() > deadline {
+                break f;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].0, child.id());
+        kill_and_wait(&found, std::time::Duration::from_secs(5));
+        assert!(processes_mentioning(&marker).is_empty());
+        let _ = child.wait();
+    }
 
     #[test]
     fn this_process_is_alive_with_its_start_time() {

@@ -128,6 +128,16 @@ impl Drop for RunDir {
     }
 }
 
+/// Whether run directory `dir`'s lock is free (its owner is gone, or it was
+/// made to outlive its owner).
+pub fn is_abandoned(dir: &Path) -> bool {
+    let Ok(lock) = File::open(dir.join(LOCK_FILE)) else {
+        return false;
+    };
+    // SAFETY: flock on a valid fd we own; released when `lock` drops.
+    unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
 /// Removes run directories under `parent` whose owner is gone (their lock can
 /// be taken). Returns what it removed.
 pub fn sweep_stale(parent: &Path) -> Vec<PathBuf> {

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use forkd_protocol::client::{AgentClient, ClientError};
 
 use crate::config::VmConfig;
-pub use crate::launch::LaunchOptions;
 use crate::launch::{connect_agent, start_qemu, Started};
+pub use crate::launch::{LaunchOptions, SpawnHook};
 use crate::migration::restore_device_state;
 use crate::process::{describe, pid_alive, reap_if_child, tail};
 use crate::qmp::Qmp;
@@ -323,7 +323,7 @@ impl Vm {
             while Instant::now() < deadline {
                 if let Some(status) = self.try_exit() {
                     return VmError::Died {
-                        status: describe(status),
+                        status: describe(status, self.config.sigbus_cause()),
                         during: during.into(),
                         console: tail(&self.config.console_log, 10),
                     };

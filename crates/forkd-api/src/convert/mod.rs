@@ -74,6 +74,7 @@ impl From<ops::SnapshotStatus> for api::SnapshotStatus {
             ops::SnapshotStatus::Writing => Self::Writing,
             ops::SnapshotStatus::Ready => Self::Ready,
             ops::SnapshotStatus::Failed => Self::Failed,
+            ops::SnapshotStatus::Broken => Self::Broken,
         }
     }
 }
@@ -84,6 +85,7 @@ impl From<api::SnapshotStatus> for ops::SnapshotStatus {
             api::SnapshotStatus::Writing => Self::Writing,
             api::SnapshotStatus::Ready => Self::Ready,
             api::SnapshotStatus::Failed => Self::Failed,
+            api::SnapshotStatus::Broken => Self::Broken,
         }
     }
 }
@@ -91,6 +93,7 @@ impl From<api::SnapshotStatus> for ops::SnapshotStatus {
 impl From<ops::SandboxState> for api::SandboxState {
     fn from(s: ops::SandboxState) -> Self {
         match s {
+            ops::SandboxState::Starting => Self::Starting,
             ops::SandboxState::Running => Self::Running,
             ops::SandboxState::Pooled => Self::Pooled,
             ops::SandboxState::Dead => Self::Dead,
@@ -101,6 +104,7 @@ impl From<ops::SandboxState> for api::SandboxState {
 impl From<api::SandboxState> for ops::SandboxState {
     fn from(s: api::SandboxState) -> Self {
         match s {
+            api::SandboxState::Starting => Self::Starting,
             api::SandboxState::Running => Self::Running,
             api::SandboxState::Pooled => Self::Pooled,
             api::SandboxState::Dead => Self::Dead,
@@ -569,9 +573,125 @@ pub fn pool_from_wire(p: &api::PoolInfo) -> ops::PoolStatus {
     }
 }
 
+/// What killing every sandbox did, on the wire.
+pub fn killed_all_to_wire(k: &ops::KilledAll) -> api::KillAllResponse {
+    api::KillAllResponse {
+        killed: k.killed.clone(),
+        failed: k
+            .failed
+            .iter()
+            .map(|(id, e)| api::KillFailure {
+                id: id.clone(),
+                error: ApiError::Op(e.clone()).body(),
+            })
+            .collect(),
+        orphans: k.orphans.clone(),
+    }
+}
+
+/// What killing every sandbox did, from the wire.
+pub fn killed_all_from_wire(k: api::KillAllResponse) -> ops::KilledAll {
+    ops::KilledAll {
+        killed: k.killed,
+        failed: k
+            .failed
+            .into_iter()
+            .map(|f| (f.id, op_error(500, &f.error)))
+            .collect(),
+        orphans: k.orphans,
+    }
+}
+
+/// A prune on the wire.
+pub fn pruned_to_wire(p: &ops::Pruned) -> api::PruneResponse {
+    api::PruneResponse {
+        removed: p.removed.clone(),
+        kept: p
+            .kept
+            .iter()
+            .map(|k| api::KeptSnapshot {
+                tag: k.tag.clone(),
+                sandboxes: k.dependents.sandboxes.clone(),
+                snapshots: k.dependents.snapshots.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// A prune from the wire.
+pub fn pruned_from_wire(p: api::PruneResponse) -> ops::Pruned {
+    ops::Pruned {
+        removed: p.removed,
+        kept: p
+            .kept
+            .into_iter()
+            .map(|k| ops::KeptSnapshot {
+                tag: k.tag,
+                dependents: ops::Dependents {
+                    sandboxes: k.sandboxes,
+                    snapshots: k.snapshots,
+                },
+            })
+            .collect(),
+    }
+}
+
+/// A collection on the wire.
+pub fn gc_to_wire(g: &ops::GcReport) -> api::GcResponse {
+    api::GcResponse {
+        removed: g.removed.clone(),
+        freed_bytes: g.freed_bytes,
+        kept: g.kept as u64,
+    }
+}
+
+/// A collection from the wire.
+pub fn gc_from_wire(g: api::GcResponse) -> ops::GcReport {
+    ops::GcReport {
+        removed: g.removed,
+        freed_bytes: g.freed_bytes,
+        kept: g.kept as usize,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn housekeeping_results_round_trip() {
+        let k = ops::KilledAll {
+            killed: vec!["sb-1".into()],
+            failed: vec![("sb-2".into(), ops::OpError::no_sandbox("sb-2"))],
+            orphans: vec![42],
+        };
+        let wire = serde_json::to_value(killed_all_to_wire(&k)).unwrap();
+        let back = killed_all_from_wire(serde_json::from_value(wire).unwrap());
+        assert_eq!(back, k);
+        let p = ops::Pruned {
+            removed: vec!["a".into(), "b".into()],
+            kept: vec![ops::KeptSnapshot {
+                tag: "c".into(),
+                dependents: ops::Dependents {
+                    sandboxes: vec!["sb-1".into()],
+                    snapshots: vec![],
+                },
+            }],
+        };
+        assert_eq!(pruned_from_wire(pruned_to_wire(&p)), p);
+        let g = ops::GcReport {
+            removed: vec!["x.ram".into()],
+            freed_bytes: 7,
+            kept: 2,
+        };
+        assert_eq!(gc_from_wire(gc_to_wire(&g)), g);
+        for s in ops::SnapshotStatus::ALL {
+            assert_eq!(ops::SnapshotStatus::from(api::SnapshotStatus::from(*s)), *s);
+        }
+        for s in ops::SandboxState::ALL {
+            assert_eq!(ops::SandboxState::from(api::SandboxState::from(*s)), *s);
+        }
+    }
 
     fn sandbox() -> ops::Sandbox {
         ops::Sandbox {

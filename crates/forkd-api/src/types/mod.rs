@@ -44,6 +44,9 @@ pub enum SnapshotStatus {
     Ready,
     /// Writing failed; kept for diagnosis, never spawnable.
     Failed,
+    /// forkd: was ready, but something it needs is gone (a file, the
+    /// snapshot it is layered on); never spawnable, `error` says why.
+    Broken,
 }
 
 /// One snapshot, as `GET /v1/snapshots` lists it and a branch returns it.
@@ -229,6 +232,8 @@ pub struct PoolInfo {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum SandboxState {
+    /// forkd: being started (its record exists before its QEMU does).
+    Starting,
     /// Running and handed out.
     Running,
     /// Started and waiting in a snapshot's pool.
@@ -633,6 +638,18 @@ pub struct ExecResponse {
     /// forkd: whether the command was killed because `timeout_secs` ran out.
     #[serde(default)]
     pub timed_out: bool,
+    /// forkd: bytes of standard output dropped beyond the first 8 MiB this
+    /// answer keeps (`stdout` then ends with a line saying so); stream the
+    /// exec (`/exec/stream`) to get everything.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub stdout_dropped: u64,
+    /// forkd: the same for standard error.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub stderr_dropped: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// forkd: one line of `POST /v1/sandboxes/{id}/exec/stream`: a chunk of
@@ -899,6 +916,64 @@ pub struct FileContent {
     pub path: String,
     /// The content, standard base64.
     pub content_b64: String,
+}
+
+// ---------------------------------------------------------------- housekeeping
+
+/// forkd: what `DELETE /v1/sandboxes` (kill every sandbox) did.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct KillAllResponse {
+    /// Sandboxes killed and removed.
+    pub killed: Vec<String>,
+    /// Sandboxes that could not be killed, with why.
+    #[serde(default)]
+    pub failed: Vec<KillFailure>,
+    /// Host pids of QEMUs that had no record (their creator died before
+    /// writing it), killed with their run directory.
+    #[serde(default)]
+    pub orphans: Vec<u32>,
+}
+
+/// forkd: a sandbox `DELETE /v1/sandboxes` could not kill.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct KillFailure {
+    /// The sandbox.
+    pub id: String,
+    /// Why it could not be killed.
+    pub error: crate::ErrorBody,
+}
+
+/// forkd: what `POST /v1/snapshots/prune` did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct PruneResponse {
+    /// Failed and broken snapshots deleted, dependents first.
+    pub removed: Vec<String>,
+    /// Failed or broken snapshots kept because something depends on them.
+    #[serde(default)]
+    pub kept: Vec<KeptSnapshot>,
+}
+
+/// forkd: a failed or broken snapshot a prune kept.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct KeptSnapshot {
+    /// The snapshot.
+    pub tag: String,
+    /// Live sandboxes spawned from it.
+    pub sandboxes: Vec<String>,
+    /// Snapshots layered on it.
+    pub snapshots: Vec<String>,
+}
+
+/// forkd: what `POST /v1/gc` did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct GcResponse {
+    /// Cached RAM images deleted (file names in the runtime directory's
+    /// image cache).
+    pub removed: Vec<String>,
+    /// Bytes they occupied.
+    pub freed_bytes: u64,
+    /// Cached images still referenced.
+    pub kept: u64,
 }
 
 // ---------------------------------------------------------------- status

@@ -10,18 +10,24 @@
 //! [`writer::Writer`]. The snapshot is `writing` until the writer has
 //! published it; then `ready`; on any failure `failed`, with nothing
 //! published. The source never stops for the copy and is never harmed by a
-//! failed branch.
+//! failed branch: whoever records the failure first releases the source's
+//! memory if the failed stream left it write-protected (QEMU 7.2 does not,
+//! see [`forkd_vm::unfreeze`]) and resumes it if it was left paused
+//! ([`Fleet::fail_branch`]). That is the writer itself, its guard (the
+//! process that started it and waits for it, [`guard`]), a waiting
+//! brancher, or any later forkd command ([`Fleet::reconcile`]).
 
-pub(crate) mod writer;
+mod guard;
+mod writer;
 
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use forkd_ops::{BranchMode, BranchOutcome, SnapshotStatus};
-use forkd_store::SnapshotRow;
 use forkd_vm::MemoryBackend;
 
-pub use writer::{run_writer, writer_gone, writer_lock, Writer, WriterJob, RAM_BLOCK};
+pub use guard::supervise_writer;
+pub use writer::{run_writer, writer_gone, writer_lock, writer_pid, Writer, WriterJob, RAM_BLOCK};
 
 use crate::fleet::Fleet;
 use crate::helper::{self, Job};
@@ -81,23 +87,7 @@ impl Fleet {
                 ),
             });
         }
-        let _lock = crate::fleet::lock_file(&row.run_dir.join("branch.lock")).map_err(|_| {
-            CoreError::BranchInProgress {
-                id: id.into(),
-                into: None,
-            }
-        })?;
-        if let Some(busy) = self
-            .db()
-            .list_snapshots()?
-            .into_iter()
-            .find(|s| s.source.as_deref() == Some(id) && s.status == SnapshotStatus::Writing)
-        {
-            return Err(CoreError::BranchInProgress {
-                id: id.into(),
-                into: Some(busy.tag),
-            });
-        }
+        let _lock = self.branch_lock(id, &row.run_dir)?;
         let vm = self.control(id)?;
         // A spawned child maps its snapshot's flat image privately: the
         // branch then needs to keep only the pages that differ from it.
@@ -127,21 +117,11 @@ impl Fleet {
             home: self.env().home.clone(),
             runtime: self.env().runtime.clone(),
         };
-        // Claim the tag: from here on the snapshot exists as `writing`.
-        self.db().insert_snapshot(&SnapshotRow {
-            tag: tag.to_string(),
-            status: SnapshotStatus::Writing,
-            dir: self.store().dir(tag),
-            parent: row.snapshot.clone(),
-            source: Some(id.to_string()),
-            created_at: forkd_store::unix_now(),
-            pause_ms: None,
-            error: None,
-        })?;
+        // Claim the tag: from here on the snapshot exists as `writing`. The
+        // claim's lock goes to the writer, which takes it in its turn.
+        drop(self.claim_tag(tag, id, row.snapshot.as_deref())?);
         let fail = |e: CoreError| {
-            let _ =
-                self.db()
-                    .set_snapshot_status(tag, SnapshotStatus::Failed, Some(&e.to_string()));
+            let _ = self.fail_branch(tag, &e.to_string());
             e
         };
         let writer = self.start_writer(job.clone()).map_err(fail)?;
@@ -201,12 +181,31 @@ impl Fleet {
         Ok(outcome)
     }
 
-    fn snapshot_view_of(&self, tag: &str) -> Result<forkd_ops::Snapshot, CoreError> {
-        let row = self
+    /// Takes sandbox `id`'s branch lock and checks no snapshot of it is
+    /// being written: one snapshot of a sandbox at a time, full or live.
+    pub(crate) fn branch_lock(
+        &self,
+        id: &str,
+        run_dir: &std::path::Path,
+    ) -> Result<std::fs::File, CoreError> {
+        let lock = crate::fleet::lock_file(&run_dir.join("branch.lock")).map_err(|_| {
+            CoreError::BranchInProgress {
+                id: id.into(),
+                into: None,
+            }
+        })?;
+        if let Some(busy) = self
             .db()
-            .get_snapshot(tag)?
-            .ok_or_else(|| CoreError::NoSnapshot { tag: tag.into() })?;
-        Ok(crate::fleet::snapshot_view(&row))
+            .snapshots_from_source(id)?
+            .into_iter()
+            .find(|s| s.status == SnapshotStatus::Writing)
+        {
+            return Err(CoreError::BranchInProgress {
+                id: id.into(),
+                into: Some(busy.tag),
+            });
+        }
+        Ok(lock)
     }
 
     /// Starts the writer: in a detached helper when this process can host
@@ -263,11 +262,7 @@ impl Fleet {
             if checked.elapsed() > Duration::from_millis(500) {
                 checked = Instant::now();
                 if writer_gone(&self.env().runtime, tag) && status()? == SnapshotStatus::Writing {
-                    self.db().set_snapshot_status(
-                        tag,
-                        SnapshotStatus::Failed,
-                        Some("its writer died before the snapshot was complete"),
-                    )?;
+                    self.fail_branch(tag, "its writer died before the snapshot was complete")?;
                     return Ok(SnapshotStatus::Failed);
                 }
             }

@@ -6,9 +6,10 @@
 //! the frozen disk and publishes the snapshot atomically. The snapshot row is
 //! `writing` until then, `ready` or `failed` after.
 //!
-//! A writer runs on a thread of the brancher, or in a detached helper
-//! process ([`crate::helper`]) when the brancher can host one, so that it
-//! outlives the call that started the branch.
+//! A writer runs on a thread of the brancher, or in a process of its own
+//! started by a detached guard ([`super::guard`]) when the brancher can host
+//! helpers ([`crate::helper`]), so that it outlives the call that started
+//! the branch and its death never goes unnoticed.
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Write};
@@ -63,6 +64,16 @@ pub fn writer_lock(runtime: &Path, tag: &str) -> PathBuf {
     runtime.join("writers").join(format!("{tag}.lock"))
 }
 
+/// The pid of the process writing snapshot `tag`, as its lock file says
+/// (for diagnosis and fault-injection tests).
+pub fn writer_pid(runtime: &Path, tag: &str) -> Option<u32> {
+    std::fs::read_to_string(writer_lock(runtime, tag))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// Whether the writer of snapshot `tag` is gone (its lock is free). A
 /// writer records its outcome before it lets go of the lock, so a row still
 /// `writing` whose writer is gone will never be finished.
@@ -91,13 +102,15 @@ impl Writer {
         let lock = writer_lock(&fleet.env().runtime, &job.tag);
         let lock_dir = lock.parent().expect("has a parent");
         std::fs::create_dir_all(lock_dir).map_err(CoreError::host("creating", lock_dir))?;
-        let alive = crate::fleet::lock_file(&lock).map_err(|e| {
+        let mut alive = crate::fleet::lock_file(&lock).map_err(|e| {
             CoreError::Writer(format!(
                 "snapshot `{}` already has a writer ({}: {e})",
                 job.tag,
                 lock.display()
             ))
         })?;
+        let _ = alive.set_len(0);
+        let _ = writeln!(alive, "{}", std::process::id());
         let staging = fleet.store().stage(&job.tag)?;
         let pending = job.socket.with_extension("pending");
         let _ = std::fs::remove_file(&pending);
@@ -118,25 +131,50 @@ impl Writer {
         let tag = self.job.tag.clone();
         let socket = self.job.socket.clone();
         let lock = writer_lock(&fleet.env().runtime, &tag);
+        // The lock outlives the receiving (a duplicate holds it): it is let
+        // go only once the outcome is recorded.
+        let held = self._alive.try_clone();
         let r = self.receive_and_publish(fleet);
         // The status first: whoever finds the lock free must find the row
-        // no longer `writing` ([`writer_gone`]).
-        let recorded = {
-            let db = fleet.db();
-            match &r {
-                Ok(()) => db.set_snapshot_status(&tag, SnapshotStatus::Ready, None),
-                Err(e) => {
-                    db.set_snapshot_status(&tag, SnapshotStatus::Failed, Some(&e.to_string()))
+        // no longer `writing` ([`writer_gone`]). A failure releases the
+        // source first, if the failed stream left it write-protected.
+        let recorded = match &r {
+            Ok(parent) => {
+                let ready = {
+                    let db = fleet.db();
+                    db.set_snapshot_parent(&tag, parent.as_deref())
+                        .and_then(|()| {
+                            db.transition_snapshot(
+                                &tag,
+                                SnapshotStatus::Writing,
+                                SnapshotStatus::Ready,
+                                None,
+                            )
+                        })
+                        .map_err(CoreError::from)
+                };
+                match ready {
+                    // Someone failed the branch meanwhile (its brancher gave
+                    // up on it): what was published goes, as the row says.
+                    Ok(false) => fleet
+                        .store()
+                        .remove_if_present(&tag)
+                        .map(drop)
+                        .map_err(CoreError::from),
+                    other => other.map(drop),
                 }
             }
+            Err(e) => fleet.fail_branch(&tag, &e.to_string()).map(drop),
         };
         let _ = std::fs::remove_file(socket);
         let _ = std::fs::remove_file(lock);
+        drop(held);
         recorded?;
-        r
+        r.map(drop)
     }
 
-    fn receive_and_publish(self, fleet: &Fleet) -> Result<(), CoreError> {
+    /// Returns the snapshot the new one is layered on.
+    fn receive_and_publish(self, fleet: &Fleet) -> Result<Option<String>, CoreError> {
         let tag = self.job.tag.clone();
         let fail = |what: &str, e: &dyn std::fmt::Display| CoreError::BranchFailed {
             tag: tag.clone(),
@@ -208,9 +246,17 @@ impl Writer {
             .wait_migration(COMPLETE_LIMIT)
             .map_err(|e| fail("QEMU did not complete the snapshot", &e))?;
         drop(source);
+        let mut parent = self.job.parent.clone();
         if let Some(disk) = &self.job.frozen_disk {
-            crate::files::copy_sparse(disk, &dir.join(DISK_IMAGE))
+            let copy = dir.join(DISK_IMAGE);
+            crate::files::copy_sparse(disk, &copy)
                 .map_err(|e| fail("copying the frozen disk", &e))?;
+            if let Some(below) = fleet
+                .detach_disk(&self.job.source, &self.job.source_run_dir, &copy)
+                .map_err(|e| fail("making the disk independent of the source", &e))?
+            {
+                parent = Some(below);
+            }
         }
         let pause_ms = fleet
             .db()
@@ -221,15 +267,20 @@ impl Writer {
             format: forkd_store::MANIFEST_FORMAT,
             tag: self.job.tag.clone(),
             created_at: forkd_store::unix_now(),
-            parent: self.job.parent.clone(),
+            parent: parent.clone(),
             source_sandbox: Some(self.job.source.clone()),
             pause_ms,
             ram_parent: if diff { self.job.parent.clone() } else { None },
+            disk_from: self
+                .job
+                .frozen_disk
+                .as_ref()
+                .map(|p| p.to_string_lossy().into_owned()),
             machine: self.job.machine.clone(),
             files: vec![],
         };
         self.staging.publish(manifest)?;
-        Ok(())
+        Ok(parent)
     }
 }
 
@@ -260,9 +311,7 @@ pub fn run_writer(job: WriterJob) -> Result<(), CoreError> {
     match Writer::prepare(&fleet, job) {
         Ok(w) => w.run(&fleet),
         Err(e) => {
-            fleet
-                .db()
-                .set_snapshot_status(&tag, SnapshotStatus::Failed, Some(&e.to_string()))?;
+            fleet.fail_branch(&tag, &e.to_string())?;
             Err(e)
         }
     }

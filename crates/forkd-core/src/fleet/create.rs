@@ -1,4 +1,5 @@
-//! Booting a sandbox that outlives its caller.
+//! Booting a sandbox that outlives its caller: admitted first (runtime
+//! tmpfs and committed guest memory), recorded before QEMU starts.
 
 use std::time::Duration;
 
@@ -6,6 +7,7 @@ use forkd_ops::{Sandbox, SandboxState};
 use forkd_vm::{Disk, HostProbe, LaunchOptions, MemoryBackend, RunDir, Vm};
 
 use super::{DirGuard, Fleet};
+use crate::admission::{self, Need};
 use crate::artifacts::Artifacts;
 use crate::sandbox::{new_id, BootOptions};
 use crate::CoreError;
@@ -24,6 +26,18 @@ impl Fleet {
         if opts.huge_pages == forkd_vm::HugePages::Hugetlb {
             crate::hugepages::preflight(opts.mem_mib)?;
         }
+        let hugetlb = opts.huge_pages != forkd_vm::HugePages::Off;
+        // Its RAM is a file on the runtime tmpfs that grows to the whole
+        // guest as it is touched (a hugetlb memfd takes nothing there).
+        let admitted = admission::admit(
+            &self.env,
+            &Need {
+                what: "create",
+                guests: 1,
+                mem_mib: opts.mem_mib,
+                tmpfs_bytes: if hugetlb { 0 } else { opts.mem_mib << 20 },
+            },
+        )?;
         let id = new_id("sb");
         // On-demand huge pages: the pool may grow by this guest's size for
         // as long as its QEMU runs (crate::hugepool).
@@ -47,34 +61,28 @@ impl Fleet {
         let memory = MemoryBackend::SharedFile(run_dir.file("ram"));
         let config =
             crate::sandbox::boot_config(artifacts, opts, &accel, &run_dir, &id, memory, disks);
+        let starting = self.begin_sandbox(&id, run_dir.path(), &config, image, &accel, None)?;
+        drop(admitted); // the run directory now counts for the next admission
         crate::netgw::start(&config, true)?;
         let vm = Vm::launch(
-            config.clone(),
+            config,
             run_dir,
             &LaunchOptions {
                 boot_timeout: opts.boot_timeout,
                 die_with_parent: false,
                 cancel: opts.cancel.clone(),
                 restore: None,
+                on_spawn: Some(starting.spawn_hook()),
             },
         )
         .map_err(|e| explain_sigbus(e, on_demand, opts.mem_mib))?;
         let boot = vm.boot_time();
-        let (pid, pid_start) = vm.detach();
+        self.adopt(vm.pid(), vm.pid_start());
         if on_demand {
-            crate::hugepool::bind(&id, pages, pid, pid_start)?;
+            crate::hugepool::bind(&id, pages, vm.pid(), vm.pid_start())?;
         }
-        self.adopt(pid, pid_start);
-        let sandbox = self.record(
-            &id,
-            pid,
-            pid_start,
-            &config,
-            image,
-            &accel,
-            None,
-            SandboxState::Running,
-        )?;
+        let sandbox = starting.finish(vm.pid(), vm.pid_start(), SandboxState::Running)?;
+        vm.detach();
         cleanup.disarm();
         claim.disarm();
         Ok((sandbox, boot))

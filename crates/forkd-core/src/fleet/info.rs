@@ -25,14 +25,33 @@ pub(crate) fn snapshot_view(row: &SnapshotRow) -> Snapshot {
 }
 
 impl Fleet {
-    /// Every snapshot, oldest first.
+    /// Every snapshot, oldest first; a `ready` one that cheap checks find
+    /// unable to spawn is reported `broken`, with why.
     pub fn snapshots(&self) -> Result<Vec<Snapshot>, CoreError> {
-        Ok(self
-            .db()
-            .list_snapshots()?
-            .iter()
-            .map(snapshot_view)
-            .collect())
+        let rows = self.db().list_snapshots()?;
+        let mut memo = super::integrity::Memo::new();
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            out.push(self.health_view(row, &mut memo)?);
+        }
+        Ok(out)
+    }
+
+    /// A row's view with its health: `broken` (and why) for a `ready` row
+    /// that cannot spawn.
+    pub(crate) fn health_view(
+        &self,
+        row: &SnapshotRow,
+        memo: &mut super::integrity::Memo,
+    ) -> Result<Snapshot, CoreError> {
+        let mut view = snapshot_view(row);
+        if row.status == SnapshotStatus::Ready {
+            if let Some(why) = self.broken_reason_memo(&row.tag, memo, 0)? {
+                view.status = SnapshotStatus::Broken;
+                view.error = Some(why);
+            }
+        }
+        Ok(view)
     }
 
     /// The parents of snapshot `tag`: parent, grandparent, … up to the root.
@@ -58,7 +77,8 @@ impl Fleet {
             .ok_or_else(|| CoreError::NoSnapshot { tag: tag.into() })?;
         let chain = self.chain(tag)?;
         let dependents = forkd_store::dependents(&self.db(), tag)?;
-        let manifest = if row.status == SnapshotStatus::Ready {
+        let view = self.health_view(&row, &mut super::integrity::Memo::new())?;
+        let manifest = if view.status == SnapshotStatus::Ready {
             self.store().load(tag).ok()
         } else {
             None
@@ -91,7 +111,7 @@ impl Fleet {
             None
         };
         Ok(SnapshotDetail {
-            snapshot: snapshot_view(&row),
+            snapshot: view,
             chain,
             dependents,
             layer_pages,

@@ -7,22 +7,28 @@
 //! with its pid and start time; any later process re-attaches by pid and
 //! sockets.
 //!
-//! The rooms: records and their views ([`record`]), booting ([`create`]),
-//! full snapshots ([`snapshot`]), spawning and the warm pool ([`spawn`]),
-//! the RAM images children map ([`ramcache`]), snapshot details and deletion
-//! ([`info`], [`remove`]), and reconciling the database with the processes
-//! that exist after a crash ([`recover`]). Live branches are in
+//! The rooms: records and their views ([`record`]), rows written before
+//! launches and QEMUs no row names ([`starting`]), booting ([`create`]),
+//! full snapshots ([`snapshot`]), stored disks that never depend on a run
+//! directory ([`diskchain`]), spawning and the warm pool ([`spawn`]), the
+//! content-keyed RAM images children map and their collection
+//! ([`ramcache`]), snapshot details, health and deletion ([`info`],
+//! [`integrity`], [`remove`]), and reconciling the database with the
+//! processes that exist after a crash ([`recover`]). Live branches are in
 //! [`crate::branch`]. This module holds the handle and what every room
 //! needs: finding a sandbox, talking to it, listing and killing.
 
 mod create;
+pub(crate) mod diskchain;
 mod info;
+pub(crate) mod integrity;
 mod ramcache;
 pub mod record;
 mod recover;
 mod remove;
 mod snapshot;
 mod spawn;
+pub(crate) mod starting;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -35,6 +41,7 @@ use forkd_store::{Db, SandboxRow, Store};
 use forkd_vm::Vm;
 
 pub(crate) use info::snapshot_view;
+pub use ramcache::CACHE_DIR;
 pub use record::SandboxConfig;
 pub use recover::Recovery;
 pub use spawn::ChildOverrides;
@@ -53,7 +60,8 @@ pub const DISK_IMAGE: &str = "disk.qcow2";
 /// The state database, snapshot store and runtime directory together.
 pub struct Fleet {
     env: Env,
-    db: Mutex<Db>,
+    /// Shared with the hooks that record a QEMU's pid the moment it exists.
+    db: Arc<Mutex<Db>>,
     store: Store,
     /// Agent sessions shared between calls, for long-lived processes only
     /// ([`Fleet::open_long_lived`]): a short-lived one connects per call and
@@ -63,6 +71,8 @@ pub struct Fleet {
     /// so whoever kills them, this process must reap them
     /// ([`Fleet::housekeeping`]).
     children: Mutex<Vec<(u32, u64)>>,
+    /// When [`Fleet::housekeeping`] last reconciled.
+    reconciled: Mutex<Instant>,
 }
 
 impl Fleet {
@@ -70,13 +80,19 @@ impl Fleet {
         let db = Db::open(&env.home.join("state.db"))?;
         let store = Store::new(env.home.join("snapshots"));
         store.sweep_staging();
-        Ok(Fleet {
+        let fleet = Fleet {
             env: env.clone(),
-            db: Mutex::new(db),
+            db: Arc::new(Mutex::new(db)),
             store,
             sessions: None,
             children: Mutex::new(Vec::new()),
-        })
+            reconciled: Mutex::new(Instant::now()),
+        };
+        // Every forkd process heals what a dead one left: sandboxes whose
+        // creator died mid-start, branches whose writer died (and the
+        // source it left frozen). Failing here must not stop the command.
+        let _ = fleet.reconcile();
+        Ok(fleet)
     }
 
     /// A fleet for a long-lived process (the daemon): agent sessions are
@@ -120,11 +136,15 @@ impl Fleet {
     /// one is marked so.
     fn live(&self, id: &str) -> Result<(SandboxRow, SandboxConfig), CoreError> {
         let (row, config) = self.sandbox(id)?;
+        if row.state == SandboxState::Starting {
+            return Err(CoreError::SandboxStarting { id: id.into() });
+        }
         if !forkd_vm::process::pid_alive(row.pid, row.pid_start) {
             self.db().update_sandbox_state(id, SandboxState::Dead)?;
             return Err(CoreError::SandboxDead {
                 id: id.into(),
                 pid: row.pid,
+                cause: crate::admission::likely_death_cause(&self.env, &config.vm),
             });
         }
         Ok((row, config))
@@ -199,7 +219,7 @@ impl Fleet {
             },
             e => {
                 self.drop_session(id);
-                explain_detached(session.vm(), e, what)
+                explain_detached(&self.env, session.vm(), e, what)
             }
         })
     }
@@ -225,11 +245,14 @@ impl Fleet {
 
     /// All sandboxes, with dead ones marked as such.
     pub fn list(&self) -> Result<Vec<Sandbox>, CoreError> {
+        self.reap_dead_starts()?;
         let rows = self.db().list_sandboxes()?;
         let branches = record::branch_counts(&self.db().list_snapshots()?);
         let mut out = Vec::with_capacity(rows.len());
         for mut row in rows {
-            if row.state != SandboxState::Dead
+            // A `starting` row's creator is alive (the others were reaped
+            // just above); its QEMU may not exist yet.
+            if !matches!(row.state, SandboxState::Dead | SandboxState::Starting)
                 && !forkd_vm::process::pid_alive(row.pid, row.pid_start)
             {
                 self.db()
@@ -251,22 +274,20 @@ impl Fleet {
     }
 
     /// Kills a sandbox (if it still runs) and removes its files and record.
+    /// Snapshots whose disk still depends on a file of its run directory
+    /// (made before snapshots were self-contained) are made independent of
+    /// it first; when that fails, the sandbox is left alone.
     pub fn kill(&self, id: &str) -> Result<(), CoreError> {
-        let (row, _) = self.sandbox(id)?;
+        forkd_ops::validate_id(id).map_err(|_| CoreError::NoSandbox { id: id.into() })?;
+        let row = self
+            .db()
+            .get_sandbox(id)?
+            .ok_or_else(|| CoreError::NoSandbox { id: id.into() })?;
         self.drop_session(id);
-        if forkd_vm::process::pid_alive(row.pid, row.pid_start) {
-            // SAFETY: kill has no memory effects; pid and start time were
-            // checked just above, so this is the sandbox's QEMU.
-            unsafe { libc::kill(row.pid as libc::pid_t, libc::SIGKILL) };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while forkd_vm::process::pid_alive(row.pid, row.pid_start) && Instant::now() < deadline
-            {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        }
-        // If this process started it, it is our child: reap it, or it stays
-        // a zombie.
-        forkd_vm::process::reap_if_child(row.pid, row.pid_start);
+        self.release_run_dir(&row)?;
+        // Every QEMU of the row, including one whose pid was never written;
+        // those this process started are reaped.
+        forkd_vm::process::kill_and_wait(&self.qemus_of(&row), Duration::from_secs(10));
         if let Some(name) = row.run_dir.file_name() {
             forkd_vm::cgroup::release(&name.to_string_lossy());
         }
@@ -306,13 +327,34 @@ impl Fleet {
         if let Some(shared) = &self.sessions {
             shared.close_idle();
         }
+        // Heal what dead creators and writers left, a few times a minute
+        // (every command does it too; a daemon may run for weeks without).
+        let due = {
+            let mut last = self.reconciled.lock().unwrap_or_else(|p| p.into_inner());
+            let due = last.elapsed() > Duration::from_secs(5);
+            if due {
+                *last = Instant::now();
+            }
+            due
+        };
+        if due {
+            let _ = self.reconcile();
+        }
     }
 }
 
-fn explain_detached(vm: &Vm, e: forkd_protocol::client::ClientError, what: &str) -> CoreError {
+fn explain_detached(
+    env: &Env,
+    vm: &Vm,
+    e: forkd_protocol::client::ClientError,
+    what: &str,
+) -> CoreError {
     if !vm.is_alive() {
+        // A detached QEMU's exit status went to whoever is its parent now;
+        // what the host shows is the next best thing.
         return CoreError::Vm(forkd_vm::VmError::Died {
-            status: "QEMU exited".into(),
+            status: crate::admission::likely_death_cause(env, vm.config())
+                .unwrap_or_else(|| "QEMU exited".into()),
             during: what.into(),
             console: vm.console_tail(10),
         });
@@ -411,6 +453,7 @@ pub(crate) mod testing {
                 source_sandbox: None,
                 pause_ms: 1.0,
                 ram_parent: None,
+                disk_from: None,
                 machine: serde_json::json!({}),
                 files: vec![],
             })

@@ -1,16 +1,15 @@
-//! Sandbox records: what a row's `config` column holds, writing a row for a
-//! started QEMU, and the views the seam reports ([`forkd_ops::Sandbox`]).
-//! The view functions are pure and tested without a VM.
+//! Sandbox records: what a row's `config` column holds and the views the
+//! seam reports ([`forkd_ops::Sandbox`]); rows are written before their QEMU
+//! starts ([`super::starting`]). The view functions are pure and tested
+//! without a VM.
 
 use std::collections::HashMap;
-use std::path::Path;
 
-use forkd_ops::{Sandbox, SandboxState};
+use forkd_ops::Sandbox;
 use forkd_store::{SandboxRow, SnapshotRow};
-use forkd_vm::{AccelChoice, VmConfig};
+use forkd_vm::VmConfig;
 use serde::{Deserialize, Serialize};
 
-use super::Fleet;
 use crate::CoreError;
 
 /// What a sandbox row's `config` column holds.
@@ -77,49 +76,11 @@ pub fn child_image(parent_image: &str, tag: &str) -> String {
     format!("{base} (from {tag})")
 }
 
-impl Fleet {
-    /// Records a started QEMU as sandbox `id`.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn record(
-        &self,
-        id: &str,
-        pid: u32,
-        pid_start: u64,
-        vm: &VmConfig,
-        image: &str,
-        accel: &AccelChoice,
-        snapshot: Option<&str>,
-        state: SandboxState,
-    ) -> Result<Sandbox, CoreError> {
-        let config = SandboxConfig {
-            vm: vm.clone(),
-            image: image.to_string(),
-            accel_reason: accel.reason.clone(),
-        };
-        let row = SandboxRow {
-            id: id.to_string(),
-            state,
-            pid,
-            pid_start,
-            run_dir: vm
-                .qmp_socket
-                .parent()
-                .unwrap_or(Path::new("/"))
-                .to_path_buf(),
-            snapshot: snapshot.map(str::to_string),
-            config: serde_json::to_value(&config).expect("config serialises"),
-            created_at: forkd_store::unix_now(),
-        };
-        self.db().insert_sandbox(&row)?;
-        Ok(view(&row, None))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
 
-    use forkd_ops::SnapshotStatus;
+    use forkd_ops::{SandboxState, SnapshotStatus};
 
     use super::*;
 

@@ -239,6 +239,14 @@ impl Fleet {
                 Readiness::Wait => std::thread::sleep(Duration::from_millis(20)),
             }
         }
+        // Cheap checks first (a parent gone, a disk backed by a file that
+        // is gone), so that a broken snapshot says why; then the contents.
+        if let Some(why) = self.broken_reason(tag)? {
+            return Err(CoreError::SnapshotBroken {
+                tag: tag.into(),
+                why,
+            });
+        }
         let manifest = {
             let db = self.db();
             self.store.verify(&db, tag)?
@@ -314,10 +322,20 @@ impl Fleet {
         let have = self.db().count_from_snapshot(tag, SandboxState::Pooled)?;
         let mut started = 0;
         for _ in have..size {
+            let admitted = self.admit_children(&parent, "pool", 1)?;
             let id = new_id("sb");
             let run_dir = RunDir::create(&self.sandboxes_dir(), &id)?;
             let guard = DirGuard(run_dir.path().to_path_buf());
             let config = self.child_config(&parent, &id, &run_dir)?;
+            let starting = self.begin_sandbox(
+                &id,
+                run_dir.path(),
+                &config,
+                &child_image(&parent.config.image, tag),
+                &parent.accel,
+                Some(tag),
+            )?;
+            drop(admitted);
             crate::netgw::start(&config, true)?;
             let (pid, pid_start) = Vm::launch_standby(
                 &config,
@@ -327,21 +345,12 @@ impl Fleet {
                     die_with_parent: false,
                     cancel: None,
                     restore: None,
+                    on_spawn: Some(starting.spawn_hook()),
                 },
             )?;
             self.adopt(pid, pid_start);
-            if let Err(e) = self.record(
-                &id,
-                pid,
-                pid_start,
-                &config,
-                &child_image(&parent.config.image, tag),
-                &parent.accel,
-                Some(tag),
-                SandboxState::Pooled,
-            ) {
-                // SAFETY: our own freshly started QEMU.
-                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            if let Err(e) = starting.finish(pid, pid_start, SandboxState::Pooled) {
+                forkd_vm::process::kill_and_wait(&[(pid, pid_start)], Duration::from_secs(5));
                 return Err(e);
             }
             guard.disarm();
@@ -387,10 +396,16 @@ impl Fleet {
             self.claim_from_pool(&parent.tag, &parent.dir)
         };
         if let Some((id, vm)) = pooled {
-            return self.finish_child(&id, vm, t0, true).inspect_err(|_| {
-                let _ = self.kill(&id);
-            });
+            return self
+                .make_own(&id, &vm)
+                .and_then(|(restore_ms, clock_step_ms)| {
+                    self.detach_child(&id, vm, t0, restore_ms, clock_step_ms, true)
+                })
+                .inspect_err(|_| {
+                    let _ = self.kill(&id);
+                });
         }
+        let admitted = self.admit_children(parent, "spawn", 1)?;
         let id = new_id("sb");
         let mut run_dir = RunDir::create(&self.sandboxes_dir(), &id)?;
         // Owned until it is ready: on any error below, dropping the Vm (or
@@ -398,47 +413,73 @@ impl Fleet {
         let config = self.child_config(parent, &id, &run_dir)?;
         run_dir.keep();
         let guard = DirGuard(run_dir.path().to_path_buf());
+        // The row exists before QEMU does, so that a spawner killed at any
+        // step leaves nothing no row names.
+        let starting = self.begin_sandbox(
+            &id,
+            run_dir.path(),
+            &config,
+            &child_image(&parent.config.image, &parent.tag),
+            &parent.accel,
+            Some(&parent.tag),
+        )?;
+        drop(admitted);
         crate::netgw::start(&config, true)?;
         let vm = Vm::launch(
-            config.clone(),
+            config,
             run_dir,
             &LaunchOptions {
                 boot_timeout: Duration::from_secs(60),
                 die_with_parent: false,
                 cancel: None,
                 restore: Some(parent.dir.join(DEVICE_STATE)),
+                on_spawn: Some(starting.spawn_hook()),
             },
         )?;
-        // Recorded before fork safety so that a failure below is cleaned up
-        // by `kill` like any other sandbox.
         let (pid, pid_start) = (vm.pid(), vm.pid_start());
         self.adopt(pid, pid_start);
-        self.record(
-            &id,
-            pid,
-            pid_start,
-            &config,
-            &child_image(&parent.config.image, &parent.tag),
-            &parent.accel,
-            Some(&parent.tag),
-            SandboxState::Running,
-        )?;
-        guard.disarm();
-        let child = self.finish_child(&id, vm, t0, false);
+        // `running` only once it is its own: a spawner killed before that
+        // leaves a `starting` row, and whoever finds it kills the child.
+        let made_own = self.make_own(&id, &vm);
+        let child = made_own.and_then(|(restore_ms, clock_step_ms)| {
+            starting.finish(pid, pid_start, SandboxState::Running)?;
+            guard.disarm();
+            self.detach_child(&id, vm, t0, restore_ms, clock_step_ms, false)
+        });
         if child.is_err() {
             let _ = self.kill(&id);
         }
         child
     }
 
-    /// Fork safety for a restored child, then detaches it.
-    fn finish_child(
+    /// Admits `n` more children of `parent`: their memory, and the flat RAM
+    /// image they map when it is not made yet.
+    fn admit_children(
         &self,
-        id: &str,
-        vm: Vm,
-        t0: Instant,
-        pooled: bool,
-    ) -> Result<Child, CoreError> {
+        parent: &Parent,
+        what: &'static str,
+        n: u64,
+    ) -> Result<crate::admission::Admitted, CoreError> {
+        let image = if self.children_image_ready(&parent.tag)? {
+            0
+        } else {
+            parent.config.vm.mem_mib << 20
+        };
+        crate::admission::admit(
+            &self.env,
+            &crate::admission::Need {
+                what,
+                guests: n,
+                mem_mib: parent.config.vm.mem_mib,
+                tmpfs_bytes: image,
+            },
+        )
+    }
+
+    /// Fork safety for a restored child: fresh entropy, the clock, its
+    /// own hostname. Returns how long the restore took and how far its
+    /// clock was stepped, in ms.
+    fn make_own(&self, id: &str, vm: &Vm) -> Result<(f64, i64), CoreError> {
         let restore_ms = vm.restore_time().unwrap_or_default().as_secs_f64() * 1000.0;
         let mut entropy = [0u8; 64];
         getrandom(&mut entropy)?;
@@ -446,6 +487,19 @@ impl Fleet {
             .agent()
             .restore(&entropy, id)
             .map_err(|e| vm.explain(e, "fork-safety restore"))?;
+        Ok((restore_ms, clock_step_ms))
+    }
+
+    /// Lets a child outlive this process and reports it.
+    fn detach_child(
+        &self,
+        id: &str,
+        vm: Vm,
+        t0: Instant,
+        restore_ms: f64,
+        clock_step_ms: i64,
+        pooled: bool,
+    ) -> Result<Child, CoreError> {
         let ready_ms = t0.elapsed().as_secs_f64() * 1000.0;
         vm.detach();
         Ok(Child {

@@ -1,0 +1,271 @@
+//! Records before launches, and what no record knows about.
+//!
+//! A sandbox's row exists before its QEMU does: state `starting`, pid 0,
+//! written while its creator holds the run directory's creator lock; the
+//! pid and start time are written the moment QEMU is spawned
+//! ([`forkd_vm::SpawnHook`]); the state becomes `running` or `pooled` before
+//! the lock is let go. So a creator that dies at any step (a `kill -9` of
+//! the CLI or the daemon mid-spawn) leaves a `starting` row whose lock is
+//! free, and whoever finds it kills what it started ([`Fleet::reap_dead_starts`]):
+//! by the recorded pid, and by the run directory in QEMU's command line
+//! for the instant before the pid was written.
+//!
+//! Every run directory also says which home it belongs to (`owner.json`,
+//! with the guest's memory size for admission), because the runtime
+//! directory may be shared by several homes: [`Fleet::kill_orphans`] kills
+//! the QEMUs of this home's run directories that no row names, and never
+//! another home's.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use forkd_ops::{Sandbox, SandboxState};
+use forkd_store::SandboxRow;
+use forkd_vm::{AccelChoice, SpawnHook, VmConfig};
+use serde::{Deserialize, Serialize};
+
+use super::record::{view, SandboxConfig};
+use super::Fleet;
+use crate::CoreError;
+
+/// Who a run directory belongs to.
+pub(crate) const OWNER_FILE: &str = "owner.json";
+/// Held by the process creating the sandbox until its row says it runs.
+const CREATOR_LOCK: &str = "creator.lock";
+
+/// What `owner.json` in a run directory holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct RunDirOwner {
+    /// The `FORKD_HOME` whose state database has (or had) its row.
+    pub home: PathBuf,
+    /// Guest memory, MiB (what admission counts as committed).
+    pub mem_mib: u64,
+}
+
+/// The owner of run directory `dir`, if it says.
+pub(crate) fn read_owner(dir: &Path) -> Option<RunDirOwner> {
+    serde_json::from_slice(&std::fs::read(dir.join(OWNER_FILE)).ok()?).ok()
+}
+
+/// Writes `owner.json` into run directory `dir`.
+pub(crate) fn write_owner(dir: &Path, owner: &RunDirOwner) -> Result<(), CoreError> {
+    let path = dir.join(OWNER_FILE);
+    std::fs::write(&path, serde_json::to_vec(owner).expect("owner serialises"))
+        .map_err(CoreError::host("writing", path))
+}
+
+/// Whether `a` and `b` name the same home.
+fn same_home(a: &Path, b: &Path) -> bool {
+    a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
+}
+
+/// Whether the process that creates the sandbox in `dir` still holds its
+/// creator lock.
+fn creator_alive(dir: &Path) -> bool {
+    let path = dir.join(CREATOR_LOCK);
+    let Ok(f) = File::open(&path) else {
+        return false;
+    };
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: flock on a valid fd we own; no memory effects. A lock taken
+    // here is let go when `f` drops, at the end of this function.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK)
+}
+
+/// A sandbox being created: its row says `starting` until [`Starting::finish`];
+/// dropped unfinished, it deletes the row (the caller has cleaned up QEMU
+/// and the directory, or `kill` has).
+pub(super) struct Starting<'a> {
+    fleet: &'a Fleet,
+    id: String,
+    row: SandboxRow,
+    _creator: File,
+    finished: bool,
+}
+
+impl Starting<'_> {
+    /// The hook that writes QEMU's pid into the row as soon as it exists.
+    pub(super) fn spawn_hook(&self) -> SpawnHook {
+        let db = Arc::clone(&self.fleet.db);
+        let id = self.id.clone();
+        SpawnHook::new(move |pid, start| {
+            let db = db.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = db.set_sandbox_pid(&id, pid, start);
+        })
+    }
+
+    /// The sandbox runs (or waits in the pool): records its pid (again,
+    /// in case the hook could not) and state, then lets the creator lock go.
+    pub(super) fn finish(
+        mut self,
+        pid: u32,
+        pid_start: u64,
+        state: SandboxState,
+    ) -> Result<Sandbox, CoreError> {
+        {
+            let db = self.fleet.db();
+            db.set_sandbox_pid(&self.id, pid, pid_start)?;
+            db.update_sandbox_state(&self.id, state)?;
+        }
+        self.finished = true;
+        self.row.pid = pid;
+        self.row.pid_start = pid_start;
+        self.row.state = state;
+        Ok(view(&self.row, None))
+    }
+}
+
+impl Drop for Starting<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = self.fleet.db().delete_sandbox(&self.id);
+        }
+    }
+}
+
+impl Fleet {
+    /// Records sandbox `id` as `starting` before its QEMU is launched: writes
+    /// the run directory's owner, takes the creator lock, inserts the row.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn begin_sandbox(
+        &self,
+        id: &str,
+        run_dir: &Path,
+        vm: &VmConfig,
+        image: &str,
+        accel: &AccelChoice,
+        snapshot: Option<&str>,
+    ) -> Result<Starting<'_>, CoreError> {
+        // The lock first: a directory that names its owner but whose
+        // creator lock is free and that no row names is an orphan.
+        let lock = run_dir.join(CREATOR_LOCK);
+        let creator = super::lock_file(&lock).map_err(CoreError::host("locking", &lock))?;
+        write_owner(
+            run_dir,
+            &RunDirOwner {
+                home: self.env.home.clone(),
+                mem_mib: vm.mem_mib,
+            },
+        )?;
+        let config = SandboxConfig {
+            vm: vm.clone(),
+            image: image.to_string(),
+            accel_reason: accel.reason.clone(),
+        };
+        let row = SandboxRow {
+            id: id.to_string(),
+            state: SandboxState::Starting,
+            pid: 0,
+            pid_start: 0,
+            run_dir: run_dir.to_path_buf(),
+            snapshot: snapshot.map(str::to_string),
+            config: serde_json::to_value(&config).expect("config serialises"),
+            created_at: forkd_store::unix_now(),
+        };
+        self.db().insert_sandbox(&row)?;
+        Ok(Starting {
+            fleet: self,
+            id: id.to_string(),
+            row,
+            _creator: creator,
+            finished: false,
+        })
+    }
+
+    /// The QEMUs of a sandbox's row: its recorded pid, and any process
+    /// whose command line names its run directory (a QEMU whose pid was
+    /// never written, or one a failed start left behind).
+    pub(super) fn qemus_of(&self, row: &SandboxRow) -> Vec<(u32, u64)> {
+        let mut out = Vec::new();
+        if row.pid != 0 && forkd_vm::process::pid_alive(row.pid, row.pid_start) {
+            out.push((row.pid, row.pid_start));
+        }
+        if row.run_dir.starts_with(self.sandboxes_dir()) {
+            let needle = format!("{}/", row.run_dir.display());
+            for p in forkd_vm::process::processes_mentioning(&needle) {
+                if !out.iter().any(|(pid, _)| *pid == p.0) {
+                    out.push(p);
+                }
+            }
+        }
+        out
+    }
+
+    /// Finishes the `starting` sandboxes whose creator died: kills what it
+    /// started, removes the run directory and the row. Returns their ids.
+    pub fn reap_dead_starts(&self) -> Result<Vec<String>, CoreError> {
+        let starting: Vec<SandboxRow> = self
+            .db()
+            .list_sandboxes()?
+            .into_iter()
+            .filter(|r| r.state == SandboxState::Starting)
+            .collect();
+        let mut reaped = Vec::new();
+        for row in starting {
+            if creator_alive(&row.run_dir) {
+                continue;
+            }
+            // The creator may have finished between the listing and the
+            // lock check: it records the state before it lets go.
+            let now = self.db().get_sandbox(&row.id)?;
+            if now.as_ref().map(|r| r.state) != Some(SandboxState::Starting) {
+                continue;
+            }
+            let row = now.expect("checked just above");
+            forkd_vm::process::kill_and_wait(&self.qemus_of(&row), Duration::from_secs(10));
+            if row.run_dir.starts_with(self.sandboxes_dir()) {
+                let _ = std::fs::remove_dir_all(&row.run_dir);
+            }
+            self.db().delete_sandbox(&row.id)?;
+            reaped.push(row.id);
+        }
+        Ok(reaped)
+    }
+
+    /// This home's run directories that no row names and whose creator is
+    /// gone.
+    pub fn orphan_run_dirs(&self) -> Result<Vec<PathBuf>, CoreError> {
+        let mut out = Vec::new();
+        let Ok(entries) = std::fs::read_dir(self.sandboxes_dir()) else {
+            return Ok(out);
+        };
+        for e in entries.flatten() {
+            let dir = e.path();
+            let id = e.file_name().to_string_lossy().into_owned();
+            let ours = match read_owner(&dir) {
+                Some(owner) => same_home(&owner.home, &self.env.home) && !creator_alive(&dir),
+                // A creator that died before it wrote the owner left a
+                // directory QEMU never ran in, whoever's it was: it goes
+                // once its own lock is free. Any other directory without
+                // an owner belongs to a forkd that does not write one.
+                None => {
+                    !dir.join("qmp.sock").exists()
+                        && forkd_vm::rundir::is_abandoned(&dir)
+                        && forkd_vm::process::processes_mentioning(&format!("{}/", dir.display()))
+                            .is_empty()
+                }
+            };
+            if ours && self.db().get_sandbox(&id)?.is_none() {
+                out.push(dir);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Kills the QEMUs of this home's run directories that no row names
+    /// (and whose creator is gone), and removes the directories. Returns
+    /// the pids killed.
+    pub fn kill_orphans(&self) -> Result<Vec<u32>, CoreError> {
+        let mut killed = Vec::new();
+        for dir in self.orphan_run_dirs()? {
+            let qemus = forkd_vm::process::processes_mentioning(&format!("{}/", dir.display()));
+            forkd_vm::process::kill_and_wait(&qemus, Duration::from_secs(10));
+            killed.extend(qemus.iter().map(|(pid, _)| *pid));
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        Ok(killed)
+    }
+}
