@@ -326,7 +326,8 @@ struct CreateArgs {
     /// pauses for a few ms at any guest size. As root this is the default:
     /// forkd lets the host's pool grow on demand by the guest's size while
     /// it runs (`vm.nr_overcommit_hugepages`, see `forkd doctor`); a guest
-    /// costs the pages it touches. Without root, or with --prealloc, the
+    /// costs the pages it touches (FORKD_HUGEPAGES=off in forkd's
+    /// environment opts out). Without root, or with --prealloc, the
     /// pages come from the static pool the administrator reserved:
     /// `sysctl -w vm.nr_hugepages=N`, at least MEM/2 per such sandbox.
     #[arg(long)]

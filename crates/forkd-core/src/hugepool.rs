@@ -73,8 +73,15 @@ pub fn target_limit(original: u64, live: &[Entry]) -> u64 {
     original.saturating_add(live.iter().map(|e| e.pages).sum())
 }
 
-/// Why forkd cannot manage the pool here, or `None` when it can.
+/// Set to `off` in forkd's environment: new sandboxes on 4 KiB pages.
+pub const OPT_OUT_VAR: &str = "FORKD_HUGEPAGES";
+
+/// Why new sandboxes do not get on-demand huge pages here (forkd cannot
+/// manage the pool, or the host's owner said no), or `None` when they do.
 pub fn unavailable() -> Option<String> {
+    if std::env::var(OPT_OUT_VAR).is_ok_and(|v| v == "off") {
+        return Some(format!("{OPT_OUT_VAR}=off is set"));
+    }
     // SAFETY: geteuid has no preconditions and touches no memory.
     if unsafe { libc::geteuid() } != 0 {
         return Some(

@@ -270,7 +270,10 @@ fn a_pool_that_runs_dry_fails_the_create_or_the_branch_cleanly() {
     let e = w.create_default(256).unwrap_err().to_string();
     let hog = hogger.join().unwrap();
     assert!(hog.held >= 100, "the hog got only {} pages", hog.held);
-    assert!(e.contains("SIGBUS") && e.contains("4 KiB pages"), "{e}");
+    assert!(
+        e.contains("SIGBUS") && e.contains("FORKD_HUGEPAGES=off for 4 KiB pages"),
+        "{e}"
+    );
     assert!(w.fleet.list().unwrap().is_empty());
     drop(hog);
     assert_eq!(overcommit(), before, "a failed create gives its claim back");

@@ -111,10 +111,10 @@ impl Drop for ClaimGuard {
 fn explain_sigbus(e: forkd_vm::VmError, on_demand: bool, mem_mib: u64) -> CoreError {
     match &e {
         forkd_vm::VmError::ExitedDuringBoot { status, .. }
-            if on_demand && status.ends_with(&format!("signal {}", libc::SIGBUS)) =>
+            if on_demand && status.contains("SIGBUS") =>
         {
             CoreError::HugePages(format!(
-                "the guest ({mem_mib} MiB on 2 MiB huge pages taken on demand) touched a page the host could not give                  (QEMU was {status}, SIGBUS): free memory ran out in 2 MiB blocks, or another program holds the                  surplus huge pages; free memory, or create the sandbox with 4 KiB pages"
+                "the guest ({mem_mib} MiB on 2 MiB huge pages taken on demand) touched a page the host could not give (QEMU was {status}): free memory ran out in 2 MiB blocks, or another program holds the surplus huge pages; free memory, or run forkd with FORKD_HUGEPAGES=off for 4 KiB pages"
             ))
         }
         _ => e.into(),
