@@ -332,10 +332,10 @@ struct CreateArgs {
     /// `sysctl -w vm.nr_hugepages=N`, at least MEM/2 per such sandbox.
     #[arg(long)]
     hugepages: bool,
-    /// Populate all guest RAM at start, so the first live branch does not
-    /// do it inside its pause. Costs the whole --mem in host memory from
-    /// the start (nothing extra with --hugepages: the pool is set aside
-    /// anyway); QEMU starts slower for large guests.
+    /// Populate all guest RAM at start. Costs the whole --mem in host
+    /// memory from the start; QEMU starts slower for large guests. Without
+    /// it forkd populates RAM before a live branch's pause, while the
+    /// guest runs, so the first branch is as short as the next ones.
     #[arg(long)]
     prealloc: bool,
     #[command(flatten)]

@@ -350,7 +350,7 @@ fn huge_pages_check() -> Check {
             "hugepages",
             if crate::hugepool::unavailable().is_none() { Level::Ok } else { Level::Warn },
             format!(
-                "{managed}; static pool (vm.nr_hugepages, for --hugepages --prealloc): {} pages, {} free, {} reserved",
+                "{managed}; hugetlb pool now (static vm.nr_hugepages, taken by --hugepages --prealloc, plus surplus): {} pages, {} free, {} reserved",
                 pool.total, pool.free, pool.reserved
             ),
             None,

@@ -36,7 +36,8 @@ pub enum HugePages {
     /// The host must have them reserved (`vm.nr_hugepages`), or QEMU fails
     /// at start. RAM lives in an anonymous memfd, not in the backend's file
     /// path (nothing to clean up; it goes when QEMU exits); a live branch
-    /// streams it, a snapshot that copies the RAM file cannot be taken.
+    /// streams it, a full snapshot reads it through `/proc/PID/fd`
+    /// ([`crate::Vm::guest_ram_file`]).
     Hugetlb,
     /// 2 MiB hugetlb pages taken as the guest touches them
     /// (`reserve=off`: no reservation at start, so a guest costs the host
