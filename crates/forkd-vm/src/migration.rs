@@ -381,14 +381,23 @@ impl Vm {
     /// maps the shared zero page there, nothing to allocate).
     fn populate_guest_ram(&self) -> Result<Option<Duration>, VmError> {
         let c = self.config();
+        let canonical;
         let (name, page) = match &c.memory {
             MemoryBackend::Anonymous => return Ok(None),
             _ if c.ram_in_hugetlb_memfd() => (RamName::Memfd, 2 << 20),
             MemoryBackend::SharedFile(p) | MemoryBackend::PrivateFile(p) => {
-                (RamName::File(p), 4096)
+                // The maps name the file by its resolved path.
+                canonical = std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
+                (RamName::File(&canonical), 4096)
             }
         };
-        let map = populate::locate(self.pid(), name, c.mem_mib << 20)?;
+        // Best effort: a mapping forkd cannot find is left to QEMU's own
+        // pass (inside the pause, but correct). A page the host cannot give
+        // fails the branch here, before any pause.
+        let map = match populate::locate(self.pid(), name, c.mem_mib << 20) {
+            Ok(m) => m,
+            Err(_) => return Ok(None),
+        };
         let first = populate::populate(self.pid(), map, page)?;
         // The guest may free (and its balloon discard) pages behind the
         // first pass, which takes long when it allocates; a second pass,
