@@ -55,9 +55,10 @@ impl Backing {
         let huge_pages = match base {
             "4k" => HugePages::Off,
             "hugetlb" => HugePages::Hugetlb,
+            "hugetlb-on-demand" if !prealloc => HugePages::HugetlbOnDemand,
             _ => {
                 return Err(format!(
-                    "unknown backing {s:?}: 4k, hugetlb, 4k-prealloc or hugetlb-prealloc"
+                    "unknown backing {s:?}: 4k, hugetlb, hugetlb-on-demand, 4k-prealloc or hugetlb-prealloc"
                 ))
             }
         };
@@ -71,6 +72,7 @@ impl Backing {
         let base = match self.huge_pages {
             HugePages::Off => "4k",
             HugePages::Hugetlb => "hugetlb",
+            HugePages::HugetlbOnDemand => "hugetlb-on-demand",
         };
         format!("{base}{}", if self.prealloc { "-prealloc" } else { "" })
     }
@@ -81,7 +83,9 @@ impl Backing {
             match self.huge_pages {
                 HugePages::Off => "`memory-backend-file,share=on` on tmpfs (4 KiB pages)",
                 HugePages::Hugetlb =>
-                    "`memory-backend-memfd,share=on,hugetlb=on,hugetlbsize=2M` (2 MiB hugetlb pages)",
+                    "`memory-backend-memfd,share=on,hugetlb=on,hugetlbsize=2M` (2 MiB hugetlb pages from the static pool, `vm.nr_hugepages`)",
+                HugePages::HugetlbOnDemand =>
+                    "`memory-backend-memfd,share=on,hugetlb=on,hugetlbsize=2M,reserve=off` (2 MiB hugetlb pages taken as the guest touches them from the surplus pool forkd manages, `vm.nr_overcommit_hugepages`): **the default of `forkd create` as root**",
             },
             if self.prealloc { ", `prealloc=on`" } else { "" }
         )
@@ -203,8 +207,8 @@ fn main() -> Result<()> {
     let mut json = Vec::new();
     for &mib in &sizes {
         for &backing in &backings {
-            let hugetlb = backing.huge_pages == HugePages::Hugetlb;
-            let _pool = if hugetlb && reserve {
+            let hugetlb = backing.huge_pages != HugePages::Off;
+            let _pool = if backing.huge_pages == HugePages::Hugetlb && reserve {
                 Some(PoolReservation::grow_for(mib)?)
             } else {
                 None
@@ -232,18 +236,18 @@ fn main() -> Result<()> {
             json.extend(results);
         }
     }
-    let mut md = String::from("# bench/branch\n\nBRANCH of a running sandbox whose guest rewrites a quarter of its RAM continuously (forkd-memtest), live and full in the same run, for each RAM backing. Pause: STOP to RESUME by QEMU's event timestamps. QEMU downtime: `query-migrate`. Heartbeat gap: largest gap the host saw between lines of a 1 ms heartbeat loop in the guest, from just before the branch call until 50 ms after it returned (includes the exec channel's own jitter). Ready: branch call until the snapshot was published; GiB/s is guest RAM over the ready p50. The first branch of each sandbox populates its RAM (see hugepages.md) and is reported on its own: the p50 / p90 / p99 columns of live rows are over the branches after it (n = 1 + 19), those of full rows over all of them (p99 is the maximum with fewer than 100 samples). Times in ms.\n\nRAM backings:\n\n");
+    let mut md = String::from("# bench/branch\n\nBRANCH of a running sandbox whose guest rewrites a quarter of its RAM continuously (forkd-memtest), for each RAM backing, in one run. Pause: STOP to RESUME by QEMU's event timestamps (forkd stops the guest, freezes the disk, then `migrate`; guest RAM is populated before that, while the guest runs). Heartbeat gap (the guest-visible stall): largest gap the host saw between lines of a 1 ms heartbeat loop in the guest, from just before the branch call until 50 ms after it returned (includes the exec channel's own jitter and every write fault while RAM streams). Ready: branch call until the snapshot was published; GiB/s is guest RAM over the ready p50. Every statistic includes the first branch (p99 is the maximum with fewer than 100 samples). Host RAM: MiB the guest RAM's file or memfd holds, just after boot → after the branches. QEMU's own `downtime` figure is not shown: QEMU 7.2 counts it in whole milliseconds from its own (already stopped) state, and when that rounds to 0 it overwrites it at completion with the time until the end of the stream (the 300–1070 ms \"downtimes\" of earlier runs); it is in the JSON. Times in ms.\n\nRAM backings:\n\n");
     for b in &backings {
         md += &format!("- `{}`: {}\n", b.name(), b.describe());
     }
     md += "\n";
     md += &machine.markdown();
-    md += "\n| guest RAM | backing | mode | n | first pause | first ready | pause p50 / p90 / p99 | QEMU downtime p50 / p90 / p99 | heartbeat gap p50 / p90 / p99 | ready p50 / p90 / p99 | GiB/s |\n|---|---|---|---|---|---|---|---|---|---|---|\n";
+    md += "\n| guest RAM | backing | mode | n | first pause | pause p50 / p90 / p99 | heartbeat gap p50 / p90 / p99 | ready p50 / p90 / p99 | GiB/s | host RAM MiB idle → after |\n|---|---|---|---|---|---|---|---|---|---|\n";
     for r in &md_rows {
         md += r;
         md += "\n";
     }
-    md += "\nReproduce: `scripts/build-agent.sh && cargo build --release -p forkd-bench && target/release/branch --backings 4k,hugetlb-prealloc --reserve-hugepages`.\n";
+    md += "\nReproduce: `scripts/build-agent.sh && cargo build --release -p forkd-bench && target/release/branch --sizes 512,2048 --count 20 --full-count 0 --backings 4k,hugetlb-on-demand`.\n";
     write_results(
         &out,
         &serde_json::json!({ "machine": machine, "results": json }),
@@ -273,6 +277,17 @@ fn measure(
     let create_ms = t_create.elapsed().as_secs_f64() * 1000.0;
     eprintln!("{mib} MiB {name}: created in {create_ms:.0} ms");
     let dirty = (mib / 4).max(64);
+    // Host memory the guest's RAM holds, idle (just booted) and after the
+    // branches (QEMU 7.2 populates all of it for the first live branch).
+    let host_ram_mib = || -> Result<f64> {
+        let vm = fleet.control(&id)?;
+        let Some(f) = vm.guest_ram_file()? else {
+            return Ok(f64::NAN);
+        };
+        use std::os::unix::fs::MetadataExt;
+        Ok(std::fs::metadata(&f)?.blocks() as f64 * 512.0 / (1u64 << 20) as f64)
+    };
+    let idle_mib = host_ram_mib()?;
     {
         let vm = fleet.attach(&id)?;
         vm.agent()
@@ -333,6 +348,7 @@ fn measure(
         }
     }
     let branches_s = t_branches.elapsed().as_secs_f64();
+    let after_mib = host_ram_mib()?;
     fleet.kill(&id)?;
     let _ = hb.join();
 
@@ -340,12 +356,8 @@ fn measure(
     for mode in [Mode::Live, Mode::Full] {
         let all: Vec<&Run> = runs.iter().filter(|r| r.0 == mode).collect();
         let Some(first) = all.first() else { continue };
-        // Full mode has no first-branch effect: all of its branches count.
-        let steady: &[&Run] = if mode == Mode::Live && all.len() > 1 {
-            &all[1..]
-        } else {
-            &all
-        };
+        // Every statistic includes the first branch.
+        let steady: &[&Run] = &all;
         let stats = |f: &dyn Fn(&Run) -> Option<f64>| -> Option<Stats> {
             let v: Vec<Duration> = steady
                 .iter()
@@ -362,32 +374,29 @@ fn measure(
         let three = |s: &Stats| format!("{:.1} / {:.1} / {:.1}", s.median_ms, s.p90_ms, s.p99_ms);
         let first_ready = first.1.ready_ms.unwrap_or(0.0);
         rows.push(format!(
-            "| {mib} MiB | {name} | {mode:?} | {} | {:.1} | {:.0} | {} | {} | {} | {:.0} / {:.0} / {:.0} | {:.2} |",
-            if steady.len() < all.len() {
-                format!("1 + {}", steady.len())
-            } else {
-                format!("{} (all)", all.len())
-            },
+            "| {mib} MiB | {name} | {mode:?} | {} | {:.1} | {} | {} | {:.0} / {:.0} / {:.0} | {:.2} | {:.0} → {:.0} |",
+            all.len(),
             first.1.pause_ms,
-            first_ready,
             three(&pause),
-            down.as_ref().map(|d| format!("{:.0} / {:.0} / {:.0}", d.median_ms, d.p90_ms, d.p99_ms)).unwrap_or_else(|| "-".into()),
             three(&gap),
             ready.median_ms, ready.p90_ms, ready.p99_ms,
-            gibps
+            gibps,
+            idle_mib, after_mib,
         ));
+        let _ = first_ready;
         results.push(serde_json::json!({
             "mem_mib": mib, "backing": name, "mode": mode, "dirtying_mib": dirty, "heartbeat_baseline_gap_ms": baseline,
             "huge_pages": opts.huge_pages, "prealloc": opts.prealloc, "create_ms": create_ms,
             "first_pause_ms": first.1.pause_ms, "first_ready_ms": first.1.ready_ms,
             "first_qemu_downtime_ms": first.1.qemu_downtime_ms, "first_heartbeat_gap_ms": first.2,
-            "stats_exclude_first": mode == Mode::Live && all.len() > 1,
+            "stats_exclude_first": false,
             "pause_ms_each": all.iter().map(|r| r.1.pause_ms).collect::<Vec<_>>(),
             "qemu_downtime_ms_each": all.iter().map(|r| r.1.qemu_downtime_ms).collect::<Vec<_>>(),
             "heartbeat_gap_ms_each": all.iter().map(|r| r.2).collect::<Vec<_>>(),
             "ready_ms_each": all.iter().map(|r| r.1.ready_ms).collect::<Vec<_>>(),
             "pause": pause, "qemu_downtime": down, "heartbeat_gap": gap, "ready": ready, "gib_per_s": gibps,
             "wall_s_all_branches_of_sandbox": branches_s,
+            "host_ram_mib_idle": idle_mib, "host_ram_mib_after": after_mib,
         }));
     }
     Ok((rows, results))

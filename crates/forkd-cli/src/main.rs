@@ -446,18 +446,20 @@ struct CreateArgs {
     machine: MachineArgs,
     #[command(flatten)]
     lifetime: LifetimeArgs,
-    /// Back guest RAM with 2 MiB hugetlb pages: a live branch then pauses
-    /// for a few ms at any guest size (on 4 KiB pages the pause grows with
-    /// it). The host must have them reserved first, at least MEM/2 pages
-    /// for each such sandbox: `sysctl -w vm.nr_hugepages=N` (as root).
-    /// Full-mode snapshots (`snapshot`, `branch --mode full`) are not
-    /// available for such a sandbox: its RAM is in a memfd; branch it live.
+    /// Back guest RAM with 2 MiB hugetlb pages, so that a live branch
+    /// pauses for a few ms at any guest size. As root this is the default:
+    /// forkd lets the host's pool grow on demand by the guest's size while
+    /// it runs (`vm.nr_overcommit_hugepages`, see `forkd doctor`); a guest
+    /// costs the pages it touches (FORKD_HUGEPAGES=off in forkd's
+    /// environment opts out). Without root, or with --prealloc, the
+    /// pages come from the static pool the administrator reserved:
+    /// `sysctl -w vm.nr_hugepages=N`, at least MEM/2 per such sandbox.
     #[arg(long)]
     hugepages: bool,
-    /// Populate all guest RAM at start, so the first live branch does not
-    /// do it inside its pause. Costs the whole --mem in host memory from
-    /// the start (nothing extra with --hugepages: the pool is set aside
-    /// anyway); QEMU starts slower for large guests.
+    /// Populate all guest RAM at start. Costs the whole --mem in host
+    /// memory from the start; QEMU starts slower for large guests. Without
+    /// it forkd populates RAM before a live branch's pause, while the
+    /// guest runs, so the first branch is as short as the next ones.
     #[arg(long)]
     prealloc: bool,
     #[command(flatten)]

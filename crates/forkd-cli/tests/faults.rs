@@ -339,7 +339,14 @@ fn kill_writer(w: &World, id: &str, tag: &str, point: Point, mid_bytes: u64) -> 
     assert_eq!(snap["status"], "failed", "{snap}");
     assert!(staging().is_none() && !w.home.join("snapshots").join(tag).exists());
     let error = snap["error"].as_str().unwrap().to_string();
-    assert!(error.contains("killed by signal 9"), "{error}");
+    // Two observers race to record it: the writer's guard, which saw the
+    // signal, or (on a loaded host, first) the next forkd command, which
+    // only sees the writer gone.
+    assert!(
+        error.contains("killed by signal 9")
+            || error.contains("writer died before it was complete"),
+        "{error}"
+    );
     eprintln!("{tag}: exec answered {took:?} after the kill; recorded: {error}");
     (took, error)
 }

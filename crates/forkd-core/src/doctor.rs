@@ -328,36 +328,32 @@ fn writable_dir(dir: &Path) -> bool {
     unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) == 0 }
 }
 
-/// The 2 MiB huge-page pool `forkd create --hugepages` sandboxes use.
+/// The 2 MiB huge pages sandboxes run on by default: whether forkd can let
+/// the pool grow on demand (crate::hugepool), what it holds now, and the
+/// static pool `--hugepages --prealloc` takes from.
 fn huge_pages_check() -> Check {
     use crate::hugepages::HugePagePool;
-    match HugePagePool::read() {
-        Err(e) => check(
-            "hugepages",
-            Level::Warn,
-            format!("{e}: `forkd create --hugepages` will fail"),
-            None,
+    let managed = match crate::hugepool::unavailable() {
+        None => match crate::hugepool::status() {
+            Some((original, pages, n)) => format!(
+                "sandboxes run on 2 MiB huge pages taken on demand: forkd raised vm.nr_overcommit_hugepages from {original} by {pages} for {n} running sandbox(es) and puts {original} back when none is left"
+            ),
+            None => "sandboxes run on 2 MiB huge pages taken on demand: forkd raises vm.nr_overcommit_hugepages by each sandbox's size while it runs (no memory is set aside; a guest costs the pages it touches) and puts the host's value back when none is left".to_string(),
+        },
+        Some(why) => format!(
+            "sandboxes run on 4 KiB pages ({why}): live-branch pauses grow with guest size; run forkd as root for on-demand huge pages"
         ),
-        Ok(pool) if pool.total == 0 => check(
+    };
+    match HugePagePool::read() {
+        Err(e) => check("hugepages", Level::Warn, format!("{managed}; {e}"), None),
+        Ok(pool) => check(
             "hugepages",
-            Level::Ok,
+            if crate::hugepool::unavailable().is_none() { Level::Ok } else { Level::Warn },
             format!(
-                "no 2 MiB huge pages reserved (only `forkd create --hugepages` needs them, MEM/2 per sandbox; it keeps live-branch pauses flat): `{}` reserves 1 GiB",
-                pool.reserve_command(512)
+                "{managed}; hugetlb pool now (static vm.nr_hugepages, taken by --hugepages --prealloc, plus surplus): {} pages, {} free, {} reserved",
+                pool.total, pool.free, pool.reserved
             ),
             None,
         ),
-        Ok(pool) => {
-            let largest = pool.available() * 2;
-            check(
-                "hugepages",
-                Level::Ok,
-                format!(
-                    "2 MiB pool: {} pages total, {} free ({} of them reserved by running sandboxes): `forkd create --hugepages` sandboxes can use it, up to --mem {largest} more",
-                    pool.total, pool.free, pool.reserved
-                ),
-                None,
-            )
-        }
     }
 }

@@ -1,10 +1,12 @@
-//! The host's pool of 2 MiB huge pages, which `--hugepages` sandboxes take
-//! their RAM from (`memory-backend-memfd,hugetlb=on,hugetlbsize=2M`).
+//! The host's static pool of 2 MiB huge pages, which sandboxes take their
+//! RAM from when forkd cannot manage an on-demand pool (not root) or when
+//! asked to preallocate (`memory-backend-memfd,hugetlb=on,hugetlbsize=2M`).
 //!
 //! Reads the pool and checks it before a launch, so that a short pool is
 //! refused with the `sysctl` that fixes it instead of QEMU's "unable to map
-//! backing store". It never changes the pool: reserving memory for huge
-//! pages is the host administrator's decision.
+//! backing store". It never changes the static pool: reserving memory for
+//! huge pages is the host administrator's decision. The on-demand (surplus)
+//! pool forkd does manage is [`crate::hugepool`].
 
 use serde::Serialize;
 

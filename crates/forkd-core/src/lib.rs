@@ -26,6 +26,7 @@ pub mod fleet;
 mod guest;
 pub mod helper;
 pub mod hugepages;
+pub mod hugepool;
 pub mod images;
 pub(crate) mod netgw;
 mod ops;

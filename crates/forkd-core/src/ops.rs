@@ -56,11 +56,6 @@ fn boot_options(req: &CreateRequest) -> BootOptions {
             cpu_quota_pct: req.cpu_quota_pct,
         },
         tcg_tb_mib: req.tcg_tb_mib,
-        huge_pages: if req.huge_pages {
-            forkd_vm::HugePages::Hugetlb
-        } else {
-            forkd_vm::HugePages::Off
-        },
         prealloc: req.prealloc,
         ..BootOptions::default()
     }
@@ -89,7 +84,18 @@ impl Operations for Fleet {
             },
             progress,
         )?;
-        let (sandbox, boot) = Fleet::create(self, &artifacts, name, &boot_options(req))?;
+        let mut opts = boot_options(req);
+        let (pages, note) = crate::hugepool::choose(
+            req.huge_pages,
+            req.prealloc,
+            opts.mem_mib,
+            crate::hugepool::unavailable(),
+        );
+        opts.huge_pages = pages;
+        if let Some(note) = note {
+            progress(&note);
+        }
+        let (sandbox, boot) = Fleet::create(self, &artifacts, name, &opts)?;
         if let Err(e) = self.start_lifetime(&sandbox.id, &req.settings) {
             let _ = Fleet::kill(self, &sandbox.id);
             return Err(e.into());

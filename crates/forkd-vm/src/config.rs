@@ -36,8 +36,16 @@ pub enum HugePages {
     /// The host must have them reserved (`vm.nr_hugepages`), or QEMU fails
     /// at start. RAM lives in an anonymous memfd, not in the backend's file
     /// path (nothing to clean up; it goes when QEMU exits); a live branch
-    /// streams it, a snapshot that copies the RAM file cannot be taken.
+    /// streams it, a full snapshot reads it through `/proc/PID/fd`
+    /// ([`crate::Vm::guest_ram_file`]).
     Hugetlb,
+    /// 2 MiB hugetlb pages taken as the guest touches them
+    /// (`reserve=off`: no reservation at start, so a guest costs the host
+    /// only what it uses). The host's pool must be able to grow on demand
+    /// (`vm.nr_overcommit_hugepages`, which forkd-core manages as root): a
+    /// fault the pool cannot serve kills QEMU with SIGBUS.
+    #[serde(rename = "hugetlb-on-demand")]
+    HugetlbOnDemand,
 }
 
 /// A virtio-blk disk: a qcow2 overlay whose backing file is a read-only base.
@@ -199,7 +207,7 @@ impl VmConfig {
                 self.hostname
             ));
         }
-        if self.huge_pages == HugePages::Hugetlb && !self.mem_mib.is_multiple_of(2) {
+        if self.huge_pages != HugePages::Off && !self.mem_mib.is_multiple_of(2) {
             return Err(format!(
                 "--mem {} MiB is not a multiple of the 2 MiB huge page size",
                 self.mem_mib
@@ -245,7 +253,7 @@ impl VmConfig {
     }
 
     pub fn ram_in_hugetlb_memfd(&self) -> bool {
-        self.huge_pages == HugePages::Hugetlb && matches!(self.memory, MemoryBackend::SharedFile(_))
+        self.huge_pages != HugePages::Off && matches!(self.memory, MemoryBackend::SharedFile(_))
     }
 
     /// Extra time QEMU may take before it answers on QMP and the guest
@@ -332,6 +340,9 @@ impl VmConfig {
                 };
                 if share && self.prealloc {
                     obj.push_str(",prealloc=on");
+                }
+                if self.ram_in_hugetlb_memfd() && self.huge_pages == HugePages::HugetlbOnDemand {
+                    obj.push_str(",reserve=off");
                 }
                 push(&["-object", &obj, "-machine", "memory-backend=mem0"]);
             }
@@ -565,6 +576,18 @@ mod tests {
         old.as_object_mut().unwrap().remove("prealloc");
         let back: VmConfig = serde_json::from_value(old).unwrap();
         assert_eq!((back.huge_pages, back.prealloc), (HugePages::Off, false));
+        c.memory = MemoryBackend::SharedFile("/dev/shm/x/ram".into());
+        c.huge_pages = HugePages::HugetlbOnDemand;
+        c.prealloc = false;
+        assert_eq!(
+            mem_object(&c),
+            "memory-backend-memfd,id=mem0,size=256M,share=on,hugetlb=on,hugetlbsize=2M,reserve=off"
+        );
+        assert!(c.ram_in_hugetlb_memfd());
+        assert_eq!(
+            serde_json::to_value(HugePages::HugetlbOnDemand).unwrap(),
+            "hugetlb-on-demand"
+        );
         let mut odd = config();
         odd.memory = MemoryBackend::SharedFile("/dev/shm/x/ram".into());
         odd.huge_pages = HugePages::Hugetlb;

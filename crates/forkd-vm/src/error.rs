@@ -40,6 +40,8 @@ pub enum VmError {
     NotRunning { pid: u32 },
     #[error("{what} failed: {reason}")]
     Migration { what: &'static str, reason: String },
+    #[error("populating guest RAM before a live snapshot: {0}")]
+    Populate(#[from] crate::populate::PopulateError),
     #[error(transparent)]
     Qmp(#[from] QmpError),
     #[error(transparent)]

@@ -6,7 +6,8 @@
 //! the QMP client ([`qmp`]), the one place that speaks QEMU migration
 //! ([`migration`]: device state, live snapshots), disk overlays and disk
 //! freezing ([`disk`]), the run directory ([`rundir`]), host process facts
-//! ([`process`]), thawing a QEMU a failed live snapshot froze
+//! ([`process`]), populating QEMU's guest-RAM mapping from outside
+//! ([`populate`]), thawing a QEMU a failed live snapshot froze
 //! ([`unfreeze`]) and the VM handle with its lifecycle ([`vm`]). It knows nothing about
 //! snapshots, sandboxes or the state database: callers above decide what to
 //! run; this crate starts it, talks to it and cleans up after it.
@@ -19,6 +20,7 @@ pub mod disk;
 mod error;
 mod launch;
 pub mod migration;
+pub mod populate;
 pub mod process;
 pub mod qmp;
 pub mod rundir;

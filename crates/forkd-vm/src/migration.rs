@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::config::MemoryBackend;
 use crate::disk::PreparedDiskSnapshot;
+use crate::populate::{self, RamName};
 use crate::qmp::{event_time, Qmp};
 use crate::vm::Vm;
 use crate::VmError;
@@ -73,6 +75,9 @@ pub struct LivePause {
     pub pause: Duration,
     /// The disk image frozen at the pause, when a disk was prepared.
     pub frozen_disk: Option<PathBuf>,
+    /// How long populating guest RAM took before the pause, while the guest
+    /// ran ([`crate::populate`]); `None` for anonymous RAM.
+    pub populated_in: Option<Duration>,
 }
 
 /// What a stopped snapshot (pause, save, copy, resume) did.
@@ -285,6 +290,17 @@ impl Vm {
         if let Some(reason) = crate::confine::userfaultfd_denied(self.pid()) {
             return Err(VmError::Migration { what: WHAT, reason });
         }
+        // QEMU populates guest RAM before it write-protects it; doing it
+        // first, while the guest runs, keeps it out of the pause below.
+        let populated_in = match self.populate_guest_ram() {
+            Ok(t) => t,
+            Err(e) => {
+                if let Some(d) = disk {
+                    self.abandon_disk_snapshot(d);
+                }
+                return Err(e);
+            }
+        };
         set_capabilities(&mut self.qmp(), Purpose::BackgroundSnapshot)?;
         // We connect and hand QEMU the connection: a QEMU that dropped its
         // privileges could not open the listener's socket itself.
@@ -339,7 +355,55 @@ impl Vm {
             (Some(a), Some(b)) if b >= a => Duration::from_secs_f64(b - a),
             _ => t0.elapsed(),
         };
-        Ok(LivePause { pause, frozen_disk })
+        Ok(LivePause {
+            pause,
+            frozen_disk,
+            populated_in,
+        })
+    }
+
+    /// A path that reads this VM's guest RAM as a file: the RAM file, or
+    /// for hugetlb RAM QEMU's memfd through `/proc/PID/fd`. `None` for
+    /// anonymous RAM and for a child (it maps an image it never changes).
+    pub fn guest_ram_file(&self) -> Result<Option<PathBuf>, VmError> {
+        let c = self.config();
+        if c.ram_in_hugetlb_memfd() {
+            return Ok(Some(populate::memfd_path(self.pid())?));
+        }
+        Ok(match &c.memory {
+            MemoryBackend::SharedFile(p) => Some(p.clone()),
+            _ => None,
+        })
+    }
+
+    /// Populates this VM's guest-RAM mapping in QEMU's address space
+    /// ([`crate::populate`]); `None` when RAM is anonymous (QEMU's own pass
+    /// maps the shared zero page there, nothing to allocate).
+    fn populate_guest_ram(&self) -> Result<Option<Duration>, VmError> {
+        let c = self.config();
+        let canonical;
+        let (name, page) = match &c.memory {
+            MemoryBackend::Anonymous => return Ok(None),
+            _ if c.ram_in_hugetlb_memfd() => (RamName::Memfd, 2 << 20),
+            MemoryBackend::SharedFile(p) | MemoryBackend::PrivateFile(p) => {
+                // The maps name the file by its resolved path.
+                canonical = std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
+                (RamName::File(&canonical), 4096)
+            }
+        };
+        // Best effort: a mapping forkd cannot find is left to QEMU's own
+        // pass (inside the pause, but correct). A page the host cannot give
+        // fails the branch here, before any pause.
+        let map = match populate::locate(self.pid(), name, c.mem_mib << 20) {
+            Ok(m) => m,
+            Err(_) => return Ok(None),
+        };
+        let first = populate::populate(self.pid(), map, page)?;
+        // The guest may free (and its balloon discard) pages behind the
+        // first pass, which takes long when it allocates; a second pass,
+        // quick when everything is present, narrows that window to itself.
+        let second = populate::populate(self.pid(), map, page)?;
+        Ok(Some(first + second))
     }
 
     /// Waits until QEMU's outgoing migration (a live snapshot streaming out)

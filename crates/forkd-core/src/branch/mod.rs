@@ -171,12 +171,18 @@ impl Fleet {
                     reason: outcome.snapshot.error.unwrap_or_default(),
                 });
             }
-            // QEMU reports the guest downtime once the snapshot completed.
+            // QEMU reports the guest downtime once the snapshot completed:
+            // its own part of the pause (forkd stopped the guest first), in
+            // whole ms. QEMU 7.2 stores it when it resumes the guest, and
+            // when that rounds to 0 overwrites it at completion with the
+            // time until the end of the stream: a figure longer than the
+            // pause it is part of is that one, and is not a downtime.
             outcome.qemu_downtime_ms = self
                 .control(id)
                 .ok()
                 .and_then(|vm| vm.migration_info().ok())
-                .and_then(|m| m.downtime_ms);
+                .and_then(|m| m.downtime_ms)
+                .filter(|d| *d <= pause_ms.ceil());
         }
         Ok(outcome)
     }

@@ -23,10 +23,10 @@ impl Fleet {
     ) -> Result<(Sandbox, Duration), CoreError> {
         let accel =
             forkd_vm::accel::choose(opts.accel, &HostProbe::read()).map_err(CoreError::Accel)?;
-        let hugetlb = opts.huge_pages == forkd_vm::HugePages::Hugetlb;
-        if hugetlb {
+        if opts.huge_pages == forkd_vm::HugePages::Hugetlb {
             crate::hugepages::preflight(opts.mem_mib)?;
         }
+        let hugetlb = opts.huge_pages != forkd_vm::HugePages::Off;
         // Its RAM is a file on the runtime tmpfs that grows to the whole
         // guest as it is touched (a hugetlb memfd takes nothing there).
         let admitted = admission::admit(
@@ -39,6 +39,14 @@ impl Fleet {
             },
         )?;
         let id = new_id("sb");
+        // On-demand huge pages: the pool may grow by this guest's size for
+        // as long as its QEMU runs (crate::hugepool).
+        let on_demand = opts.huge_pages == forkd_vm::HugePages::HugetlbOnDemand;
+        let pages = crate::hugepages::HugePagePool::pages_for(opts.mem_mib);
+        if on_demand {
+            crate::hugepool::claim(&id, pages)?;
+        }
+        let claim = ClaimGuard(on_demand.then(|| id.clone()));
         let mut run_dir = RunDir::create(&self.sandboxes_dir(), &id)?;
         run_dir.keep();
         let cleanup = DirGuard(run_dir.path().to_path_buf());
@@ -66,12 +74,49 @@ impl Fleet {
                 restore: None,
                 on_spawn: Some(starting.spawn_hook()),
             },
-        )?;
+        )
+        .map_err(|e| explain_sigbus(e, on_demand, opts.mem_mib))?;
         let boot = vm.boot_time();
         self.adopt(vm.pid(), vm.pid_start());
+        if on_demand {
+            crate::hugepool::bind(&id, pages, vm.pid(), vm.pid_start())?;
+        }
         let sandbox = starting.finish(vm.pid(), vm.pid_start(), SandboxState::Running)?;
         vm.detach();
         cleanup.disarm();
+        claim.disarm();
         Ok((sandbox, boot))
+    }
+}
+
+/// Drops a sandbox's huge-page claim when its create fails.
+struct ClaimGuard(Option<String>);
+
+impl ClaimGuard {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for ClaimGuard {
+    fn drop(&mut self) {
+        if let Some(id) = self.0.take() {
+            let _ = crate::hugepool::release(&id);
+        }
+    }
+}
+
+/// A QEMU on on-demand huge pages that died of SIGBUS touched a page the
+/// host's pool could not give: say so instead of "killed by signal 7".
+fn explain_sigbus(e: forkd_vm::VmError, on_demand: bool, mem_mib: u64) -> CoreError {
+    match &e {
+        forkd_vm::VmError::ExitedDuringBoot { status, .. }
+            if on_demand && status.contains("SIGBUS") =>
+        {
+            CoreError::HugePages(format!(
+                "the guest ({mem_mib} MiB on 2 MiB huge pages taken on demand) touched a page the host could not give (QEMU was {status}): free memory ran out in 2 MiB blocks, or another program holds the surplus huge pages; free memory, or run forkd with FORKD_HUGEPAGES=off for 4 KiB pages"
+            ))
+        }
+        _ => e.into(),
     }
 }

@@ -297,6 +297,8 @@ impl Fleet {
         if let Some(name) = row.run_dir.file_name() {
             forkd_vm::cgroup::release(&name.to_string_lossy());
         }
+        // Its huge-page claim ends with its QEMU; the limit follows.
+        let _ = crate::hugepool::settle();
         let dir = row.run_dir.as_path();
         if dir.starts_with(self.sandboxes_dir()) {
             let _ = std::fs::remove_dir_all(dir);

@@ -22,23 +22,19 @@ impl Fleet {
         forkd_store::validate_tag(tag)?;
         let t_start = Instant::now();
         let (row, config) = self.sandbox(id)?;
-        if config.vm.ram_in_hugetlb_memfd() {
+        if !matches!(config.vm.memory, MemoryBackend::SharedFile(_)) {
             return Err(CoreError::NoFullSnapshot {
                 id: id.into(),
-                reason: "it runs on huge pages: its RAM is in a hugetlb memfd, not a file a full snapshot could copy",
+                reason: "it maps its RAM from a snapshot image",
             });
         }
-        let ram = match &config.vm.memory {
-            MemoryBackend::SharedFile(p) => p.clone(),
-            _ => {
-                return Err(CoreError::NoFullSnapshot {
-                    id: id.into(),
-                    reason: "it maps its RAM from a snapshot image",
-                })
-            }
-        };
         let _one_at_a_time = self.branch_lock(id, &row.run_dir)?;
         let vm = self.control(id)?;
+        // The RAM file, or QEMU's hugetlb memfd read through /proc.
+        let ram = vm.guest_ram_file()?.ok_or(CoreError::NoFullSnapshot {
+            id: id.into(),
+            reason: "its RAM is not in a file",
+        })?;
         let _writing = self.claim_tag(tag, id, row.snapshot.as_deref())?;
         let written = (|| {
             let staging = self.store.stage(tag)?;

@@ -1,0 +1,112 @@
+//! `bench/branch_plot`: draws `bench/results/branch.svg` from the JSON that
+//! bench/branch wrote (one or more runs, e.g. `branch` and `branch-4k`): the
+//! live-branch pause p50 and p99 and the guest-visible stall (heartbeat gap)
+//! p50 against guest RAM size, one colour per RAM backing, log scales.
+//!
+//!     cargo run --release -p forkd-bench --bin branch_plot -- [NAME ...]   # default: branch branch-4k
+
+use anyhow::{Context, Result};
+use plotters::prelude::*;
+use serde_json::Value;
+
+/// One line of the plot.
+struct Series {
+    label: String,
+    color: RGBColor,
+    dashed: bool,
+    points: Vec<(f64, f64)>,
+}
+
+fn main() -> Result<()> {
+    let mut names: Vec<String> = std::env::args().skip(1).collect();
+    if names.is_empty() {
+        names = vec!["branch".into(), "branch-4k".into()];
+    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("results");
+    let mut rows: Vec<Value> = Vec::new();
+    for n in &names {
+        let path = dir.join(format!("{n}.json"));
+        let v: Value = serde_json::from_slice(
+            &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+        )?;
+        if let Some(r) = v["results"].as_array() {
+            rows.extend(r.iter().filter(|r| r["mode"] == "Live").cloned());
+        }
+    }
+    let mut backings: Vec<String> = rows
+        .iter()
+        .filter_map(|r| r["backing"].as_str().map(str::to_string))
+        .collect();
+    backings.sort();
+    backings.dedup();
+    let palette = [BLUE, RED, GREEN, MAGENTA, CYAN];
+    let mut series = Vec::new();
+    for (i, b) in backings.iter().enumerate() {
+        let color = palette[i % palette.len()];
+        let mut of = |what: &str, field: &str, key: &str, dashed: bool| {
+            let mut points: Vec<(f64, f64)> = rows
+                .iter()
+                .filter(|r| r["backing"] == b.as_str())
+                .filter_map(|r| {
+                    Some((
+                        r["mem_mib"].as_f64()? / 1024.0,
+                        r[field][key].as_f64()?.max(0.1),
+                    ))
+                })
+                .collect();
+            points.sort_by(|a, b| a.0.total_cmp(&b.0));
+            series.push(Series {
+                label: format!("{b}: {what}"),
+                color,
+                dashed,
+                points,
+            });
+        };
+        of("pause p50", "pause", "median_ms", false);
+        of("pause p99", "pause", "p99_ms", true);
+        of("guest stall p50", "heartbeat_gap", "median_ms", true);
+    }
+    let out = dir.join("branch.svg");
+    let root = SVGBackend::new(&out, (900, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "live BRANCH: pause and guest stall vs guest RAM",
+            ("sans-serif", 20),
+        )
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d((0.4f64..10.0).log_scale(), (1.0f64..5000.0).log_scale())?;
+    chart
+        .configure_mesh()
+        .x_desc("guest RAM, GiB")
+        .y_desc("ms")
+        .draw()?;
+    for s in &series {
+        let style = ShapeStyle::from(&s.color).stroke_width(2);
+        let drawn = if s.dashed {
+            chart.draw_series(DashedLineSeries::new(s.points.clone(), 6, 4, style))?
+        } else {
+            chart.draw_series(LineSeries::new(s.points.clone(), style))?
+        };
+        let c = s.color;
+        drawn
+            .label(s.label.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c));
+        chart.draw_series(
+            s.points
+                .iter()
+                .map(|p| Circle::new(*p, 3, ShapeStyle::from(&s.color).filled())),
+        )?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()?;
+    root.present()?;
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}
