@@ -378,6 +378,7 @@ impl LifetimeArgs {
             labels: parse_labels(&self.labels)?.into_iter().collect(),
             env: parse_env(&self.env)?,
             cwd: self.cwd.clone(),
+            access_token: None,
         })
     }
 }

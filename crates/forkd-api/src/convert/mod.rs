@@ -191,6 +191,7 @@ pub fn settings_from_wire(
         labels: labels.clone(),
         env: env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         cwd: cwd.map(str::to_string),
+        access_token: None,
     }
 }
 
@@ -262,6 +263,7 @@ pub fn sandbox_from_wire(s: api::SandboxInfo) -> ops::Sandbox {
         branches: s.branch_count,
         network: s.network.map(network_from_wire).unwrap_or_default(),
         lifetime: lifetime_from_wire(s.lifetime),
+        access_token: None,
         id: s.id,
     }
 }
@@ -810,6 +812,7 @@ mod tests {
                 env: vec![("A".into(), "1".into()), ("B".into(), "2".into())],
                 cwd: Some("/work".into()),
             },
+            access_token: None,
         }
     }
 
@@ -909,6 +912,7 @@ mod tests {
                 labels: [("k".to_string(), "v".to_string())].into(),
                 env: vec![("A".into(), "1".into())],
                 cwd: Some("/srv".into()),
+                access_token: None,
             },
             ..Default::default()
         };
