@@ -412,6 +412,7 @@ impl Operations for Fleet {
                 .map(|(i, r)| match (r, lost_slot(i)) {
                     (_, Some(e)) => Err(e),
                     (Ok(mut c), None) => {
+                        c.sandbox.access_token = req.settings.access_token.clone();
                         if let Some(life) = &life {
                             c.sandbox.lifetime = life.clone();
                         }

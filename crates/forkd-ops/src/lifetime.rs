@@ -282,6 +282,25 @@ mod tests {
             labels: [("team".to_string(), "a".to_string())].into(),
             env: vec![("A".into(), "1".into()), ("B".into(), "2".into())],
             cwd: Some("/tmp".into()),
+            access_token: None,
+        }
+    }
+
+    #[test]
+    fn an_access_token_is_checked_and_shapes_no_lifetime() {
+        let only_token = Settings {
+            access_token: Some("fkd_abc".into()),
+            ..Settings::default()
+        };
+        assert!(only_token.validate().is_ok());
+        assert!(!only_token.shapes_lifetime());
+        assert!(settings().shapes_lifetime());
+        for bad in ["", "with space", "tab\t", &"x".repeat(MAX_ACCESS_TOKEN + 1)] {
+            let s = Settings {
+                access_token: Some(bad.to_string()),
+                ..Settings::default()
+            };
+            assert!(s.validate().is_err(), "{bad:?}");
         }
     }
 
