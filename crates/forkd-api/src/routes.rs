@@ -453,6 +453,41 @@ pub const ROUTES: &[Route] = &[
     },
     Route {
         mutating: true,
+        request: Some("PushRequest"),
+        responses: &[
+            ok(
+                200,
+                "One JSON object per line as the push goes: progress, then its result or error.",
+                Body::NdJson("TransferEvent"),
+            ),
+            no_body(404, "No such snapshot."),
+        ],
+        ..route(
+            Method::Post,
+            "/v1/snapshots/{tag}/push",
+            "pushSnapshot",
+            "forkd: push a snapshot and its chain to an OCI registry (NDJSON progress).",
+            "snapshots",
+        )
+    },
+    Route {
+        mutating: true,
+        request: Some("PullRequest"),
+        responses: &[ok(
+            200,
+            "One JSON object per line as the pull goes: progress, then its result or error.",
+            Body::NdJson("TransferEvent"),
+        )],
+        ..route(
+            Method::Post,
+            "/v1/snapshots/pull",
+            "pullSnapshot",
+            "forkd: pull a snapshot from an OCI registry, verify and publish it (NDJSON progress).",
+            "snapshots",
+        )
+    },
+    Route {
+        mutating: true,
         request: Some("ExecRequest"),
         responses: &[
             ok(
@@ -927,6 +962,9 @@ fn component_schemas() -> Map<String, Value> {
     gen.subschema_for::<ExecRequest>();
     gen.subschema_for::<ExecResponse>();
     gen.subschema_for::<ExecEvent>();
+    gen.subschema_for::<PushRequest>();
+    gen.subschema_for::<PullRequest>();
+    gen.subschema_for::<TransferEvent>();
     gen.subschema_for::<EvalRequest>();
     gen.subschema_for::<EvalResponse>();
     gen.subschema_for::<PingResponse>();

@@ -168,7 +168,7 @@ pub fn ls(ops: &dyn Operations, labels: &[(String, String)], json: bool) -> Resu
     Ok(ExitCode::SUCCESS)
 }
 
-fn age(secs: u64) -> String {
+pub(crate) fn age(secs: u64) -> String {
     match secs {
         s if s < 60 => format!("{s}s"),
         s if s < 3600 => format!("{}m", s / 60),
@@ -290,7 +290,7 @@ pub fn cp(ops: &dyn Operations, src: &str, dst: &str, quiet: bool, json: bool) -
     Ok(ExitCode::SUCCESS)
 }
 
-fn human_bytes(b: u64) -> String {
+pub(crate) fn human_bytes(b: u64) -> String {
     match b {
         b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
         b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),

@@ -6,8 +6,11 @@ mod commands;
 mod cp;
 mod exit;
 mod hints;
+mod images;
 mod remote;
 mod signals;
+mod transfer;
+mod tree;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -149,6 +152,40 @@ enum FleetCommand {
         /// The snapshot's tag.
         tag: String,
         /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Snapshots and sandboxes as a lineage tree (status, layer size, age).
+    Tree {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Push a snapshot (with its chain of parents) to an OCI registry.
+    Push {
+        /// The snapshot's tag.
+        tag: String,
+        /// Where: HOST[:PORT]/REPOSITORY[:TAG], e.g. 127.0.0.1:5000/team/agent:v3.
+        reference: String,
+        /// Plain HTTP to the registry (loopback registries); HTTPS otherwise.
+        #[arg(long)]
+        insecure: bool,
+        /// Print JSON instead of text (and no progress).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pull a snapshot from an OCI registry (only what this host lacks),
+    /// verify it and publish it.
+    Pull {
+        /// HOST[:PORT]/REPOSITORY[:TAG].
+        reference: String,
+        /// Local tag (default: the tag it was pushed with).
+        #[arg(long)]
+        tag: Option<String>,
+        /// Plain HTTP to the registry (loopback registries); HTTPS otherwise.
+        #[arg(long)]
+        insecure: bool,
+        /// Print JSON instead of text (and no progress).
         #[arg(long)]
         json: bool,
     },
@@ -516,10 +553,38 @@ struct RunArgs {
 
 #[derive(Subcommand)]
 enum ImageCommand {
-    /// Build (or find cached) kernel, initramfs and root image; print their paths.
+    /// Build (or find cached) kernel, initramfs and root image; print their
+    /// paths (and, for --from-dir and --packages, the image's name for
+    /// `--image`).
     Build {
         #[command(flatten)]
         guest: GuestArgs,
+        /// Build the root image from this directory (a root tree: it needs
+        /// /bin/sh for commands; owners, modes and links are kept; the
+        /// directory is only read). Cached by its content.
+        #[arg(long, value_name = "DIR", conflicts_with = "packages")]
+        from_dir: Option<PathBuf>,
+        /// Extra Debian packages for the debian-python image, comma
+        /// separated (`--packages git,curl`); each set is its own image.
+        #[arg(long, value_name = "A,B,C", value_delimiter = ',')]
+        packages: Vec<String>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the root images built here: name (for `--image`), kind, size
+    /// and the sandboxes and snapshots whose disks back onto each.
+    Ls {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete root images; refused for one a sandbox or snapshot still
+    /// backs onto.
+    Rm {
+        /// Image names, as `forkd image ls` shows them.
+        #[arg(required = true)]
+        names: Vec<String>,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -547,8 +612,8 @@ fn main() -> ExitCode {
         Command::Doctor { repair, json } => {
             remote::local_only(remote.as_deref(), "doctor").and_then(|()| doctor_cmd(repair, json))
         }
-        Command::Image(ImageCommand::Build { guest, json }) => {
-            remote::local_only(remote.as_deref(), "image").and_then(|()| image_build(&guest, json))
+        Command::Image(command) => {
+            remote::local_only(remote.as_deref(), "image").and_then(|()| image_command(command))
         }
         Command::Daemon(args) => {
             remote::local_only(remote.as_deref(), "daemon").and_then(|()| daemon(args))
@@ -640,6 +705,19 @@ fn fleet_command(owned: Box<dyn forkd_ops::Operations>, command: FleetCommand) -
             (None, false) => anyhow::bail!("name a snapshot to delete, or pass --failed"),
         },
         Command::Gc { json } => commands::gc(ops, json),
+        Command::Tree { json } => tree::tree(ops, json),
+        Command::Push {
+            tag,
+            reference,
+            insecure,
+            json,
+        } => transfer::push(ops, &tag, &reference, insecure, json),
+        Command::Pull {
+            reference,
+            tag,
+            insecure,
+            json,
+        } => transfer::pull(ops, &reference, tag, insecure, json),
         Command::Spawn {
             tag,
             n,
@@ -865,32 +943,24 @@ fn doctor_cmd(repair: bool, json: bool) -> Result<ExitCode> {
     })
 }
 
-fn image_build(guest: &GuestArgs, json: bool) -> Result<ExitCode> {
-    let env = Env::from_process();
-    let t0 = Instant::now();
-    let a = forkd_core::artifacts::ensure(&env, &guest.artifact_options()?, &progress)
-        .map_err(forkd_ops::OpError::from)?;
-    let took = t0.elapsed();
-    if json {
-        let v = serde_json::json!({
-            "kernel": a.kernel.vmlinuz, "kernel_version": a.kernel.version,
-            "initramfs": a.initramfs, "rootfs": a.rootfs, "seconds": took.as_secs_f64(),
-        });
-        println!("{}", serde_json::to_string_pretty(&v)?);
-    } else {
-        println!(
-            "kernel     {} ({})",
-            a.kernel.vmlinuz.display(),
-            a.kernel.version
-        );
-        println!("initramfs  {}", a.initramfs.display());
-        match &a.rootfs {
-            Some(r) => println!("rootfs     {}", r.display()),
-            None => println!("rootfs     none"),
-        }
-        eprintln!("forkd: ready in {:.1} s", took.as_secs_f64());
+fn image_command(command: ImageCommand) -> Result<ExitCode> {
+    match command {
+        ImageCommand::Build {
+            guest,
+            from_dir,
+            packages,
+            json,
+        } => images::build(
+            &guest.artifact_options()?,
+            &images::BuildFrom {
+                dir: from_dir,
+                packages,
+            },
+            json,
+        ),
+        ImageCommand::Ls { json } => images::ls(json),
+        ImageCommand::Rm { names, json } => images::rm(&names, json),
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(clap::Args)]

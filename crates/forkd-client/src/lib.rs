@@ -702,6 +702,79 @@ impl Operations for Client {
         let g: api::GcResponse = self.json("POST", "/v1/gc", None)?;
         Ok(convert::gc_from_wire(g))
     }
+
+    fn push(
+        &self,
+        req: &forkd_ops::PushRequest,
+        progress: forkd_ops::OnTransfer<'_>,
+    ) -> Result<forkd_ops::PushOutcome, OpError> {
+        segment("tag", &req.tag)?;
+        let body = to_value(convert::push_to_wire(req));
+        let r = self.transfer(&format!("/v1/snapshots/{}/push", req.tag), &body, progress)?;
+        Ok(convert::pushed_from_wire(&r))
+    }
+
+    fn pull(
+        &self,
+        req: &forkd_ops::PullRequest,
+        progress: forkd_ops::OnTransfer<'_>,
+    ) -> Result<forkd_ops::PullOutcome, OpError> {
+        let body = to_value(convert::pull_to_wire(req));
+        let r = self.transfer("/v1/snapshots/pull", &body, progress)?;
+        Ok(convert::pulled_from_wire(&r))
+    }
+}
+
+impl Client {
+    /// Runs a push or pull stream: progress lines to `progress`, then the
+    /// result (or the error the last line carries).
+    fn transfer(
+        &self,
+        path: &str,
+        body: &Value,
+        progress: forkd_ops::OnTransfer<'_>,
+    ) -> Result<api::TransferResult, OpError> {
+        let mut pending: Vec<u8> = Vec::new();
+        let mut end: Option<Result<api::TransferResult, OpError>> = None;
+        let mut bad: Option<String> = None;
+        self.stream("POST", path, Some(body), &mut |bytes| {
+            pending.extend_from_slice(bytes);
+            // A line longer than this is not a progress line: a broken daemon.
+            if pending.len() > 1 << 20 && !pending.contains(&b'\n') {
+                bad.get_or_insert("a line longer than 1 MiB".into());
+                pending.clear();
+            }
+            while let Some(nl) = pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=nl).collect();
+                let ev: api::TransferEvent = match serde_json::from_slice(&line) {
+                    Ok(ev) => ev,
+                    Err(e) => {
+                        bad.get_or_insert(e.to_string());
+                        continue;
+                    }
+                };
+                match (ev.result, ev.error, ev.counts) {
+                    (Some(r), _, _) => end = Some(Ok(r)),
+                    (_, Some(e), _) => end = Some(Err(convert::op_error(500, &e))),
+                    (_, _, Some(c)) => progress(&forkd_ops::TransferProgress {
+                        file: ev.file.unwrap_or_default(),
+                        counts: convert::counts_from_wire(&c),
+                    }),
+                    _ => {}
+                }
+            }
+        })?;
+        if let Some(e) = bad {
+            return Err(OpError::internal(format!(
+                "the daemon sent a malformed transfer stream: {e}"
+            )));
+        }
+        end.unwrap_or_else(|| {
+            Err(OpError::internal(
+                "the transfer stream ended without a result",
+            ))
+        })
+    }
 }
 
 #[cfg(test)]

@@ -18,6 +18,9 @@ pub enum Image {
     Recipe(RootfsRecipe),
     /// A raw ext4 image the user supplies.
     File(PathBuf),
+    /// An image built here (`home/images/<name>.ext4`, as the image list
+    /// names it: e.g. one built from a directory or with extra packages).
+    Named(String),
     /// No disk: commands run in the initramfs.
     None,
 }
@@ -34,8 +37,11 @@ impl FromStr for Image {
         if s.contains('/') || s.ends_with(".ext4") || s.ends_with(".img") {
             return Ok(Image::File(PathBuf::from(s)));
         }
+        if crate::images::is_image_name(s) {
+            return Ok(Image::Named(s.to_string()));
+        }
         Err(format!(
-            "unknown image {s:?}: use busybox, debian-python, none, or a path to a raw ext4 image"
+            "unknown image {s:?}: use busybox, debian-python, none, the name of an image built here, or a path to a raw ext4 image"
         ))
     }
 }
@@ -45,6 +51,7 @@ impl fmt::Display for Image {
         match self {
             Image::Recipe(r) => write!(f, "{r}"),
             Image::File(p) => write!(f, "{}", p.display()),
+            Image::Named(n) => f.write_str(n),
             Image::None => f.write_str("none"),
         }
     }
@@ -114,6 +121,7 @@ pub fn ensure(
             }
             Some(p.clone())
         }
+        Image::Named(name) => Some(crate::images::resolve(env, name)?),
         Image::Recipe(r) => Some(forkd_guest::build_rootfs(&env.home, *r, &busybox, log)?),
     };
     Ok(Artifacts {

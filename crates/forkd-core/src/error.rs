@@ -85,6 +85,10 @@ pub enum CoreError {
         code: forkd_protocol::ErrorCode,
         message: String,
     },
+    #[error("no root image `{name}` in {}: an image is named by its file name there, without `.ext4`", dir.display())]
+    NoImage { name: String, dir: PathBuf },
+    #[error("root image `{name}` is in use by {}", users.join(", "))]
+    ImageInUse { name: String, users: Vec<String> },
     #[error("choosing the accelerator: {0}")]
     Accel(String),
     #[error("{0}")]
@@ -152,10 +156,18 @@ impl CoreError {
         use forkd_store::StoreError as S;
         use CoreError as C;
         match self {
-            C::BadRequest(_) | C::InvalidName(_) | C::Vm(forkd_vm::VmError::Config(_)) => {
-                ErrorKind::BadInput
+            C::BadRequest(_)
+            | C::InvalidName(_)
+            | C::Vm(forkd_vm::VmError::Config(_))
+            | C::Guest(
+                forkd_guest::GuestError::BadPackageName { .. }
+                | forkd_guest::GuestError::PackagesNeedDebian { .. }
+                | forkd_guest::GuestError::NotADirectory { .. },
+            ) => ErrorKind::BadInput,
+            C::NoSandbox { .. } | C::NoSnapshot { .. } | C::NoImage { .. } | C::Expired { .. } => {
+                ErrorKind::NotFound
             }
-            C::NoSandbox { .. } | C::NoSnapshot { .. } | C::Expired { .. } => ErrorKind::NotFound,
+            C::ImageInUse { .. } => ErrorKind::Busy,
             C::SandboxDead { .. }
             | C::SnapshotBroken { .. }
             | C::RunDirNeeded { .. }

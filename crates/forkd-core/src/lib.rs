@@ -6,7 +6,8 @@
 //! ([`fleet`]), live branches ([`branch`]), the agent sessions a long-lived
 //! process shares ([`sessions`]) and the detached helpers that outlive a
 //! call ([`helper`]), each sandbox's network gateway ([`netgw`]). Around them: where files live ([`paths`]), which guest
-//! artifacts a sandbox boots from ([`artifacts`]), the ephemeral sandbox of
+//! artifacts a sandbox boots from ([`artifacts`]) and the root images built
+//! here ([`images`]), the ephemeral sandbox of
 //! `forkd run` ([`sandbox`]), RAM images and layers ([`ramimage`]), huge
 //! pages ([`hugepages`]), whether the host can take another guest
 //! ([`admission`]), the host report ([`doctor`]) and where state and files
@@ -25,12 +26,14 @@ pub mod fleet;
 mod guest;
 pub mod helper;
 pub mod hugepages;
+pub mod images;
 pub(crate) mod netgw;
 mod ops;
 pub mod paths;
 pub mod ramimage;
 pub mod sandbox;
 pub mod sessions;
+pub mod transfer;
 
 pub use artifacts::{ArtifactOptions, Artifacts, Image};
 pub use error::CoreError;

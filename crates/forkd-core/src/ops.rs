@@ -453,6 +453,24 @@ impl Operations for Fleet {
     fn gc(&self) -> Result<GcReport, OpError> {
         Ok(Fleet::gc(self)?)
     }
+
+    fn push(
+        &self,
+        req: &forkd_ops::PushRequest,
+        progress: forkd_ops::OnTransfer<'_>,
+    ) -> Result<forkd_ops::PushOutcome, OpError> {
+        self.push_snapshot(req, progress)
+            .map_err(crate::transfer::op_error)
+    }
+
+    fn pull(
+        &self,
+        req: &forkd_ops::PullRequest,
+        progress: forkd_ops::OnTransfer<'_>,
+    ) -> Result<forkd_ops::PullOutcome, OpError> {
+        self.pull_snapshot(req, progress)
+            .map_err(crate::transfer::op_error)
+    }
 }
 
 impl Fleet {

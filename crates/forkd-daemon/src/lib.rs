@@ -16,6 +16,7 @@ mod guest;
 pub mod ops;
 pub mod pipe;
 pub mod server;
+mod transfer;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};

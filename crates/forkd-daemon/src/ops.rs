@@ -188,6 +188,8 @@ impl Daemon {
                 };
                 Ok(Reply::json(status, convert::branch_outcome_to_wire(&out)))
             }
+            "pushSnapshot" => self.push_stream(&tag(), decode_json(body, body_limit)?),
+            "pullSnapshot" => self.pull_stream(decode_json(body, body_limit)?),
             other => Err(ApiError::Internal(format!(
                 "operation `{other}` has no implementation"
             ))),
@@ -440,6 +442,8 @@ const IMPLEMENTED: &[&str] = &[
     "processInput",
     "signalProcess",
     "resizeProcess",
+    "pushSnapshot",
+    "pullSnapshot",
 ];
 
 #[cfg(test)]

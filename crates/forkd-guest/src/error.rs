@@ -73,6 +73,23 @@ pub enum GuestError {
 
     #[error("busybox at {} listed no usable applets: check that it runs (`busybox --list`)", path.display())]
     NoApplets { path: PathBuf },
+
+    #[error("{} is not a directory: a root image is built from a directory holding the guest's root tree", path.display())]
+    NotADirectory { path: PathBuf },
+
+    #[error("{} nests more than 256 directories deep: not a root tree", path.display())]
+    TreeTooDeep { path: PathBuf },
+
+    #[error("copying {} into the staging tree failed: {stderr}", path.display())]
+    CopyTree { path: PathBuf, stderr: String },
+
+    #[error("{name:?} is not a Debian package name (lower-case letters, digits and `+-.`, starting with a letter or digit)")]
+    BadPackageName { name: String },
+
+    #[error(
+        "extra packages need the debian-python image; the {recipe} image has no package manager"
+    )]
+    PackagesNeedDebian { recipe: String },
 }
 
 impl GuestError {

@@ -21,6 +21,7 @@ pub mod modinfo;
 pub mod modules;
 mod rootfs;
 mod tools;
+pub mod tree;
 
 pub use busybox::{find_busybox, find_static_bash, parse_applet_list, parse_applet_list_full};
 pub use elf::is_static_elf;
@@ -33,8 +34,9 @@ pub use kernel::{
     kernel_package_from_depends, Kernel, DEBIAN_KERNEL_METAPACKAGE,
 };
 pub use rootfs::{
-    build_rootfs, build_rootfs_from_tree, debian_image_bytes, rootfs_key, tree_rootfs_key,
-    RootfsRecipe, BUSYBOX_IMAGE_BYTES, USER_HOME, USER_NAME, USER_UID,
+    build_rootfs, build_rootfs_from_tree, build_rootfs_with_packages, debian_image_bytes,
+    rootfs_key, tree_rootfs_key, validate_package_name, RootfsRecipe, BUSYBOX_IMAGE_BYTES,
+    USER_HOME, USER_NAME, USER_UID,
 };
 
 /// Modules the guest agent loads: the virtio-mmio transport and the devices

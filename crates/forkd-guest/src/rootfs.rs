@@ -79,6 +79,17 @@ impl FromStr for RootfsRecipe {
 /// The cache key of a root image of `recipe`; `busybox` and `bash` are the
 /// static busybox's and bash's bytes (part of the busybox recipe only).
 pub fn rootfs_key(recipe: RootfsRecipe, busybox: &[u8], bash: &[u8]) -> String {
+    rootfs_key_with(recipe, busybox, bash, &[])
+}
+
+/// [`rootfs_key`] of an image with extra Debian `packages` (sorted and
+/// deduplicated by the caller); no packages gives the plain recipe's key.
+fn rootfs_key_with(
+    recipe: RootfsRecipe,
+    busybox: &[u8],
+    bash: &[u8],
+    packages: &[String],
+) -> String {
     let mut key = KeyBuilder::new("forkd rootfs");
     key.field("recipe", recipe.name().as_bytes());
     match recipe {
@@ -93,6 +104,9 @@ pub fn rootfs_key(recipe: RootfsRecipe, busybox: &[u8], bash: &[u8]) -> String {
             .field("mirror", DEBIAN_MIRROR.as_bytes())
             .field("include", DEBIAN_INCLUDE.as_bytes()),
     };
+    if !packages.is_empty() {
+        key.field("packages", packages.join(",").as_bytes());
+    }
     key.finish()
 }
 
@@ -103,6 +117,47 @@ pub fn build_rootfs(
     busybox: &Path,
     log: &dyn Fn(&str),
 ) -> Result<PathBuf, GuestError> {
+    build_rootfs_with_packages(home, recipe, busybox, &[], log)
+}
+
+/// Checks one Debian package name (Debian policy 5.6.1: lower-case letters,
+/// digits, `+`, `-` and `.`, at least two characters, starting with a letter
+/// or digit), so that nothing else reaches the bootstrap's command line.
+pub fn validate_package_name(name: &str) -> Result<(), GuestError> {
+    let ok = name.len() >= 2
+        && name.len() <= 128
+        && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(GuestError::BadPackageName { name: name.into() })
+    }
+}
+
+/// [`build_rootfs`] with extra Debian `packages` installed (debian-python
+/// only); the image's cache key includes them, so each package set is its
+/// own image.
+pub fn build_rootfs_with_packages(
+    home: &Path,
+    recipe: RootfsRecipe,
+    busybox: &Path,
+    packages: &[String],
+    log: &dyn Fn(&str),
+) -> Result<PathBuf, GuestError> {
+    let mut packages = packages.to_vec();
+    packages.sort();
+    packages.dedup();
+    for p in &packages {
+        validate_package_name(p)?;
+    }
+    if !packages.is_empty() && recipe != RootfsRecipe::DebianPython {
+        return Err(GuestError::PackagesNeedDebian {
+            recipe: recipe.to_string(),
+        });
+    }
     let (busybox_bytes, bash) = match recipe {
         RootfsRecipe::Busybox => {
             let bytes = fs::read(busybox).map_err(GuestError::io("read busybox", busybox))?;
@@ -122,7 +177,7 @@ pub fn build_rootfs(
     let bash_bytes = bash.as_ref().map_or(&[][..], |(_, b)| b.as_slice());
     let out = images.join(format!(
         "{recipe}-{}.ext4",
-        rootfs_key(recipe, &busybox_bytes, bash_bytes)
+        rootfs_key_with(recipe, &busybox_bytes, bash_bytes, &packages)
     ));
     if out.is_file() {
         return Ok(out);
@@ -153,7 +208,7 @@ pub fn build_rootfs(
             BUSYBOX_IMAGE_BYTES
         }
         RootfsRecipe::DebianPython => {
-            bootstrap_debian(&staging, log)?;
+            bootstrap_debian(&staging, &packages, log)?;
             write_etc(&staging, false)?;
             add_user(&staging, "/bin/bash")?;
             let content = tree_bytes(&staging)?;
@@ -443,7 +498,11 @@ fn populate_busybox(root: &Path, busybox: &Path) -> Result<(), GuestError> {
     write_etc(root, true)
 }
 
-fn bootstrap_debian(root: &Path, log: &dyn Fn(&str)) -> Result<(), GuestError> {
+fn bootstrap_debian(
+    root: &Path,
+    packages: &[String],
+    log: &dyn Fn(&str),
+) -> Result<(), GuestError> {
     // Prefer mmdebstrap (faster); fall back to debootstrap; name mmdebstrap
     // in the fix when neither is there.
     let (tool, mut cmd) = match (MMDEBSTRAP.command(), DEBOOTSTRAP.command()) {
@@ -451,21 +510,72 @@ fn bootstrap_debian(root: &Path, log: &dyn Fn(&str)) -> Result<(), GuestError> {
         (Err(_), Ok(cmd)) => (DEBOOTSTRAP, cmd),
         (Err(missing), Err(_)) => return Err(missing),
     };
+    let include = debian_include(packages);
     log(&format!(
-        "bootstrapping Debian {DEBIAN_SUITE} (minbase + {DEBIAN_INCLUDE}) with {}; this takes minutes",
+        "bootstrapping Debian {DEBIAN_SUITE} (minbase + {include}) with {}; this takes minutes",
         tool.program
     ));
     cmd.arg("--variant=minbase")
-        .arg(format!("--include={DEBIAN_INCLUDE}"))
+        .arg(format!("--include={include}"))
         .arg(DEBIAN_SUITE)
         .arg(root)
         .arg(DEBIAN_MIRROR);
     tools::run_logged(&mut cmd, tool.program, log)
 }
 
+/// The bootstrap's `--include` list: python3 and the extra packages.
+fn debian_include(packages: &[String]) -> String {
+    std::iter::once(DEBIAN_INCLUDE)
+        .chain(packages.iter().map(String::as_str))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn packages_are_checked_and_make_their_own_image() {
+        for good in ["git", "python3-numpy", "g++", "libc6.1", "0ad"] {
+            validate_package_name(good).unwrap();
+        }
+        for bad in [
+            "",
+            "x",
+            "Git",
+            "-rf",
+            "a b",
+            "a,b",
+            "--include=x",
+            "a;b",
+            "a/b",
+        ] {
+            let err = validate_package_name(bad).unwrap_err().to_string();
+            assert!(err.contains("Debian package name"), "{bad}: {err}");
+        }
+        let plain = rootfs_key(RootfsRecipe::DebianPython, b"", b"");
+        assert_eq!(
+            plain,
+            rootfs_key_with(RootfsRecipe::DebianPython, b"", b"", &[])
+        );
+        let git = rootfs_key_with(RootfsRecipe::DebianPython, b"", b"", &["git".into()]);
+        assert_ne!(plain, git);
+        assert_eq!(
+            debian_include(&["curl".into(), "git".into()]),
+            "python3,curl,git"
+        );
+        let err = build_rootfs_with_packages(
+            Path::new("/nonexistent"),
+            RootfsRecipe::Busybox,
+            Path::new("/bin/busybox"),
+            &["git".into()],
+            &|_| {},
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("need the debian-python image"), "{err}");
+    }
 
     #[test]
     fn recipe_names_round_trip() {

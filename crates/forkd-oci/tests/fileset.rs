@@ -377,6 +377,7 @@ fn corrupt_and_truncated_blobs_are_refused_by_name() {
         &LocalSources::new(),
         &PullOptions {
             artifact_type: "application/x-other".into(),
+            only: None,
         },
         &mut |_| {},
     )

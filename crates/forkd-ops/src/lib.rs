@@ -1,6 +1,6 @@
 //! The seam every forkd front end calls: one trait, [`Operations`], for
 //! everything a user does with sandboxes and snapshots (create, exec, files,
-//! branch, spawn, pool, kill, list, info, delete, prune, gc), with its request and
+//! branch, spawn, pool, kill, list, info, delete, prune, gc, push, pull), with its request and
 //! result types, its error ([`OpError`]) and its defaults ([`policy`]).
 //!
 //! `forkd-core`'s fleet implements it on this host; `forkd-client`
@@ -14,6 +14,7 @@ pub mod lifetime;
 mod name;
 pub mod policy;
 mod state;
+mod transfer;
 mod types;
 
 use std::io::{Read, Write};
@@ -24,7 +25,11 @@ pub use guest::*;
 pub use lifetime::{Lifetime, Settings};
 pub use name::{validate_id, validate_tag, InvalidName, MAX_NAME_LEN};
 pub use state::{BranchMode, SandboxState, SnapshotStatus, UnknownState};
+pub use transfer::*;
 pub use types::*;
+
+/// Called with each progress report of a push or pull.
+pub type OnTransfer<'a> = &'a (dyn Fn(&TransferProgress) + Sync);
 
 /// Called as each child of a spawn finishes, with its slot.
 pub type OnChild<'a> = &'a (dyn Fn(usize, &Result<Child, OpError>) + Sync);
@@ -223,4 +228,15 @@ pub trait Operations: Send + Sync {
     /// Deletes cached files no snapshot references (RAM images children
     /// map, shared by every home on the host).
     fn gc(&self) -> Result<GcReport, OpError>;
+
+    // ---- registries
+
+    /// Pushes a snapshot and its chain of parents to an OCI registry as one
+    /// artifact; chunks the registry already has are not sent again.
+    fn push(&self, req: &PushRequest, progress: OnTransfer<'_>) -> Result<PushOutcome, OpError>;
+
+    /// Pulls a snapshot (and the parents this host lacks) from an OCI
+    /// registry, verifies everything, and publishes it atomically; an
+    /// interrupted pull resumes where it stopped.
+    fn pull(&self, req: &PullRequest, progress: OnTransfer<'_>) -> Result<PullOutcome, OpError>;
 }

@@ -50,6 +50,10 @@ pub struct Manifest {
     pub machine: serde_json::Value,
     /// Every file of the snapshot, sorted by name.
     pub files: Vec<FileEntry>,
+    /// For a snapshot pulled from a registry: the identity it had where it
+    /// was made, so that a later pull of a branch of it finds it here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 /// One file of a snapshot.
@@ -700,6 +704,7 @@ mod tests {
             disk_from: None,
             machine: serde_json::json!({"mem_mib": 256, "cpus": 1}),
             files: Vec::new(),
+            origin: None,
         }
     }
 

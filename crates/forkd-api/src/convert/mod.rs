@@ -17,7 +17,9 @@ use crate::error::{ApiError, ErrorBody};
 use crate::types as api;
 
 mod guest;
+mod transfer;
 pub use guest::*;
+pub use transfer::*;
 
 /// Every guest with a network has this address (the gateway keeps slirp's).
 pub const GUEST_ADDR: &str = "10.0.2.15";

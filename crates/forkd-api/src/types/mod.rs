@@ -16,7 +16,9 @@ use crate::error::ApiError;
 use crate::validate::{self, Validate};
 
 mod guest;
+mod transfer;
 pub use guest::*;
+pub use transfer::*;
 
 /// Most children one spawn call may ask for.
 pub const MAX_SPAWN: usize = 1000;

@@ -278,6 +278,7 @@ impl Writer {
                 .map(|p| p.to_string_lossy().into_owned()),
             machine: self.job.machine.clone(),
             files: vec![],
+            origin: None,
         };
         self.staging.publish(manifest)?;
         Ok(parent)

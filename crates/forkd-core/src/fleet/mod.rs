@@ -464,6 +464,7 @@ pub(crate) mod testing {
                 disk_from: None,
                 machine: serde_json::json!({}),
                 files: vec![],
+                origin: None,
             })
             .unwrap();
         f.db()

@@ -84,6 +84,7 @@ impl Fleet {
                     .map(|p| p.to_string_lossy().into_owned()),
                 machine: serde_json::to_value(&config).expect("config serialises"),
                 files: vec![],
+                origin: None,
             };
             staging.publish(manifest)?;
             Ok::<_, CoreError>((pause_ms, parent, stopped.copied))

@@ -36,7 +36,7 @@ use crate::chunking::{self, Chunking, FileIndex};
 use crate::digest::Digest;
 use crate::error::{OciError, Result};
 
-pub use pull::{pull, PullOptions, PullSummary};
+pub use pull::{pull, resolve, PullOptions, PullSummary, Resolved};
 pub use push::{push, PushOptions, PushSummary};
 
 pub const MAX_CONFIG_BYTES: u64 = 16 * 1024 * 1024;

@@ -3,7 +3,7 @@
 //! earlier attempts and downloads, and move the files out only when all are
 //! complete and verified.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -24,14 +24,53 @@ use crate::sparse::{punch_hole, write_sparse};
 pub struct PullOptions {
     /// The `artifactType` the artifact must have.
     pub artifact_type: String,
+    /// When set, only these files of the set are pulled (the caller has the
+    /// others); names the set lacks are an error.
+    pub only: Option<BTreeSet<String>>,
 }
 
 impl Default for PullOptions {
     fn default() -> Self {
         PullOptions {
             artifact_type: FORKD_SNAPSHOT_ARTIFACT.to_owned(),
+            only: None,
         }
     }
+}
+
+/// The artifact a reference resolves to, before any file is pulled.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    /// Digest of the manifest (or index) the reference resolved to: pull
+    /// by this digest to get exactly what was looked at.
+    pub digest: Digest,
+    /// The caller's config blob, verified.
+    pub config: Vec<u8>,
+    pub config_media_type: String,
+    /// Bytes of manifests and config received.
+    pub metadata_bytes: u64,
+}
+
+/// Resolves `reference` and fetches its config, without pulling any file:
+/// callers read the config to decide what to pull.
+pub fn resolve(
+    registry: &Registry,
+    reference: &Reference,
+    options: &PullOptions,
+) -> Result<Resolved> {
+    let (manifest, digest, metadata_bytes) = resolve_manifest(registry, reference, options)?;
+    let config = registry.fetch_blob_bytes(
+        &reference.repository,
+        &manifest.config,
+        "config",
+        MAX_CONFIG_BYTES,
+    )?;
+    Ok(Resolved {
+        digest,
+        metadata_bytes: metadata_bytes + config.len() as u64,
+        config,
+        config_media_type: manifest.config.media_type,
+    })
 }
 
 /// What a pull produced.
@@ -61,40 +100,9 @@ pub fn pull(
 ) -> Result<PullSummary> {
     let repo = reference.repository.as_str();
     let mut stats = TransferStats::default();
-    let (media_type, bytes, digest) =
-        registry.get_manifest(repo, &reference.manifest_reference())?;
-    stats.metadata_bytes += bytes.len() as u64;
+    let (manifest, digest, metadata_bytes) = resolve_manifest(registry, reference, options)?;
     let what = format!("manifest of {reference}");
-    let manifest = match Manifest::parse(&what, media_type.as_deref(), &bytes)? {
-        Manifest::Image(m) => m,
-        Manifest::Index(index) => {
-            check_artifact(
-                reference,
-                index.artifact_type.as_deref(),
-                &options.artifact_type,
-            )?;
-            let main = index
-                .manifests
-                .first()
-                .ok_or_else(|| OciError::bad(&what, "the index lists no manifest"))?;
-            let bytes = registry.fetch_blob_or_manifest(repo, main)?;
-            stats.metadata_bytes += bytes.len() as u64;
-            match Manifest::parse(&what, Some(&main.media_type), &bytes)? {
-                Manifest::Image(m) => m,
-                Manifest::Index(_) => {
-                    return Err(OciError::bad(
-                        &what,
-                        "the index's first entry is another index",
-                    ))
-                }
-            }
-        }
-    };
-    check_artifact(
-        reference,
-        manifest.artifact_type.as_deref(),
-        &options.artifact_type,
-    )?;
+    stats.metadata_bytes += metadata_bytes;
     let config = registry.fetch_blob_bytes(repo, &manifest.config, "config", MAX_CONFIG_BYTES)?;
     stats.metadata_bytes += config.len() as u64;
 
@@ -130,8 +138,20 @@ pub fn pull(
         index
             .validate()
             .map_err(|reason| OciError::bad(format!("index of file `{name}`"), reason))?;
+        if options
+            .only
+            .as_ref()
+            .is_some_and(|only| !only.contains(&name))
+        {
+            continue;
+        }
         stats.total_bytes += index.size;
         files.push((name, index));
+    }
+    if let Some(only) = &options.only {
+        if let Some(missing) = only.iter().find(|n| !seen.contains(*n)) {
+            return Err(OciError::bad(&what, format!("it has no file `{missing}`")));
+        }
     }
 
     fs::create_dir_all(staging).map_err(OciError::io("create staging directory", staging))?;
@@ -172,6 +192,53 @@ pub fn pull(
         indexes: files.into_iter().collect(),
         stats,
     })
+}
+
+/// The image manifest `reference` resolves to (the first entry of an
+/// index), checked to be of the expected artifact type, with the digest
+/// the reference resolved to and the bytes received.
+fn resolve_manifest(
+    registry: &Registry,
+    reference: &Reference,
+    options: &PullOptions,
+) -> Result<(ImageManifest, Digest, u64)> {
+    let repo = reference.repository.as_str();
+    let mut metadata_bytes = 0u64;
+    let (media_type, bytes, digest) =
+        registry.get_manifest(repo, &reference.manifest_reference())?;
+    metadata_bytes += bytes.len() as u64;
+    let what = format!("manifest of {reference}");
+    let manifest = match Manifest::parse(&what, media_type.as_deref(), &bytes)? {
+        Manifest::Image(m) => m,
+        Manifest::Index(index) => {
+            check_artifact(
+                reference,
+                index.artifact_type.as_deref(),
+                &options.artifact_type,
+            )?;
+            let main = index
+                .manifests
+                .first()
+                .ok_or_else(|| OciError::bad(&what, "the index lists no manifest"))?;
+            let bytes = registry.fetch_blob_or_manifest(repo, main)?;
+            metadata_bytes += bytes.len() as u64;
+            match Manifest::parse(&what, Some(&main.media_type), &bytes)? {
+                Manifest::Image(m) => m,
+                Manifest::Index(_) => {
+                    return Err(OciError::bad(
+                        &what,
+                        "the index's first entry is another index",
+                    ))
+                }
+            }
+        }
+    };
+    check_artifact(
+        reference,
+        manifest.artifact_type.as_deref(),
+        &options.artifact_type,
+    )?;
+    Ok((manifest, digest, metadata_bytes))
 }
 
 fn check_artifact(reference: &Reference, found: Option<&str>, expected: &str) -> Result<()> {
