@@ -12,6 +12,7 @@
 
 mod control;
 mod envd;
+mod interpreter;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -236,14 +237,9 @@ async fn handle(State(e2b): State<Arc<E2b>>, req: Request) -> Response {
     match side {
         Side::ControlPlane => control::dispatch(e2b, found, &query, req).await,
         Side::Envd => envd::dispatch(e2b, sandbox.unwrap_or_default(), found, &query, req).await,
-        Side::CodeInterpreter => reply(
-            502,
-            "application/json",
-            forkd_e2b::envd::files::error_body(
-                502,
-                "port is not open: forkd does not serve the code interpreter (port 49999) yet",
-            ),
-        ),
+        Side::CodeInterpreter => {
+            interpreter::dispatch(e2b, sandbox.unwrap_or_default(), found, req).await
+        }
     }
 }
 

@@ -265,3 +265,21 @@ def test_unknown_template_is_refused():
     with pytest.raises(SandboxException) as refused:
         Sandbox.create(template="no-such-template-or-image", request_timeout=REQUEST_TIMEOUT)
     assert refused.value.status_code in (400, 404)
+
+
+def test_code_interpreter_run_code_keeps_state_into_forks(killer):
+    from e2b_code_interpreter import Sandbox as CodeSandbox
+
+    ci = killer.add(CodeSandbox.create(template="debian-python", timeout=600, request_timeout=REQUEST_TIMEOUT))
+    first = ci.run_code("x = 41; print('set')")
+    assert first.logs.stdout == ["set\n"], first
+    assert ci.run_code("x + 1").text == "42"
+    failed = ci.run_code("1/0")
+    assert failed.error is not None and failed.error.name == "ZeroDivisionError"
+    children = ci.fork(count=1, timeout=600, request_timeout=REQUEST_TIMEOUT)
+    for child in children:
+        if not isinstance(child, Exception):
+            killer.add(child)
+    assert not [c for c in children if isinstance(c, Exception)], children
+    assert children[0].run_code("x").text == "41"
+    assert ci.kill() is True
