@@ -415,6 +415,7 @@ impl LifetimeArgs {
             labels: parse_labels(&self.labels)?.into_iter().collect(),
             env: parse_env(&self.env)?,
             cwd: self.cwd.clone(),
+            access_token: None,
         })
     }
 }
@@ -989,6 +990,15 @@ struct DaemonArgs {
     /// Let this group use the UNIX socket too (mode 0660 instead of 0600).
     #[arg(long, value_name = "GROUP")]
     socket_group: Option<String>,
+    /// Also serve E2B's API (control plane and every sandbox's envd) here:
+    /// `tcp:HOST:PORT` or `unix:PATH`. Point E2B_API_URL and E2B_SANDBOX_URL
+    /// at it (docs/e2b.md).
+    #[arg(long, value_name = "ADDR")]
+    e2b_listen: Option<String>,
+    /// File of E2B API keys, one per line (at least 16 characters each);
+    /// required when --e2b-listen is off loopback.
+    #[arg(long, value_name = "PATH", requires = "e2b_listen")]
+    e2b_api_key_file: Option<PathBuf>,
 }
 
 fn daemon(args: DaemonArgs) -> Result<ExitCode> {
@@ -1016,6 +1026,12 @@ fn daemon(args: DaemonArgs) -> Result<ExitCode> {
     opts.max_branch = args.max_branch;
     if let Some(g) = args.socket_group {
         opts.socket_access = forkd_api::auth::SocketAccess::Group(g);
+    }
+    if let Some(l) = &args.e2b_listen {
+        opts.e2b = Some(forkd_daemon::e2b::E2bOptions::new(
+            forkd_api::auth::ListenAddr::parse(l)?,
+            args.e2b_api_key_file.as_deref(),
+        )?);
     }
     forkd_daemon::run(&env, opts, &|line| eprintln!("forkd daemon: {line}"))?;
     Ok(ExitCode::SUCCESS)

@@ -237,6 +237,7 @@ mod tests {
             branches: 0,
             network: Default::default(),
             lifetime: Default::default(),
+            access_token: None,
         }
     }
 

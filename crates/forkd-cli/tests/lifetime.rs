@@ -203,3 +203,48 @@ fn lifetime_flags_are_checked_before_anything_boots() {
     }
     assert_eq!(ids_of(&w.ok("GET", "/v1/sandboxes", None)).len(), 0);
 }
+
+#[test]
+fn an_idle_timeout_spares_a_sandbox_busy_in_a_long_exec() {
+    let w = World::new("lifetime-busy");
+    let a = w.ok(
+        "POST",
+        "/v1/sandboxes/boot",
+        Some(json!({"idle_timeout_ms": 2000})),
+    );
+    let id = a["id"].as_str().unwrap().to_string();
+    let pid = a["pid"].as_u64().unwrap();
+    // The exec lasts more than twice the idle timeout, while the daemon's
+    // housekeeping runs and a listing meets the sandbox.
+    let lister = {
+        let socket = w.socket.clone();
+        let cmd = w.command();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(3));
+            let mut cmd = cmd;
+            cmd.args(["ls", "--json", "--remote", socket.to_str().unwrap()])
+                .output()
+                .unwrap()
+        })
+    };
+    let out = w.sh(&id, "sleep 5; echo done");
+    assert_eq!(out["stdout"], "done\n", "{out}\n{}", w.log());
+    assert_eq!(out["exit_code"], 0, "{out}");
+    let listed = lister.join().unwrap();
+    assert!(listed.status.success(), "{listed:?}");
+    assert!(
+        String::from_utf8_lossy(&listed.stdout).contains(&id),
+        "the busy sandbox was missing from the listing"
+    );
+    assert!(pid_alive(pid), "the busy sandbox was killed as idle");
+    // Once idle for its timeout, it dies as before.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pid_alive(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "the idle sandbox lived on\n{}",
+            w.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

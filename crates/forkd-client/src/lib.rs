@@ -332,8 +332,20 @@ pub(crate) fn segment(what: &str, s: &str) -> Result<(), OpError> {
     Ok(())
 }
 
+/// The `/v1` API carries no access token (a secret only a front end on the
+/// daemon's host keeps): refused rather than dropped.
+fn no_access_token(settings: &forkd_ops::Settings) -> Result<(), OpError> {
+    if settings.access_token.is_some() {
+        return Err(OpError::bad_input(
+            "an access token is kept only by a fleet on the daemon's host; the /v1 API does not carry it",
+        ));
+    }
+    Ok(())
+}
+
 impl Operations for Client {
     fn create(&self, req: &CreateRequest, _progress: &dyn Fn(&str)) -> Result<Created, OpError> {
+        no_access_token(&req.settings)?;
         let body = to_value(convert::create_to_wire(req)?);
         let t = std::time::Instant::now();
         let s: api::SandboxInfo = self.json("POST", "/v1/sandboxes/boot", Some(body))?;
@@ -622,6 +634,7 @@ impl Operations for Client {
     }
 
     fn spawn(&self, req: &SpawnRequest, on_child: OnChild<'_>) -> Result<SpawnOutcome, OpError> {
+        no_access_token(&req.settings)?;
         let t = std::time::Instant::now();
         let v: Vec<api::SandboxInfo> = self.json(
             "POST",

@@ -347,13 +347,17 @@ impl Operations for Fleet {
         policy::check_children("the number of children", req.n, 1)?;
         req.settings.validate()?;
         // One lifetime for every child, counted from the request.
-        let life = (!req.settings.is_empty())
+        let life = req
+            .settings
+            .shapes_lifetime()
             .then(|| forkd_ops::Lifetime::start(&req.settings, crate::fleet::lifetime::now_ms()));
         // Slots whose child was killed because its lifetime could not be
         // recorded: they are failures, whatever the spawn itself says.
         let lost: std::sync::Mutex<Vec<(usize, OpError)>> = Default::default();
         let with_life = |c: &Child| -> Result<Child, CoreError> {
             let mut c = c.clone();
+            self.write_access_token(&c.sandbox.id, &req.settings)?;
+            c.sandbox.access_token = req.settings.access_token.clone();
             if let Some(life) = &life {
                 self.write_lifetime(&c.sandbox.id, life)?;
                 c.sandbox.lifetime = life.clone();
@@ -414,6 +418,7 @@ impl Operations for Fleet {
                 .map(|(i, r)| match (r, lost_slot(i)) {
                     (_, Some(e)) => Err(e),
                     (Ok(mut c), None) => {
+                        c.sandbox.access_token = req.settings.access_token.clone();
                         if let Some(life) = &life {
                             c.sandbox.lifetime = life.clone();
                         }

@@ -107,6 +107,13 @@ impl Sessions {
             .remove(id);
     }
 
+    /// Whether a call of this process holds sandbox `id`'s session now (a
+    /// long exec or a followed process: the sandbox is not idle).
+    pub(crate) fn busy(&self, id: &str) -> bool {
+        let map = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(id).is_some_and(|s| Arc::strong_count(s) > 1)
+    }
+
     /// Closes sessions nobody used for [`IDLE`] and nobody holds.
     pub(crate) fn close_idle(&self) {
         let mut map = self.open.lock().unwrap_or_else(|p| p.into_inner());

@@ -11,6 +11,7 @@
 //! ([`forkd_ops::Operations`]): the client side of the same API is
 //! `forkd-client`.
 
+pub mod e2b;
 mod guest;
 pub mod ops;
 pub mod pipe;
@@ -38,6 +39,8 @@ pub struct DaemonOptions {
     pub max_branch: usize,
     /// Who may open the UNIX socket (owner only, or a group too).
     pub socket_access: forkd_api::auth::SocketAccess,
+    /// Also serve the E2B-compatible API ([`e2b`]).
+    pub e2b: Option<e2b::E2bOptions>,
 }
 
 impl DaemonOptions {
@@ -51,6 +54,7 @@ impl DaemonOptions {
             max_spawn: 4,
             max_branch: 2,
             socket_access: forkd_api::auth::SocketAccess::Owner,
+            e2b: None,
         }
     }
 }
@@ -115,7 +119,33 @@ pub fn run(env: &Env, opts: DaemonOptions, log: &dyn Fn(&str)) -> Result<(), Dae
         .max_blocking_threads(256)
         .enable_all()
         .build()?;
-    let served = rt.block_on(server::serve(app));
+    let e2b = opts.e2b.clone().map(|o| {
+        log(&format!(
+            "E2B API on {}{}",
+            o.listen,
+            if o.api_keys.is_some() {
+                " (API key required)"
+            } else {
+                " (any API key: loopback only)"
+            }
+        ));
+        let state = Arc::new(e2b::E2b {
+            ops: daemon.fleet.clone(),
+            api_keys: o.api_keys,
+        });
+        (state, o.listen)
+    });
+    let served = rt.block_on(async move {
+        match e2b {
+            // The E2B listener lives as long as the main one; a failure to
+            // bind it stops the daemon.
+            Some((state, listen)) => tokio::select! {
+                r = server::serve(app) => r,
+                r = e2b::serve(state, listen, std::future::pending()) => r,
+            },
+            None => server::serve(app).await,
+        }
+    });
     // Handlers still blocked on a guest (an exec that never ends) are
     // abandoned, not waited for: the sandboxes are detached and go on.
     rt.shutdown_timeout(std::time::Duration::from_millis(500));

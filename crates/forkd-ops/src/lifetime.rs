@@ -44,9 +44,27 @@ pub struct Settings {
     /// Working directory of every command that names none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cwd: Option<String>,
+    /// A secret a front end keeps with the sandbox and checks itself (the
+    /// E2B API's envd access token). Kept in the sandbox's record, never
+    /// listed; every child of one spawn gets the same one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_token: Option<String>,
 }
 
+/// Longest [`Settings::access_token`].
+pub const MAX_ACCESS_TOKEN: usize = 512;
+
 impl Settings {
+    /// Whether anything besides the access token is set (a lifetime to
+    /// record).
+    pub fn shapes_lifetime(&self) -> bool {
+        self.ttl.is_some()
+            || self.idle_timeout.is_some()
+            || !self.labels.is_empty()
+            || !self.env.is_empty()
+            || self.cwd.is_some()
+    }
+
     pub fn is_empty(&self) -> bool {
         *self == Settings::default()
     }
@@ -77,6 +95,16 @@ impl Settings {
             if k.is_empty() || k.contains('=') || k.contains('\0') {
                 return Err(OpError::bad_input(format!(
                     "environment variable name {k:?} is not valid: use NAME=VALUE with a NAME without `=`"
+                )));
+            }
+        }
+        if let Some(t) = &self.access_token {
+            if t.is_empty()
+                || t.len() > MAX_ACCESS_TOKEN
+                || !t.bytes().all(|b| b.is_ascii_graphic())
+            {
+                return Err(OpError::bad_input(format!(
+                    "an access token must be 1-{MAX_ACCESS_TOKEN} printable ASCII characters"
                 )));
             }
         }
@@ -254,6 +282,25 @@ mod tests {
             labels: [("team".to_string(), "a".to_string())].into(),
             env: vec![("A".into(), "1".into()), ("B".into(), "2".into())],
             cwd: Some("/tmp".into()),
+            access_token: None,
+        }
+    }
+
+    #[test]
+    fn an_access_token_is_checked_and_shapes_no_lifetime() {
+        let only_token = Settings {
+            access_token: Some("fkd_abc".into()),
+            ..Settings::default()
+        };
+        assert!(only_token.validate().is_ok());
+        assert!(!only_token.shapes_lifetime());
+        assert!(settings().shapes_lifetime());
+        for bad in ["", "with space", "tab\t", &"x".repeat(MAX_ACCESS_TOKEN + 1)] {
+            let s = Settings {
+                access_token: Some(bad.to_string()),
+                ..Settings::default()
+            };
+            assert!(s.validate().is_err(), "{bad:?}");
         }
     }
 

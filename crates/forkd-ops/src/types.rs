@@ -35,6 +35,10 @@ pub struct Sandbox {
     /// When it ends, its labels and the defaults its commands get.
     #[serde(default, skip_serializing_if = "crate::Lifetime::is_unset")]
     pub lifetime: crate::Lifetime,
+    /// The secret a front end keeps with it ([`crate::Settings::access_token`]);
+    /// only the fleet on this host knows it, and it is never serialized.
+    #[serde(skip)]
+    pub access_token: Option<String>,
 }
 
 /// Which accelerator a new sandbox runs on.

@@ -193,6 +193,7 @@ pub fn settings_from_wire(
         labels: labels.clone(),
         env: env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         cwd: cwd.map(str::to_string),
+        access_token: None,
     }
 }
 
@@ -264,6 +265,7 @@ pub fn sandbox_from_wire(s: api::SandboxInfo) -> ops::Sandbox {
         branches: s.branch_count,
         network: s.network.map(network_from_wire).unwrap_or_default(),
         lifetime: lifetime_from_wire(s.lifetime),
+        access_token: None,
         id: s.id,
     }
 }
@@ -812,6 +814,7 @@ mod tests {
                 env: vec![("A".into(), "1".into()), ("B".into(), "2".into())],
                 cwd: Some("/work".into()),
             },
+            access_token: None,
         }
     }
 
@@ -911,6 +914,7 @@ mod tests {
                 labels: [("k".to_string(), "v".to_string())].into(),
                 env: vec![("A".into(), "1".into())],
                 cwd: Some("/srv".into()),
+                access_token: None,
             },
             ..Default::default()
         };

@@ -15,6 +15,18 @@ use crate::CoreError;
 /// The key of a row's `config` that holds its lifetime.
 const KEY: &str = "lifetime";
 
+/// The key of a row's `config` that holds the secret a front end keeps with
+/// the sandbox (`Settings::access_token`).
+const TOKEN_KEY: &str = "access_token";
+
+/// The access token recorded in `row`, if any.
+pub fn access_token_of(row: &SandboxRow) -> Option<String> {
+    row.config
+        .get(TOKEN_KEY)
+        .and_then(|v| v.as_str())
+        .map(str::to_owned)
+}
+
 /// The lifetime recorded in `row` (none: lives until killed).
 pub fn of(row: &SandboxRow) -> Lifetime {
     row.config
@@ -44,10 +56,24 @@ impl Fleet {
     /// Gives a sandbox that just started its settings. Nothing to write for
     /// empty settings.
     pub fn start_lifetime(&self, id: &str, settings: &Settings) -> Result<(), CoreError> {
-        if settings.is_empty() {
-            return Ok(());
+        self.write_access_token(id, settings)?;
+        if settings.shapes_lifetime() {
+            self.write_lifetime(id, &Lifetime::start(settings, now_ms()))?;
         }
-        self.write_lifetime(id, &Lifetime::start(settings, now_ms()))
+        Ok(())
+    }
+
+    /// Records `settings.access_token` (if any) beside the lifetime.
+    pub(crate) fn write_access_token(
+        &self,
+        id: &str,
+        settings: &Settings,
+    ) -> Result<(), CoreError> {
+        if let Some(token) = &settings.access_token {
+            self.db()
+                .set_sandbox_config_key(id, TOKEN_KEY, &serde_json::json!(token))?;
+        }
+        Ok(())
     }
 
     /// Moves a sandbox's end time to `ttl` from now (`None`: no end time).
@@ -74,6 +100,11 @@ impl Fleet {
             return Ok(life);
         }
         let now = now_ms();
+        if life.expired(now) == Some(Expiry::Idle) && self.busy(&row.id) {
+            // A call of this process is inside the sandbox right now (a long
+            // exec, a followed process): that is activity, not idleness.
+            life.last_active_ms = now;
+        }
         if let Some(why) = life.expired(now) {
             // Someone else may be killing it at the same moment: either way
             // it is gone.
@@ -97,7 +128,15 @@ impl Fleet {
         self.enforce(&row)
     }
 
-    /// Kills every sandbox whose time is up; returns them with why.
+    /// Whether a call of this process holds sandbox `id`'s agent session
+    /// (only a long-lived fleet shares sessions and can tell).
+    fn busy(&self, id: &str) -> bool {
+        self.sessions.as_ref().is_some_and(|s| s.busy(id))
+    }
+
+    /// Kills every sandbox whose time is up; returns them with why. A
+    /// sandbox busy in a call of this process is not idle, whatever its
+    /// record says.
     pub fn reap_expired(&self) -> Result<Vec<(String, Expiry)>, CoreError> {
         let rows = self.db().list_sandboxes()?;
         let now = now_ms();
@@ -106,7 +145,17 @@ impl Fleet {
             if row.state == SandboxState::Pooled {
                 continue;
             }
-            if let Some(why) = of(&row).expired(now) {
+            let mut life = of(&row);
+            let mut why = life.expired(now);
+            if why == Some(Expiry::Idle) && self.busy(&row.id) {
+                // Busy in a call of this process (a long exec or a followed
+                // process): written down as activity, so that another forkd
+                // process that meets it does not take it for idle either.
+                life.last_active_ms = now;
+                self.write_lifetime(&row.id, &life)?;
+                why = None;
+            }
+            if let Some(why) = why {
                 if self.kill(&row.id).is_ok() {
                     reaped.push((row.id, why));
                 }

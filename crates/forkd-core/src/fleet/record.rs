@@ -53,6 +53,7 @@ pub fn view(row: &SandboxRow, branches: Option<u32>) -> Sandbox {
             .map(|c| crate::netgw::view(&c.vm))
             .unwrap_or_default(),
         lifetime: super::lifetime::of(row),
+        access_token: super::lifetime::access_token_of(row),
     }
 }
 
