@@ -126,6 +126,25 @@ impl Store {
         })
     }
 
+    /// Starts building a replacement for published snapshot `tag` (the same
+    /// snapshot written another way, e.g. compacted), to be swapped in by
+    /// [`Staging::publish_over`]. Until then readers see the old one.
+    pub fn stage_replacement(&self, tag: &str) -> Result<Staging> {
+        validate_tag(tag)?;
+        if !self.dir(tag).is_dir() {
+            return Err(StoreError::NoSnapshot {
+                tag: tag.to_owned(),
+            });
+        }
+        let dir = create_unique_dir(&self.root, STAGING_PREFIX, tag)?;
+        Ok(Staging {
+            dir,
+            root: self.root.clone(),
+            tag: tag.to_owned(),
+            published: false,
+        })
+    }
+
     /// Removes `.staging-*` and `.trash-*` directories left behind by
     /// processes that are gone. Returns how many were removed.
     pub fn sweep_staging(&self) -> usize {
@@ -478,7 +497,61 @@ impl Staging {
     /// (replacing whatever was there), writes `manifest.json`, makes it all
     /// durable and renames the directory to `root/<tag>`. Fails with
     /// [`StoreError::SnapshotExists`] if that appeared in the meantime.
-    pub fn publish(mut self, mut manifest: Manifest) -> Result<Manifest> {
+    pub fn publish(mut self, manifest: Manifest) -> Result<Manifest> {
+        let manifest = self.seal(manifest)?;
+        let target = self.root.join(&self.tag);
+        rename_noreplace(&self.dir, &target).map_err(|e| {
+            if matches!(e.raw_os_error(), Some(libc::EEXIST) | Some(libc::ENOTEMPTY)) {
+                StoreError::SnapshotExists {
+                    tag: self.tag.clone(),
+                }
+            } else {
+                io_err("publish snapshot to", &target)(e)
+            }
+        })?;
+        self.published = true;
+        sync_dir(&self.root)?;
+        Ok(manifest)
+    }
+
+    /// Like [`Staging::publish`], for a staging made by
+    /// [`Store::stage_replacement`]: the published directory and this one
+    /// trade places in one `rename(2)` (`RENAME_EXCHANGE`), so every reader
+    /// sees the old snapshot or the new one, whole; then the old one is
+    /// deleted. A crash before the exchange leaves the old snapshot, after
+    /// it the new one (and the old files under a `.staging-*` name that
+    /// [`Store::sweep_staging`] removes). Fails with
+    /// [`StoreError::NoSnapshot`] if the old one was deleted meanwhile.
+    pub fn publish_over(mut self, manifest: Manifest) -> Result<Manifest> {
+        let manifest = self.seal(manifest)?;
+        let target = self.root.join(&self.tag);
+        rename_exchange(&self.dir, &target).map_err(|e| {
+            if e.raw_os_error() == Some(libc::ENOENT) {
+                StoreError::NoSnapshot {
+                    tag: self.tag.clone(),
+                }
+            } else {
+                io_err("swap snapshot into", &target)(e)
+            }
+        })?;
+        sync_dir(&self.root)?;
+        // `self.dir` now holds the old snapshot: dropped unpublished, the
+        // staging removes it.
+        let _ = self.discard_old();
+        Ok(manifest)
+    }
+
+    /// Moves the replaced snapshot (now at this staging's path) aside and
+    /// deletes it.
+    fn discard_old(&mut self) -> Result<()> {
+        let trash = self.root.join(unique_name(TRASH_PREFIX, &self.tag));
+        fs::rename(&self.dir, &trash).map_err(io_err("move aside", &self.dir))?;
+        self.published = true;
+        fs::remove_dir_all(&trash).map_err(io_err("remove", &trash))
+    }
+
+    /// Hashes the files into `manifest`, writes it and makes it all durable.
+    fn seal(&self, mut manifest: Manifest) -> Result<Manifest> {
         if manifest.tag != self.tag {
             return Err(StoreError::ManifestTagMismatch {
                 tag: self.tag.clone(),
@@ -497,19 +570,6 @@ impl Staging {
             .and_then(|()| file.sync_all())
             .map_err(io_err("write", &manifest_path))?;
         sync_dir(&self.dir)?;
-
-        let target = self.root.join(&self.tag);
-        rename_noreplace(&self.dir, &target).map_err(|e| {
-            if matches!(e.raw_os_error(), Some(libc::EEXIST) | Some(libc::ENOTEMPTY)) {
-                StoreError::SnapshotExists {
-                    tag: self.tag.clone(),
-                }
-            } else {
-                io_err("publish snapshot to", &target)(e)
-            }
-        })?;
-        self.published = true;
-        sync_dir(&self.root)?;
         Ok(manifest)
     }
 
@@ -631,6 +691,33 @@ fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_err("fsync directory", dir))
+}
+
+/// Swaps two directories in one step (`renameat2` with `RENAME_EXCHANGE`,
+/// Linux 3.15 and tmpfs/ext4/xfs/btrfs).
+fn rename_exchange(a: &Path, b: &Path) -> io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+
+    let c_a = CString::new(a.as_os_str().as_bytes())?;
+    let c_b = CString::new(b.as_os_str().as_bytes())?;
+    // SAFETY: both pointers are NUL-terminated strings that outlive the call;
+    // the kernel only reads them.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            c_a.as_ptr(),
+            libc::AT_FDCWD,
+            c_b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// `rename(2)` that fails with `EEXIST` instead of replacing an (empty)
@@ -788,6 +875,38 @@ mod tests {
         let err = f.store.stage("py").unwrap_err();
         assert!(matches!(err, StoreError::SnapshotExists { .. }), "{err}");
         assert_eq!(err.to_string(), "snapshot `py` already exists");
+    }
+
+    #[test]
+    fn a_replacement_is_swapped_in_whole_and_the_old_files_go() {
+        let f = fixture();
+        assert!(matches!(
+            f.store.stage_replacement("py"),
+            Err(StoreError::NoSnapshot { .. })
+        ));
+        publish(&f.store, "py");
+        let staging = f.store.stage_replacement("py").unwrap();
+        fs::write(staging.path().join("ram.img"), b"flat").unwrap();
+        // Until the swap, readers see the old snapshot.
+        assert_eq!(f.store.load("py").unwrap().files.len(), 3);
+        let new = staging.publish_over(manifest("py")).unwrap();
+        assert_eq!(new.files.len(), 1);
+        assert_eq!(f.store.load("py").unwrap(), new);
+        assert_eq!(
+            fs::read(f.store.dir("py").join("ram.img")).unwrap(),
+            b"flat"
+        );
+        assert!(!f.store.dir("py").join("device.state").exists());
+        // Nothing hidden is left: neither the staging nor the old files.
+        assert_eq!(fs::read_dir(f.store.root()).unwrap().count(), 1);
+
+        // Deleted meanwhile: refused, and nothing is published.
+        let staging = f.store.stage_replacement("py").unwrap();
+        fs::write(staging.path().join("ram.img"), b"late").unwrap();
+        f.store.remove("py").unwrap();
+        let err = staging.publish_over(manifest("py")).unwrap_err();
+        assert!(matches!(err, StoreError::NoSnapshot { .. }), "{err}");
+        assert_eq!(fs::read_dir(f.store.root()).unwrap().count(), 0);
     }
 
     #[test]

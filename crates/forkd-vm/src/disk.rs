@@ -74,6 +74,16 @@ pub fn is_qcow2(path: &Path) -> bool {
         .is_ok_and(|()| magic == QCOW2_MAGIC)
 }
 
+/// The format qemu-img is told a file has: `qcow2` by its magic, else `raw`
+/// (what forkd's base images are).
+pub fn format_of(path: &Path) -> &'static str {
+    if is_qcow2(path) {
+        "qcow2"
+    } else {
+        "raw"
+    }
+}
+
 /// The backing file qcow2 image `image` names (resolved against its
 /// directory when relative), or `None`. Reads only the header.
 pub fn backing_file(image: &Path) -> Result<Option<PathBuf>, String> {
@@ -155,6 +165,64 @@ pub fn rebase(
         ));
     }
     Ok(())
+}
+
+/// Makes qcow2 `image` the only qcow2 file of its chain, with the same
+/// contents: what the qcow2 files below it hold is copied into it
+/// (qemu-img's safe rebase, which needs them readable) and it is backed by
+/// the raw base image at the bottom directly, or by nothing when there is
+/// none. Returns whether anything changed.
+pub fn collapse(image: &Path) -> Result<bool, String> {
+    let chain = backing_chain(image)?;
+    let base = chain.last().filter(|b| b.exists() && !is_qcow2(b));
+    match base {
+        Some(_) if chain.len() == 1 => Ok(false),
+        Some(base) => rebase(image, base, "raw", true).map(|()| true),
+        None if chain.is_empty() => Ok(false),
+        None => {
+            // `-b ""`: standalone; safe mode copies everything the chain held.
+            let out = Command::new("qemu-img")
+                .args(["rebase", "-q", "-f", "qcow2", "-b", ""])
+                .arg(image)
+                .output()
+                .map_err(|e| {
+                    format!(
+                        "cannot run qemu-img ({e}): install it with `apt-get install qemu-utils`"
+                    )
+                })?;
+            if !out.status.success() {
+                return Err(format!(
+                    "qemu-img rebase {} onto nothing failed: {}",
+                    image.display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+            Ok(true)
+        }
+    }
+}
+
+/// Whether disks `a` and `b` (any formats, through their backing chains)
+/// read the same, as `qemu-img compare` says (unallocated reads as zeros).
+pub fn same_contents(a: &Path, b: &Path) -> Result<bool, String> {
+    let out = Command::new("qemu-img")
+        .args(["compare", "-q", "-U"])
+        .arg(a)
+        .arg(b)
+        .output()
+        .map_err(|e| {
+            format!("cannot run qemu-img ({e}): install it with `apt-get install qemu-utils`")
+        })?;
+    match out.status.code() {
+        Some(0) => Ok(true),
+        Some(1) => Ok(false),
+        _ => Err(format!(
+            "qemu-img compare {} {} failed: {}",
+            a.display(),
+            b.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+    }
 }
 
 impl Vm {
@@ -350,5 +418,65 @@ mod tests {
         assert_eq!(backing_chain(&c).unwrap(), std::slice::from_ref(&a));
         assert!(backing_file(&base).is_err());
         let _ = std::fs::remove_dir_all(&tmp);
+    }
+
+    /// Writes `pattern` at `offset` (64 KiB) through qemu-io.
+    fn write_pattern(image: &Path, pattern: u8, offset: u64) {
+        let out = Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c"])
+            .arg(format!("write -P {pattern} {offset} 64k"))
+            .arg(image)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+
+    #[test]
+    fn a_chain_collapses_into_one_layer_with_the_same_contents() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().join("base.raw");
+        let mut bytes = vec![0u8; 4 << 20];
+        bytes[..4096].fill(0x5a);
+        std::fs::write(&base, &bytes).unwrap();
+        let (a, b, c) = (
+            tmp.path().join("a.qcow2"),
+            tmp.path().join("b.qcow2"),
+            tmp.path().join("c.qcow2"),
+        );
+        create_overlay(&base, "raw", &a).unwrap();
+        write_pattern(&a, 1, 0);
+        write_pattern(&a, 2, 1 << 20);
+        create_overlay(&a, "qcow2", &b).unwrap();
+        write_pattern(&b, 3, 1 << 20);
+        write_pattern(&b, 4, 2 << 20);
+        create_overlay(&b, "qcow2", &c).unwrap();
+        write_pattern(&c, 5, 3 << 20);
+        let flat = tmp.path().join("flat.qcow2");
+        std::fs::copy(&c, &flat).unwrap();
+        assert!(collapse(&flat).unwrap());
+        assert_eq!(backing_chain(&flat).unwrap(), std::slice::from_ref(&base));
+        assert!(same_contents(&c, &flat).unwrap());
+        assert!(!collapse(&flat).unwrap(), "already one layer");
+        // Without a raw base: standalone.
+        let alone = tmp.path().join("alone.qcow2");
+        let out = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&alone)
+            .arg("4M")
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        write_pattern(&alone, 7, 0);
+        let top = tmp.path().join("top.qcow2");
+        create_overlay(&alone, "qcow2", &top).unwrap();
+        write_pattern(&top, 8, 1 << 20);
+        let copy = tmp.path().join("copy.qcow2");
+        std::fs::copy(&top, &copy).unwrap();
+        assert!(collapse(&copy).unwrap());
+        assert!(backing_chain(&copy).unwrap().is_empty());
+        assert!(same_contents(&top, &copy).unwrap());
+        // A test that can fail: different contents are told apart.
+        write_pattern(&copy, 9, 0);
+        assert!(!same_contents(&top, &copy).unwrap());
     }
 }

@@ -81,11 +81,7 @@ impl Fleet {
         if i == 0 && &new_backing == first {
             return Ok(layered_on); // already outside the run directory
         }
-        let format = if forkd_vm::disk::is_qcow2(&new_backing) {
-            "qcow2"
-        } else {
-            "raw"
-        };
+        let format = forkd_vm::disk::format_of(&new_backing);
         // The immediate backing file has a stored twin: same data, so only
         // the header changes. Anything deeper: copy what differs.
         forkd_vm::disk::rebase(copy, &new_backing, format, i > 0).map_err(CoreError::DiskImage)?;

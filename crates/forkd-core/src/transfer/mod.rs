@@ -24,7 +24,6 @@
 //! reading whole RAM images; the pull re-verifies every chunk it takes.
 
 pub mod artifact;
-mod qcow;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
@@ -335,7 +334,7 @@ impl Fleet {
                 add_extra(&config.vm.initramfs, ExtraRole::Initramfs, None, &mut files)?;
             let disk = dir.join(DISK_IMAGE);
             let disk_backing = if m.files.iter().any(|f| f.name == DISK_IMAGE) {
-                let layers = qcow::chain(&disk).map_err(TransferError::Disk)?;
+                let layers = disk_layers(&disk)?;
                 // The first layer below that is a stored disk of the chain
                 // carries on itself; the files above it travel as extras.
                 let stored_at = |k: usize| -> Option<usize> {
@@ -353,7 +352,7 @@ impl Fleet {
                     .unwrap_or(layers.len());
                 let mut below = (cut < layers.len()).then(|| Backing {
                     file: set_name(&prefix(stored_at(cut).unwrap_or_default()), DISK_IMAGE),
-                    format: layers[cut].format.clone(),
+                    format: layers[cut].format.to_string(),
                 });
                 for k in (1..cut).rev() {
                     let backing = if layers[k].format == "qcow2" {
@@ -364,7 +363,7 @@ impl Fleet {
                     let name = add_extra(&layers[k].path, ExtraRole::Disk, backing, &mut files)?;
                     below = Some(Backing {
                         file: name,
-                        format: layers[k].format.clone(),
+                        format: layers[k].format.to_string(),
                     });
                 }
                 below
@@ -609,7 +608,8 @@ impl Fleet {
                         .get(&b.file)
                         .cloned()
                         .unwrap_or_else(|| imports.join(config_blake3(&config, &b.file)));
-                    qcow::rebase_header(&from, &below, &b.format).map_err(TransferError::Disk)?;
+                    forkd_vm::disk::rebase(&from, &below, &b.format, false)
+                        .map_err(TransferError::Disk)?;
                 }
                 fs::rename(&from, &target).map_err(host("importing", &target))?;
             }
@@ -637,7 +637,7 @@ impl Fleet {
                     }
                     _ => placed[&b.file].clone(),
                 };
-                qcow::rebase_header(&staging.path().join(DISK_IMAGE), &below, &b.format)
+                forkd_vm::disk::rebase(&staging.path().join(DISK_IMAGE), &below, &b.format, false)
                     .map_err(TransferError::Disk)?;
             }
             let mut machine: SandboxConfig = serde_json::from_value(s.manifest.machine.clone())
@@ -731,6 +731,33 @@ impl Fleet {
             false
         })
     }
+}
+
+/// One file of a stored disk's chain and the format qemu-img reads it as.
+struct DiskLayer {
+    path: PathBuf,
+    format: &'static str,
+}
+
+/// `disk` and the files below it, top first (read from the qcow2 headers).
+fn disk_layers(disk: &Path) -> Result<Vec<DiskLayer>, TransferError> {
+    let below = forkd_vm::disk::backing_chain(disk).map_err(TransferError::Disk)?;
+    std::iter::once(disk.to_path_buf())
+        .chain(below)
+        .map(|path| {
+            if !path.exists() {
+                return Err(TransferError::Disk(format!(
+                    "the disk chain of {} names {}, which is gone",
+                    disk.display(),
+                    path.display()
+                )));
+            }
+            Ok(DiskLayer {
+                format: forkd_vm::disk::format_of(&path),
+                path,
+            })
+        })
+        .collect()
 }
 
 /// Size and BLAKE3 of every file of the set, as the pushing host recorded.
