@@ -277,6 +277,28 @@ pub const ROUTES: &[Route] = &[
     },
     Route {
         mutating: true,
+        responses: &[
+            ok(
+                200,
+                "Its layers and bytes before and after (`compacted: false`: it was one RAM image and one disk layer already).",
+                Body::Json("CompactResponse"),
+            ),
+            SNAPSHOT_404,
+            no_body(
+                409,
+                "The snapshot is not ready, is broken, or another process is writing or compacting it.",
+            ),
+        ],
+        ..route(
+            Method::Post,
+            "/v1/snapshots/{tag}/compact",
+            "compactSnapshot",
+            "forkd: rewrite a snapshot made of a chain of RAM and disk layers as one RAM image and one disk layer, with the same contents; the snapshots below are kept.",
+            "snapshots",
+        )
+    },
+    Route {
+        mutating: true,
         responses: &[ok(
             200,
             "What was deleted, and what was kept because something depends on it.",
@@ -994,6 +1016,7 @@ fn component_schemas() -> Map<String, Value> {
     gen.subschema_for::<PtySize>();
     gen.subschema_for::<KillAllResponse>();
     gen.subschema_for::<PruneResponse>();
+    gen.subschema_for::<CompactResponse>();
     gen.subschema_for::<GcResponse>();
     let mut definitions = gen.take_definitions();
     // The OpenAPI 3.0 visitors (e.g. moving `$ref` siblings into `allOf`, which

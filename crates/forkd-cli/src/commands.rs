@@ -415,6 +415,10 @@ pub fn info(ops: &dyn Operations, tag: &str, json: bool) -> Result<ExitCode> {
     if let Some(n) = &d.network {
         println!("network:     {n} (its children's, unless a spawn says otherwise)");
     }
+    println!(
+        "layers:      {} RAM, {} disk (what its children are made from)",
+        d.layers.ram, d.layers.disk
+    );
     println!("size:        {} on disk", mib(d.allocated));
     for f in &d.files {
         println!(
@@ -488,6 +492,45 @@ pub fn prune(ops: &dyn Operations) -> Result<ExitCode> {
 }
 
 /// `forkd gc`.
+pub fn compact(ops: &dyn Operations, tag: &str, json: bool) -> Result<ExitCode> {
+    let c = ops.compact(tag)?;
+    if json {
+        println!("{}", serde_json::to_string(&c)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let (b, a) = (&c.before, &c.after);
+    if !c.compacted {
+        eprintln!(
+            "forkd: snapshot `{tag}` is one RAM image and {} already: nothing to do",
+            match b.layers.disk {
+                0 => "no disk".to_string(),
+                n => format!("{n} disk layer"),
+            }
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    eprintln!(
+        "forkd: compacted `{tag}`: RAM layers {} -> {}, disk layers {} -> {}, {} -> {} on disk",
+        b.layers.ram,
+        a.layers.ram,
+        b.layers.disk,
+        a.layers.disk,
+        mib(b.bytes),
+        mib(a.bytes)
+    );
+    if !c.released.is_empty() {
+        eprintln!(
+            "forkd: it no longer needs {} (kept; `forkd rmi` deletes one once nothing else needs it)",
+            c.released
+                .iter()
+                .map(|t| format!("`{t}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn gc(ops: &dyn Operations, json: bool) -> Result<ExitCode> {
     let g = ops.gc()?;
     if json {

@@ -155,6 +155,17 @@ enum FleetCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Rewrite a snapshot made of a chain of RAM and disk layers as one RAM
+    /// image and one disk layer, with the same contents (what spawns from
+    /// it does not change; the snapshots below are kept, and `rmi` may
+    /// delete them afterwards if nothing else needs them).
+    Compact {
+        /// The snapshot's tag.
+        tag: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Snapshots and sandboxes as a lineage tree (status, layer size, age).
     Tree {
         /// Print JSON instead of text.
@@ -707,6 +718,7 @@ fn fleet_command(owned: Box<dyn forkd_ops::Operations>, command: FleetCommand) -
             (None, false) => anyhow::bail!("name a snapshot to delete, or pass --failed"),
         },
         Command::Gc { json } => commands::gc(ops, json),
+        Command::Compact { tag, json } => commands::compact(ops, &tag, json),
         Command::Tree { json } => tree::tree(ops, json),
         Command::Push {
             tag,

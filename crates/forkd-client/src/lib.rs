@@ -693,6 +693,13 @@ impl Operations for Client {
             .map_err(|e| OpError::internal(format!("the daemon sent an unexpected answer: {e}")))
     }
 
+    fn compact(&self, tag: &str) -> Result<forkd_ops::Compacted, OpError> {
+        segment("tag", tag)?;
+        let c: api::CompactResponse =
+            self.json("POST", &format!("/v1/snapshots/{tag}/compact"), None)?;
+        Ok(convert::compacted_from_wire(c))
+    }
+
     fn prune_snapshots(&self) -> Result<Pruned, OpError> {
         let p: api::PruneResponse = self.json("POST", "/v1/snapshots/prune", None)?;
         Ok(convert::pruned_from_wire(p))

@@ -56,6 +56,8 @@ pub enum CoreError {
     SnapshotWriting { tag: String },
     #[error("snapshot `{tag}` is still being written after {waited_s} s")]
     SnapshotWritingTooLong { tag: String, waited_s: u64 },
+    #[error("snapshot `{tag}` is being written or compacted by another process right now; retry when it has finished")]
+    SnapshotBusy { tag: String },
     #[error("snapshot `{tag}` is in use by {}", describe(.dependents))]
     SnapshotInUse { tag: String, dependents: Dependents },
     #[error("snapshot `{tag}` cannot be spawned: {reason}")]
@@ -180,6 +182,7 @@ impl CoreError {
             | C::NoFullSnapshot { .. }
             | C::HugePages(_) => ErrorKind::Conflict,
             C::SnapshotWriting { .. }
+            | C::SnapshotBusy { .. }
             | C::SandboxStarting { .. }
             | C::Admission { .. }
             | C::SnapshotWritingTooLong { .. }

@@ -21,6 +21,7 @@ pub mod branch;
 pub mod consistency;
 pub mod doctor;
 mod error;
+pub mod faultpoint;
 pub mod files;
 pub mod fleet;
 mod guest;

@@ -452,6 +452,10 @@ impl Operations for Fleet {
         Ok(Fleet::remove_snapshot(self, tag, opts)?)
     }
 
+    fn compact(&self, tag: &str) -> Result<forkd_ops::Compacted, OpError> {
+        Ok(Fleet::compact(self, tag)?)
+    }
+
     fn prune_snapshots(&self) -> Result<Pruned, OpError> {
         Ok(Fleet::prune_snapshots(self)?)
     }

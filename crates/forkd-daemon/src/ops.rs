@@ -119,6 +119,10 @@ impl Daemon {
                 )?;
                 Ok(Reply::Empty(204))
             }
+            "compactSnapshot" => Ok(Reply::json(
+                200,
+                convert::compacted_to_wire(&self.ops().compact(&tag())?),
+            )),
             "pruneSnapshots" => Ok(Reply::json(
                 200,
                 convert::pruned_to_wire(&self.ops().prune_snapshots()?),

@@ -1,6 +1,7 @@
 //! The seam every forkd front end calls: one trait, [`Operations`], for
 //! everything a user does with sandboxes and snapshots (create, exec, files,
-//! branch, spawn, pool, kill, list, info, delete, prune, gc, push, pull), with its request and
+//! branch, spawn, pool, kill, list, info, compact, delete, prune, gc, push,
+//! pull), with its request and
 //! result types, its error ([`OpError`]) and its defaults ([`policy`]).
 //!
 //! `forkd-core`'s fleet implements it on this host; `forkd-client`
@@ -221,6 +222,12 @@ pub trait Operations: Send + Sync {
     /// Deletes a snapshot; returns the tags deleted (more than one with
     /// `cascade`).
     fn remove_snapshot(&self, tag: &str, opts: RemoveSnapshot) -> Result<Vec<String>, OpError>;
+
+    /// Rewrites a snapshot made of a chain of RAM and disk layers as one
+    /// RAM image and one disk layer, without changing what spawns from it;
+    /// the snapshots below it are kept. Published atomically: any failure
+    /// leaves the snapshot as it was.
+    fn compact(&self, tag: &str) -> Result<Compacted, OpError>;
 
     /// Deletes every failed and broken snapshot that nothing else needs.
     fn prune_snapshots(&self) -> Result<Pruned, OpError>;

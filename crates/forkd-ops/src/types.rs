@@ -330,6 +330,44 @@ pub struct SnapshotDetail {
     /// The network its children get unless a spawn overrides it.
     #[serde(default)]
     pub network: Option<NetworkPolicy>,
+    /// How many files make up what its children run from (`compact`
+    /// brings both to 1).
+    #[serde(default)]
+    pub layers: Layers,
+}
+
+/// How many stored files a snapshot's children are made from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layers {
+    /// RAM images read to make the image children map: 1 for a full image,
+    /// one more per diff layer below.
+    pub ram: u32,
+    /// qcow2 files in its disk's backing chain, its own included (the raw
+    /// base image below them is not counted; 0: no disk).
+    pub disk: u32,
+}
+
+/// A snapshot's chain before or after `compact`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainSize {
+    pub layers: Layers,
+    /// Bytes the stored files children are made from occupy: its own and
+    /// those of every RAM and disk layer below it (the base image aside).
+    pub bytes: u64,
+}
+
+/// What `compact` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Compacted {
+    pub tag: String,
+    /// False when it was one RAM image and one disk layer already: nothing
+    /// was written.
+    pub compacted: bool,
+    pub before: ChainSize,
+    pub after: ChainSize,
+    /// The snapshots it no longer needs (they are kept; `rmi` may delete
+    /// them now unless something else depends on them).
+    pub released: Vec<String>,
 }
 
 /// Options of a snapshot deletion.

@@ -522,8 +522,26 @@ impl Staging {
     /// it the new one (and the old files under a `.staging-*` name that
     /// [`Store::sweep_staging`] removes). Fails with
     /// [`StoreError::NoSnapshot`] if the old one was deleted meanwhile.
-    pub fn publish_over(mut self, manifest: Manifest) -> Result<Manifest> {
+    /// `expected` names files whose BLAKE3 (hex) must come out as given:
+    /// one that does not is refused ([`StoreError::FileCorrupt`]) before
+    /// anything is swapped.
+    pub fn publish_over(
+        mut self,
+        manifest: Manifest,
+        expected: &[(&str, &str)],
+    ) -> Result<Manifest> {
         let manifest = self.seal(manifest)?;
+        for (name, want) in expected {
+            let got = manifest.files.iter().find(|f| f.name == *name);
+            if got.map(|f| f.blake3.as_str()) != Some(*want) {
+                return Err(StoreError::FileCorrupt {
+                    tag: self.tag.clone(),
+                    name: (*name).to_owned(),
+                    actual: got.map(|f| f.blake3.clone()).unwrap_or_default(),
+                    expected: (*want).to_owned(),
+                });
+            }
+        }
         let target = self.root.join(&self.tag);
         rename_exchange(&self.dir, &target).map_err(|e| {
             if e.raw_os_error() == Some(libc::ENOENT) {
@@ -889,7 +907,10 @@ mod tests {
         fs::write(staging.path().join("ram.img"), b"flat").unwrap();
         // Until the swap, readers see the old snapshot.
         assert_eq!(f.store.load("py").unwrap().files.len(), 3);
-        let new = staging.publish_over(manifest("py")).unwrap();
+        let flat = blake3::hash(b"flat").to_hex().to_string();
+        let new = staging
+            .publish_over(manifest("py"), &[("ram.img", &flat)])
+            .unwrap();
         assert_eq!(new.files.len(), 1);
         assert_eq!(f.store.load("py").unwrap(), new);
         assert_eq!(
@@ -904,8 +925,18 @@ mod tests {
         let staging = f.store.stage_replacement("py").unwrap();
         fs::write(staging.path().join("ram.img"), b"late").unwrap();
         f.store.remove("py").unwrap();
-        let err = staging.publish_over(manifest("py")).unwrap_err();
+        let err = staging.publish_over(manifest("py"), &[]).unwrap_err();
         assert!(matches!(err, StoreError::NoSnapshot { .. }), "{err}");
+        // A file that is not what the caller made is refused, nothing swapped.
+        publish(&f.store, "py");
+        let staging = f.store.stage_replacement("py").unwrap();
+        fs::write(staging.path().join("ram.img"), b"flat?").unwrap();
+        let err = staging
+            .publish_over(manifest("py"), &[("ram.img", &flat)])
+            .unwrap_err();
+        assert!(matches!(err, StoreError::FileCorrupt { .. }), "{err}");
+        assert_eq!(f.store.load("py").unwrap().files.len(), 3);
+        f.store.remove("py").unwrap();
         assert_eq!(fs::read_dir(f.store.root()).unwrap().count(), 0);
     }
 

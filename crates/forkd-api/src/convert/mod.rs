@@ -507,6 +507,8 @@ pub fn detail_to_wire(d: &ops::SnapshotDetail) -> api::SnapshotDetail {
         ram_parent: d.ram_parent.clone(),
         layer_pages: d.layer_pages,
         network: d.network.as_ref().map(network_to_wire),
+        ram_layers: d.layers.ram,
+        disk_layers: d.layers.disk,
     }
 }
 
@@ -533,6 +535,50 @@ pub fn detail_from_wire(d: api::SnapshotDetail) -> ops::SnapshotDetail {
         allocated: d.total_physical_bytes,
         bootable: d.snapshot.bootable,
         network: d.network.map(network_from_wire),
+        layers: ops::Layers {
+            ram: d.ram_layers,
+            disk: d.disk_layers,
+        },
+    }
+}
+
+fn chain_size_to_wire(c: &ops::ChainSize) -> api::ChainSize {
+    api::ChainSize {
+        ram_layers: c.layers.ram,
+        disk_layers: c.layers.disk,
+        bytes: c.bytes,
+    }
+}
+
+fn chain_size_from_wire(c: &api::ChainSize) -> ops::ChainSize {
+    ops::ChainSize {
+        layers: ops::Layers {
+            ram: c.ram_layers,
+            disk: c.disk_layers,
+        },
+        bytes: c.bytes,
+    }
+}
+
+/// A compaction on the wire.
+pub fn compacted_to_wire(c: &ops::Compacted) -> api::CompactResponse {
+    api::CompactResponse {
+        tag: c.tag.clone(),
+        compacted: c.compacted,
+        before: chain_size_to_wire(&c.before),
+        after: chain_size_to_wire(&c.after),
+        released: c.released.clone(),
+    }
+}
+
+/// A compaction from the wire.
+pub fn compacted_from_wire(c: api::CompactResponse) -> ops::Compacted {
+    ops::Compacted {
+        tag: c.tag,
+        compacted: c.compacted,
+        before: chain_size_from_wire(&c.before),
+        after: chain_size_from_wire(&c.after),
+        released: c.released,
     }
 }
 
@@ -873,10 +919,26 @@ mod tests {
                 mode: ops::Network::Slirp,
                 ..Default::default()
             }),
+            layers: ops::Layers { ram: 3, disk: 2 },
         };
         let wire = detail_to_wire(&d);
         assert_eq!(wire.ancestors, ["root", "warm"]);
+        assert_eq!((wire.ram_layers, wire.disk_layers), (3, 2));
         assert_eq!(detail_from_wire(wire), d);
+        let c = ops::Compacted {
+            tag: "leaf".into(),
+            compacted: true,
+            before: ops::ChainSize {
+                layers: ops::Layers { ram: 3, disk: 3 },
+                bytes: 900,
+            },
+            after: ops::ChainSize {
+                layers: ops::Layers { ram: 1, disk: 1 },
+                bytes: 700,
+            },
+            released: vec!["warm".into(), "root".into()],
+        };
+        assert_eq!(compacted_from_wire(compacted_to_wire(&c)), c);
         let o = ops::BranchOutcome {
             snapshot: s,
             mode: ops::BranchMode::Full,

@@ -170,6 +170,41 @@ pub struct SnapshotDetail {
     /// forkd: the network its children get unless a spawn says otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkInfo>,
+    /// forkd: RAM images read to make the image its children map (1: a
+    /// full image; one more per diff layer below it).
+    #[serde(default)]
+    pub ram_layers: u32,
+    /// forkd: qcow2 files in its disk's backing chain, its own included
+    /// (the raw base image aside; 0: no disk).
+    #[serde(default)]
+    pub disk_layers: u32,
+}
+
+/// forkd: a snapshot's chain before or after `POST /v1/snapshots/{tag}/compact`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ChainSize {
+    /// RAM images its children are made from.
+    pub ram_layers: u32,
+    /// qcow2 files of its disk chain.
+    pub disk_layers: u32,
+    /// Bytes those stored files occupy (the base image aside).
+    pub bytes: u64,
+}
+
+/// forkd: what `POST /v1/snapshots/{tag}/compact` did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct CompactResponse {
+    /// The snapshot.
+    pub tag: String,
+    /// False when it was one RAM image and one disk layer already.
+    pub compacted: bool,
+    /// What its children were made from before.
+    pub before: ChainSize,
+    /// What they are made from now (the same when nothing was done).
+    pub after: ChainSize,
+    /// Snapshots below it that it no longer needs (kept).
+    #[serde(default)]
+    pub released: Vec<String>,
 }
 
 /// Query of `DELETE /v1/snapshots/{tag}`.
@@ -1153,6 +1188,8 @@ mod tests {
             ram_parent: None,
             layer_pages: None,
             network: None,
+            ram_layers: 1,
+            disk_layers: 1,
         };
         let value = serde_json::to_value(&detail).unwrap();
         assert_eq!(

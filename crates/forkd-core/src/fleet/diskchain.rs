@@ -89,7 +89,7 @@ impl Fleet {
     }
 
     /// The snapshot whose `disk.qcow2` is `file`, if it is one.
-    fn snapshot_of_disk(&self, file: &Path) -> Option<String> {
+    pub(super) fn snapshot_of_disk(&self, file: &Path) -> Option<String> {
         if file.file_name()? != DISK_IMAGE {
             return None;
         }

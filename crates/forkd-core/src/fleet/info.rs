@@ -124,6 +124,11 @@ impl Fleet {
                 })
                 .map(|c| crate::netgw::view(&c.vm)),
             bootable: manifest.is_some(),
+            layers: if manifest.is_some() {
+                self.layers_of(tag).unwrap_or_default()
+            } else {
+                forkd_ops::Layers::default()
+            },
             ram_parent,
         })
     }

@@ -13,11 +13,13 @@
 //! directory ([`diskchain`]), spawning and the warm pool ([`spawn`]), the
 //! content-keyed RAM images children map and their collection
 //! ([`ramcache`]), snapshot details, health and deletion ([`info`],
-//! [`integrity`], [`remove`]), and reconciling the database with the
+//! [`integrity`], [`remove`]), rewriting a chain of layers as one
+//! ([`compact`]), and reconciling the database with the
 //! processes that exist after a crash ([`recover`]). Live branches are in
 //! [`crate::branch`]. This module holds the handle and what every room
 //! needs: finding a sandbox, talking to it, listing and killing.
 
+mod compact;
 mod create;
 pub(crate) mod diskchain;
 mod info;

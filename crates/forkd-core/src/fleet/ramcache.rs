@@ -157,6 +157,24 @@ impl Fleet {
         self.ram_for_children(tag, &self.store.dir(tag))
     }
 
+    /// The flat RAM image children of `tag` map (made if needed) and the
+    /// BLAKE3 it was checked against: what a copy of it must hash to.
+    pub(crate) fn ram_image_with_digest(&self, tag: &str) -> Result<(PathBuf, String), CoreError> {
+        let image = self.ram_image_of(tag)?;
+        let key = self.image_key(tag)?;
+        let digest = match key.source {
+            Source::Full { .. } => key.key,
+            Source::Layer { .. } => {
+                let sum = self.cache_dir().join(format!("{}.sum", key.key));
+                std::fs::read_to_string(&sum)
+                    .map_err(CoreError::host("reading", &sum))?
+                    .trim()
+                    .to_string()
+            }
+        };
+        Ok((image, digest))
+    }
+
     /// The flat RAM image children of `tag` map. It must be on tmpfs (shmem)
     /// for them to be live-branchable: userfaultfd write-protect does not
     /// work on private mappings of disk files. A full image in a store on
