@@ -411,6 +411,7 @@ const IMPLEMENTED: &[&str] = &[
     "listSnapshots",
     "snapshotInfo",
     "deleteSnapshot",
+    "compactSnapshot",
     "pruneSnapshots",
     "gc",
     "killAllSandboxes",
