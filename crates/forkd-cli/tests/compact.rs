@@ -95,13 +95,14 @@ impl World {
             .unwrap_or_default()
     }
 
-    /// Starts `forkd compact TAG` stopped at fault point `point`, waits until
-    /// it is stopped there, and kills it with SIGKILL.
-    fn kill_compact_at(&self, tag: &str, point: &str) {
+    /// Starts `forkd ARGS` with fault point `point` set, waits until it is
+    /// stopped there, runs `meanwhile`, and kills it with SIGKILL.
+    fn kill_at(&self, args: &[&str], point: &str, meanwhile: impl FnOnce()) {
         let mut child = self
             .command()
             .env(forkd_core::faultpoint::STOP_AT_VAR, point)
-            .args(["compact", tag])
+            .args(args)
+            .stdout(std::process::Stdio::null())
             .spawn()
             .unwrap();
         let stat = format!("/proc/{}/stat", child.id());
@@ -113,14 +114,65 @@ impl World {
                 break;
             }
             if let Some(st) = child.try_wait().unwrap() {
-                panic!("compact ended ({st}) before reaching {point}");
+                panic!("{args:?} ended ({st}) before reaching {point}");
             }
-            assert!(Instant::now() < deadline, "compact never reached {point}");
+            assert!(Instant::now() < deadline, "{args:?} never reached {point}");
             std::thread::sleep(Duration::from_millis(20));
         }
+        meanwhile();
         child.kill().unwrap();
         child.wait().unwrap();
-        eprintln!("compact killed at {point}");
+        eprintln!("{args:?} killed at {point}");
+    }
+}
+
+/// A `docker-registry` on a free loopback port, with its own storage.
+struct Registry {
+    child: std::process::Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Registry {
+    fn start() -> Registry {
+        let dir =
+            std::env::temp_dir().join(format!("forkd-compact-registry-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap();
+        let config = dir.join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                dir.join("storage").display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("docker-registry (apt-get install docker-registry)");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "the registry did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Registry { child, port, dir }
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -180,7 +232,7 @@ fn a_compacted_chain_spawns_exactly_what_it_did_and_survives_kill_9_at_every_ste
 
     // kill -9 at every step: the snapshot stays ready and whole.
     for point in ["compact:ram", "compact:disk", "compact:swap"] {
-        w.kill_compact_at("g2", point);
+        w.kill_at(&["compact", "g2"], point, || {});
         assert_eq!(w.status("g2"), "ready", "after a kill at {point}");
         let f = w.fleet();
         let m = f.store().verify(&f.db(), "g2").unwrap();
@@ -240,4 +292,34 @@ fn a_compacted_chain_spawns_exactly_what_it_did_and_survives_kill_9_at_every_ste
     assert!(!bad.status.success());
     let said = String::from_utf8_lossy(&bad.stderr);
     assert!(said.contains("no snapshot `nope`"), "{said}");
+
+    // The compacted snapshot travels alone, and a pull killed while it
+    // publishes leaves a row (writing, then failed), never a directory
+    // without one; `rmi --failed` removes it and a retry publishes it.
+    let registry = Registry::start();
+    let reference = format!("127.0.0.1:{}/forkd/compacted:v1", registry.port);
+    let pushed: Value =
+        serde_json::from_str(&w.ok(&["push", "g2", &reference, "--insecure", "--json"])).unwrap();
+    assert_eq!(pushed["snapshots"], serde_json::json!(["g2"]));
+    let b = World::new("pulled");
+    let pull = ["pull", reference.as_str(), "--insecure", "--json"];
+    b.kill_at(
+        &pull,
+        forkd_core::transfer::PULL_STOP_BEFORE_PUBLISH,
+        || {
+            assert_eq!(b.status("g2"), "writing");
+            assert!(!b.home.join("snapshots").join("g2").exists());
+        },
+    );
+    assert_eq!(b.status("g2"), "failed");
+    assert!(!b.home.join("snapshots").join("g2").exists());
+    b.ok(&["rmi", "--failed"]);
+    assert_eq!(b.status("g2"), "");
+    let pulled: Value = serde_json::from_str(&b.ok(&pull)).unwrap();
+    assert_eq!(pulled["published"], serde_json::json!(["g2"]));
+    assert_eq!(b.status("g2"), "ready");
+    let fb = b.fleet();
+    fb.store().verify(&fb.db(), "g2").unwrap();
+    let pulled_ram = std::fs::read(fb.ram_image_of("g2").unwrap()).unwrap();
+    assert!(pulled_ram == ram_before, "the pulled RAM image differs");
 }

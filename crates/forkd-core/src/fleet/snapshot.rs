@@ -123,6 +123,23 @@ impl Fleet {
         source: &str,
         parent: Option<&str>,
     ) -> Result<std::fs::File, CoreError> {
+        self.claim_row(&SnapshotRow {
+            tag: tag.to_string(),
+            status: SnapshotStatus::Writing,
+            dir: self.store.dir(tag),
+            parent: parent.map(str::to_string),
+            source: Some(source.to_string()),
+            created_at: forkd_store::unix_now(),
+            pause_ms: None,
+            error: None,
+        })
+    }
+
+    /// [`Fleet::claim_tag`] for any writer of a snapshot (a pull has no
+    /// source sandbox): `row` (status `writing`) is recorded under the
+    /// writer lock, which is returned held.
+    pub(crate) fn claim_row(&self, row: &SnapshotRow) -> Result<std::fs::File, CoreError> {
+        let tag = row.tag.as_str();
         let lock = crate::branch::writer_lock(&self.env.runtime, tag);
         let lock_dir = lock.parent().expect("has a parent");
         std::fs::create_dir_all(lock_dir).map_err(CoreError::host("creating", lock_dir))?;
@@ -133,16 +150,7 @@ impl Fleet {
             .db
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .claim_snapshot(&SnapshotRow {
-                tag: tag.to_string(),
-                status: SnapshotStatus::Writing,
-                dir: self.store.dir(tag),
-                parent: parent.map(str::to_string),
-                source: Some(source.to_string()),
-                created_at: forkd_store::unix_now(),
-                pause_ms: None,
-                error: None,
-            })?;
+            .claim_snapshot(row)?;
         if replaced.is_some() || self.store.exists(tag) {
             // What a failed snapshot (or an older forkd) left under the tag.
             self.store.remove_if_present(tag)?;

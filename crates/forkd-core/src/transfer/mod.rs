@@ -15,7 +15,10 @@
 //! `$FORKD_HOME/oci/pulls/<digest>` that an interrupted pull resumes from.
 //! Every file is checked against the BLAKE3 and size the pushing host's
 //! manifest recorded; only then are snapshots published, bottom-up, each
-//! atomically by the store (a failure leaves complete parents or nothing).
+//! atomically by the store (a failure leaves complete parents or nothing),
+//! each after its row is claimed `writing` as a branch claims its tag, so
+//! that no snapshot directory is ever without a row: a pull killed while
+//! publishing leaves a row that the next command marks `failed`.
 //! Pulled boot files and base disks go to `$FORKD_HOME/imports/<blake3>`.
 //! Disks' headers are rewritten to name their backing files on this host.
 //!
@@ -43,6 +46,10 @@ use artifact::{
     identity, prefix, set_name, ArtifactConfig, Backing, ExtraFile, ExtraRole, SetFile,
     SnapshotEntry, CONFIG_FORMAT,
 };
+
+/// Fault point ([`crate::faultpoint`]): a pull with a snapshot's row
+/// claimed and its files staged, about to publish it.
+pub const PULL_STOP_BEFORE_PUBLISH: &str = "pull:publish";
 
 /// Why a push or pull failed.
 #[derive(Debug, thiserror::Error)]
@@ -486,8 +493,15 @@ impl Fleet {
             } else {
                 s.manifest.tag.clone()
             };
-            let tag = if !self.store().exists(&wanted) && self.db().get_snapshot(&wanted)?.is_none()
-            {
+            // A failed row (an interrupted pull's) is taken over by the claim.
+            let free = |t: &str| -> Result<bool, TransferError> {
+                Ok(!self.store().exists(t)
+                    && self
+                        .db()
+                        .get_snapshot(t)?
+                        .is_none_or(|r| r.status == SnapshotStatus::Failed))
+            };
+            let tag = if free(&wanted)? {
                 wanted
             } else if i == 0 {
                 return Err(TransferError::TagTaken { tag: wanted });
@@ -497,7 +511,7 @@ impl Fleet {
                 forkd_ops::validate_tag(&alt).map_err(|_| TransferError::TagTaken {
                     tag: wanted.clone(),
                 })?;
-                if self.store().exists(&alt) {
+                if !free(&alt)? {
                     return Err(TransferError::TagTaken { tag: alt });
                 }
                 alt
@@ -624,60 +638,44 @@ impl Fleet {
             }
             let s = &config.snapshots[i];
             let tag = &local_tag[i];
-            let staging = self.store().stage(tag)?;
-            for f in &s.manifest.files {
-                let from = work.join(set_name(&s.prefix, &f.name));
-                let to = staging.path().join(&f.name);
-                fs::rename(&from, &to).map_err(host("moving into the store", &to))?;
-            }
-            if let Some(b) = &s.disk_backing {
-                let below = match names.get(&b.file) {
-                    Some(SetFile::SnapshotDisk(j)) => {
-                        self.store().dir(&local_tag[*j]).join(DISK_IMAGE)
-                    }
-                    _ => placed[&b.file].clone(),
-                };
-                forkd_vm::disk::rebase(&staging.path().join(DISK_IMAGE), &below, &b.format, false)
-                    .map_err(TransferError::Disk)?;
-            }
-            let mut machine: SandboxConfig = serde_json::from_value(s.manifest.machine.clone())
-                .map_err(|e| {
-                    bad(format!(
-                        "snapshot `{}` has an unreadable machine configuration: {e}",
-                        s.manifest.tag
-                    ))
-                })?;
-            machine.vm.kernel = placed[&s.kernel].clone();
-            machine.vm.initramfs = placed[&s.initramfs].clone();
             let map = |link: &Option<String>| -> Option<String> {
                 let link = link.as_ref()?;
                 config.position(link).map(|j| local_tag[j].clone())
             };
-            let manifest = Manifest {
-                format: forkd_store::MANIFEST_FORMAT,
+            // The row first (`writing`, under the writer lock), then the
+            // directory: a pull killed from here on leaves a row that the
+            // next forkd command fails and `rmi --failed` removes, never a
+            // directory without one.
+            let _writing = self.claim_row(&forkd_store::SnapshotRow {
                 tag: tag.clone(),
-                created_at: s.manifest.created_at,
-                parent: map(&s.manifest.parent),
-                source_sandbox: None,
-                pause_ms: s.manifest.pause_ms,
-                ram_parent: map(&s.manifest.ram_parent),
-                // Names a run-directory file of the pushing host: meaningless here.
-                disk_from: None,
-                machine: serde_json::to_value(&machine).expect("config serialises"),
-                files: vec![],
-                origin: Some(s.origin.clone()),
-            };
-            let manifest = staging.publish(manifest)?;
-            self.db().insert_snapshot(&forkd_store::SnapshotRow {
-                tag: tag.clone(),
-                status: SnapshotStatus::Ready,
+                status: SnapshotStatus::Writing,
                 dir: self.store().dir(tag),
-                parent: manifest.parent.clone(),
+                parent: map(&s.manifest.parent),
                 source: None,
-                created_at: manifest.created_at,
-                pause_ms: Some(manifest.pause_ms),
+                created_at: s.manifest.created_at,
+                pause_ms: Some(s.manifest.pause_ms),
                 error: None,
             })?;
+            let manifest = match self
+                .publish_pulled(&reference, s, tag, &work, &names, &local_tag, &placed, &map)
+            {
+                Ok(m) => m,
+                Err(e) => {
+                    let _ = self.db().transition_snapshot(
+                        tag,
+                        SnapshotStatus::Writing,
+                        SnapshotStatus::Failed,
+                        Some(&e.to_string()),
+                    );
+                    return Err(e);
+                }
+            };
+            self.db().transition_snapshot(
+                tag,
+                SnapshotStatus::Writing,
+                SnapshotStatus::Ready,
+                None,
+            )?;
             for f in &s.manifest.files {
                 if let Some(index) = summary.indexes.get(&set_name(&s.prefix, &f.name)) {
                     if let Some(now) = manifest.files.iter().find(|n| n.name == f.name) {
@@ -704,6 +702,65 @@ impl Fleet {
                 c
             },
         })
+    }
+
+    /// Publishes pulled snapshot `s` (files verified, in `work`) as `tag`,
+    /// whose row the caller has claimed.
+    #[allow(clippy::too_many_arguments)]
+    fn publish_pulled(
+        &self,
+        reference: &Reference,
+        s: &SnapshotEntry,
+        tag: &str,
+        work: &Path,
+        names: &BTreeMap<String, SetFile>,
+        local_tag: &[String],
+        placed: &HashMap<String, PathBuf>,
+        map: &dyn Fn(&Option<String>) -> Option<String>,
+    ) -> Result<Manifest, TransferError> {
+        let bad = |reason: String| TransferError::BadArtifact {
+            reference: reference.to_string(),
+            reason,
+        };
+        let staging = self.store().stage(tag)?;
+        for f in &s.manifest.files {
+            let from = work.join(set_name(&s.prefix, &f.name));
+            let to = staging.path().join(&f.name);
+            fs::rename(&from, &to).map_err(host("moving into the store", &to))?;
+        }
+        if let Some(b) = &s.disk_backing {
+            let below = match names.get(&b.file) {
+                Some(SetFile::SnapshotDisk(j)) => self.store().dir(&local_tag[*j]).join(DISK_IMAGE),
+                _ => placed[&b.file].clone(),
+            };
+            forkd_vm::disk::rebase(&staging.path().join(DISK_IMAGE), &below, &b.format, false)
+                .map_err(TransferError::Disk)?;
+        }
+        let mut machine: SandboxConfig = serde_json::from_value(s.manifest.machine.clone())
+            .map_err(|e| {
+                bad(format!(
+                    "snapshot `{}` has an unreadable machine configuration: {e}",
+                    s.manifest.tag
+                ))
+            })?;
+        machine.vm.kernel = placed[&s.kernel].clone();
+        machine.vm.initramfs = placed[&s.initramfs].clone();
+        let manifest = Manifest {
+            format: forkd_store::MANIFEST_FORMAT,
+            tag: tag.to_string(),
+            created_at: s.manifest.created_at,
+            parent: map(&s.manifest.parent),
+            source_sandbox: None,
+            pause_ms: s.manifest.pause_ms,
+            ram_parent: map(&s.manifest.ram_parent),
+            // Names a run-directory file of the pushing host: meaningless here.
+            disk_from: None,
+            machine: serde_json::to_value(&machine).expect("config serialises"),
+            files: vec![],
+            origin: Some(s.origin.clone()),
+        };
+        crate::faultpoint::reached(PULL_STOP_BEFORE_PUBLISH);
+        Ok(staging.publish(manifest)?)
     }
 
     /// Whether extra `name` is needed by a snapshot this pull publishes
