@@ -6,7 +6,11 @@
 //! byte for byte, the disk as qemu-img reads it, files and memory in the
 //! guest), a snapshot layered on it before still spawns, `info` reports one
 //! layer of each, a second compact has nothing to do, and a bad tag is
-//! named. One boot and a few spawns: the chain is shared by every check.
+//! named; through a daemon (`--remote`) the output is byte-identical. Then
+//! the compacted snapshot is pushed to a real `docker-registry` and a pull
+//! of it is killed while publishing: it leaves a row (`writing`, then
+//! `failed`) and no directory, `rmi --failed` removes it, a retry publishes
+//! it. One boot and a few spawns: the chain is shared by every check.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -176,6 +180,16 @@ impl Drop for Registry {
     }
 }
 
+/// Kills the daemon a test started, whatever happens.
+struct DaemonGuard(std::process::Child);
+
+impl Drop for DaemonGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 impl Drop for World {
     fn drop(&mut self) {
         let _ = self.run(&["kill", "--all"]);
@@ -292,6 +306,49 @@ fn a_compacted_chain_spawns_exactly_what_it_did_and_survives_kill_9_at_every_ste
     assert!(!bad.status.success());
     let said = String::from_utf8_lossy(&bad.stderr);
     assert!(said.contains("no snapshot `nope`"), "{said}");
+
+    // Through the daemon: the same words, and a real compaction of g1.
+    let socket = w.runtime.join("api.sock");
+    let mut daemon = DaemonGuard(
+        w.command()
+            .args(["daemon", "--listen"])
+            .arg(&socket)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let remote = socket.to_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !w.run(&["--remote", &remote, "snapshots"]).status.success() {
+        assert!(Instant::now() < deadline, "no daemon");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for args in [
+        &["compact", "g2"][..],
+        &["compact", "g2", "--json"],
+        &["compact", "nope"],
+    ] {
+        let local = w.run(args);
+        let mut remote_args = vec!["--remote", remote.as_str()];
+        remote_args.extend_from_slice(args);
+        let over = w.run(&remote_args);
+        assert_eq!(
+            (local.status.code(), &local.stdout, &local.stderr),
+            (over.status.code(), &over.stdout, &over.stderr),
+            "{args:?}: local and remote differ"
+        );
+    }
+    let f = w.fleet();
+    let g1_ram = std::fs::read(f.ram_image_of("g1").unwrap()).unwrap();
+    let out: Value =
+        serde_json::from_str(&w.ok(&["--remote", &remote, "compact", "g1", "--json"])).unwrap();
+    assert_eq!(out["before"]["layers"]["ram"], 2, "{out}");
+    assert_eq!(out["after"]["layers"]["ram"], 1, "{out}");
+    assert!(std::fs::read(f.ram_image_of("g1").unwrap()).unwrap() == g1_ram);
+    drop(f);
+    let _ = daemon.0.kill();
+    let _ = daemon.0.wait();
 
     // The compacted snapshot travels alone, and a pull killed while it
     // publishes leaves a row (writing, then failed), never a directory
