@@ -714,33 +714,11 @@ fn sync_dir(dir: &Path) -> Result<()> {
 /// Swaps two directories in one step (`renameat2` with `RENAME_EXCHANGE`,
 /// Linux 3.15 and tmpfs/ext4/xfs/btrfs).
 fn rename_exchange(a: &Path, b: &Path) -> io::Result<()> {
-    use std::ffi::CString;
-    use std::os::unix::ffi::OsStrExt;
-
-    let c_a = CString::new(a.as_os_str().as_bytes())?;
-    let c_b = CString::new(b.as_os_str().as_bytes())?;
-    // SAFETY: both pointers are NUL-terminated strings that outlive the call;
-    // the kernel only reads them.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_renameat2,
-            libc::AT_FDCWD,
-            c_a.as_ptr(),
-            libc::AT_FDCWD,
-            c_b.as_ptr(),
-            libc::RENAME_EXCHANGE,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    renameat2(a, b, libc::RENAME_EXCHANGE)
 }
 
-/// `rename(2)` that fails with `EEXIST` instead of replacing an (empty)
-/// directory already at `to`.
-fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+/// `renameat2(2)` with `flags`, both paths relative to the working directory.
+fn renameat2(from: &Path, to: &Path, flags: libc::c_uint) -> io::Result<()> {
     use std::ffi::CString;
     use std::os::unix::ffi::OsStrExt;
 
@@ -755,13 +733,22 @@ fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
             c_from.as_ptr(),
             libc::AT_FDCWD,
             c_to.as_ptr(),
-            libc::RENAME_NOREPLACE,
+            flags,
         )
     };
     if rc == 0 {
-        return Ok(());
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
-    let err = io::Error::last_os_error();
+}
+
+/// `rename(2)` that fails with `EEXIST` instead of replacing an (empty)
+/// directory already at `to`.
+fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    let Err(err) = renameat2(from, to, libc::RENAME_NOREPLACE) else {
+        return Ok(());
+    };
     match err.raw_os_error() {
         // Old kernel or a filesystem without RENAME_NOREPLACE: check, then a
         // plain rename (which still refuses a non-empty target).
