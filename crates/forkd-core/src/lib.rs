@@ -11,7 +11,9 @@
 //! `forkd run` ([`sandbox`]), RAM images and layers ([`ramimage`]), huge
 //! pages ([`hugepages`]), whether the host can take another guest
 //! ([`admission`]), the host report ([`doctor`]) and where state and files
-//! disagree, with the repairs ([`consistency`]). It parses no
+//! disagree, with the repairs ([`consistency`]), and the named points
+//! where fault-injection tests stop a long operation ([`faultpoint`]). It
+//! parses no
 //! command lines and prints nothing, and it tells no user what to type:
 //! errors carry a kind and a hint that front ends word.
 
