@@ -670,14 +670,16 @@ fn parse() -> Cli {
 fn fleet_command(owned: Box<dyn forkd_ops::Operations>, command: FleetCommand) -> Result<ExitCode> {
     use FleetCommand as Command;
     let ops = &*owned;
+    if !matches!(command, Command::Mcp) {
+        // SIGINT, SIGTERM or SIGHUP end the command at once with 128+N,
+        // wherever it is: every step is safe to die at (a kill -9 is, and
+        // the next command or the daemon finishes what it left), and a
+        // sandbox, or an exec's command in one, outlives us and goes on.
+        signals::exit_on_termination();
+    }
     match command {
         Command::Create(args) => commands::create(ops, args),
-        Command::Exec(args) => {
-            // Waiting on a command in a sandbox that outlives us: a signal
-            // ends the wait (128+N), the sandbox and its command go on.
-            signals::exit_on_termination();
-            commands::exec(ops, args)
-        }
+        Command::Exec(args) => commands::exec(ops, args),
         Command::Ls { labels, json } => commands::ls(ops, &parse_labels(&labels)?, json),
         Command::Kill {
             ids,

@@ -1,7 +1,7 @@
 //! Fault injection with separate processes (issue 10), against the real
 //! binary, a real QEMU and kernel: `kill -9` of a branch writer at three
 //! points of its stream (4 KiB and huge pages), of the CLI and of the
-//! daemon in the middle of a spawn, a command printing 200 MB through the
+//! daemon in the middle of a spawn (and SIGTERM of the CLI), a command printing 200 MB through the
 //! daemon, a client hanging up on a DELETE. Each test has its own home and
 //! runtime directory; guest artifacts are shared with the suite.
 
@@ -506,6 +506,35 @@ fn a_spawner_killed_mid_spawn_leaves_no_qemu_without_a_record() {
         let listed = ls.lines().count() - 1;
         assert_eq!(w.qemus().len(), listed, "after {delay_ms} ms: {ls}");
     }
+
+    // SIGTERM (and Ctrl-C) end a spawn at once with 128+N, leaving what a
+    // kill -9 leaves: every QEMU recorded, the next command finishes it.
+    let mut cli = w
+        .command()
+        .args(["spawn", "s", "-n", "4"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(150));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(cli.id() as libc::pid_t, libc::SIGTERM) };
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = cli.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "forkd spawn ignored SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM));
+    assert!(w.unrecorded().is_empty(), "{:?}", w.unrecorded());
+    let ls = w.ok(&["ls"]);
+    assert!(!ls.contains("starting"), "{ls}");
+    assert_eq!(w.qemus().len(), ls.lines().count() - 1, "{ls}");
 
     // The same with the daemon killed mid-spawn.
     w.ok(&["kill", "--all"]);
