@@ -609,6 +609,11 @@ fn main() -> ExitCode {
         signals::default_sigpipe();
     }
     let remote = remote::daemon(cli.remote.clone());
+    if matches!(cli.command, Command::Doctor { .. } | Command::Image(_)) {
+        // Like the fleet commands: a signal ends them at once (an image
+        // build publishes by rename, so dying leaves at most its staging).
+        signals::exit_on_termination();
+    }
     let result = match cli.command {
         Command::Run(args) => remote::local_only(remote.as_deref(), "run").and_then(|()| run(args)),
         Command::Doctor { repair, json } => {
