@@ -429,6 +429,20 @@ impl Vm {
     }
 }
 
+/// The environment variable that makes a live snapshot stop for good inside
+/// its pause, after the guest is stopped and before `migrate` (so a fault
+/// test can kill the brancher there): it names a file created on arrival.
+pub const HANG_BEFORE_MIGRATE_VAR: &str = "FORKD_TEST_HANG_BEFORE_MIGRATE";
+
+fn hang_here_for_a_fault_test() {
+    if let Some(marker) = std::env::var_os(HANG_BEFORE_MIGRATE_VAR) {
+        let _ = std::fs::write(&marker, b"stopped, before migrate\n");
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -450,19 +464,5 @@ mod tests {
             MigrationStatus::parse("active"),
             MigrationStatus::Active("active".into())
         );
-    }
-}
-
-/// The environment variable that makes a live snapshot stop for good inside
-/// its pause, after the guest is stopped and before `migrate` (so a fault
-/// test can kill the brancher there): it names a file created on arrival.
-pub const HANG_BEFORE_MIGRATE_VAR: &str = "FORKD_TEST_HANG_BEFORE_MIGRATE";
-
-fn hang_here_for_a_fault_test() {
-    if let Some(marker) = std::env::var_os(HANG_BEFORE_MIGRATE_VAR) {
-        let _ = std::fs::write(&marker, b"stopped, before migrate\n");
-        loop {
-            std::thread::sleep(Duration::from_secs(3600));
-        }
     }
 }
