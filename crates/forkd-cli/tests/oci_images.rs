@@ -260,6 +260,22 @@ fn traces_of(w: &World, digest: &Digest) -> Vec<PathBuf> {
         .collect()
 }
 
+/// Deletes the images a failed run leaves in the suite's shared images
+/// directory (a passing run removes them itself, with `image rm`).
+struct Leftovers {
+    dir: PathBuf,
+    names: Vec<String>,
+}
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        for name in &self.names {
+            let _ = fs::remove_file(self.dir.join(format!("{name}.ext4")));
+            let _ = fs::remove_file(self.dir.join(format!("{name}.json")));
+        }
+    }
+}
+
 #[test]
 fn container_images_become_root_images_with_their_defaults() {
     let registry = Registry::start();
@@ -273,7 +289,10 @@ fn container_images_become_root_images_with_their_defaults() {
             .as_nanos()
     );
     let tmp = tempfile::tempdir().unwrap();
-    let mut built_names = Vec::new();
+    let mut built = Leftovers {
+        dir: w.home.join("images"),
+        names: Vec::new(),
+    };
 
     // An OCI layout: unpacked and built, its config kept.
     let image = TestImage::new(&nonce, "from-layout");
@@ -292,7 +311,7 @@ fn container_images_become_root_images_with_their_defaults() {
         json!(["GREETING", "from-layout"]),
         "{a}"
     );
-    built_names.push(name.clone());
+    built.names.push(name.clone());
 
     // The same image as an oci-archive: the same digest, nothing rebuilt.
     let archive = tmp.path().join("image.tar");
@@ -327,7 +346,7 @@ fn container_images_become_root_images_with_their_defaults() {
     assert_eq!(c["from"]["digest"], config_digest.to_string(), "{c}");
     assert_eq!(c["from"]["cached"], false, "{c}");
     assert_ne!(c["image"], a["image"]);
-    built_names.push(c["image"].as_str().unwrap().to_string());
+    built.names.push(c["image"].as_str().unwrap().to_string());
 
     // A registry image, built by `create` itself; the create's own env wins
     // over the image's, the exec's own over both.
@@ -349,7 +368,7 @@ fn container_images_become_root_images_with_their_defaults() {
     let id = created["id"].as_str().unwrap().to_string();
     let registry_name = created["image"].as_str().unwrap().to_string();
     assert!(registry_name.starts_with("tree-"), "{created}");
-    built_names.push(registry_name.clone());
+    built.names.push(registry_name.clone());
     let (out, _) = ok_json(
         &w,
         &[
@@ -389,6 +408,36 @@ fn container_images_become_root_images_with_their_defaults() {
         ],
     );
     assert_eq!(out["stdout"], "exec|/\n", "{out}");
+
+    // Children of a snapshot of it keep the image's defaults.
+    let tag = format!("oci-{}", std::process::id());
+    let ok = |args: &[&str]| {
+        let out = run(&w, args);
+        assert!(
+            out.status.success(),
+            "forkd {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    ok(&["snapshot", &id, "--tag", &tag]);
+    let spawned = ok(&["spawn", &tag, "-n", "1"]);
+    let child = spawned.split_whitespace().next().unwrap().to_string();
+    let (out, _) = ok_json(
+        &w,
+        &[
+            "exec",
+            &child,
+            "--json",
+            "--",
+            "sh",
+            "-c",
+            "echo \"$GREETING|$(pwd)|$(id -u)\"",
+        ],
+    );
+    assert_eq!(out["stdout"], "from-registry|/srv/app|1000\n", "{out}");
+    ok(&["kill", &child]);
+    ok(&["rmi", &tag]);
 
     // Building the pushed tag again finds the image create built.
     let (d, stderr) = ok_json(
@@ -477,7 +526,7 @@ fn container_images_become_root_images_with_their_defaults() {
 
     // Removing an image removes its defaults with it.
     assert!(run(&w, &["kill", &id]).status.success());
-    for name in &built_names {
+    for name in &built.names {
         let out = run(&w, &["image", "rm", name]);
         assert!(
             out.status.success(),

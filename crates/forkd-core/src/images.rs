@@ -316,6 +316,17 @@ pub fn defaults_of(env: &Env, name: &str) -> Option<ImageDefaults> {
     serde_json::from_slice(&bytes).ok()
 }
 
+/// The defaults of the image snapshot `tag`'s sandbox was created from,
+/// when it was built from a container image: its children get them too.
+pub fn defaults_of_snapshot(fleet: &Fleet, tag: &str) -> Option<ImageDefaults> {
+    let manifest = fleet.store().load(tag).ok()?;
+    let config: crate::fleet::SandboxConfig = serde_json::from_value(manifest.machine).ok()?;
+    // A grandchild's record says `NAME (from TAG)`.
+    let image = config.image.as_str();
+    let name = image.split_once(" (from ").map_or(image, |(n, _)| n);
+    defaults_of(fleet.env(), name)
+}
+
 fn write_defaults(image: &Path, defaults: &ImageDefaults) -> Result<(), CoreError> {
     let path = defaults_path(image);
     let tmp = path.with_extension(format!("json.tmp{}", std::process::id()));

@@ -360,11 +360,17 @@ impl Operations for Fleet {
     fn spawn(&self, req: &SpawnRequest, on_child: OnChild<'_>) -> Result<SpawnOutcome, OpError> {
         policy::check_children("the number of children", req.n, 1)?;
         req.settings.validate()?;
+        // The children of a sandbox created from a container image keep
+        // its defaults, under the request's own.
+        let mut settings = req.settings.clone();
+        if let Some(defaults) = crate::images::defaults_of_snapshot(self, &req.tag) {
+            defaults.apply_to(&mut settings);
+            settings.validate()?;
+        }
         // One lifetime for every child, counted from the request.
-        let life = req
-            .settings
+        let life = settings
             .shapes_lifetime()
-            .then(|| forkd_ops::Lifetime::start(&req.settings, crate::fleet::lifetime::now_ms()));
+            .then(|| forkd_ops::Lifetime::start(&settings, crate::fleet::lifetime::now_ms()));
         // Slots whose child was killed because its lifetime could not be
         // recorded: they are failures, whatever the spawn itself says.
         let lost: std::sync::Mutex<Vec<(usize, OpError)>> = Default::default();
