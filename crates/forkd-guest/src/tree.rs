@@ -11,6 +11,7 @@ use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Mutex;
 
 use crate::cache::{prepare_dir, temp_path, KeyBuilder, TempGuard};
 use crate::rootfs::{build_rootfs_from_tree, tree_rootfs_key};
@@ -103,6 +104,14 @@ pub fn build_rootfs_staged<E: From<GuestError>>(
     log: &dyn Fn(&str),
 ) -> Result<PathBuf, E> {
     let out = staged_image_path(home, source_key);
+    if out.is_file() {
+        return Ok(out);
+    }
+    // Temporaries are named by pid: two builds in one process (a daemon's
+    // threads) would write the same ones, so they take turns; another
+    // process writes its own and the last rename wins with a whole image.
+    static BUILDS: Mutex<()> = Mutex::new(());
+    let _turn = BUILDS.lock().unwrap_or_else(|e| e.into_inner());
     if out.is_file() {
         return Ok(out);
     }

@@ -348,7 +348,7 @@ pub fn create_to_wire(r: &ops::CreateRequest) -> Result<api::BootRequest, ops::O
         Some("none") => api::Image::None,
         Some(other) => {
             return Err(ops::OpError::bad_input(format!(
-                "image {other:?} names a file on this host, which a daemon cannot use; use busybox, debian-python or none"
+                "image {other:?} is not one a daemon boots (it takes busybox, debian-python or none): an image file, an image built here or a container image is built and used on this host only; run without a daemon"
             )))
         }
     };
