@@ -6,7 +6,8 @@
 //! One guest boots from the registry image and shows the image's files,
 //! Env, WorkingDir and User; a second build of a digest is a cache hit; a
 //! corrupt archive or a missing tag fails with a clear error and leaves no
-//! image behind.
+//! image behind. A registry behind Basic auth is read with the credentials
+//! of Docker's `config.json`.
 
 mod common;
 
@@ -217,11 +218,16 @@ impl TestImage {
 
     /// Pushes it to `host` as `repo:tag`; returns the manifest digest.
     fn push(&self, host: &str, repo: &str, tag: &str) -> Digest {
+        self.push_as(host, repo, tag, None)
+    }
+
+    fn push_as(&self, host: &str, repo: &str, tag: &str, login: Option<(&str, &str)>) -> Digest {
         let registry = forkd_oci::Registry::new(
             host,
             ClientOptions {
                 insecure: true,
                 docker_config: false,
+                credentials: login.map(|(u, p)| forkd_oci::Credentials::new(u, p)),
                 ..ClientOptions::default()
             },
         )
@@ -536,4 +542,74 @@ fn container_images_become_root_images_with_their_defaults() {
     }
     assert_eq!(traces_of(&w, &digest), Vec::<PathBuf>::new());
     assert_eq!(traces_of(&w, &pushed_digest), Vec::<PathBuf>::new());
+}
+
+#[test]
+fn a_registry_behind_basic_auth_is_read_with_docker_credentials() {
+    use base64::Engine;
+    let (user, password) = ("builder", "s3cret-pw");
+    let registry = Registry::start_with(Some((user, password)));
+    let w = World::new("ociauth");
+    let nonce = format!("auth run {}", std::process::id());
+    let digest = TestImage::new(&nonce, "authed").push_as(
+        &registry.host(),
+        "team/private",
+        "v1",
+        Some((user, password)),
+    );
+    let reference = format!("{}/team/private:v1", registry.host());
+    let tmp = tempfile::tempdir().unwrap();
+    let build = |docker_config: &Path| {
+        w.command()
+            .env("DOCKER_CONFIG", docker_config)
+            .args([
+                "image",
+                "build",
+                "--from",
+                &reference,
+                "--insecure",
+                "--json",
+            ])
+            .output()
+            .unwrap()
+    };
+
+    // No credentials for it: refused, with what to do.
+    let empty = tmp.path().join("empty");
+    fs::create_dir_all(&empty).unwrap();
+    let out = build(&empty);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("docker login"), "{stderr}");
+    assert_eq!(traces_of(&w, &digest), Vec::<PathBuf>::new());
+
+    // Docker's config.json has them: built.
+    let config = tmp.path().join("docker");
+    fs::create_dir_all(&config).unwrap();
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    fs::write(
+        config.join("config.json"),
+        json!({"auths": {registry.host(): {"auth": auth}}}).to_string(),
+    )
+    .unwrap();
+    let out = build(&config);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let _built = Leftovers {
+        dir: w.home.join("images"),
+        names: vec![v["image"].as_str().unwrap().to_string()],
+    };
+    assert_eq!(v["from"]["digest"], digest.to_string(), "{v}");
+    assert_eq!(v["from"]["cached"], false, "{v}");
+    let out = w
+        .command()
+        .args(["image", "rm", v["image"].as_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(traces_of(&w, &digest), Vec::<PathBuf>::new());
 }

@@ -13,7 +13,14 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// A registry anyone may push to.
     pub fn start() -> Registry {
+        Registry::start_with(None)
+    }
+
+    /// A registry that asks for Basic credentials (`htpasswd`, bcrypt) when
+    /// `login` is `(user, password)`.
+    pub fn start_with(login: Option<(&str, &str)>) -> Registry {
         static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir =
@@ -21,11 +28,27 @@ impl Registry {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         let port = super::free_port();
+        let auth = match login {
+            None => String::new(),
+            Some((user, password)) => {
+                let out = Command::new("htpasswd")
+                    .args(["-Bbn", user, password])
+                    .output()
+                    .expect("htpasswd (apt-get install apache2-utils)");
+                assert!(out.status.success());
+                let file = dir.join("htpasswd");
+                fs::write(&file, out.stdout).unwrap();
+                format!(
+                    "auth:\n  htpasswd:\n    realm: forkd-test\n    path: {}\n",
+                    file.display()
+                )
+            }
+        };
         let config = dir.join("config.yml");
         fs::write(
             &config,
             format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n{auth}",
                 dir.join("storage").display()
             ),
         )
