@@ -353,6 +353,21 @@ fn container_images_become_root_images_with_their_defaults() {
     assert_eq!(c["from"]["cached"], false, "{c}");
     assert_ne!(c["image"], a["image"]);
     built.names.push(c["image"].as_str().unwrap().to_string());
+    // A one-shot `run` from it, by name, gets its defaults too.
+    let (out, _) = ok_json(
+        &w,
+        &[
+            "run",
+            "--image",
+            c["image"].as_str().unwrap(),
+            "--json",
+            "--",
+            "sh",
+            "-c",
+            "echo \"$GREETING|$(pwd)|$(id -u)\"",
+        ],
+    );
+    assert_eq!(out["stdout"], "from-layout|/srv/app|1000\n", "{out}");
 
     // A registry image, built by `create` itself; the create's own env wins
     // over the image's, the exec's own over both.
