@@ -391,13 +391,9 @@ pub fn build_from_container(
         forkd_guest::tree::build_rootfs_staged(&env.home, &key, &mut unpack, log)?
     };
     // Written after the image appears (and again on a cache hit, should a
-    // crash have come between the two): an image without it is plain.
-    if cached
-        .then(|| defaults_of(env, &name_of(&path)))
-        .flatten()
-        .as_ref()
-        != Some(&defaults)
-    {
+    // crash have come between the two, or another source of the same
+    // digest be named): an image without it is plain.
+    if defaults_of(env, &name_of(&path)).as_ref() != Some(&defaults) {
         write_defaults(&path, &defaults)?;
     }
     Ok(BuiltImage {
