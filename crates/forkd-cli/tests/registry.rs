@@ -6,60 +6,9 @@
 
 mod common;
 
-use std::fs::{self, File};
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
+use common::registry::Registry;
 use common::World;
 use serde_json::{json, Value};
-
-struct Registry {
-    child: Child,
-    port: u16,
-    dir: std::path::PathBuf,
-}
-
-impl Registry {
-    fn start() -> Registry {
-        let dir = std::env::temp_dir().join(format!("forkd-cli-registry-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        let port = common::free_port();
-        let config = dir.join("config.yml");
-        fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-                dir.join("storage").display()
-            ),
-        )
-        .unwrap();
-        let log = File::create(dir.join("registry.log")).unwrap();
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("docker-registry (apt-get install docker-registry)");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "the registry did not listen");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Registry { child, port, dir }
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// Runs `forkd --remote <w's socket> args...`, asserts success, parses stdout.
 fn forkd_json(w: &World, args: &[&str]) -> Value {
