@@ -18,7 +18,8 @@ log() { printf '\033[1msetup:\033[0m %s\n' "$*" >&2; }
 # (htpasswd) and openssl: forkd-oci's tests run a real registry on loopback.
 # bash-static: the busybox image's /bin/bash (E2B's SDK runs `/bin/bash -l -c`).
 # mmdebstrap: bootstraps the debian-python image (eval, the code interpreter).
-PKGS=(qemu-system-x86 busybox-static bash-static e2fsprogs cpio kmod dpkg binutils docker-registry apache2-utils openssl mmdebstrap)
+# fonts-dejavu-core: the text of the PNG chart bench/branch_plot draws.
+PKGS=(qemu-system-x86 busybox-static bash-static e2fsprogs cpio kmod dpkg binutils docker-registry apache2-utils openssl mmdebstrap fonts-dejavu-core)
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 version_of() { dpkg-query -W -f='${Version}' "$1" 2>/dev/null || true; }
 missing=()

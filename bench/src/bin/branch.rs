@@ -156,6 +156,10 @@ struct Args {
     /// just before it starts, and put the previous value back after it.
     #[arg(long)]
     reserve_hugepages: bool,
+    /// QEMU binaries to compare in this run, comma-separated (each size and
+    /// backing runs once per binary; the table names each one's version).
+    #[arg(long, value_delimiter = ',', default_values_t = [String::from("qemu-system-x86_64")])]
+    qemu: Vec<String>,
     /// Name of the results files under bench/results.
     #[arg(long, default_value = "branch")]
     out: String,
@@ -205,35 +209,48 @@ fn main() -> Result<()> {
 
     let mut md_rows = Vec::new();
     let mut json = Vec::new();
+    let versions: Vec<String> = args
+        .qemu
+        .iter()
+        .map(|q| {
+            forkd_vm::process::qemu_version(std::path::Path::new(q))
+                .map(|v| short_version(&v))
+                .with_context(|| format!("--qemu {q}"))
+        })
+        .collect::<Result<_>>()?;
     for &mib in &sizes {
         for &backing in &backings {
-            let hugetlb = backing.huge_pages != HugePages::Off;
-            let _pool = if backing.huge_pages == HugePages::Hugetlb && reserve {
-                Some(PoolReservation::grow_for(mib)?)
-            } else {
-                None
-            };
-            let opts = BootOptions {
-                mem_mib: mib,
-                boot_timeout: Duration::from_secs(600),
-                huge_pages: backing.huge_pages,
-                prealloc: backing.prealloc,
-                ..BootOptions::default()
-            };
-            // Full mode copies the RAM file; hugetlb RAM is in a memfd instead.
-            let full_count = if hugetlb { 0 } else { full_count };
-            let (rows, results) = measure(
-                &fleet,
-                &env,
-                &artifacts,
-                &memtest_bin,
-                &opts,
-                backing,
-                count,
-                full_count,
-            )?;
-            md_rows.extend(rows);
-            json.extend(results);
+            for (qemu, version) in args.qemu.iter().zip(&versions) {
+                let hugetlb = backing.huge_pages != HugePages::Off;
+                let _pool = if backing.huge_pages == HugePages::Hugetlb && reserve {
+                    Some(PoolReservation::grow_for(mib)?)
+                } else {
+                    None
+                };
+                let opts = BootOptions {
+                    mem_mib: mib,
+                    boot_timeout: Duration::from_secs(600),
+                    huge_pages: backing.huge_pages,
+                    prealloc: backing.prealloc,
+                    qemu: qemu.clone(),
+                    ..BootOptions::default()
+                };
+                // Full mode copies the RAM file; hugetlb RAM is in a memfd instead.
+                let full_count = if hugetlb { 0 } else { full_count };
+                let (rows, results) = measure(
+                    &fleet,
+                    &env,
+                    &artifacts,
+                    &memtest_bin,
+                    &opts,
+                    backing,
+                    (versions.len() > 1).then_some(version.as_str()),
+                    count,
+                    full_count,
+                )?;
+                md_rows.extend(rows);
+                json.extend(results);
+            }
         }
     }
     let mut md = String::from("# bench/branch\n\nBRANCH of a running sandbox whose guest rewrites a quarter of its RAM continuously (forkd-memtest), for each RAM backing, in one run. Pause: STOP to RESUME by QEMU's event timestamps (forkd stops the guest, freezes the disk, then `migrate`; guest RAM is populated before that, while the guest runs). Heartbeat gap (the guest-visible stall): largest gap the host saw between lines of a 1 ms heartbeat loop in the guest, from just before the branch call until 50 ms after it returned (includes the exec channel's own jitter and every write fault while RAM streams). Ready: branch call until the snapshot was published; GiB/s is guest RAM over the ready p50. Every statistic includes the first branch (p99 is the maximum with fewer than 100 samples). Host RAM: MiB the guest RAM's file or memfd holds, just after boot → after the branches. QEMU's own `downtime` figure is not shown: QEMU 7.2 counts it in whole milliseconds from its own (already stopped) state, and when that rounds to 0 it overwrites it at completion with the time until the end of the stream (the 300–1070 ms \"downtimes\" of earlier runs); it is in the JSON. Times in ms.\n\nRAM backings:\n\n");
@@ -267,11 +284,16 @@ fn measure(
     memtest_bin: &[u8],
     opts: &BootOptions,
     backing: Backing,
+    qemu_version: Option<&str>,
     count: usize,
     full_count: usize,
 ) -> Result<(Vec<String>, Vec<serde_json::Value>)> {
     let mib = opts.mem_mib;
-    let name = backing.name();
+    // With more than one QEMU in the run, the backing column names the version.
+    let name = match qemu_version {
+        Some(v) => format!("{} (QEMU {v})", backing.name()),
+        None => backing.name().to_string(),
+    };
     let t_create = Instant::now();
     let id = fleet.create(artifacts, "busybox", opts)?.0.id;
     let create_ms = t_create.elapsed().as_secs_f64() * 1000.0;
@@ -329,7 +351,7 @@ fn measure(
     let t_branches = Instant::now();
     for (mode, n) in [(Mode::Live, count), (Mode::Full, full_count)] {
         for i in 0..n {
-            let tag = format!("b{mib}-{name}-{mode:?}-{i}").to_lowercase();
+            let tag = format!("b{mib}-{}-{mode:?}-{i}", backing.name()).to_lowercase();
             let before = Instant::now();
             let info = fleet.branch(&id, &tag, mode, true, None)?;
             let after = Instant::now();
@@ -385,7 +407,7 @@ fn measure(
         ));
         let _ = first_ready;
         results.push(serde_json::json!({
-            "mem_mib": mib, "backing": name, "mode": mode, "dirtying_mib": dirty, "heartbeat_baseline_gap_ms": baseline,
+            "mem_mib": mib, "backing": name, "qemu": opts.qemu, "mode": mode, "dirtying_mib": dirty, "heartbeat_baseline_gap_ms": baseline,
             "huge_pages": opts.huge_pages, "prealloc": opts.prealloc, "create_ms": create_ms,
             "first_pause_ms": first.1.pause_ms, "first_ready_ms": first.1.ready_ms,
             "first_qemu_downtime_ms": first.1.qemu_downtime_ms, "first_heartbeat_gap_ms": first.2,
@@ -435,4 +457,12 @@ fn max_gap(beats: &[Instant], from: Instant, to: Instant) -> f64 {
         .windows(2)
         .map(|w| (w[1] - w[0]).as_secs_f64() * 1000.0)
         .fold(0.0, f64::max)
+}
+
+/// `QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2…)` → `10.0.2`.
+fn short_version(line: &str) -> String {
+    line.split_whitespace()
+        .find(|w| w.chars().next().is_some_and(|c| c.is_ascii_digit()))
+        .unwrap_or(line)
+        .to_string()
 }

@@ -1,4 +1,5 @@
-//! `bench/branch_plot`: draws `bench/results/branch.svg` from the JSON that
+//! `bench/branch_plot`: draws `bench/results/branch.svg` and `branch.png`
+//! (the PNG's text in DejaVu Sans, Debian's `fonts-dejavu-core`) from the JSON that
 //! bench/branch wrote (one or more runs, e.g. `branch` and `branch-4k`): the
 //! live-branch pause p50 and p99 and the guest-visible stall (heartbeat gap)
 //! p50 against guest RAM size, one colour per RAM backing, log scales.
@@ -13,7 +14,8 @@ use serde_json::Value;
 struct Series {
     label: String,
     color: RGBColor,
-    dashed: bool,
+    /// Dash and gap lengths in pixels; a solid line when `None`.
+    dash: Option<(u32, u32)>,
     points: Vec<(f64, f64)>,
 }
 
@@ -30,7 +32,15 @@ fn main() -> Result<()> {
             &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
         )?;
         if let Some(r) = v["results"].as_array() {
-            rows.extend(r.iter().filter(|r| r["mode"] == "Live").cloned());
+            rows.extend(
+                r.iter()
+                    .filter(|r| {
+                        r["mode"]
+                            .as_str()
+                            .is_some_and(|m| m.eq_ignore_ascii_case("live"))
+                    })
+                    .cloned(),
+            );
         }
     }
     let mut backings: Vec<String> = rows
@@ -43,7 +53,7 @@ fn main() -> Result<()> {
     let mut series = Vec::new();
     for (i, b) in backings.iter().enumerate() {
         let color = palette[i % palette.len()];
-        let mut of = |what: &str, field: &str, key: &str, dashed: bool| {
+        let mut of = |what: &str, field: &str, key: &str, dash: Option<(u32, u32)>| {
             let mut points: Vec<(f64, f64)> = rows
                 .iter()
                 .filter(|r| r["backing"] == b.as_str())
@@ -58,16 +68,47 @@ fn main() -> Result<()> {
             series.push(Series {
                 label: format!("{b}: {what}"),
                 color,
-                dashed,
+                dash,
                 points,
             });
         };
-        of("pause p50", "pause", "median_ms", false);
-        of("pause p99", "pause", "p99_ms", true);
-        of("guest stall p50", "heartbeat_gap", "median_ms", true);
+        of("pause p50 (solid)", "pause", "median_ms", None);
+        of("pause p99 (dashed)", "pause", "p99_ms", Some((8, 5)));
+        of(
+            "guest stall p50 (dotted)",
+            "heartbeat_gap",
+            "median_ms",
+            Some((2, 4)),
+        );
     }
-    let out = dir.join("branch.svg");
-    let root = SVGBackend::new(&out, (900, 560)).into_drawing_area();
+    // Text is measured and drawn with fonts registered here (no system font
+    // lookup in plotters without its `ttf` feature).
+    let font = std::fs::read(FONT)
+        .with_context(|| format!("reading {FONT} (Debian package fonts-dejavu-core)"))?;
+    plotters::style::register_font("sans-serif", FontStyle::Normal, font.leak())
+        .map_err(|_| anyhow::anyhow!("{FONT} is not a font plotters can read"))?;
+    let svg = dir.join("branch.svg");
+    draw(SVGBackend::new(&svg, SIZE).into_drawing_area(), &series)?;
+    eprintln!("wrote {}", svg.display());
+    let png = dir.join("branch.png");
+    draw(BitMapBackend::new(&png, SIZE).into_drawing_area(), &series)?;
+    eprintln!("wrote {}", png.display());
+    Ok(())
+}
+
+/// The picture's size in pixels.
+const SIZE: (u32, u32) = (900, 560);
+/// The font of the PNG's text.
+const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
+/// Draws the chart of `series` on `root` (any plotters backend).
+fn draw<DB: DrawingBackend>(
+    root: DrawingArea<DB, plotters::coord::Shift>,
+    series: &[Series],
+) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
         .caption(
@@ -83,12 +124,13 @@ fn main() -> Result<()> {
         .x_desc("guest RAM, GiB")
         .y_desc("ms")
         .draw()?;
-    for s in &series {
+    for s in series {
         let style = ShapeStyle::from(&s.color).stroke_width(2);
-        let drawn = if s.dashed {
-            chart.draw_series(DashedLineSeries::new(s.points.clone(), 6, 4, style))?
-        } else {
-            chart.draw_series(LineSeries::new(s.points.clone(), style))?
+        let drawn = match s.dash {
+            Some((dash, gap)) => {
+                chart.draw_series(DashedLineSeries::new(s.points.clone(), dash, gap, style))?
+            }
+            None => chart.draw_series(LineSeries::new(s.points.clone(), style))?,
         };
         let c = s.color;
         drawn
@@ -107,6 +149,5 @@ fn main() -> Result<()> {
         .position(SeriesLabelPosition::UpperLeft)
         .draw()?;
     root.present()?;
-    eprintln!("wrote {}", out.display());
     Ok(())
 }

@@ -605,7 +605,11 @@ impl Server {
         if !spawn::cwd_exists(root, cwd) {
             return Err(spawn::cwd_missing(cwd));
         }
-        let user = User::root();
+        let user = match req.user.as_deref() {
+            None => User::root(),
+            // Looked up in the guest's own /etc/passwd, as a process's is.
+            Some(name) => crate::procs::resolve_user_and_cwd(root, Some(name), Some(cwd))?.0,
+        };
         let sandbox_env = lock(&self.env).clone();
         let env = spawn::environment(&user, &[&sandbox_env, &req.env]);
         let mut cmd = spawn::command(&req.argv, &env, cwd, root, &user, false)?;

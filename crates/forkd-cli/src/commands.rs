@@ -19,6 +19,7 @@ pub fn create(ops: &dyn Operations, args: CreateArgs) -> Result<ExitCode> {
     let g = &args.guest;
     let req = CreateRequest {
         image: Some(g.image.clone()),
+        insecure_registry: g.insecure,
         mem_mib: m.mem,
         cpus: m.cpus,
         accel: Some(m.accel.parse().map_err(crate::exit::Usage)?),

@@ -1,4 +1,5 @@
-//! `forkd image build | ls | rm`: the guest images of this host. Local only,
+//! `forkd image build | ls | rm`: the guest images of this host (built from
+//! a recipe, a directory or a container image). Local only,
 //! like `run` and `doctor`: images are files of this home that a daemon's
 //! caller cannot see.
 
@@ -17,6 +18,8 @@ use crate::progress;
 pub struct BuildFrom {
     /// A directory holding the guest's root tree.
     pub dir: Option<PathBuf>,
+    /// A container image (`REF`, `oci-archive:PATH`, ...).
+    pub container: Option<String>,
     /// Extra Debian packages (debian-python only).
     pub packages: Vec<String>,
 }
@@ -27,7 +30,31 @@ pub fn build(opts: &forkd_core::ArtifactOptions, from: &BuildFrom, json: bool) -
     let env = Env::from_process();
     let t0 = Instant::now();
     let mut opts = opts.clone();
-    if let Some(dir) = &from.dir {
+    let mut container = None;
+    if let Some(text) = &from.container {
+        let source =
+            images::ImageSource::parse(text).map_err(|e| crate::exit::Usage(e.to_string()))?;
+        let built = images::build_from_container(
+            &env,
+            &source,
+            &images::registry_options(opts.insecure_registry),
+            &progress,
+        )
+        .map_err(forkd_ops::OpError::from)?;
+        progress(&if built.cached {
+            format!(
+                "{} ({}) was built already: {}",
+                source, built.defaults.digest, built.name
+            )
+        } else {
+            format!(
+                "built {} from {} ({})",
+                built.name, source, built.defaults.digest
+            )
+        });
+        opts.image = forkd_core::Image::Named(built.name.clone());
+        container = Some(built);
+    } else if let Some(dir) = &from.dir {
         let name =
             images::build_from_dir(&env, dir, &progress).map_err(forkd_ops::OpError::from)?;
         opts.image = forkd_core::Image::Named(name);
@@ -53,6 +80,14 @@ pub fn build(opts: &forkd_core::ArtifactOptions, from: &BuildFrom, json: bool) -
             "initramfs": a.initramfs, "rootfs": a.rootfs, "image": image_name,
             "seconds": took.as_secs_f64(),
         });
+        let mut v = v;
+        if let Some(c) = &container {
+            v["from"] = serde_json::json!({
+                "source": c.defaults.source, "digest": c.defaults.digest,
+                "cached": c.cached, "env": c.defaults.env,
+                "cwd": c.defaults.cwd, "user": c.defaults.user,
+            });
+        }
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!(
@@ -65,8 +100,18 @@ pub fn build(opts: &forkd_core::ArtifactOptions, from: &BuildFrom, json: bool) -
             Some(r) => println!("rootfs     {}", r.display()),
             None => println!("rootfs     none"),
         }
-        if let (Some(name), true) = (&image_name, from.dir.is_some() || !from.packages.is_empty()) {
+        let named = from.dir.is_some() || from.container.is_some() || !from.packages.is_empty();
+        if let (Some(name), true) = (&image_name, named) {
             println!("image      {name}    (forkd create --image {name})");
+        }
+        if let Some(c) = &container {
+            let d = &c.defaults;
+            println!(
+                "defaults   {} env var(s), cwd {}, user {}",
+                d.env.len(),
+                d.cwd.as_deref().unwrap_or("/"),
+                d.user.as_deref().unwrap_or("root")
+            );
         }
         eprintln!("forkd: ready in {:.1} s", took.as_secs_f64());
     }

@@ -426,6 +426,7 @@ impl LifetimeArgs {
             labels: parse_labels(&self.labels)?.into_iter().collect(),
             env: parse_env(&self.env)?,
             cwd: self.cwd.clone(),
+            user: None,
             access_token: None,
         })
     }
@@ -508,9 +509,17 @@ struct ExecArgs {
 
 #[derive(Args, Clone)]
 struct GuestArgs {
-    /// Root disk: busybox, debian-python, none, or a path to a raw ext4 image.
+    /// Root disk: busybox, debian-python, none, the name of an image built
+    /// here (`forkd image ls`), a path to a raw ext4 image, or a container
+    /// image: HOST/REPO:TAG, oci-archive:PATH, docker-archive:PATH or
+    /// oci-layout:DIR (built once per image digest; its Env, WorkingDir and
+    /// User become the defaults of commands).
     #[arg(long, default_value = "busybox")]
     image: String,
+    /// Reach the registry of a container --image over plain HTTP (a
+    /// loopback or lab registry). Credentials come from Docker's config.json.
+    #[arg(long)]
+    insecure: bool,
     /// Guest kernel to use instead of Debian's cloud kernel.
     #[arg(long)]
     kernel: Option<PathBuf>,
@@ -530,6 +539,7 @@ impl GuestArgs {
             modules: self.modules.clone(),
             agent: self.agent.clone(),
             image,
+            insecure_registry: self.insecure,
         })
     }
 }
@@ -567,8 +577,8 @@ struct RunArgs {
 #[derive(Subcommand)]
 enum ImageCommand {
     /// Build (or find cached) kernel, initramfs and root image; print their
-    /// paths (and, for --from-dir and --packages, the image's name for
-    /// `--image`).
+    /// paths (and, for --from, --from-dir and --packages, the image's name
+    /// for `--image`).
     Build {
         #[command(flatten)]
         guest: GuestArgs,
@@ -577,6 +587,15 @@ enum ImageCommand {
         /// directory is only read). Cached by its content.
         #[arg(long, value_name = "DIR", conflicts_with = "packages")]
         from_dir: Option<PathBuf>,
+        /// Build the root image from a container image: a registry
+        /// reference (HOST/REPO:TAG or @sha256:…; --insecure for plain
+        /// HTTP, credentials from Docker's config.json), oci-archive:PATH,
+        /// docker-archive:PATH or oci-layout:DIR. Layers are verified and
+        /// applied (whiteouts, owners, modes); cached by the image's digest.
+        /// Its Env, WorkingDir and User become the defaults of commands in
+        /// sandboxes created from it.
+        #[arg(long, value_name = "SOURCE", conflicts_with_all = ["packages", "from_dir"])]
+        from: Option<String>,
         /// Extra Debian packages for the debian-python image, comma
         /// separated (`--packages git,curl`); each set is its own image.
         #[arg(long, value_name = "A,B,C", value_delimiter = ',')]
@@ -620,6 +639,11 @@ fn main() -> ExitCode {
         signals::default_sigpipe();
     }
     let remote = remote::daemon(cli.remote.clone());
+    if matches!(cli.command, Command::Doctor { .. } | Command::Image(_)) {
+        // Like the fleet commands: a signal ends them at once (an image
+        // build publishes by rename, so dying leaves at most its staging).
+        signals::exit_on_termination();
+    }
     let result = match cli.command {
         Command::Run(args) => remote::local_only(remote.as_deref(), "run").and_then(|()| run(args)),
         Command::Doctor { repair, json } => {
@@ -681,14 +705,16 @@ fn parse() -> Cli {
 fn fleet_command(owned: Box<dyn forkd_ops::Operations>, command: FleetCommand) -> Result<ExitCode> {
     use FleetCommand as Command;
     let ops = &*owned;
+    if !matches!(command, Command::Mcp) {
+        // SIGINT, SIGTERM or SIGHUP end the command at once with 128+N,
+        // wherever it is: every step is safe to die at (a kill -9 is, and
+        // the next command or the daemon finishes what it left), and a
+        // sandbox, or an exec's command in one, outlives us and goes on.
+        signals::exit_on_termination();
+    }
     match command {
         Command::Create(args) => commands::create(ops, args),
-        Command::Exec(args) => {
-            // Waiting on a command in a sandbox that outlives us: a signal
-            // ends the wait (128+N), the sandbox and its command go on.
-            signals::exit_on_termination();
-            commands::exec(ops, args)
-        }
+        Command::Exec(args) => commands::exec(ops, args),
         Command::Ls { labels, json } => commands::ls(ops, &parse_labels(&labels)?, json),
         Command::Kill {
             ids,
@@ -839,12 +865,17 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     let exec_id = sandbox.vm().agent().reserve_id();
     signals.attach(Arc::downgrade(&sandbox), exec_id);
 
+    let (mut vars, mut cwd, mut user) = (vars, args.cwd.clone(), None);
+    if let Some(defaults) = &artifacts.defaults {
+        defaults.apply_to_command(&mut vars, &mut cwd, &mut user);
+    }
     let req = ExecRequest {
         argv: args.cmd.clone(),
         env: vars,
-        cwd: args.cwd.clone(),
+        cwd,
         timeout_ms,
         stdin: false,
+        user,
     };
     let stdin: Option<Box<dyn std::io::Read + Send>> =
         args.interactive.then(|| Box::new(std::io::stdin()) as _);
@@ -962,12 +993,14 @@ fn image_command(command: ImageCommand) -> Result<ExitCode> {
         ImageCommand::Build {
             guest,
             from_dir,
+            from,
             packages,
             json,
         } => images::build(
             &guest.artifact_options()?,
             &images::BuildFrom {
                 dir: from_dir,
+                container: from,
                 packages,
             },
             json,

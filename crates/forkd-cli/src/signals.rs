@@ -42,8 +42,9 @@ pub fn unblock_termination_signals() {
 }
 
 /// Starts a thread that ends the process with 128+N when SIGINT, SIGTERM or
-/// SIGHUP arrives (they stay blocked everywhere else): for commands that
-/// only wait on a sandbox that outlives them, like `forkd exec`.
+/// SIGHUP arrives (they stay blocked everywhere else): for the commands
+/// whose every step is safe to die at (all but `run`, whose sandbox dies
+/// with it, and the servers, which stop themselves).
 pub fn exit_on_termination() {
     std::thread::spawn(|| loop {
         let set = sigset();

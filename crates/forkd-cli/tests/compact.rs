@@ -17,7 +17,8 @@ mod common;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use common::{Registry, World};
+use common::registry::Registry;
+use common::World;
 use forkd_core::{Env, Fleet};
 use serde_json::Value;
 

@@ -1,7 +1,8 @@
 //! Fault injection with separate processes (issue 10), against the real
 //! binary, a real QEMU and kernel: `kill -9` of a branch writer at three
-//! points of its stream (4 KiB and huge pages), of the CLI and of the
-//! daemon in the middle of a spawn, a command printing 200 MB through the
+//! points of its stream (4 KiB and huge pages) and of the brancher inside
+//! the pause, of the CLI (also SIGTERM) and of the daemon in the middle of
+//! a spawn, a command printing 200 MB through the
 //! daemon, a client hanging up on a DELETE. Each test has its own home and
 //! runtime directory; guest artifacts are shared with the suite.
 
@@ -406,6 +407,46 @@ fn killing_the_branch_writer_at_any_point_never_freezes_the_source() {
         .collect();
     assert_eq!(state.len(), 1, "{state:?}");
     assert_eq!(state[0]["level"], "ok", "{state:?}");
+
+    // The brancher itself killed inside the pause (guest stopped, disk
+    // frozen, QEMU not yet told to stream): its writer sees it die and
+    // fails the branch, which resumes the source.
+    let marker = w.runtime.join("paused.marker");
+    let mut brancher = w
+        .command()
+        .env("FORKD_TEST_HANG_BEFORE_MIGRATE", &marker)
+        .args(["branch", &id, "--tag", "w-brancher", "--no-wait"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !marker.exists() {
+        assert!(Instant::now() < deadline, "the branch never paused");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    brancher.kill().unwrap();
+    brancher.wait().unwrap();
+    let t = Instant::now();
+    let failed = loop {
+        let snap = w.snapshot_json("w-brancher");
+        if snap["status"] == "failed" {
+            break snap;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the source stays paused: {snap}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let error = failed["error"].as_str().unwrap_or_default();
+    assert!(error.contains("the brancher died"), "{error}");
+    assert!(error.contains("has been resumed"), "{error}");
+    assert_eq!(w.sh(&id, "echo alive").trim(), "alive");
+    eprintln!(
+        "brancher killed in the pause: resumed {:?} later",
+        t.elapsed()
+    );
 }
 
 /// Sets the 2 MiB huge-page pool for a test; puts the old size back.
@@ -506,6 +547,35 @@ fn a_spawner_killed_mid_spawn_leaves_no_qemu_without_a_record() {
         let listed = ls.lines().count() - 1;
         assert_eq!(w.qemus().len(), listed, "after {delay_ms} ms: {ls}");
     }
+
+    // SIGTERM (and Ctrl-C) end a spawn at once with 128+N, leaving what a
+    // kill -9 leaves: every QEMU recorded, the next command finishes it.
+    let mut cli = w
+        .command()
+        .args(["spawn", "s", "-n", "4"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(150));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(cli.id() as libc::pid_t, libc::SIGTERM) };
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = cli.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "forkd spawn ignored SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM));
+    assert!(w.unrecorded().is_empty(), "{:?}", w.unrecorded());
+    let ls = w.ok(&["ls"]);
+    assert!(!ls.contains("starting"), "{ls}");
+    assert_eq!(w.qemus().len(), ls.lines().count() - 1, "{ls}");
 
     // The same with the daemon killed mid-spawn.
     w.ok(&["kill", "--all"]);

@@ -6,7 +6,8 @@
 
 mod common;
 
-use common::{Registry, World};
+use common::registry::Registry;
+use common::World;
 use serde_json::{json, Value};
 
 /// Runs `forkd --remote <w's socket> args...`, asserts success, parses stdout.

@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use forkd_guest::{Kernel, RootfsRecipe};
+use forkd_oci::image::ImageSource;
 
+use crate::images::ImageDefaults;
 use crate::paths::Env;
 use crate::CoreError;
 
@@ -21,8 +23,39 @@ pub enum Image {
     /// An image built here (`home/images/<name>.ext4`, as the image list
     /// names it: e.g. one built from a directory or with extra packages).
     Named(String),
+    /// Built from a container image (`REF`, `oci-archive:PATH`,
+    /// `docker-archive:PATH`, `oci-layout:DIR`), cached by its digest.
+    Container(ImageSource),
     /// No disk: commands run in the initramfs.
     None,
+}
+
+/// Whether `s` is meant as a container image rather than a file: an
+/// explicit transport prefix, or a registry reference whose first component
+/// is a registry host (has a `.` or a `:` port, or is `localhost`, Docker's
+/// own rule) or which carries a tag or digest (`ubuntu:24.04`). A plain
+/// relative path (`images/root`) stays a file. Pure.
+fn names_container_image(s: &str) -> bool {
+    const PREFIXES: [&str; 5] = [
+        "oci-archive:",
+        "docker-archive:",
+        "oci-layout:",
+        "oci:",
+        "docker://",
+    ];
+    if PREFIXES.iter().any(|p| s.starts_with(p)) {
+        return true;
+    }
+    if s.starts_with(['/', '.', '~']) || s.ends_with(".ext4") || s.ends_with(".img") {
+        return false;
+    }
+    let last = s.rsplit('/').next().unwrap_or(s);
+    match s.split_once('/') {
+        Some((host, _)) => {
+            host.contains(['.', ':']) || host == "localhost" || last.contains([':', '@'])
+        }
+        None => last.contains([':', '@']),
+    }
 }
 
 impl FromStr for Image {
@@ -34,6 +67,11 @@ impl FromStr for Image {
         if let Ok(r) = s.parse::<RootfsRecipe>() {
             return Ok(Image::Recipe(r));
         }
+        if names_container_image(s) {
+            return ImageSource::parse(s)
+                .map(Image::Container)
+                .map_err(|e| e.to_string());
+        }
         if s.contains('/') || s.ends_with(".ext4") || s.ends_with(".img") {
             return Ok(Image::File(PathBuf::from(s)));
         }
@@ -41,7 +79,7 @@ impl FromStr for Image {
             return Ok(Image::Named(s.to_string()));
         }
         Err(format!(
-            "unknown image {s:?}: use busybox, debian-python, none, the name of an image built here, or a path to a raw ext4 image"
+            "unknown image {s:?}: use busybox, debian-python, none, the name of an image built here, a path to a raw ext4 image, or a container image (HOST/REPO:TAG, oci-archive:PATH, docker-archive:PATH, oci-layout:DIR)"
         ))
     }
 }
@@ -52,6 +90,7 @@ impl fmt::Display for Image {
             Image::Recipe(r) => write!(f, "{r}"),
             Image::File(p) => write!(f, "{}", p.display()),
             Image::Named(n) => f.write_str(n),
+            Image::Container(source) => write!(f, "{source}"),
             Image::None => f.write_str("none"),
         }
     }
@@ -67,6 +106,8 @@ pub struct ArtifactOptions {
     /// The static guest agent; found next to the forkd binary when absent.
     pub agent: Option<PathBuf>,
     pub image: Image,
+    /// Reach the registry of an [`Image::Container`] over plain HTTP.
+    pub insecure_registry: bool,
 }
 
 impl Default for ArtifactOptions {
@@ -76,6 +117,7 @@ impl Default for ArtifactOptions {
             modules: None,
             agent: None,
             image: Image::Recipe(RootfsRecipe::Busybox),
+            insecure_registry: false,
         }
     }
 }
@@ -86,6 +128,12 @@ pub struct Artifacts {
     pub kernel: Kernel,
     pub initramfs: PathBuf,
     pub rootfs: Option<PathBuf>,
+    /// The name of the root image when it is one of this home's
+    /// (`home/images/NAME.ext4`).
+    pub image_name: Option<String>,
+    /// The defaults for commands its image brings (built from a container
+    /// image).
+    pub defaults: Option<ImageDefaults>,
 }
 
 /// Builds whatever is missing and returns the paths. Cheap when all is cached
@@ -122,12 +170,27 @@ pub fn ensure(
             Some(p.clone())
         }
         Image::Named(name) => Some(crate::images::resolve(env, name)?),
+        Image::Container(source) => {
+            let client = crate::images::registry_options(opts.insecure_registry);
+            let built = crate::images::build_from_container(env, source, &client, log)?;
+            Some(built.path)
+        }
         Image::Recipe(r) => Some(forkd_guest::build_rootfs(&env.home, *r, &busybox, log)?),
     };
+    let image_name = rootfs
+        .as_deref()
+        .filter(|p| p.parent() == Some(env.home.join("images").as_path()))
+        .map(crate::images::name_of)
+        .filter(|n| crate::images::is_image_name(n));
+    let defaults = image_name
+        .as_deref()
+        .and_then(|n| crate::images::defaults_of(env, n));
     Ok(Artifacts {
         kernel,
         initramfs,
         rootfs,
+        image_name,
+        defaults,
     })
 }
 
@@ -197,6 +260,46 @@ mod tests {
         );
         let e = "ubuntu".parse::<Image>().unwrap_err();
         assert!(e.contains("busybox, debian-python"), "{e}");
+    }
+
+    #[test]
+    fn container_images_are_told_from_files() {
+        for (text, container) in [
+            ("127.0.0.1:5000/team/app:v1", true),
+            ("localhost/app", true),
+            ("ghcr.io/org/app", true),
+            ("ubuntu:24.04", true),
+            (
+                "team/app@sha256:0000000000000000000000000000000000000000000000000000000000000000",
+                true,
+            ),
+            ("oci-archive:/tmp/a.tar", true),
+            ("docker-archive:a.tar", true),
+            ("oci-layout:./dir", true),
+            ("docker://busybox", true),
+            ("images/root", false),
+            ("./my.ext4", false),
+            ("/srv/root.img", false),
+            ("/srv/images/app:v1", false),
+        ] {
+            assert_eq!(names_container_image(text), container, "{text}");
+        }
+        assert!(matches!(
+            "127.0.0.1:5000/team/app:v1".parse::<Image>().unwrap(),
+            Image::Container(ImageSource::Registry(_))
+        ));
+        assert_eq!(
+            "oci-archive:/tmp/a.tar".parse::<Image>().unwrap(),
+            Image::Container(ImageSource::OciArchive("/tmp/a.tar".into()))
+        );
+        assert_eq!(
+            "images/root".parse::<Image>().unwrap(),
+            Image::File("images/root".into())
+        );
+        let e = "oci-archive:".parse::<Image>().unwrap_err();
+        assert!(e.contains("path is empty"), "{e}");
+        let e = "Bad Host:1/x:y".parse::<Image>().unwrap_err();
+        assert!(e.contains("invalid"), "{e}");
     }
 
     #[test]

@@ -112,6 +112,12 @@ pub enum CoreError {
         "the static guest agent binary was not found ({0}); build it with `scripts/build-agent.sh`"
     )]
     AgentNotFound(String),
+    #[error("container image {source_text}: {error}")]
+    ContainerImage {
+        source_text: String,
+        #[source]
+        error: Box<forkd_oci::OciError>,
+    },
     #[error(transparent)]
     Guest(#[from] forkd_guest::GuestError),
     #[error(transparent)]
@@ -143,6 +149,31 @@ impl From<forkd_protocol::client::ClientError> for CoreError {
     }
 }
 
+/// What kind of failure a registry, archive or layer error is.
+pub(crate) fn oci_error_kind(e: &forkd_oci::OciError) -> ErrorKind {
+    use forkd_oci::OciError as O;
+    match e {
+        O::InvalidReference { .. } | O::InvalidDigest { .. } | O::InvalidSource { .. } => {
+            ErrorKind::BadInput
+        }
+        O::NoCredentials { .. } | O::Unauthorized { .. } => ErrorKind::PermissionDenied,
+        O::Status { status: 404, .. } => ErrorKind::NotFound,
+        O::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            ErrorKind::NotFound
+        }
+        O::WrongArtifact { .. }
+        | O::SizeMismatch { .. }
+        | O::DigestMismatch { .. }
+        | O::BadDocument { .. }
+        | O::TooLarge { .. }
+        | O::UnsupportedMediaType { .. }
+        | O::NoPlatform { .. }
+        | O::UnsafeEntry { .. }
+        | O::Archive { .. } => ErrorKind::Unprocessable,
+        _ => ErrorKind::Internal,
+    }
+}
+
 impl CoreError {
     /// A host file operation that failed.
     pub fn host(
@@ -170,6 +201,7 @@ impl CoreError {
                 ErrorKind::NotFound
             }
             C::ImageInUse { .. } => ErrorKind::Busy,
+            C::ContainerImage { error, .. } => oci_error_kind(error),
             C::SandboxDead { .. }
             | C::SnapshotBroken { .. }
             | C::RunDirNeeded { .. }

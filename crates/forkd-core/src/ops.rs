@@ -68,8 +68,8 @@ impl Operations for Fleet {
                 "network slirp cannot be asked for: use default (filtered) or none",
             ));
         }
-        let name = req.image.as_deref().unwrap_or(policy::IMAGE);
-        let image: Image = name.parse().map_err(OpError::bad_input)?;
+        let requested = req.image.as_deref().unwrap_or(policy::IMAGE);
+        let image: Image = requested.parse().map_err(OpError::bad_input)?;
         if let Some(tag) = &req.snapshot_as {
             forkd_ops::validate_tag(tag)?;
         }
@@ -81,9 +81,18 @@ impl Operations for Fleet {
                 modules: req.guest.modules.clone(),
                 agent: req.guest.agent.clone(),
                 image,
+                insecure_registry: req.insecure_registry,
             },
             progress,
         )?;
+        // An image built from a container image brings its Env, WorkingDir
+        // and User; the request's own settings win over them.
+        let mut settings = req.settings.clone();
+        if let Some(defaults) = &artifacts.defaults {
+            defaults.apply_to(&mut settings);
+            settings.validate()?;
+        }
+        let name = artifacts.image_name.as_deref().unwrap_or(requested);
         let mut opts = boot_options(req);
         let (pages, note) = crate::hugepool::choose(
             req.huge_pages,
@@ -96,7 +105,7 @@ impl Operations for Fleet {
             progress(&note);
         }
         let (sandbox, boot) = Fleet::create(self, &artifacts, name, &opts)?;
-        if let Err(e) = self.start_lifetime(&sandbox.id, &req.settings) {
+        if let Err(e) = self.start_lifetime(&sandbox.id, &settings) {
             let _ = Fleet::kill(self, &sandbox.id);
             return Err(e.into());
         }
@@ -153,14 +162,17 @@ impl Operations for Fleet {
         if spec.argv.first().is_none_or(|a| a.is_empty()) {
             return Err(OpError::bad_input("name a command to run"));
         }
-        let (mut env, mut cwd) = (spec.env.clone(), spec.cwd.clone());
-        self.lifetime(id)?.apply(&mut env, &mut cwd);
+        let (mut env, mut cwd, mut user) = (spec.env.clone(), spec.cwd.clone(), None);
+        let lifetime = self.lifetime(id)?;
+        lifetime.apply(&mut env, &mut cwd);
+        lifetime.apply_user(&mut user);
         let req = forkd_protocol::ExecRequest {
             argv: spec.argv.clone(),
             env,
             cwd,
             timeout_ms: spec.timeout.map(|t| t.as_millis() as u64),
             stdin: false,
+            user,
         };
         let st = Fleet::exec(self, id, req, stdin, |s, b| {
             output(
@@ -292,7 +304,9 @@ impl Operations for Fleet {
         on_event: &mut dyn FnMut(ProcessEvent) -> bool,
     ) -> Result<Option<ExecOutcome>, OpError> {
         let mut spec = spec.clone();
-        self.lifetime(id)?.apply(&mut spec.env, &mut spec.cwd);
+        let lifetime = self.lifetime(id)?;
+        lifetime.apply(&mut spec.env, &mut spec.cwd);
+        lifetime.apply_user(&mut spec.user);
         Ok(self.guest_run(id, &spec, on_event)?)
     }
 
@@ -346,11 +360,17 @@ impl Operations for Fleet {
     fn spawn(&self, req: &SpawnRequest, on_child: OnChild<'_>) -> Result<SpawnOutcome, OpError> {
         policy::check_children("the number of children", req.n, 1)?;
         req.settings.validate()?;
+        // The children of a sandbox created from a container image keep
+        // its defaults, under the request's own.
+        let mut settings = req.settings.clone();
+        if let Some(defaults) = crate::images::defaults_of_snapshot(self, &req.tag) {
+            defaults.apply_to(&mut settings);
+            settings.validate()?;
+        }
         // One lifetime for every child, counted from the request.
-        let life = req
-            .settings
+        let life = settings
             .shapes_lifetime()
-            .then(|| forkd_ops::Lifetime::start(&req.settings, crate::fleet::lifetime::now_ms()));
+            .then(|| forkd_ops::Lifetime::start(&settings, crate::fleet::lifetime::now_ms()));
         // Slots whose child was killed because its lifetime could not be
         // recorded: they are failures, whatever the spawn itself says.
         let lost: std::sync::Mutex<Vec<(usize, OpError)>> = Default::default();

@@ -233,6 +233,7 @@ pub(crate) fn boot_config(
         egress: opts.egress.clone(),
         limits: opts.limits,
         run_as: None,
+        user_option: Default::default(),
         qmp_socket: run_dir.file("qmp.sock"),
         agent_socket: run_dir.file("agent.sock"),
         console_log: run_dir.file("console.log"),

@@ -407,6 +407,7 @@ fn garbage_on_the_branch_socket_fails_cleanly() {
         ram_base: None,
         home: w.env.home.clone(),
         runtime: w.env.runtime.clone(),
+        brancher: None,
     };
     let writer = forkd_core::branch::Writer::prepare(&w.fleet, job.clone()).unwrap();
     let sender = std::thread::spawn(move || {

@@ -280,7 +280,7 @@ pub fn build_rootfs_from_tree(
 ) -> Result<PathBuf, GuestError> {
     let images = home.join("images");
     prepare_dir(&images)?;
-    let out = images.join(format!("tree-{}.ext4", tree_rootfs_key(source_key)));
+    let out = crate::tree::staged_image_path(home, source_key);
     if out.is_file() {
         return Ok(out);
     }

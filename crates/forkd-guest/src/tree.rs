@@ -2,12 +2,16 @@
 //! --from-dir`): the directory is read, never written. Its content digest
 //! (paths, types, modes, owners, symlink targets and file bytes, in a fixed
 //! order) keys the cache, so building the same tree twice is free and any
-//! change to it makes a new image.
+//! change to it makes a new image. [`build_rootfs_staged`] is the common
+//! path of every tree-built image (a directory, a container image's layers):
+//! a staging directory filled by the caller, forkd's files added, the image
+//! published whole.
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Mutex;
 
 use crate::cache::{prepare_dir, temp_path, KeyBuilder, TempGuard};
 use crate::rootfs::{build_rootfs_from_tree, tree_rootfs_key};
@@ -73,14 +77,54 @@ fn hash_dir(root: &Path, rel: &Path, key: &mut KeyBuilder, depth: usize) -> Resu
 /// The image [`build_rootfs_from_dir`] makes of a tree whose digest is
 /// `digest`, under `home/images`.
 pub fn dir_image_path(home: &Path, digest: &str) -> PathBuf {
-    home.join("images").join(format!(
-        "tree-{}.ext4",
-        tree_rootfs_key(&dir_source_key(digest))
-    ))
+    staged_image_path(home, &dir_source_key(digest))
 }
 
 fn dir_source_key(digest: &str) -> String {
     format!("dir:{digest}")
+}
+
+/// The image [`build_rootfs_staged`] makes for `source_key`, under
+/// `home/images`.
+pub fn staged_image_path(home: &Path, source_key: &str) -> PathBuf {
+    home.join("images")
+        .join(format!("tree-{}.ext4", tree_rootfs_key(source_key)))
+}
+
+/// Writes the root image of `source_key` unless it exists; returns its path.
+/// `fill` writes the root tree into the empty staging directory it is given
+/// (copies a directory, unpacks container layers); forkd's own files are
+/// added after it. The staging directory is removed however this ends, and
+/// the image appears whole or not at all, so a failing `fill` leaves
+/// nothing behind.
+pub fn build_rootfs_staged<E: From<GuestError>>(
+    home: &Path,
+    source_key: &str,
+    fill: &mut dyn FnMut(&Path) -> Result<(), E>,
+    log: &dyn Fn(&str),
+) -> Result<PathBuf, E> {
+    let out = staged_image_path(home, source_key);
+    if out.is_file() {
+        return Ok(out);
+    }
+    // Temporaries are named by pid: two builds in one process (a daemon's
+    // threads) would write the same ones, so they take turns; another
+    // process writes its own and the last rename wins with a whole image.
+    static BUILDS: Mutex<()> = Mutex::new(());
+    let _turn = BUILDS.lock().unwrap_or_else(|e| e.into_inner());
+    if out.is_file() {
+        return Ok(out);
+    }
+    prepare_dir(&home.join("images"))?;
+    let staging = {
+        let mut name = temp_path(&out).into_os_string();
+        name.push(".src");
+        PathBuf::from(name)
+    };
+    let _guard = TempGuard::new(staging.clone());
+    fs::create_dir(&staging).map_err(GuestError::io("create", &staging))?;
+    fill(&staging)?;
+    Ok(build_rootfs_from_tree(home, &staging, source_key, log)?)
 }
 
 /// Writes a root image from the directory `dir` unless one of the same
@@ -94,35 +138,26 @@ pub fn build_rootfs_from_dir(
 ) -> Result<PathBuf, GuestError> {
     log(&format!("hashing {}", dir.display()));
     let digest = tree_digest(dir)?;
-    let out = dir_image_path(home, &digest);
-    if out.is_file() {
-        return Ok(out);
-    }
-    prepare_dir(&home.join("images"))?;
-    let staging = {
-        let mut name = temp_path(&out).into_os_string();
-        name.push(".src");
-        PathBuf::from(name)
+    let mut copy = |staging: &Path| -> Result<(), GuestError> {
+        log(&format!("copying {} into a staging tree", dir.display()));
+        let mut src = dir.as_os_str().to_owned();
+        src.push("/.");
+        let out_cp = Command::new("cp")
+            .arg("-a")
+            .arg("--no-target-directory")
+            .arg(&src)
+            .arg(staging)
+            .output()
+            .map_err(GuestError::io("run cp for", dir))?;
+        if !out_cp.status.success() {
+            return Err(GuestError::CopyTree {
+                path: dir.to_owned(),
+                stderr: String::from_utf8_lossy(&out_cp.stderr).trim().to_owned(),
+            });
+        }
+        Ok(())
     };
-    let _guard = TempGuard::new(staging.clone());
-    fs::create_dir(&staging).map_err(GuestError::io("create", &staging))?;
-    log(&format!("copying {} into a staging tree", dir.display()));
-    let mut src = dir.as_os_str().to_owned();
-    src.push("/.");
-    let out_cp = Command::new("cp")
-        .arg("-a")
-        .arg("--no-target-directory")
-        .arg(&src)
-        .arg(&staging)
-        .output()
-        .map_err(GuestError::io("run cp for", dir))?;
-    if !out_cp.status.success() {
-        return Err(GuestError::CopyTree {
-            path: dir.to_owned(),
-            stderr: String::from_utf8_lossy(&out_cp.stderr).trim().to_owned(),
-        });
-    }
-    build_rootfs_from_tree(home, &staging, &dir_source_key(&digest), log)
+    build_rootfs_staged(home, &dir_source_key(&digest), &mut copy, log)
 }
 
 #[cfg(test)]

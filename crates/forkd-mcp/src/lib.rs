@@ -125,6 +125,7 @@ impl CreateArgs {
             labels: self.labels.clone(),
             env: self.env.clone().into_iter().collect(),
             cwd: self.cwd.clone(),
+            user: None,
             access_token: None,
         }
     }

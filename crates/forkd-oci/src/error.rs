@@ -96,14 +96,14 @@ pub enum OciError {
     #[error("file name `{name}` is not allowed in a file set: {reason}")]
     InvalidFileName { name: String, reason: &'static str },
 
-    #[error("layer {layer}: tar entry `{entry}` is refused: {reason}")]
+    #[error("{layer}: tar entry `{entry}` is refused: {reason}")]
     UnsafeEntry {
         layer: String,
         entry: String,
         reason: String,
     },
 
-    #[error("layer {layer}: cannot unpack `{entry}`: {source}")]
+    #[error("{layer}: cannot unpack `{entry}`: {source}")]
     Unpack {
         layer: String,
         entry: String,

@@ -44,12 +44,19 @@ pub struct Settings {
     /// Working directory of every command that names none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cwd: Option<String>,
+    /// The guest account (`NAME`, `UID` or `UID:GID`) commands run as when
+    /// they name none; root when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
     /// A secret a front end keeps with the sandbox and checks itself (the
     /// E2B API's envd access token). Kept in the sandbox's record, never
     /// listed; every child of one spawn gets the same one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_token: Option<String>,
 }
+
+/// Longest [`Settings::user`].
+pub const MAX_USER: usize = 256;
 
 /// Longest [`Settings::access_token`].
 pub const MAX_ACCESS_TOKEN: usize = 512;
@@ -63,6 +70,7 @@ impl Settings {
             || !self.labels.is_empty()
             || !self.env.is_empty()
             || self.cwd.is_some()
+            || self.user.is_some()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -105,6 +113,13 @@ impl Settings {
             {
                 return Err(OpError::bad_input(format!(
                     "an access token must be 1-{MAX_ACCESS_TOKEN} printable ASCII characters"
+                )));
+            }
+        }
+        if let Some(user) = &self.user {
+            if user.is_empty() || user.len() > MAX_USER || user.contains(['\0', '\n']) {
+                return Err(OpError::bad_input(format!(
+                    "user {user:?} is not valid: name a guest account, a UID or UID:GID (at most {MAX_USER} bytes)"
                 )));
             }
         }
@@ -181,6 +196,8 @@ pub struct Lifetime {
     pub env: Vec<(String, String)>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cwd: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 /// Why a sandbox's time is up.
@@ -220,6 +237,7 @@ impl Lifetime {
             labels: settings.labels.clone(),
             env: settings.env.clone(),
             cwd: settings.cwd.clone(),
+            user: settings.user.clone(),
         }
     }
 
@@ -265,6 +283,14 @@ impl Lifetime {
             cwd.clone_from(&self.cwd);
         }
     }
+
+    /// A command's account: its own when it names one, else the sandbox's
+    /// default (from the image it was created from), else root (`None`).
+    pub fn apply_user(&self, user: &mut Option<String>) {
+        if user.is_none() {
+            user.clone_from(&self.user);
+        }
+    }
 }
 
 fn millis(d: Duration) -> u64 {
@@ -282,6 +308,7 @@ mod tests {
             labels: [("team".to_string(), "a".to_string())].into(),
             env: vec![("A".into(), "1".into()), ("B".into(), "2".into())],
             cwd: Some("/tmp".into()),
+            user: None,
             access_token: None,
         }
     }

@@ -155,9 +155,17 @@ impl GuestFiles {
 /// Boot a sandbox that outlives the caller.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CreateRequest {
-    /// Root disk: `busybox`, `debian-python`, `none`, or the path of a raw
-    /// ext4 image on the host that runs the operation.
+    /// Root disk: `busybox`, `debian-python`, `none`, the name of an image
+    /// built on the host that runs the operation, the path of a raw ext4
+    /// image there, or a container image (`HOST/REPO:TAG`,
+    /// `oci-archive:PATH`, `docker-archive:PATH`, `oci-layout:DIR`), built
+    /// into a root image once per digest; its `Env`, `WorkingDir` and `User`
+    /// become the sandbox's defaults under [`Self::settings`].
     pub image: Option<String>,
+    /// Reach the registry of a container image over plain HTTP (a loopback
+    /// or lab registry).
+    #[serde(default)]
+    pub insecure_registry: bool,
     pub mem_mib: Option<u64>,
     pub cpus: Option<u32>,
     pub accel: Option<Accel>,

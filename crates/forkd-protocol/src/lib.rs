@@ -330,6 +330,10 @@ pub struct ExecRequest {
     /// Whether `Stdin` frames follow; without them stdin is `/dev/null`.
     #[serde(default)]
     pub stdin: bool,
+    /// Run as this account (see [`ProcSpec::user`]); root when absent. The
+    /// working directory stays `/` when none is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 /// The last frame for a request.

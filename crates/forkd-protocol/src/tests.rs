@@ -123,6 +123,7 @@ fn requests_round_trip_through_json() {
             cwd: Some("/tmp".into()),
             timeout_ms: Some(1500),
             stdin: true,
+            user: None,
         }),
         Request::WriteFile {
             path: "/x".into(),

@@ -179,6 +179,9 @@ pub struct VmConfig {
     /// each host ([`crate::confine::run_as_for`]), never recorded.
     #[serde(skip)]
     pub run_as: Option<crate::confine::RunAs>,
+    /// How this QEMU binary is told `run_as` (asked of the binary at launch).
+    #[serde(skip)]
+    pub user_option: crate::confine::UserOption,
 }
 
 /// Smallest guest the kernel and agent boot in.
@@ -308,7 +311,8 @@ impl VmConfig {
         // unprivileged user once it has opened its files.
         push(&["-sandbox", crate::confine::seccomp_option(self.run_as)]);
         if let Some(r) = self.run_as {
-            push(&["-runas", &r.arg()]);
+            let [flag, value] = self.user_option.args(r);
+            push(&[&flag, &value]);
         }
         push(&["-machine", "microvm,x-option-roms=off,isa-serial=on,rtc=on"]);
         match self.accel {
@@ -463,6 +467,7 @@ mod tests {
             egress: Egress::default(),
             limits: Limits::default(),
             run_as: None,
+            user_option: Default::default(),
         }
     }
 
@@ -624,6 +629,11 @@ mod tests {
         let args = c.to_args();
         assert_eq!(value_after(&args, "-runas"), ["990:991"]);
         assert!(value_after(&args, "-sandbox")[0].contains("spawn=deny"));
+        // QEMU 9.1 and later: `-run-with user=` (10.0 has no `-runas`).
+        c.user_option = crate::confine::UserOption::RunWith;
+        let args = c.to_args();
+        assert!(value_after(&args, "-runas").is_empty());
+        assert_eq!(value_after(&args, "-run-with"), ["user=990:991"]);
         // Never recorded: each host decides.
         let json = serde_json::to_value(&c).unwrap();
         assert!(json.get("run_as").is_none());

@@ -45,6 +45,61 @@ pub struct RunAs {
     pub gid: u32,
 }
 
+/// How a QEMU binary is told which user to drop to: QEMU 7.2 knows only
+/// `-runas UID:GID`; QEMU 9.1 added `-run-with user=UID:GID` and 10.0
+/// removed `-runas`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UserOption {
+    #[default]
+    Runas,
+    RunWith,
+}
+
+impl UserOption {
+    /// Which option a QEMU whose `-help` text is `help` accepts.
+    pub fn from_help(help: &str) -> UserOption {
+        let run_with_user = help
+            .lines()
+            .any(|l| l.trim_start().starts_with("-run-with") && l.contains("user="));
+        if run_with_user {
+            UserOption::RunWith
+        } else {
+            UserOption::Runas
+        }
+    }
+
+    /// The arguments that make QEMU drop to `r`.
+    pub fn args(self, r: RunAs) -> [String; 2] {
+        match self {
+            UserOption::Runas => ["-runas".into(), r.arg()],
+            UserOption::RunWith => ["-run-with".into(), format!("user={}", r.arg())],
+        }
+    }
+
+    /// The option `qemu` accepts, asked once per binary path and process
+    /// (`qemu -help`); `-runas` when the binary cannot be asked.
+    pub fn of(qemu: &Path) -> UserOption {
+        use std::collections::HashMap;
+        use std::sync::{Mutex, OnceLock};
+        static SEEN: OnceLock<Mutex<HashMap<std::path::PathBuf, UserOption>>> = OnceLock::new();
+        let seen = SEEN.get_or_init(Default::default);
+        if let Some(o) = seen.lock().ok().and_then(|m| m.get(qemu).copied()) {
+            return o;
+        }
+        let option = std::process::Command::new(qemu)
+            .arg("-help")
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .output()
+            .map(|o| UserOption::from_help(&String::from_utf8_lossy(&o.stdout)))
+            .unwrap_or_default();
+        if let Ok(mut m) = seen.lock() {
+            m.insert(qemu.to_path_buf(), option);
+        }
+        option
+    }
+}
+
 impl RunAs {
     /// `UID:GID` (both numbers, neither 0).
     pub fn parse(s: &str) -> Option<RunAs> {
@@ -265,6 +320,21 @@ pub fn hand_to(pid: u32, path: &Path) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_user_option_follows_what_the_binary_accepts() {
+        // Lines as QEMU 7.2 and 10.0 print them in `-help`.
+        let q72 = "-runas user     change to user id user just before starting the VM\n";
+        let q10 = "-run-with [async-teardown=on|off][,chroot=dir][user=username|uid:gid]\n";
+        assert_eq!(UserOption::from_help(q72), UserOption::Runas);
+        assert_eq!(UserOption::from_help(q10), UserOption::RunWith);
+        // QEMU 8.x had `-run-with` without `user=`.
+        let q8 = "-run-with [async-teardown=on|off][,chroot=dir]\n-runas user\n";
+        assert_eq!(UserOption::from_help(q8), UserOption::Runas);
+        let r = RunAs { uid: 7, gid: 8 };
+        assert_eq!(UserOption::RunWith.args(r), ["-run-with", "user=7:8"]);
+        assert_eq!(UserOption::Runas.args(r), ["-runas", "7:8"]);
+    }
+
     use super::*;
 
     #[test]

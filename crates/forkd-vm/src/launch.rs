@@ -139,6 +139,9 @@ pub(crate) fn start_qemu(
         .ok_or_else(|| VmError::QemuNotFound(config.qemu.display().to_string()))?;
     let mut confined = config.clone();
     confined.run_as = crate::confine::run_as_for(run_dir.path())?;
+    if confined.run_as.is_some() {
+        confined.user_option = crate::confine::UserOption::of(&qemu);
+    }
     if let Some(r) = confined.run_as {
         // QEMU's user may traverse the run directory (it connects to the
         // network gateway's socket after dropping privileges), nobody else.

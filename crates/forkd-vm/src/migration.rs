@@ -326,6 +326,7 @@ impl Vm {
                 return Err(e);
             }
         };
+        hang_here_for_a_fault_test();
         if let Err(e) = self
             .qmp()
             .execute("migrate", Some(json!({ "uri": "fd:forkd-live" })))
@@ -425,6 +426,20 @@ impl Vm {
     pub fn cancel_migration(&self) -> Result<(), VmError> {
         self.qmp().execute("migrate_cancel", None)?;
         Ok(())
+    }
+}
+
+/// The environment variable that makes a live snapshot stop for good inside
+/// its pause, after the guest is stopped and before `migrate` (so a fault
+/// test can kill the brancher there): it names a file created on arrival.
+pub const HANG_BEFORE_MIGRATE_VAR: &str = "FORKD_TEST_HANG_BEFORE_MIGRATE";
+
+fn hang_here_for_a_fault_test() {
+    if let Some(marker) = std::env::var_os(HANG_BEFORE_MIGRATE_VAR) {
+        let _ = std::fs::write(&marker, b"stopped, before migrate\n");
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
     }
 }
 

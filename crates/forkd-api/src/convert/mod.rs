@@ -162,6 +162,7 @@ pub fn lifetime_to_wire(l: &ops::Lifetime) -> Option<api::LifetimeInfo> {
         labels: l.labels.clone(),
         env: l.env.iter().cloned().collect(),
         cwd: l.cwd.clone(),
+        user: l.user.clone(),
     })
 }
 
@@ -175,6 +176,7 @@ pub fn lifetime_from_wire(l: Option<api::LifetimeInfo>) -> ops::Lifetime {
         labels: l.labels,
         env: l.env.into_iter().collect(),
         cwd: l.cwd,
+        user: l.user,
     })
     .unwrap_or_default()
 }
@@ -193,6 +195,7 @@ pub fn settings_from_wire(
         labels: labels.clone(),
         env: env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         cwd: cwd.map(str::to_string),
+        user: None,
         access_token: None,
     }
 }
@@ -303,6 +306,7 @@ pub fn child_from_wire(mut s: api::SandboxInfo) -> ops::Child {
 pub fn create_from_wire(b: &api::BootRequest) -> ops::CreateRequest {
     ops::CreateRequest {
         image: Some(b.image.name().to_string()),
+        insecure_registry: false,
         mem_mib: b.memory_mib,
         cpus: b.vcpus,
         accel: b.accel.map(|a| match a {
@@ -344,7 +348,7 @@ pub fn create_to_wire(r: &ops::CreateRequest) -> Result<api::BootRequest, ops::O
         Some("none") => api::Image::None,
         Some(other) => {
             return Err(ops::OpError::bad_input(format!(
-                "image {other:?} names a file on this host, which a daemon cannot use; use busybox, debian-python or none"
+                "image {other:?} is not one a daemon boots (it takes busybox, debian-python or none): an image file, an image built here or a container image is built and used on this host only; run without a daemon"
             )))
         }
     };
@@ -859,6 +863,7 @@ mod tests {
                 labels: [("team".to_string(), "a".to_string())].into(),
                 env: vec![("A".into(), "1".into()), ("B".into(), "2".into())],
                 cwd: Some("/work".into()),
+                user: Some("app".into()),
             },
             access_token: None,
         }
@@ -976,6 +981,7 @@ mod tests {
                 labels: [("k".to_string(), "v".to_string())].into(),
                 env: vec![("A".into(), "1".into())],
                 cwd: Some("/srv".into()),
+                user: None,
                 access_token: None,
             },
             ..Default::default()

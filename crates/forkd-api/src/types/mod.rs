@@ -347,6 +347,10 @@ pub struct LifetimeInfo {
     /// Working directory of every command that names none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cwd: Option<String>,
+    /// The guest account commands run as when they name none (from the
+    /// container image the sandbox was created from); root when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 /// `POST /v1/sandboxes/{id}/timeout`: move a sandbox's end time.

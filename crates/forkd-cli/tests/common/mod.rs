@@ -1,9 +1,10 @@
 //! The daemon tests' world: a private home and runtime directory, the real
 //! `forkd` binary, a daemon on a private socket (or the listener the test
-//! names), and cleanup of every sandbox it leaves; a real registry for the
-//! push/pull tests.
+//! names), and cleanup of every sandbox it leaves.
 
 #![allow(dead_code)]
+
+pub mod registry;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -215,53 +216,4 @@ pub fn pytest(w: &World, dir: &Path, file: &str, env: &[(&str, String)]) {
         w.log()
     );
     eprintln!("{}", String::from_utf8_lossy(&out.stdout));
-}
-
-/// A `docker-registry` (Debian's reference distribution registry) on a
-/// free loopback port, with its own storage, killed on drop.
-pub struct Registry {
-    child: Child,
-    pub port: u16,
-    dir: PathBuf,
-}
-
-impl Registry {
-    pub fn start() -> Registry {
-        let dir = std::env::temp_dir().join(format!("forkd-cli-registry-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let port = free_port();
-        let config = dir.join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-                dir.join("storage").display()
-            ),
-        )
-        .unwrap();
-        let log = std::fs::File::create(dir.join("registry.log")).unwrap();
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("docker-registry (apt-get install docker-registry)");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "the registry did not listen");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Registry { child, port, dir }
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }

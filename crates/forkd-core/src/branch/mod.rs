@@ -116,6 +116,8 @@ impl Fleet {
             ram_base,
             home: self.env().home.clone(),
             runtime: self.env().runtime.clone(),
+            brancher: forkd_vm::process::process_start_time(std::process::id())
+                .map(|start| (std::process::id(), start)),
         };
         // Claim the tag: from here on the snapshot exists as `writing`. The
         // claim's lock goes to the writer, which takes it in its turn.

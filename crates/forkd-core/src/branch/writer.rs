@@ -57,6 +57,11 @@ pub struct WriterJob {
     pub ram_base: Option<PathBuf>,
     pub home: PathBuf,
     pub runtime: PathBuf,
+    /// The process that pauses the source and starts QEMU's stream (pid,
+    /// start time): if it dies before the stream begins, the source is
+    /// left stopped and nothing would ever resume it but the writer.
+    #[serde(default)]
+    pub brancher: Option<(u32, u64)>,
 }
 
 /// The lock a live writer of snapshot `tag` holds.
@@ -182,6 +187,10 @@ impl Writer {
         };
         let stream = accept_within(&self.listener, CONNECT_LIMIT)
             .map_err(|e| fail("QEMU never connected", &e))?;
+        if let Err(e) = wait_for_stream(&stream, self.job.brancher) {
+            // Failing the branch releases the source: resumed if paused.
+            return Err(fail("no stream", &e));
+        }
         let dir = self.staging.path().to_path_buf();
         let ram_file = File::options()
             .read(true)
@@ -282,6 +291,49 @@ impl Writer {
         };
         self.staging.publish(manifest)?;
         Ok(parent)
+    }
+}
+
+/// Waits until QEMU's stream has a first byte (or ended) on `stream`, for
+/// as long as the brancher lives: the connection exists before the pause
+/// (QEMU holds the other end), and a brancher that dies between stopping
+/// the guest and `migrate` leaves a stream that never starts. Its death
+/// is noticed within a second and, with a grace period for a `migrate`
+/// it sent just before, ends the wait with an error.
+fn wait_for_stream(stream: &UnixStream, brancher: Option<(u32, u64)>) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    const TICK_MS: libc::c_int = 1000;
+    const GRACE: Duration = Duration::from_secs(3);
+    let mut dead_since: Option<Instant> = None;
+    loop {
+        let mut fds = [libc::pollfd {
+            fd: stream.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        // SAFETY: one valid pollfd for an fd `stream` keeps open.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, TICK_MS) };
+        if n > 0 {
+            // Readable, ended or broken: the stream's reader takes it on.
+            return Ok(());
+        }
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        let alive = brancher.is_none_or(|(pid, start)| forkd_vm::process::pid_alive(pid, start));
+        if alive {
+            continue;
+        }
+        let since = *dead_since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= GRACE {
+            return Err(std::io::Error::other(
+                "the brancher died while the source was paused, before QEMU began the stream",
+            ));
+        }
     }
 }
 

@@ -89,21 +89,7 @@ impl From<&TransferError> for OpError {
             return OpError::from(c);
         }
         let kind = match e {
-            TransferError::Registry(o) => match o {
-                OciError::InvalidReference { .. } | OciError::InvalidDigest { .. } => {
-                    ErrorKind::BadInput
-                }
-                OciError::NoCredentials { .. } | OciError::Unauthorized { .. } => {
-                    ErrorKind::PermissionDenied
-                }
-                OciError::Status { status: 404, .. } => ErrorKind::NotFound,
-                OciError::WrongArtifact { .. } => ErrorKind::Unprocessable,
-                OciError::SizeMismatch { .. }
-                | OciError::DigestMismatch { .. }
-                | OciError::BadDocument { .. }
-                | OciError::TooLarge { .. } => ErrorKind::Unprocessable,
-                _ => ErrorKind::Internal,
-            },
+            TransferError::Registry(o) => crate::error::oci_error_kind(o),
             TransferError::BadArtifact { .. } | TransferError::Corrupt { .. } => {
                 ErrorKind::Unprocessable
             }

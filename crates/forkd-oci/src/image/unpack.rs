@@ -153,7 +153,7 @@ fn remove_any(path: &Path) -> io::Result<()> {
 }
 
 /// Applies the layer tar stream `reader` onto `root`. `layer` names the
-/// layer in errors.
+/// layer in errors, as a sentence's subject (`layer sha256:…`).
 pub fn apply_layer(
     reader: impl Read,
     root: &Path,
