@@ -416,10 +416,12 @@ pub fn info(ops: &dyn Operations, tag: &str, json: bool) -> Result<ExitCode> {
     if let Some(n) = &d.network {
         println!("network:     {n} (its children's, unless a spawn says otherwise)");
     }
-    println!(
-        "layers:      {} RAM, {} disk (what its children are made from)",
-        d.layers.ram, d.layers.disk
-    );
+    if d.bootable {
+        println!(
+            "layers:      {} RAM, {} disk (what its children are made from)",
+            d.layers.ram, d.layers.disk
+        );
+    }
     println!("size:        {} on disk", mib(d.allocated));
     for f in &d.files {
         println!(
