@@ -411,17 +411,34 @@ fn killing_the_branch_writer_at_any_point_never_freezes_the_source() {
     // The brancher itself killed inside the pause (guest stopped, disk
     // frozen, QEMU not yet told to stream): its writer sees it die and
     // fails the branch, which resumes the source.
-    let marker = w.runtime.join("paused.marker");
     let mut brancher = w
         .command()
-        .env("FORKD_TEST_HANG_BEFORE_MIGRATE", &marker)
+        .env(
+            forkd_core::faultpoint::STOP_AT_VAR,
+            forkd_vm::migration::STOP_BEFORE_MIGRATE,
+        )
         .args(["branch", &id, "--tag", "w-brancher", "--no-wait"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    let stat = format!("/proc/{}/stat", brancher.id());
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !marker.exists() {
+    loop {
+        let state = std::fs::read_to_string(&stat).unwrap_or_default();
+        if state
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('T')
+        {
+            break;
+        }
+        assert!(
+            brancher.try_wait().unwrap().is_none(),
+            "the branch ended before its pause"
+        );
         assert!(Instant::now() < deadline, "the branch never paused");
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -17,13 +17,14 @@
 //! command lines and prints nothing, and it tells no user what to type:
 //! errors carry a kind and a hint that front ends word.
 
+pub use forkd_vm::faultpoint;
+
 pub mod admission;
 pub mod artifacts;
 pub mod branch;
 pub mod consistency;
 pub mod doctor;
 mod error;
-pub mod faultpoint;
 pub mod files;
 pub mod fleet;
 mod guest;

@@ -8,7 +8,9 @@
 //! freezing ([`disk`]), the run directory ([`rundir`]), host process facts
 //! ([`process`]), populating QEMU's guest-RAM mapping from outside
 //! ([`populate`]), thawing a QEMU a failed live snapshot froze
-//! ([`unfreeze`]) and the VM handle with its lifecycle ([`vm`]). It knows nothing about
+//! ([`unfreeze`]), the VM handle with its lifecycle ([`vm`]) and the named
+//! points where fault-injection tests stop a process ([`faultpoint`], used
+//! by the crates above too). It knows nothing about
 //! snapshots, sandboxes or the state database: callers above decide what to
 //! run; this crate starts it, talks to it and cleans up after it.
 
@@ -18,6 +20,7 @@ pub mod config;
 pub mod confine;
 pub mod disk;
 mod error;
+pub mod faultpoint;
 mod launch;
 pub mod migration;
 pub mod populate;

@@ -326,7 +326,7 @@ impl Vm {
                 return Err(e);
             }
         };
-        hang_here_for_a_fault_test();
+        crate::faultpoint::reached(STOP_BEFORE_MIGRATE);
         if let Err(e) = self
             .qmp()
             .execute("migrate", Some(json!({ "uri": "fd:forkd-live" })))
@@ -429,19 +429,9 @@ impl Vm {
     }
 }
 
-/// The environment variable that makes a live snapshot stop for good inside
-/// its pause, after the guest is stopped and before `migrate` (so a fault
-/// test can kill the brancher there): it names a file created on arrival.
-pub const HANG_BEFORE_MIGRATE_VAR: &str = "FORKD_TEST_HANG_BEFORE_MIGRATE";
-
-fn hang_here_for_a_fault_test() {
-    if let Some(marker) = std::env::var_os(HANG_BEFORE_MIGRATE_VAR) {
-        let _ = std::fs::write(&marker, b"stopped, before migrate\n");
-        loop {
-            std::thread::sleep(Duration::from_secs(3600));
-        }
-    }
-}
+/// Fault point ([`crate::faultpoint`]): inside a live snapshot's pause, the
+/// guest stopped and its disk frozen, before QEMU is told to stream.
+pub const STOP_BEFORE_MIGRATE: &str = "branch:before-migrate";
 
 #[cfg(test)]
 mod tests {

@@ -9,7 +9,7 @@
 pub const STOP_AT_VAR: &str = "FORKD_TEST_STOP_AT";
 
 /// Stops this process when the environment names `point`.
-pub(crate) fn reached(point: &str) {
+pub fn reached(point: &str) {
     if std::env::var(STOP_AT_VAR).is_ok_and(|v| v == point) {
         // SAFETY: raise only sends a signal to this process; SIGSTOP
         // cannot be caught and touches no memory of ours.
