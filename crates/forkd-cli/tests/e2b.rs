@@ -1,7 +1,8 @@
 //! forkd's E2B-compatible API (issue 13) driven by E2B's published Python
 //! SDK, unchanged, against a real daemon with real guests
 //! (`crates/forkd-e2b/tests/python/test_sdk_shared.py`; the venv with the
-//! pinned SDK comes from `scripts/setup-python.sh`), and every route's bad
+//! pinned SDK comes from `scripts/setup-python.sh`), the guest's code
+//! interpreter against the `e2b-code-interpreter` SDK, and every route's bad
 //! input answered in the form the SDK reads.
 
 mod common;
@@ -49,6 +50,34 @@ fn the_published_e2b_sdk_drives_forkd() {
             ("E2B_API_KEY", KEY.to_string()),
             ("FORKD_E2B_REQUIRE_DAEMON", "1".to_string()),
         ],
+    );
+}
+
+/// The guest's code interpreter (`crates/forkd-e2b/guest/code_interpreter.py`,
+/// run on this host as the guest runs it, `python3 -I -S`: standard library
+/// only) answers the published `e2b-code-interpreter` SDK's own `run_code`
+/// and context calls: streaming, errors, contexts, interrupts, bad requests.
+/// No VM: the daemon relays port 49999 to this same server in the guest.
+#[test]
+fn the_guest_code_interpreter_serves_the_sdk() {
+    let tests = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../forkd-e2b/tests/python");
+    let out = std::process::Command::new(common::venv_python())
+        .args([
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "test_code_interpreter_local.py",
+        ])
+        .current_dir(&tests)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pytest test_code_interpreter_local.py failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
 }
 
@@ -360,6 +389,43 @@ fn every_route_answers_bad_input_as_the_sdk_reads_it() {
     assert_eq!(files("?path=/etc/hostname&signature=x").0, 400);
     assert_eq!(files("?path=/no/such/file").0, 404);
     assert_eq!(files("?path=/etc/hostname").0, 200);
+    // Streams: a keepalive after the asked interval of silence; the end at
+    // the deadline, with the process killed (envd makes the deadline the
+    // process's lifetime).
+    let start = |cmd: &str, headers: &[(&str, &str)]| {
+        let msg = serde_json::json!({"process": {"cmd": "/bin/sh", "args": ["-c", cmd]}});
+        let msg = serde_json::to_vec(&msg).unwrap();
+        let mut body = vec![0u8];
+        body.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+        body.extend_from_slice(&msg);
+        let mut h = vec![
+            ("E2b-Sandbox-Id", id.as_str()),
+            ("X-Access-Token", token.as_str()),
+            ("content-type", "application/connect+json"),
+        ];
+        h.extend_from_slice(headers);
+        let t = std::time::Instant::now();
+        let (st, got) = http(&url, "POST", "/process.Process/Start", &h, &body);
+        (st, got, t.elapsed())
+    };
+    let (st, got, _) = start("sleep 4; echo done", &[("Keepalive-Ping-Interval", "1")]);
+    assert_eq!(st, 200, "{got}");
+    assert!(got.contains("\"keepalive\""), "{got}");
+    assert!(got.contains("ZG9uZQo="), "{got}"); // "done\n"
+    let (st, got, _) = start("sleep 4; echo done", &[]);
+    assert_eq!(st, 200, "{got}");
+    assert!(!got.contains("\"keepalive\""), "{got}");
+    let (st, got, took) = start(
+        "echo started; sleep 60; echo never",
+        &[("Connect-Timeout-Ms", "3000")],
+    );
+    assert_eq!(st, 200, "{got}");
+    assert!(got.contains("deadline_exceeded"), "{got}");
+    assert!(!got.contains("bmV2ZXIK"), "{got}"); // "never\n"
+    assert!(took < std::time::Duration::from_secs(40), "{took:?}");
+    let (st, got, _) = start("true", &[("Connect-Timeout-Ms", "soon")]);
+    assert_eq!(st, 400, "{got}");
+
     let (st, _) = cp("DELETE", &format!("/sandboxes/{id}"), "");
     assert_eq!(st, 204);
     let (st, _) = files("?path=/etc/hostname");

@@ -200,6 +200,18 @@ pub trait Operations: Send + Sync {
     /// The processes the guest keeps (running, and the last ended ones).
     fn list_processes(&self, id: &str) -> Result<Vec<ProcessInfo>, OpError>;
 
+    // ---- guest ports
+
+    /// Starts E2B's code interpreter server in the guest on `port` unless it
+    /// runs there, and waits until it takes connections; returns its pid.
+    /// Needs python3 in the guest.
+    fn code_interpreter(&self, id: &str, port: u16) -> Result<u32, OpError>;
+
+    /// Opens a TCP connection to `127.0.0.1:port` inside the guest, relayed
+    /// over the agent channel. Only a fleet on this host relays bytes; the
+    /// `/v1` client refuses.
+    fn connect_port(&self, id: &str, port: u16) -> Result<PortConn, OpError>;
+
     /// Snapshots a running sandbox (live: the pause does not grow with its
     /// memory; full: stop, copy, resume).
     fn branch(&self, req: &BranchRequest) -> Result<BranchOutcome, OpError>;

@@ -13,6 +13,7 @@
 mod control;
 mod envd;
 mod interpreter;
+mod paused;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -85,6 +86,24 @@ impl E2bOptions {
 pub struct E2b {
     pub ops: Arc<dyn Operations>,
     pub api_keys: Option<ApiKeys>,
+    /// Records of paused sandboxes.
+    pub(crate) paused: paused::PausedStore,
+    /// Held while a sandbox is paused or resumed, so that two calls never
+    /// pause or resume the same sandbox at once.
+    pub(crate) transitions: std::sync::Mutex<()>,
+}
+
+impl E2b {
+    /// The shared state over `ops`; paused sandboxes are recorded under
+    /// `home` (`$FORKD_HOME/e2b-paused`).
+    pub fn new(ops: Arc<dyn Operations>, api_keys: Option<ApiKeys>, home: &std::path::Path) -> E2b {
+        E2b {
+            ops,
+            api_keys,
+            paused: paused::PausedStore::new(home.join("e2b-paused")),
+            transitions: std::sync::Mutex::new(()),
+        }
+    }
 }
 
 /// A fresh envd access token from OS randomness.
@@ -197,7 +216,13 @@ async fn handle(State(e2b): State<Arc<E2b>>, req: Request) -> Response {
         }
         Auth::EnvdToken | Auth::SandboxOrTrafficToken => {
             let id = sandbox.clone().unwrap_or_default();
-            let presented = header_str(&headers, AccessToken::HEADER).map(str::to_owned);
+            let traffic = match found.route.auth {
+                Auth::SandboxOrTrafficToken => header_str(&headers, routes::TRAFFIC_TOKEN_HEADER),
+                _ => None,
+            };
+            let presented = header_str(&headers, AccessToken::HEADER)
+                .or(traffic)
+                .map(str::to_owned);
             let ops = e2b.ops.clone();
             let id2 = id.clone();
             let stored = blocking(move || ops.sandbox(&id2)).await;
