@@ -1,7 +1,8 @@
 //! The seam every forkd front end calls: one trait, [`Operations`], for
 //! everything a user does with sandboxes and snapshots (create, exec, files,
-//! branch, spawn, pool, kill, list, info, delete, prune, gc, push, pull), with its request and
-//! result types, its error ([`OpError`]) and its defaults ([`policy`]).
+//! processes, guest ports, branch, spawn, pool, kill, list, info, delete,
+//! prune, gc, push, pull), with its request and result types, its error
+//! ([`OpError`]) and its defaults ([`policy`]).
 //!
 //! `forkd-core`'s fleet implements it on this host; `forkd-client`
 //! implements it against a daemon. The CLI, the daemon's `/v1` API, the
