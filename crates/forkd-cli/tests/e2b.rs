@@ -426,8 +426,64 @@ fn every_route_answers_bad_input_as_the_sdk_reads_it() {
     let (st, got, _) = start("true", &[("Connect-Timeout-Ms", "soon")]);
     assert_eq!(st, 400, "{got}");
 
+    // Pause and connect: the same id and token; a snapshot per pause, gone
+    // with the sandbox.
+    let pauses = || {
+        use forkd_ops::Operations;
+        let prefix = format!("e2b-paused-{id}-");
+        w.client()
+            .snapshots()
+            .unwrap()
+            .into_iter()
+            .filter(|s| s.tag.starts_with(&prefix))
+            .count()
+    };
+    for _ in 0..2 {
+        let (st, got) = cp("POST", &format!("/sandboxes/{id}/pause"), "{}");
+        assert_eq!(st, 204, "{got}\n{}", w.log());
+        let (st, got) = cp("GET", &format!("/sandboxes/{id}"), "");
+        assert_eq!(st, 200, "{got}");
+        assert!(got.contains("\"state\":\"paused\""), "{got}");
+        let (st, _) = cp("POST", &format!("/sandboxes/{id}/pause"), "{}");
+        assert_eq!(st, 409);
+        let (st, _) = envd(
+            "/filesystem.Filesystem/Stat",
+            uj,
+            Some(&token),
+            b"{\"path\":\"/\"}",
+        );
+        assert_eq!(st, 502);
+        let (st, got) = cp(
+            "POST",
+            &format!("/v2/sandboxes/{id}/connect"),
+            "{\"memory\":false}",
+        );
+        assert_eq!(st, 400, "{got}");
+        let (st, got) = cp(
+            "POST",
+            &format!("/v2/sandboxes/{id}/connect"),
+            "{\"timeout\":300}",
+        );
+        assert_eq!(st, 201, "{got}\n{}", w.log());
+    }
+    let (st, got) = cp("POST", &format!("/v2/sandboxes/{id}/connect"), "{}");
+    assert_eq!(st, 200, "{got}"); // running: answered as it is
+    let resumed: serde_json::Value = serde_json::from_str(&got).unwrap();
+    assert_eq!(resumed["sandboxID"], id.as_str(), "{resumed}");
+    assert_eq!(resumed["envdAccessToken"], token.as_str(), "{resumed}");
+    assert_eq!(resumed["trafficAccessToken"], token.as_str(), "{resumed}");
+    let (st, got) = envd(
+        "/filesystem.Filesystem/Stat",
+        uj,
+        Some(&token),
+        b"{\"path\":\"/\"}",
+    );
+    assert_eq!(st, 200, "{got}");
+    assert_eq!(pauses(), 2); // the second is layered on the first
+
     let (st, _) = cp("DELETE", &format!("/sandboxes/{id}"), "");
     assert_eq!(st, 204);
     let (st, _) = files("?path=/etc/hostname");
     assert_eq!(st, 502);
+    assert_eq!(pauses(), 0, "the pause snapshot outlived its sandbox");
 }
