@@ -392,51 +392,54 @@ fn paused_detail(p: &PausedSandbox) -> SandboxDetail {
 }
 
 /// Kills a running sandbox, or forgets a paused one; then removes the pause
-/// snapshots it ran from that nothing else needs any more.
+/// snapshots nothing needs any more.
 fn kill(e2b: &E2b, id: &str) -> Result<(), OpError> {
     let ops = e2b.ops.as_ref();
-    let from = match ops.sandbox(id) {
-        Ok(s) => {
-            ops.kill(id)?;
-            s.snapshot
-        }
+    match ops.sandbox(id) {
+        Ok(_) => ops.kill(id)?,
         Err(e) if e.kind == ErrorKind::NotFound => {
             let _held = e2b.transitions.lock().unwrap_or_else(|p| p.into_inner());
-            let Some(p) = e2b.paused.load(id)? else {
+            if e2b.paused.load(id)?.is_none() {
                 return Err(e);
-            };
+            }
             e2b.paused.remove(id)?;
-            Some(p.snapshot)
         }
-        Err(e) => Err(e)?,
-    };
-    remove_pause_snapshots(ops, id, from);
+        Err(e) => return Err(e),
+    }
+    sweep_pause_snapshots(e2b);
     Ok(())
 }
 
-/// Removes `tag` and, up its chain, every pause snapshot of sandbox `id`,
-/// stopping at the first one something still depends on (a fork's child,
-/// a snapshot branched from it) or that is not one of `id`'s.
-fn remove_pause_snapshots(ops: &dyn Operations, id: &str, tag: Option<String>) {
-    let prefix = pause_prefix(id);
+/// Removes the pause snapshots of sandboxes that are neither paused (no
+/// record) nor there any more (killed by `kill`, by their timeout or by
+/// `forkd kill`). Newest first, so that a chain of pauses goes link by link
+/// in one sweep; a snapshot something else still needs (a fork's child, a
+/// branch) stays until a later sweep finds it free. The daemon sweeps after
+/// every E2B kill and every [`SWEEP_EVERY`].
+pub(crate) fn sweep_pause_snapshots(e2b: &E2b) {
+    let ops = e2b.ops.as_ref();
     let Ok(all) = ops.snapshots() else { return };
-    let mut next = tag;
-    while let Some(tag) = next.take() {
-        if !tag.starts_with(&prefix) {
-            return;
+    let mut pauses: Vec<(u64, String, String)> = all
+        .iter()
+        .filter_map(|s| {
+            let (id, ms) = s.tag.strip_prefix("e2b-paused-")?.rsplit_once('-')?;
+            Some((ms.parse().ok()?, id.to_owned(), s.tag.clone()))
+        })
+        .collect();
+    pauses.sort_by_key(|p| std::cmp::Reverse(p.0));
+    // Not while a pause or a resume is under way (its snapshot exists
+    // before its record, or its record goes once the sandbox runs).
+    let _held = e2b.transitions.lock().unwrap_or_else(|p| p.into_inner());
+    for (_, id, tag) in pauses {
+        let needed = ops.sandbox(&id).is_ok() || !matches!(e2b.paused.load(&id), Ok(None));
+        if !needed {
+            let _ = ops.remove_snapshot(&tag, RemoveSnapshot::default());
         }
-        if ops
-            .remove_snapshot(&tag, RemoveSnapshot::default())
-            .is_err()
-        {
-            return;
-        }
-        next = all
-            .iter()
-            .find(|s| s.tag == tag)
-            .and_then(|s| s.parent.clone());
     }
 }
+
+/// How often the daemon sweeps pause snapshots nothing needs.
+pub(crate) const SWEEP_EVERY: Duration = Duration::from_secs(30);
 
 async fn pause(e2b: Arc<E2b>, id: String, p: PauseRequest) -> Response {
     if p.memory == Some(false) {

@@ -129,6 +129,14 @@ pub async fn serve(
     listen: ListenAddr,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let sweeper = state.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(control::SWEEP_EVERY).await;
+            let e2b = sweeper.clone();
+            let _ = tokio::task::spawn_blocking(move || control::sweep_pause_snapshots(&e2b)).await;
+        }
+    });
     let app = router(state);
     match listen {
         ListenAddr::Tcp(addr) => {
