@@ -244,22 +244,14 @@ fn every_route_answers_bad_input_as_the_sdk_reads_it() {
         http(&url, "POST", path, &h, body)
     };
     let uj = "application/json";
-    let (st, _) = envd("/filesystem.Filesystem/Stat", uj, None, b"{\"path\":\"/\"}");
+    let stat_root =
+        |tok: Option<&str>| envd("/filesystem.Filesystem/Stat", uj, tok, b"{\"path\":\"/\"}");
+    let (st, _) = stat_root(None);
     assert_eq!(st, 401);
-    let (st, got) = envd(
-        "/filesystem.Filesystem/Stat",
-        uj,
-        Some("fkd_wrong"),
-        b"{\"path\":\"/\"}",
-    );
+    let (st, got) = stat_root(Some("fkd_wrong"));
     assert_eq!(st, 401);
     assert!(got.contains("unauthenticated"), "{got}");
-    let (st, got) = envd(
-        "/filesystem.Filesystem/Stat",
-        uj,
-        Some(&token),
-        b"{\"path\":\"/\"}",
-    );
+    let (st, got) = stat_root(Some(&token));
     assert_eq!(st, 200, "{got}");
     assert!(got.contains("FILE_TYPE_DIRECTORY"), "{got}");
     for (path, ct, body, want, code) in [
@@ -446,12 +438,7 @@ fn every_route_answers_bad_input_as_the_sdk_reads_it() {
         assert!(got.contains("\"state\":\"paused\""), "{got}");
         let (st, _) = cp("POST", &format!("/sandboxes/{id}/pause"), "{}");
         assert_eq!(st, 409);
-        let (st, _) = envd(
-            "/filesystem.Filesystem/Stat",
-            uj,
-            Some(&token),
-            b"{\"path\":\"/\"}",
-        );
+        let (st, _) = stat_root(Some(&token));
         assert_eq!(st, 502);
         let (st, got) = cp(
             "POST",
@@ -472,12 +459,7 @@ fn every_route_answers_bad_input_as_the_sdk_reads_it() {
     assert_eq!(resumed["sandboxID"], id.as_str(), "{resumed}");
     assert_eq!(resumed["envdAccessToken"], token.as_str(), "{resumed}");
     assert_eq!(resumed["trafficAccessToken"], token.as_str(), "{resumed}");
-    let (st, got) = envd(
-        "/filesystem.Filesystem/Stat",
-        uj,
-        Some(&token),
-        b"{\"path\":\"/\"}",
-    );
+    let (st, got) = stat_root(Some(&token));
     assert_eq!(st, 200, "{got}");
     assert_eq!(pauses(), 2); // the second is layered on the first
 

@@ -2,7 +2,7 @@
 //! `/contexts`, `/contexts/{id}/restart`, `DELETE /contexts/{id}`,
 //! `/health`) is relayed as it is to the server the guest runs
 //! (`crates/forkd-e2b/guest/code_interpreter.py`, started by the agent on
-//! first use). Its contexts are guest processes, so their variables live on
+//! first use; the open `/health` only asks a running one). Its contexts are guest processes, so their variables live on
 //! between calls and into every fork; `/execute` streams its NDJSON as the
 //! cell runs.
 //!
@@ -39,7 +39,10 @@ fn failed(status: u16, message: &str) -> Response {
 }
 
 /// Relays a code-interpreter route for sandbox `id` (token checked).
-pub(crate) async fn dispatch(e2b: Arc<E2b>, id: String, _m: RouteMatch, req: Request) -> Response {
+pub(crate) async fn dispatch(e2b: Arc<E2b>, id: String, m: RouteMatch, req: Request) -> Response {
+    // `/health` needs no token, so it never starts the server: it answers
+    // whether one runs.
+    let start = m.route.path != "/health";
     let (parts, body) = req.into_parts();
     let body = match read_body(body, MAX_BODY).await {
         Ok(b) => b,
@@ -47,7 +50,9 @@ pub(crate) async fn dispatch(e2b: Arc<E2b>, id: String, _m: RouteMatch, req: Req
     };
     let ops = e2b.ops.clone();
     let conn = blocking(move || {
-        ops.code_interpreter(&id, CODE_INTERPRETER_PORT)?;
+        if start {
+            ops.code_interpreter(&id, CODE_INTERPRETER_PORT)?;
+        }
         ops.connect_port(&id, CODE_INTERPRETER_PORT)
     })
     .await;

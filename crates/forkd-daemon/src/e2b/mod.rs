@@ -218,6 +218,7 @@ async fn handle(State(e2b): State<Arc<E2b>>, req: Request) -> Response {
         Auth::ApiKey => {
             if let Some(keys) = &e2b.api_keys {
                 if let Err(e) = keys.verify(header_str(&headers, ApiKeys::HEADER)) {
+                    drain(req).await;
                     return control::api_error(e.http_status(), e.to_string());
                 }
             }
@@ -236,6 +237,7 @@ async fn handle(State(e2b): State<Arc<E2b>>, req: Request) -> Response {
             let stored = blocking(move || ops.sandbox(&id2)).await;
             let running = matches!(&stored, Ok(s) if s.state == forkd_ops::SandboxState::Running);
             if !running {
+                drain(req).await;
                 let (s, ct, b) = routes::sandbox_not_running_response(&id);
                 return reply(s, ct, b);
             }
@@ -247,6 +249,7 @@ async fn handle(State(e2b): State<Arc<E2b>>, req: Request) -> Response {
                 })
                 .and_then(|t| AccessToken::parse(&t));
             if let Err(e) = token.and_then(|t| t.verify(presented.as_deref())) {
+                drain(req).await;
                 return envd::unauthenticated(&found.route.kind, &e.to_string());
             }
         }
@@ -262,6 +265,7 @@ async fn handle(State(e2b): State<Arc<E2b>>, req: Request) -> Response {
                 Ok(s) if s.state == forkd_ops::SandboxState::Running
             );
             if !running {
+                drain(req).await;
                 let (s, ct, b) = routes::sandbox_not_running_response(&id);
                 return reply(s, ct, b);
             }
@@ -275,6 +279,23 @@ async fn handle(State(e2b): State<Arc<E2b>>, req: Request) -> Response {
         }
     }
 }
+
+/// Reads (and drops) what is left of a refused request's body, up to
+/// [`DRAIN_LIMIT`] bytes and [`DRAIN_TIME`]: answered before its body was
+/// read, hyper closes the connection while the client is still writing, and
+/// the client sees a broken pipe instead of the refusal.
+async fn drain(req: Request) {
+    let _ = tokio::time::timeout(
+        DRAIN_TIME,
+        axum::body::to_bytes(req.into_body(), DRAIN_LIMIT),
+    )
+    .await;
+}
+
+/// Most bytes of a refused request read before answering.
+const DRAIN_LIMIT: usize = 1 << 20;
+/// Longest wait for them.
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The body of a request, bounded.
 pub(crate) async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, String> {
