@@ -1,7 +1,8 @@
 //! forkd's E2B-compatible API (issue 13) driven by E2B's published Python
 //! SDK, unchanged, against a real daemon with real guests
 //! (`crates/forkd-e2b/tests/python/test_sdk_shared.py`; the venv with the
-//! pinned SDK comes from `scripts/setup-python.sh`), and every route's bad
+//! pinned SDK comes from `scripts/setup-python.sh`), the guest's code
+//! interpreter against the `e2b-code-interpreter` SDK, and every route's bad
 //! input answered in the form the SDK reads.
 
 mod common;
@@ -49,6 +50,34 @@ fn the_published_e2b_sdk_drives_forkd() {
             ("E2B_API_KEY", KEY.to_string()),
             ("FORKD_E2B_REQUIRE_DAEMON", "1".to_string()),
         ],
+    );
+}
+
+/// The guest's code interpreter (`crates/forkd-e2b/guest/code_interpreter.py`,
+/// run on this host as the guest runs it, `python3 -I -S`: standard library
+/// only) answers the published `e2b-code-interpreter` SDK's own `run_code`
+/// and context calls: streaming, errors, contexts, interrupts, bad requests.
+/// No VM: the daemon relays port 49999 to this same server in the guest.
+#[test]
+fn the_guest_code_interpreter_serves_the_sdk() {
+    let tests = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../forkd-e2b/tests/python");
+    let out = std::process::Command::new(common::venv_python())
+        .args([
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "test_code_interpreter_local.py",
+        ])
+        .current_dir(&tests)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pytest test_code_interpreter_local.py failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
 }
 
@@ -215,22 +244,14 @@ fn every_route_answers_bad_input_as_the_sdk_reads_it() {
         http(&url, "POST", path, &h, body)
     };
     let uj = "application/json";
-    let (st, _) = envd("/filesystem.Filesystem/Stat", uj, None, b"{\"path\":\"/\"}");
+    let stat_root =
+        |tok: Option<&str>| envd("/filesystem.Filesystem/Stat", uj, tok, b"{\"path\":\"/\"}");
+    let (st, _) = stat_root(None);
     assert_eq!(st, 401);
-    let (st, got) = envd(
-        "/filesystem.Filesystem/Stat",
-        uj,
-        Some("fkd_wrong"),
-        b"{\"path\":\"/\"}",
-    );
+    let (st, got) = stat_root(Some("fkd_wrong"));
     assert_eq!(st, 401);
     assert!(got.contains("unauthenticated"), "{got}");
-    let (st, got) = envd(
-        "/filesystem.Filesystem/Stat",
-        uj,
-        Some(&token),
-        b"{\"path\":\"/\"}",
-    );
+    let (st, got) = stat_root(Some(&token));
     assert_eq!(st, 200, "{got}");
     assert!(got.contains("FILE_TYPE_DIRECTORY"), "{got}");
     for (path, ct, body, want, code) in [
@@ -360,8 +381,91 @@ fn every_route_answers_bad_input_as_the_sdk_reads_it() {
     assert_eq!(files("?path=/etc/hostname&signature=x").0, 400);
     assert_eq!(files("?path=/no/such/file").0, 404);
     assert_eq!(files("?path=/etc/hostname").0, 200);
+    // Streams: a keepalive after the asked interval of silence; the end at
+    // the deadline, with the process killed (envd makes the deadline the
+    // process's lifetime).
+    let start = |cmd: &str, headers: &[(&str, &str)]| {
+        let msg = serde_json::json!({"process": {"cmd": "/bin/sh", "args": ["-c", cmd]}});
+        let msg = serde_json::to_vec(&msg).unwrap();
+        let mut body = vec![0u8];
+        body.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+        body.extend_from_slice(&msg);
+        let mut h = vec![
+            ("E2b-Sandbox-Id", id.as_str()),
+            ("X-Access-Token", token.as_str()),
+            ("content-type", "application/connect+json"),
+        ];
+        h.extend_from_slice(headers);
+        let t = std::time::Instant::now();
+        let (st, got) = http(&url, "POST", "/process.Process/Start", &h, &body);
+        (st, got, t.elapsed())
+    };
+    let (st, got, _) = start("sleep 4; echo done", &[("Keepalive-Ping-Interval", "1")]);
+    assert_eq!(st, 200, "{got}");
+    assert!(got.contains("\"keepalive\""), "{got}");
+    assert!(got.contains("ZG9uZQo="), "{got}"); // "done\n"
+    let (st, got, _) = start("sleep 4; echo done", &[]);
+    assert_eq!(st, 200, "{got}");
+    assert!(!got.contains("\"keepalive\""), "{got}");
+    let (st, got, took) = start(
+        "echo started; sleep 60; echo never",
+        &[("Connect-Timeout-Ms", "3000")],
+    );
+    assert_eq!(st, 200, "{got}");
+    assert!(got.contains("deadline_exceeded"), "{got}");
+    assert!(!got.contains("bmV2ZXIK"), "{got}"); // "never\n"
+    assert!(took < std::time::Duration::from_secs(40), "{took:?}");
+    let (st, got, _) = start("true", &[("Connect-Timeout-Ms", "soon")]);
+    assert_eq!(st, 400, "{got}");
+
+    // Pause and connect: the same id and token; a snapshot per pause, gone
+    // with the sandbox.
+    let pauses = || {
+        use forkd_ops::Operations;
+        let prefix = format!("e2b-paused-{id}-");
+        w.client()
+            .snapshots()
+            .unwrap()
+            .into_iter()
+            .filter(|s| s.tag.starts_with(&prefix))
+            .count()
+    };
+    for _ in 0..2 {
+        let (st, got) = cp("POST", &format!("/sandboxes/{id}/pause"), "{}");
+        assert_eq!(st, 204, "{got}\n{}", w.log());
+        let (st, got) = cp("GET", &format!("/sandboxes/{id}"), "");
+        assert_eq!(st, 200, "{got}");
+        assert!(got.contains("\"state\":\"paused\""), "{got}");
+        let (st, _) = cp("POST", &format!("/sandboxes/{id}/pause"), "{}");
+        assert_eq!(st, 409);
+        let (st, _) = stat_root(Some(&token));
+        assert_eq!(st, 502);
+        let (st, got) = cp(
+            "POST",
+            &format!("/v2/sandboxes/{id}/connect"),
+            "{\"memory\":false}",
+        );
+        assert_eq!(st, 400, "{got}");
+        let (st, got) = cp(
+            "POST",
+            &format!("/v2/sandboxes/{id}/connect"),
+            "{\"timeout\":300}",
+        );
+        assert_eq!(st, 201, "{got}\n{}", w.log());
+    }
+    let (st, got) = cp("POST", &format!("/v2/sandboxes/{id}/connect"), "{}");
+    assert_eq!(st, 200, "{got}"); // running: answered as it is
+    let resumed: serde_json::Value = serde_json::from_str(&got).unwrap();
+    assert_eq!(resumed["sandboxID"], id.as_str(), "{resumed}");
+    assert_eq!(resumed["envdAccessToken"], token.as_str(), "{resumed}");
+    assert_eq!(resumed["trafficAccessToken"], token.as_str(), "{resumed}");
+    let (st, got) = stat_root(Some(&token));
+    assert_eq!(st, 200, "{got}");
+    assert_eq!(pauses(), 2); // the second is layered on the first
+
     let (st, _) = cp("DELETE", &format!("/sandboxes/{id}"), "");
     assert_eq!(st, 204);
     let (st, _) = files("?path=/etc/hostname");
     assert_eq!(st, 502);
+    assert_eq!(pauses(), 0, "the pause snapshot outlived its sandbox");
 }

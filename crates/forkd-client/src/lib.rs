@@ -343,7 +343,23 @@ fn no_access_token(settings: &forkd_ops::Settings) -> Result<(), OpError> {
     Ok(())
 }
 
+/// What the `/v1` API does not carry: a front end on the daemon's host
+/// does it through the fleet.
+fn host_only(what: &str) -> OpError {
+    OpError::bad_input(format!(
+        "{what} is done only by a fleet on the daemon's host; the /v1 API does not carry it"
+    ))
+}
+
 impl Operations for Client {
+    fn code_interpreter(&self, _id: &str, _port: u16) -> Result<u32, OpError> {
+        Err(host_only("starting the code interpreter"))
+    }
+
+    fn connect_port(&self, _id: &str, _port: u16) -> Result<forkd_ops::PortConn, OpError> {
+        Err(host_only("relaying a guest port"))
+    }
+
     fn create(&self, req: &CreateRequest, _progress: &dyn Fn(&str)) -> Result<Created, OpError> {
         no_access_token(&req.settings)?;
         let body = to_value(convert::create_to_wire(req)?);
@@ -635,6 +651,11 @@ impl Operations for Client {
 
     fn spawn(&self, req: &SpawnRequest, on_child: OnChild<'_>) -> Result<SpawnOutcome, OpError> {
         no_access_token(&req.settings)?;
+        if req.id.is_some() {
+            return Err(OpError::bad_input(
+                "a child's own id is given only by a fleet on the daemon's host; the /v1 API does not carry it",
+            ));
+        }
         let t = std::time::Instant::now();
         let v: Vec<api::SandboxInfo> = self.json(
             "POST",

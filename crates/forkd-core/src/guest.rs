@@ -114,7 +114,16 @@ fn follow(
     on_event: &mut dyn FnMut(ProcessEvent) -> bool,
 ) -> Result<Option<ExecOutcome>, ClientError> {
     loop {
-        let ev = a.next(None)?;
+        let ev = match a.next(Some(policy::PROCESS_QUIET)) {
+            Err(ClientError::Timeout(_)) => {
+                if !on_event(ProcessEvent::Quiet) {
+                    a.detach(Duration::from_secs(5))?;
+                    return Ok(None);
+                }
+                continue;
+            }
+            other => other?,
+        };
         let event = match ev {
             AttachEvent::Stdout(b) => ProcessEvent::Stdout(b),
             AttachEvent::Stderr(b) => ProcessEvent::Stderr(b),
@@ -127,6 +136,28 @@ fn follow(
             a.detach(Duration::from_secs(5))?;
             return Ok(None);
         }
+    }
+}
+
+/// One half of a relay with the agent session it runs on, kept open (and
+/// the sandbox busy) as long as the half lives.
+struct Held<T> {
+    inner: T,
+    _session: std::sync::Arc<crate::sessions::Session>,
+}
+
+impl<T: Read> Read for Held<T> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.inner.read(buf)
+    }
+}
+
+impl<T: Write> Write for Held<T> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.inner.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }
 
@@ -422,6 +453,38 @@ impl Fleet {
     pub(crate) fn guest_processes(&self, id: &str) -> Result<Vec<ProcessInfo>, CoreError> {
         self.with_agent(id, "listing processes", |a| a.proc_list())
             .map(|v| v.into_iter().map(process_info).collect())
+    }
+
+    pub(crate) fn guest_code_interpreter(&self, id: &str, port: u16) -> Result<u32, CoreError> {
+        self.with_agent(id, "starting the code interpreter", |a| {
+            a.code_interpreter(port, None, policy::CODE_INTERPRETER_START)
+        })
+    }
+
+    pub(crate) fn guest_connect_port(
+        &self,
+        id: &str,
+        port: u16,
+    ) -> Result<forkd_ops::PortConn, CoreError> {
+        // Both halves hold the agent session: a shared session nobody holds
+        // is closed after a moment idle, and the relay with it.
+        let session = self.session(id)?;
+        let relay =
+            self.with_agent_of(&session, id, &format!("connecting to port {port}"), |a| {
+                a.tcp_connect(port, Duration::from_secs(10))
+            })?;
+        let (mut reader, writer) = relay.split();
+        reader.set_timeout(Some(policy::PORT_IDLE));
+        Ok(forkd_ops::PortConn {
+            reader: Box::new(Held {
+                inner: reader,
+                _session: session.clone(),
+            }),
+            writer: Box::new(Held {
+                inner: writer,
+                _session: session,
+            }),
+        })
     }
 
     pub(crate) fn guest_eval(

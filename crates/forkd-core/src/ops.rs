@@ -342,6 +342,14 @@ impl Operations for Fleet {
         Ok(self.guest_processes(id)?)
     }
 
+    fn code_interpreter(&self, id: &str, port: u16) -> Result<u32, OpError> {
+        Ok(self.guest_code_interpreter(id, port)?)
+    }
+
+    fn connect_port(&self, id: &str, port: u16) -> Result<forkd_ops::PortConn, OpError> {
+        Ok(self.guest_connect_port(id, port)?)
+    }
+
     fn branch(&self, req: &BranchRequest) -> Result<BranchOutcome, OpError> {
         let tag = match &req.tag {
             Some(t) => t.clone(),
@@ -397,6 +405,7 @@ impl Operations for Fleet {
             deny_out: req.deny_out.clone(),
             memory_limit_mib: req.memory_limit_mib,
             cpu_quota_pct: req.cpu_quota_pct,
+            id: req.id.clone(),
         };
         let results = Fleet::spawn_with(
             self,

@@ -103,7 +103,10 @@ fn follow_into(
 ) -> Result<(), OpError> {
     let mut gone = false;
     let end = run(&mut |ev| {
-        gone = !sink.send(ndjson(&convert::process_event_to_wire(&ev)));
+        gone = match convert::process_event_to_wire(&ev) {
+            Some(line) => !sink.send(ndjson(&line)),
+            None => sink.closed(),
+        };
         !gone
     })?;
     if let Some(out) = end {

@@ -129,10 +129,7 @@ pub fn run(env: &Env, opts: DaemonOptions, log: &dyn Fn(&str)) -> Result<(), Dae
                 " (any API key: loopback only)"
             }
         ));
-        let state = Arc::new(e2b::E2b {
-            ops: daemon.fleet.clone(),
-            api_keys: o.api_keys,
-        });
+        let state = Arc::new(e2b::E2b::new(daemon.fleet.clone(), o.api_keys, &env.home));
         (state, o.listen)
     });
     let served = rt.block_on(async move {

@@ -51,6 +51,11 @@ impl Sink {
         self.tx.blocking_send(Piece::Data(data)).is_ok()
     }
 
+    /// Whether the client has gone (the answer's body was dropped).
+    pub fn closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
     /// Whether anything reached the answer yet.
     pub fn started(&self) -> bool {
         self.sent || !self.buf.is_empty()

@@ -558,6 +558,28 @@ pub fn parse_timeout_ms(header: Option<&str>) -> Result<Option<Duration>, Connec
     Ok((ms > 0).then(|| Duration::from_millis(ms)))
 }
 
+/// The header in which the SDK asks for keepalive messages on a quiet
+/// stream, in whole seconds (`e2b.connection_config.KEEPALIVE_PING_HEADER`).
+pub const KEEPALIVE_HEADER: &str = "keepalive-ping-interval";
+
+/// Keepalive interval when the client names none (the SDK's own value).
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(50);
+
+/// Shortest and longest keepalive interval a client gets.
+pub const KEEPALIVE_BOUNDS: (Duration, Duration) =
+    (Duration::from_secs(1), Duration::from_secs(600));
+
+/// The keepalive interval of a stream from `Keepalive-Ping-Interval`:
+/// [`DEFAULT_KEEPALIVE`] when absent or not a number of seconds, clamped to
+/// [`KEEPALIVE_BOUNDS`] (a client cannot make the daemon spin or go silent
+/// for hours).
+pub fn keepalive_interval(header: Option<&str>) -> Duration {
+    let Some(secs) = header.and_then(|v| v.trim().parse::<u64>().ok()) else {
+        return DEFAULT_KEEPALIVE;
+    };
+    Duration::from_secs(secs).clamp(KEEPALIVE_BOUNDS.0, KEEPALIVE_BOUNDS.1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -786,6 +808,18 @@ mod tests {
                 Code::InvalidArgument,
                 "{bad:?}"
             );
+        }
+    }
+
+    #[test]
+    fn keepalive_header() {
+        assert_eq!(keepalive_interval(None), DEFAULT_KEEPALIVE);
+        assert_eq!(keepalive_interval(Some("50")), Duration::from_secs(50));
+        assert_eq!(keepalive_interval(Some(" 7 ")), Duration::from_secs(7));
+        assert_eq!(keepalive_interval(Some("0")), KEEPALIVE_BOUNDS.0);
+        assert_eq!(keepalive_interval(Some("99999999999")), KEEPALIVE_BOUNDS.1);
+        for bad in ["", "-1", "1.5", "ten"] {
+            assert_eq!(keepalive_interval(Some(bad)), DEFAULT_KEEPALIVE, "{bad:?}");
         }
     }
 

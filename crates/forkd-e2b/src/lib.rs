@@ -11,7 +11,8 @@
 //! ([`connect`]), the route table and how a request is routed to a sandbox by
 //! its `E2b-Sandbox-Id` / `E2b-Sandbox-Port` headers ([`routes`]), API keys and
 //! per-sandbox access tokens compared in constant time ([`token`]), and the
-//! `x-next-token` paging of `GET /v2/sandboxes` ([`paging`]).
+//! `x-next-token` paging of `GET /v2/sandboxes` ([`paging`]), and the record
+//! of a paused sandbox that `connect` resumes under its own id ([`paused`]).
 //!
 //! It must never do I/O and depends on no other forkd crate: the daemon binds
 //! the listener, calls the fleet through the operations seam and uses these
@@ -28,6 +29,7 @@ pub mod connect;
 pub mod control;
 pub mod envd;
 pub mod paging;
+pub mod paused;
 pub mod pjson;
 pub mod routes;
 pub mod token;

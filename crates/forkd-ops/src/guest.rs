@@ -158,6 +158,25 @@ pub enum ProcessEvent {
     /// This many bytes of output were dropped before they reached this
     /// follower (it fell behind a bounded backlog).
     Dropped(u64),
+    /// Nothing came for [`crate::policy::PROCESS_QUIET`]: the follower can
+    /// send its own keepalive or notice that its client went away, and
+    /// stops following by returning false. Never sent over `/v1`.
+    Quiet,
+}
+
+/// A TCP connection to a port inside a guest
+/// ([`crate::Operations::connect_port`]): what the guest's server sends
+/// comes out of `reader` (end of file when it closes), what `writer` takes
+/// goes to it. A read waits at most [`crate::policy::PORT_IDLE`] for bytes.
+pub struct PortConn {
+    pub reader: Box<dyn std::io::Read + Send>,
+    pub writer: Box<dyn std::io::Write + Send>,
+}
+
+impl std::fmt::Debug for PortConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PortConn")
+    }
 }
 
 /// An exception evaluated code raised.

@@ -1,8 +1,8 @@
 //! The seam every forkd front end calls: one trait, [`Operations`], for
 //! everything a user does with sandboxes and snapshots (create, exec, files,
-//! branch, spawn, pool, kill, list, info, compact, delete, prune, gc, push,
-//! pull), with its request and
-//! result types, its error ([`OpError`]) and its defaults ([`policy`]).
+//! processes, guest ports, branch, spawn, pool, kill, list, info, compact,
+//! delete, prune, gc, push, pull), with its request and result types, its
+//! error ([`OpError`]) and its defaults ([`policy`]).
 //!
 //! `forkd-core`'s fleet implements it on this host; `forkd-client`
 //! implements it against a daemon. The CLI, the daemon's `/v1` API, the
@@ -200,6 +200,18 @@ pub trait Operations: Send + Sync {
 
     /// The processes the guest keeps (running, and the last ended ones).
     fn list_processes(&self, id: &str) -> Result<Vec<ProcessInfo>, OpError>;
+
+    // ---- guest ports
+
+    /// Starts E2B's code interpreter server in the guest on `port` unless it
+    /// runs there, and waits until it takes connections; returns its pid.
+    /// Needs python3 in the guest.
+    fn code_interpreter(&self, id: &str, port: u16) -> Result<u32, OpError>;
+
+    /// Opens a TCP connection to `127.0.0.1:port` inside the guest, relayed
+    /// over the agent channel. Only a fleet on this host relays bytes; the
+    /// `/v1` client refuses.
+    fn connect_port(&self, id: &str, port: u16) -> Result<PortConn, OpError>;
 
     /// Snapshots a running sandbox (live: the pause does not grow with its
     /// memory; full: stop, copy, resume).

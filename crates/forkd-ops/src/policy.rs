@@ -33,6 +33,15 @@ pub const AGENT_COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 pub const AGENT_OUTPUT_CAP: usize = 64 << 10;
 /// Writing a file creates its missing parent directories unless asked not to.
 pub const WRITE_CREATES_PARENTS: bool = true;
+/// How long a followed process may stay silent before its follower gets a
+/// [`crate::ProcessEvent::Quiet`].
+pub const PROCESS_QUIET: Duration = Duration::from_secs(2);
+/// How long a read from a guest port ([`crate::PortConn`]) waits for bytes
+/// before it fails: a server in the guest that stalls cannot hold a relay
+/// for ever.
+pub const PORT_IDLE: Duration = Duration::from_secs(900);
+/// How long a guest's code interpreter may take to start (Python under TCG).
+pub const CODE_INTERPRETER_START: Duration = Duration::from_secs(180);
 /// How long an eval may run unless asked otherwise.
 pub const EVAL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most children (and pool members) one call may ask for.

@@ -513,6 +513,12 @@ pub struct SpawnRequest {
     /// cwd (nothing of the source's is inherited).
     #[serde(default)]
     pub settings: crate::Settings,
+    /// The id of the one child (`n` must be 1; refused while a sandbox has
+    /// it), instead of a fresh one: a front end that paused a sandbox into
+    /// a snapshot brings it back under its own id (E2B's `connect`). Kept
+    /// by a fleet on this host only, as [`crate::Settings::access_token`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
 }
 
 impl SpawnRequest {
@@ -530,6 +536,7 @@ impl SpawnRequest {
             memory_limit_mib: None,
             cpu_quota_pct: None,
             settings: crate::Settings::default(),
+            id: None,
         }
     }
 

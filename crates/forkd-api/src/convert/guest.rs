@@ -263,9 +263,10 @@ pub fn process_info_from_wire(p: api::ProcessInfo) -> ops::ProcessInfo {
     }
 }
 
-/// One event of a followed process, as its stream line.
-pub fn process_event_to_wire(e: &ops::ProcessEvent) -> api::ProcessEvent {
-    match e {
+/// One event of a followed process, as its stream line; `None` for
+/// [`ops::ProcessEvent::Quiet`], which only the daemon's own follower sees.
+pub fn process_event_to_wire(e: &ops::ProcessEvent) -> Option<api::ProcessEvent> {
+    Some(match e {
         ops::ProcessEvent::Started(p) => api::ProcessEvent::Started {
             process: process_info_to_wire(p),
         },
@@ -279,7 +280,8 @@ pub fn process_event_to_wire(e: &ops::ProcessEvent) -> api::ProcessEvent {
             data_b64: BASE64.encode(b),
         },
         ops::ProcessEvent::Dropped(n) => api::ProcessEvent::Dropped { bytes: *n },
-    }
+        ops::ProcessEvent::Quiet => return None,
+    })
 }
 
 /// The last line of a process stream: how it ended, or why following broke
@@ -471,7 +473,7 @@ mod tests {
             ops::ProcessEvent::Dropped(4096),
         ];
         for e in events {
-            let line = serde_json::to_string(&process_event_to_wire(&e)).unwrap();
+            let line = serde_json::to_string(&process_event_to_wire(&e).unwrap()).unwrap();
             let back: api::ProcessEvent = serde_json::from_str(&line).unwrap();
             assert_eq!(process_line_from_wire(back).unwrap(), ProcessLine::Event(e));
         }
@@ -480,6 +482,7 @@ mod tests {
             process_line_from_wire(end).unwrap(),
             ProcessLine::Exit(p.exit.unwrap())
         );
+        assert_eq!(process_event_to_wire(&ops::ProcessEvent::Quiet), None);
         let err = ops::OpError::bad_input("no such process");
         match process_line_from_wire(process_end_to_wire(&Err(err.clone()))).unwrap() {
             ProcessLine::Error(e) => assert_eq!((e.kind, e.message), (err.kind, err.message)),

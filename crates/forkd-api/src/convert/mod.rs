@@ -665,6 +665,7 @@ pub fn spawn_from_wire(r: &api::SpawnRequest) -> ops::SpawnRequest {
             &r.env,
             r.cwd.as_deref(),
         ),
+        id: None,
     }
 }
 

@@ -214,6 +214,19 @@ impl Fleet {
         ) -> Result<T, forkd_protocol::client::ClientError>,
     ) -> Result<T, CoreError> {
         let session = self.session(id)?;
+        self.with_agent_of(&session, id, what, f)
+    }
+
+    /// [`Fleet::with_agent`] on a session the caller holds.
+    pub(crate) fn with_agent_of<T>(
+        &self,
+        session: &Session,
+        id: &str,
+        what: &str,
+        f: impl FnOnce(
+            &forkd_protocol::client::AgentClient,
+        ) -> Result<T, forkd_protocol::client::ClientError>,
+    ) -> Result<T, CoreError> {
         let out = f(session.vm().agent());
         session.touch();
         out.map_err(|e| match e {

@@ -88,6 +88,8 @@ pub(crate) struct Parent {
     /// The children's config differs from the snapshot's (pool members,
     /// started with the snapshot's, do not fit).
     pub(crate) overridden: bool,
+    /// The one child's id, when the caller names it.
+    pub(crate) child_id: Option<String>,
 }
 
 /// What children may change of their snapshot's configuration.
@@ -98,6 +100,9 @@ pub struct ChildOverrides {
     pub deny_out: Option<Vec<String>>,
     pub memory_limit_mib: Option<u64>,
     pub cpu_quota_pct: Option<u32>,
+    /// The id of the one child instead of a fresh one (a pool member has
+    /// its own, so such a child is never taken from the pool).
+    pub id: Option<String>,
 }
 
 impl ChildOverrides {
@@ -199,7 +204,19 @@ impl Fleet {
                 "a spawn needs at least one child".into(),
             ));
         }
+        if let Some(id) = &overrides.id {
+            if n != 1 {
+                return Err(CoreError::BadRequest(format!(
+                    "a spawn that names its child's id ({id}) starts one child, not {n}"
+                )));
+            }
+            forkd_ops::validate_id(id).map_err(|e| CoreError::BadRequest(e.to_string()))?;
+            if self.db().get_sandbox(id)?.is_some() {
+                return Err(forkd_store::StoreError::SandboxExists { id: id.clone() }.into());
+            }
+        }
         let mut parent = self.prepare_spawn(tag, wait)?;
+        parent.child_id = overrides.id.clone();
         if !overrides.is_empty() {
             overrides.apply(tag, &mut parent.config.vm)?;
             parent.overridden = true;
@@ -282,6 +299,7 @@ impl Fleet {
             config,
             accel,
             overridden: false,
+            child_id: None,
         })
     }
 
@@ -406,7 +424,7 @@ impl Fleet {
                 });
         }
         let admitted = self.admit_children(parent, "spawn", 1)?;
-        let id = new_id("sb");
+        let id = parent.child_id.clone().unwrap_or_else(|| new_id("sb"));
         let mut run_dir = RunDir::create(&self.sandboxes_dir(), &id)?;
         // Owned until it is ready: on any error below, dropping the Vm (or
         // the run dir) kills QEMU and removes the files.

@@ -1,10 +1,12 @@
 //! The E2B control plane over the seam: create (a template is a snapshot
 //! tag to spawn from, or an image to boot; `base` is the default image),
 //! list with `x-next-token` paging, info, kill, timeout, pause (a snapshot
-//! that keeps memory, then the sandbox is killed), connect (a running
-//! sandbox answers as it is; a paused one is spawned from its snapshot under
-//! a new id) and fork (one live branch of the source, then one spawned child
-//! per requested sandbox, each with its own access token and its own error).
+//! that keeps memory, a record of the sandbox, then the sandbox is stopped),
+//! connect (a running sandbox answers as it is; a paused one is spawned from
+//! its snapshot under its own id, with its own token, metadata and
+//! environment) and fork (one live branch of the source, then one spawned
+//! child per requested sandbox, each with its own access token and its own
+//! error). Paused sandboxes are listed and described with state `paused`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,9 +18,11 @@ use forkd_e2b::control::{
     NewSandbox, PauseRequest, SandboxDetail, SandboxState, TimeoutRequest,
 };
 use forkd_e2b::paging::{self, Cursor};
+use forkd_e2b::paused::PausedSandbox;
 use forkd_e2b::routes::RouteMatch;
 use forkd_ops::{
-    BranchRequest, CreateRequest, ErrorKind, OpError, Operations, Sandbox, Settings, SpawnRequest,
+    BranchRequest, CreateRequest, ErrorKind, OpError, Operations, RemoveSnapshot, Sandbox,
+    Settings, SpawnRequest,
 };
 use time::OffsetDateTime;
 
@@ -30,9 +34,39 @@ const MAX_BODY: usize = 1 << 20;
 /// The template every E2B SDK names when the user names none.
 const BASE_TEMPLATE: &str = "base";
 
-/// The snapshot a paused sandbox is kept in.
+/// The prefix of the snapshots a paused sandbox `id` is kept in.
+fn pause_prefix(id: &str) -> String {
+    format!("e2b-paused-{id}-")
+}
+
+/// The snapshot of this pause of `id` (a sandbox paused again after a
+/// resume runs from its previous one, so each pause has its own).
 fn pause_tag(id: &str) -> String {
-    format!("e2b-paused-{id}")
+    format!("{}{}", pause_prefix(id), now_ms())
+}
+
+fn now_ms() -> i64 {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    i64::try_from(ms).unwrap_or(i64::MAX)
+}
+
+fn conflict(message: String) -> OpError {
+    OpError {
+        kind: ErrorKind::Conflict,
+        message,
+        hint: None,
+    }
+}
+
+fn not_found(message: String) -> OpError {
+    OpError {
+        kind: ErrorKind::NotFound,
+        message,
+        hint: None,
+    }
 }
 
 /// A control-plane error answer (`{code, message}`).
@@ -91,13 +125,10 @@ pub(crate) async fn dispatch(e2b: Arc<E2b>, m: RouteMatch, query: &str, req: Req
         ("POST", "/v2/sandboxes") => create(e2b, req).await,
         ("GET", "/v2/sandboxes") => list(e2b, query).await,
         ("GET", "/sandboxes/{id}") => info(e2b, id).await,
-        ("DELETE", "/sandboxes/{id}") => {
-            let ops = e2b.ops.clone();
-            match blocking(move || ops.kill(&id)).await {
-                Ok(()) => reply(204, "application/json", Vec::new()),
-                Err(e) => op_error(&e),
-            }
-        }
+        ("DELETE", "/sandboxes/{id}") => match blocking(move || kill(&e2b, &id)).await {
+            Ok(()) => reply(204, "application/json", Vec::new()),
+            Err(e) => op_error(&e),
+        },
         ("POST", "/sandboxes/{id}/timeout") => {
             let t: TimeoutRequest = match body_json::<Option<TimeoutRequest>>(req).await {
                 Ok(Some(t)) => t,
@@ -154,7 +185,9 @@ fn created(template: &str, sandbox: &Sandbox) -> CreatedSandbox {
         envd_version: forkd_e2b::ENVD_VERSION.to_owned(),
         alias: None,
         envd_access_token: sandbox.access_token.clone(),
-        traffic_access_token: None,
+        // The code interpreter's `/contexts` calls carry only this one
+        // (docs/e2b-protocol.md §9): the sandbox's one secret serves both.
+        traffic_access_token: sandbox.access_token.clone(),
         domain: None,
     }
 }
@@ -287,10 +320,24 @@ async fn list(e2b: Arc<E2b>, query: &str) -> Response {
         Ok(all) => all,
         Err(e) => return op_error(&e),
     };
-    let items: Vec<ListedSandbox> = all
+    let running: Vec<ListedSandbox> = all
         .iter()
         .filter(|s| s.state == forkd_ops::SandboxState::Running)
         .map(listed)
+        .collect();
+    let paused: Vec<ListedSandbox> = {
+        let e2b = e2b.clone();
+        blocking(move || Ok(e2b.paused.list()))
+            .await
+            .unwrap_or_default()
+            .iter()
+            .map(PausedSandbox::listed)
+            .filter(|p| !running.iter().any(|r| r.sandbox_id == p.sandbox_id))
+            .collect()
+    };
+    let items: Vec<ListedSandbox> = running
+        .into_iter()
+        .chain(paused)
         .filter(|l| q.matches(l.state, &l.template_id, l.started_at, &l.metadata))
         .collect();
     let (page, next) = paging::page(
@@ -315,20 +362,84 @@ async fn list(e2b: Arc<E2b>, query: &str) -> Response {
 }
 
 async fn info(e2b: Arc<E2b>, id: String) -> Response {
-    let ops = e2b.ops.clone();
-    match blocking(move || ops.sandbox(&id)).await {
-        Ok(s) if s.state == forkd_ops::SandboxState::Running => json(
-            200,
-            &SandboxDetail {
-                listed: listed(&s),
-                envd_access_token: s.access_token.clone(),
-                lifecycle: None,
-            },
-        ),
-        Ok(s) => from_api(ApiError::sandbox_not_found(&s.id)),
+    let wanted = id.clone();
+    let found = blocking(move || match e2b.ops.sandbox(&id) {
+        Ok(s) if s.state == forkd_ops::SandboxState::Running => Ok(Some(SandboxDetail {
+            listed: listed(&s),
+            envd_access_token: s.access_token.clone(),
+            lifecycle: None,
+        })),
+        Ok(_) => Ok(e2b.paused.load(&id)?.map(|p| paused_detail(&p))),
+        Err(e) if e.kind == ErrorKind::NotFound => {
+            Ok(e2b.paused.load(&id)?.map(|p| paused_detail(&p)))
+        }
+        Err(e) => Err(e),
+    })
+    .await;
+    match found {
+        Ok(Some(d)) => json(200, &d),
+        Ok(None) => from_api(ApiError::sandbox_not_found(&wanted)),
         Err(e) => op_error(&e),
     }
 }
+
+fn paused_detail(p: &PausedSandbox) -> SandboxDetail {
+    SandboxDetail {
+        listed: p.listed(),
+        envd_access_token: p.envd_access_token.clone(),
+        lifecycle: None,
+    }
+}
+
+/// Kills a running sandbox, or forgets a paused one; then removes the pause
+/// snapshots nothing needs any more.
+fn kill(e2b: &E2b, id: &str) -> Result<(), OpError> {
+    let ops = e2b.ops.as_ref();
+    match ops.sandbox(id) {
+        Ok(_) => ops.kill(id)?,
+        Err(e) if e.kind == ErrorKind::NotFound => {
+            let _held = e2b.transitions.lock().unwrap_or_else(|p| p.into_inner());
+            if e2b.paused.load(id)?.is_none() {
+                return Err(e);
+            }
+            e2b.paused.remove(id)?;
+        }
+        Err(e) => return Err(e),
+    }
+    sweep_pause_snapshots(e2b);
+    Ok(())
+}
+
+/// Removes the pause snapshots of sandboxes that are neither paused (no
+/// record) nor there any more (killed by `kill`, by their timeout or by
+/// `forkd kill`). Newest first, so that a chain of pauses goes link by link
+/// in one sweep; a snapshot something else still needs (a fork's child, a
+/// branch) stays until a later sweep finds it free. The daemon sweeps after
+/// every E2B kill and every [`SWEEP_EVERY`].
+pub(crate) fn sweep_pause_snapshots(e2b: &E2b) {
+    let ops = e2b.ops.as_ref();
+    let Ok(all) = ops.snapshots() else { return };
+    let mut pauses: Vec<(u64, String, String)> = all
+        .iter()
+        .filter_map(|s| {
+            let (id, ms) = s.tag.strip_prefix("e2b-paused-")?.rsplit_once('-')?;
+            Some((ms.parse().ok()?, id.to_owned(), s.tag.clone()))
+        })
+        .collect();
+    pauses.sort_by_key(|p| std::cmp::Reverse(p.0));
+    // Not while a pause or a resume is under way (its snapshot exists
+    // before its record, or its record goes once the sandbox runs).
+    let _held = e2b.transitions.lock().unwrap_or_else(|p| p.into_inner());
+    for (_, id, tag) in pauses {
+        let needed = ops.sandbox(&id).is_ok() || !matches!(e2b.paused.load(&id), Ok(None));
+        if !needed {
+            let _ = ops.remove_snapshot(&tag, RemoveSnapshot::default());
+        }
+    }
+}
+
+/// How often the daemon sweeps pause snapshots nothing needs.
+pub(crate) const SWEEP_EVERY: Duration = Duration::from_secs(30);
 
 async fn pause(e2b: Arc<E2b>, id: String, p: PauseRequest) -> Response {
     if p.memory == Some(false) {
@@ -337,79 +448,133 @@ async fn pause(e2b: Arc<E2b>, id: String, p: PauseRequest) -> Response {
             "forkd pauses with memory only (a snapshot of the running sandbox); leave `memory` out",
         );
     }
-    let ops = e2b.ops.clone();
-    let done = blocking(move || {
-        let s = ops.sandbox(&id)?;
-        if s.state != forkd_ops::SandboxState::Running {
-            return Err(OpError {
-                kind: ErrorKind::Conflict,
-                message: format!("sandbox {id} is not running"),
-                hint: None,
-            });
-        }
-        let tag = pause_tag(&id);
-        ops.branch(&BranchRequest {
-            source: id.clone(),
-            tag: Some(tag),
-            mode: None,
-            wait: Some(true),
-            expect_parent: None,
-        })?;
-        ops.kill(&id)
-    })
-    .await;
-    match done {
+    match blocking(move || pause_sandbox(&e2b, &id)).await {
         Ok(()) => reply(204, "application/json", Vec::new()),
         Err(e) => op_error(&e),
     }
 }
 
+/// Snapshots sandbox `id` with its memory, records it, then stops it. A
+/// sandbox already paused is a conflict (the SDK's `pause` answers False).
+fn pause_sandbox(e2b: &E2b, id: &str) -> Result<(), OpError> {
+    let ops = e2b.ops.as_ref();
+    let _held = e2b.transitions.lock().unwrap_or_else(|p| p.into_inner());
+    let s = match ops.sandbox(id) {
+        Ok(s) if s.state == forkd_ops::SandboxState::Running => s,
+        Ok(_) => return Err(not_found(format!("sandbox {id} is not running"))),
+        Err(e) if e.kind == ErrorKind::NotFound && e2b.paused.load(id)?.is_some() => {
+            return Err(conflict(format!("sandbox {id} is already paused")))
+        }
+        Err(e) => return Err(e),
+    };
+    let tag = pause_tag(id);
+    ops.branch(&BranchRequest {
+        source: id.to_owned(),
+        tag: Some(tag.clone()),
+        mode: None,
+        wait: Some(true),
+        expect_parent: None,
+    })?;
+    let record = PausedSandbox {
+        sandbox_id: id.to_owned(),
+        template_id: template_of(&s),
+        snapshot: tag.clone(),
+        envd_access_token: s.access_token.clone(),
+        started_at: started_at(&s).unix_timestamp(),
+        paused_at_ms: now_ms(),
+        cpu_count: s.cpus,
+        memory_mb: s.mem_mib,
+        metadata: s.lifetime.labels.clone(),
+        env: s.lifetime.env.clone(),
+        cwd: s.lifetime.cwd.clone(),
+    };
+    let stopped = e2b.paused.save(&record).and_then(|()| ops.kill(id));
+    if let Err(e) = stopped {
+        // Still running: it is not paused.
+        let _ = e2b.paused.remove(id);
+        let _ = ops.remove_snapshot(&tag, RemoveSnapshot::default());
+        return Err(e);
+    }
+    Ok(())
+}
+
 async fn connect(e2b: Arc<E2b>, id: String, c: ConnectRequest) -> Response {
-    let ops = e2b.ops.clone();
-    let ttl = c.timeout.map(Duration::from_secs);
-    let done = blocking(move || {
-        match ops.sandbox(&id) {
-            Ok(s) if s.state == forkd_ops::SandboxState::Running => {
-                // A running sandbox's timeout is only ever extended.
-                if let Some(ttl) = ttl {
-                    let later = s.lifetime.ends_at_ms.is_none_or(|end| {
-                        let now = std::time::SystemTime::now()
-                            .duration_since(std::time::UNIX_EPOCH)
-                            .map(|d| d.as_millis() as u64)
-                            .unwrap_or(0);
-                        now + ttl.as_millis() as u64 > end
-                    });
-                    if later && s.lifetime.ends_at_ms.is_some() {
-                        ops.set_timeout(&id, Some(ttl))?;
-                    }
-                }
-                let s = ops.sandbox(&id)?;
-                return Ok((200, template_of(&s), s));
-            }
-            Ok(_) | Err(_) => {}
-        }
-        let tag = pause_tag(&id);
-        if !ops.snapshots()?.iter().any(|s| s.tag == tag) {
-            return Err(OpError {
-                kind: ErrorKind::NotFound,
-                message: format!("Paused sandbox {id} not found"),
-                hint: None,
-            });
-        }
-        let settings = Settings {
-            ttl: Some(ttl.unwrap_or(Duration::from_secs(
-                forkd_e2b::control::DEFAULT_TIMEOUT_SECS,
-            ))),
-            ..Settings::default()
-        };
-        let s = spawn_one(ops.as_ref(), &tag, settings)?;
-        Ok((201, tag, s))
-    })
-    .await;
-    match done {
+    match blocking(move || connect_sandbox(&e2b, &id, c)).await {
         Ok((status, template, s)) => json(status, &created(&template, &s)),
         Err(e) => op_error(&e),
     }
+}
+
+/// A running sandbox as it is (its timeout only ever extended; 200), or a
+/// paused one spawned from its snapshot under its own id with its token,
+/// metadata and environment (201).
+fn connect_sandbox(
+    e2b: &E2b,
+    id: &str,
+    c: ConnectRequest,
+) -> Result<(u16, String, Sandbox), OpError> {
+    let ops = e2b.ops.as_ref();
+    let ttl = c.timeout.map(Duration::from_secs);
+    let running = |ops: &dyn Operations| -> Result<Option<Sandbox>, OpError> {
+        match ops.sandbox(id) {
+            Ok(s) if s.state == forkd_ops::SandboxState::Running => Ok(Some(s)),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    };
+    if let Some(s) = running(ops)? {
+        if let (Some(ttl), Some(end)) = (ttl, s.lifetime.ends_at_ms) {
+            let wanted =
+                now_ms().saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
+            if wanted > i64::try_from(end).unwrap_or(i64::MAX) {
+                ops.set_timeout(id, Some(ttl))?;
+            }
+        }
+        let s = ops.sandbox(id)?;
+        return Ok((200, template_of(&s), s));
+    }
+    let _held = e2b.transitions.lock().unwrap_or_else(|p| p.into_inner());
+    // Resumed by another call while this one waited.
+    if let Some(s) = running(ops)? {
+        return Ok((200, template_of(&s), s));
+    }
+    let Some(p) = e2b.paused.load(id)? else {
+        return Err(not_found(format!("Paused sandbox {id} not found")));
+    };
+    if c.memory == Some(false) {
+        return Err(OpError {
+            kind: ErrorKind::BadInput,
+            message: "forkd resumes a paused sandbox with its memory only; leave on_resume at \"restore\"".into(),
+            hint: None,
+        });
+    }
+    let settings = Settings {
+        ttl: Some(ttl.unwrap_or(Duration::from_secs(
+            forkd_e2b::control::DEFAULT_TIMEOUT_SECS,
+        ))),
+        labels: p.metadata.clone(),
+        env: p.env.clone(),
+        cwd: p.cwd.clone(),
+        access_token: p.envd_access_token.clone(),
+        ..Settings::default()
+    };
+    let mut req = SpawnRequest::new(&p.snapshot, 1);
+    req.settings = settings;
+    req.id = Some(id.to_owned());
+    let out = ops.spawn(&req, &|_, _| {})?;
+    let child = out.children.into_iter().next().ok_or_else(|| OpError {
+        kind: ErrorKind::Internal,
+        message: format!(
+            "resuming sandbox {id} from snapshot `{}` returned no child",
+            p.snapshot
+        ),
+        hint: None,
+    })??;
+    // It runs again; a record left behind would only list it twice (the
+    // running one wins there).
+    let _ = e2b.paused.remove(id);
+    Ok((201, p.template_id, child.sandbox))
 }
 
 async fn fork(e2b: Arc<E2b>, id: String, f: ForkRequest) -> Response {

@@ -3,9 +3,17 @@
 //! `WatchDir`, client-streaming `StreamInput`), files over plain HTTP and
 //! `/health`. Each call is one seam call (or a followed process) on a
 //! blocking thread; stream messages are sent as the guest produces them.
+//!
+//! A stream sends a keepalive message after `Keepalive-Ping-Interval`
+//! seconds without one (as envd does; the SDK skips them), ends with
+//! `deadline_exceeded` at its `Connect-Timeout-Ms`, and stops following
+//! (the process goes on, as after the SDK's `disconnect`) within
+//! [`forkd_ops::policy::PROCESS_QUIET`] of its client going away: a dead
+//! client never holds a follower or a watch for ever.
 
+use std::cell::Cell;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::Request;
@@ -175,20 +183,98 @@ async fn stream_request<T: DeserializeOwned + Validate>(req: Request) -> Result<
 
 type Chunk = Result<bytes::Bytes, std::io::Error>;
 
+/// When a stream sends keepalives and when it ends, from its request.
+#[derive(Clone, Copy, Debug)]
+struct Pace {
+    keepalive: Duration,
+    /// `Connect-Timeout-Ms`: also the lifetime of a process `Start` runs,
+    /// as envd makes it.
+    timeout: Option<Duration>,
+    deadline: Option<Instant>,
+}
+
+impl Pace {
+    fn of(headers: &axum::http::HeaderMap) -> Result<Pace, ConnectError> {
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let timeout = connect::parse_timeout_ms(header("connect-timeout-ms"))?;
+        Ok(Pace {
+            keepalive: connect::keepalive_interval(header(connect::KEEPALIVE_HEADER)),
+            timeout,
+            deadline: timeout.map(|t| Instant::now() + t),
+        })
+    }
+}
+
+/// The sending side of a stream, on its blocking thread.
+struct Out {
+    tx: tokio::sync::mpsc::Sender<Chunk>,
+    pace: Pace,
+    last_sent: Cell<Instant>,
+    expired: Cell<bool>,
+}
+
+impl Out {
+    /// Sends one message; false when the client went away or the stream's
+    /// deadline passed (stop producing).
+    fn send(&self, b: Vec<u8>) -> bool {
+        if self.past_deadline() {
+            return false;
+        }
+        self.last_sent.set(Instant::now());
+        self.tx.blocking_send(Ok(bytes::Bytes::from(b))).is_ok()
+    }
+
+    /// Nothing to send for a while: a keepalive (`make`) when one is due;
+    /// false when the client went away or the deadline passed.
+    fn quiet(&self, make: impl FnOnce() -> Vec<u8>) -> bool {
+        if self.past_deadline() || self.tx.is_closed() {
+            return false;
+        }
+        if self.last_sent.get().elapsed() >= self.pace.keepalive {
+            return self.send(make());
+        }
+        true
+    }
+
+    fn past_deadline(&self) -> bool {
+        if self.pace.deadline.is_some_and(|d| Instant::now() >= d) {
+            self.expired.set(true);
+        }
+        self.expired.get()
+    }
+}
+
 /// A streaming answer fed by `produce` on a blocking thread: it sends
-/// messages with the given sender (false: the client went away) and returns
-/// how the stream ends.
+/// messages through the [`Out`] (which says when to stop) and returns how
+/// the stream ends; a stream whose deadline passed ends with
+/// `deadline_exceeded` whatever `produce` says.
 fn stream_response(
-    produce: impl FnOnce(&dyn Fn(Vec<u8>) -> bool) -> Result<(), ConnectError> + Send + 'static,
+    pace: Pace,
+    produce: impl FnOnce(&Out) -> Result<(), ConnectError> + Send + 'static,
 ) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<Chunk>(64);
     tokio::task::spawn_blocking(move || {
-        let send = |b: Vec<u8>| tx.blocking_send(Ok(bytes::Bytes::from(b))).is_ok();
-        let end = match produce(&send) {
-            Ok(()) => EndStream::ok(),
-            Err(e) => EndStream::failed(e),
+        let out = Out {
+            tx,
+            pace,
+            last_sent: Cell::new(Instant::now()),
+            expired: Cell::new(false),
         };
-        let _ = tx.blocking_send(Ok(bytes::Bytes::from(end.to_envelope())));
+        let produced = produce(&out);
+        let end = if out.past_deadline() {
+            EndStream::failed(ConnectError::new(
+                Code::DeadlineExceeded,
+                "the stream's deadline (connect-timeout-ms) passed",
+            ))
+        } else {
+            match produced {
+                Ok(()) => EndStream::ok(),
+                Err(e) => EndStream::failed(e),
+            }
+        };
+        let _ = out
+            .tx
+            .blocking_send(Ok(bytes::Bytes::from(end.to_envelope())));
     });
     let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
     let mut r = Response::new(body);
@@ -203,9 +289,9 @@ fn envelope<T: Serialize>(m: &T) -> Vec<u8> {
     encode_message(m).unwrap_or_default()
 }
 
-/// Sends the process events of a started or followed process; returns the
-/// end event to send.
-fn process_events(send: &dyn Fn(Vec<u8>) -> bool) -> impl FnMut(ProcessEvent) -> bool + '_ {
+/// Sends the process events of a started or followed process (false: stop
+/// following).
+fn process_events(out: &Out) -> impl FnMut(ProcessEvent) -> bool + '_ {
     move |ev| {
         let event = match ev {
             ProcessEvent::Started(info) => {
@@ -215,8 +301,15 @@ fn process_events(send: &dyn Fn(Vec<u8>) -> bool) -> impl FnMut(ProcessEvent) ->
             ProcessEvent::Stderr(b) => pr::ProcessEvent::Data(pr::DataEvent::Stderr(b)),
             ProcessEvent::Pty(b) => pr::ProcessEvent::Data(pr::DataEvent::Pty(b)),
             ProcessEvent::Dropped(_) => return true,
+            ProcessEvent::Quiet => {
+                return out.quiet(|| {
+                    envelope(&pr::StartResponse::from(pr::ProcessEvent::Keepalive(
+                        Empty {},
+                    )))
+                })
+            }
         };
-        send(envelope(&pr::StartResponse::from(event)))
+        out.send(envelope(&pr::StartResponse::from(event)))
     }
 }
 
@@ -242,6 +335,10 @@ pub(crate) async fn dispatch(
             .and_then(|v| v.to_str().ok()),
     ) {
         Ok(u) => u,
+        Err(e) => return unary_error(&e),
+    };
+    let pace = match Pace::of(req.headers()) {
+        Ok(p) => p,
         Err(e) => return unary_error(&e),
     };
     let ops = e2b.ops.clone();
@@ -294,14 +391,14 @@ pub(crate) async fn dispatch(
                     rows: u16::try_from(s.rows).unwrap_or(u16::MAX),
                 }),
                 tag: msg.tag.clone(),
-                timeout: None,
+                timeout: pace.timeout,
             };
-            stream_response(move |send| {
-                let mut on = process_events(send);
+            stream_response(pace, move |out| {
+                let mut on = process_events(out);
                 match ops.run_process(&id, &spec, &mut on) {
-                    Ok(Some(out)) => {
-                        send(envelope(&pr::StartResponse::from(pr::ProcessEvent::End(
-                            end_event(&out),
+                    Ok(Some(end)) => {
+                        out.send(envelope(&pr::StartResponse::from(pr::ProcessEvent::End(
+                            end_event(&end),
                         ))));
                         Ok(())
                     }
@@ -316,12 +413,29 @@ pub(crate) async fn dispatch(
                 Err(r) => return r,
             };
             let process = selector(&msg.process);
-            stream_response(move |send| {
-                let mut on = process_events(send);
-                match ops.follow_process(&id, &process, false, &mut on) {
-                    Ok(Some(out)) => {
-                        send(envelope(&pr::StartResponse::from(pr::ProcessEvent::End(
-                            end_event(&out),
+            stream_response(pace, move |out| {
+                // envd forgets a process when it ends; the agent keeps the
+                // last ended ones, which envd's callers must not find.
+                let ended = Cell::new(false);
+                let mut events = process_events(out);
+                let mut on = |ev: ProcessEvent| match &ev {
+                    ProcessEvent::Started(info) if info.exit.is_some() => {
+                        ended.set(true);
+                        false
+                    }
+                    _ => events(ev),
+                };
+                let followed = ops.follow_process(&id, &process, false, &mut on);
+                if ended.get() {
+                    return Err(ConnectError::new(
+                        Code::NotFound,
+                        format!("process {process} not found (it has ended)"),
+                    ));
+                }
+                match followed {
+                    Ok(Some(end)) => {
+                        out.send(envelope(&pr::StartResponse::from(pr::ProcessEvent::End(
+                            end_event(&end),
                         ))));
                         Ok(())
                     }
@@ -448,11 +562,11 @@ pub(crate) async fn dispatch(
                 Ok(m) => m,
                 Err(r) => return r,
             };
-            stream_response(move |send| {
+            stream_response(pace, move |out| {
                 let w = ops
                     .watch_dir(&id, &guest_path(&msg.path), msg.recursive, user.as_deref())
                     .map_err(|e| to_connect(&e))?;
-                let mut open = send(envelope(&fs::WatchDirResponse::Start(Empty {})));
+                let mut open = out.send(envelope(&fs::WatchDirResponse::Start(Empty {})));
                 while open {
                     let events = match ops.watch_events(&id, w, WATCH_POLL) {
                         Ok(ev) => ev,
@@ -462,10 +576,10 @@ pub(crate) async fn dispatch(
                         }
                     };
                     open = if events.is_empty() {
-                        send(envelope(&fs::WatchDirResponse::Keepalive(Empty {})))
+                        out.quiet(|| envelope(&fs::WatchDirResponse::Keepalive(Empty {})))
                     } else {
                         events.iter().all(|e| {
-                            send(envelope(&fs::WatchDirResponse::Filesystem(Box::new(
+                            out.send(envelope(&fs::WatchDirResponse::Filesystem(Box::new(
                                 fs_event(e),
                             ))))
                         })

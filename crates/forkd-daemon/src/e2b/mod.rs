@@ -13,6 +13,7 @@
 mod control;
 mod envd;
 mod interpreter;
+mod paused;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -85,6 +86,24 @@ impl E2bOptions {
 pub struct E2b {
     pub ops: Arc<dyn Operations>,
     pub api_keys: Option<ApiKeys>,
+    /// Records of paused sandboxes.
+    pub(crate) paused: paused::PausedStore,
+    /// Held while a sandbox is paused or resumed, so that two calls never
+    /// pause or resume the same sandbox at once.
+    pub(crate) transitions: std::sync::Mutex<()>,
+}
+
+impl E2b {
+    /// The shared state over `ops`; paused sandboxes are recorded under
+    /// `home` (`$FORKD_HOME/e2b-paused`).
+    pub fn new(ops: Arc<dyn Operations>, api_keys: Option<ApiKeys>, home: &std::path::Path) -> E2b {
+        E2b {
+            ops,
+            api_keys,
+            paused: paused::PausedStore::new(home.join("e2b-paused")),
+            transitions: std::sync::Mutex::new(()),
+        }
+    }
 }
 
 /// A fresh envd access token from OS randomness.
@@ -110,6 +129,14 @@ pub async fn serve(
     listen: ListenAddr,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let sweeper = state.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(control::SWEEP_EVERY).await;
+            let e2b = sweeper.clone();
+            let _ = tokio::task::spawn_blocking(move || control::sweep_pause_snapshots(&e2b)).await;
+        }
+    });
     let app = router(state);
     match listen {
         ListenAddr::Tcp(addr) => {
@@ -191,18 +218,26 @@ async fn handle(State(e2b): State<Arc<E2b>>, req: Request) -> Response {
         Auth::ApiKey => {
             if let Some(keys) = &e2b.api_keys {
                 if let Err(e) = keys.verify(header_str(&headers, ApiKeys::HEADER)) {
+                    drain(req).await;
                     return control::api_error(e.http_status(), e.to_string());
                 }
             }
         }
         Auth::EnvdToken | Auth::SandboxOrTrafficToken => {
             let id = sandbox.clone().unwrap_or_default();
-            let presented = header_str(&headers, AccessToken::HEADER).map(str::to_owned);
+            let traffic = match found.route.auth {
+                Auth::SandboxOrTrafficToken => header_str(&headers, routes::TRAFFIC_TOKEN_HEADER),
+                _ => None,
+            };
+            let presented = header_str(&headers, AccessToken::HEADER)
+                .or(traffic)
+                .map(str::to_owned);
             let ops = e2b.ops.clone();
             let id2 = id.clone();
             let stored = blocking(move || ops.sandbox(&id2)).await;
             let running = matches!(&stored, Ok(s) if s.state == forkd_ops::SandboxState::Running);
             if !running {
+                drain(req).await;
                 let (s, ct, b) = routes::sandbox_not_running_response(&id);
                 return reply(s, ct, b);
             }
@@ -214,6 +249,7 @@ async fn handle(State(e2b): State<Arc<E2b>>, req: Request) -> Response {
                 })
                 .and_then(|t| AccessToken::parse(&t));
             if let Err(e) = token.and_then(|t| t.verify(presented.as_deref())) {
+                drain(req).await;
                 return envd::unauthenticated(&found.route.kind, &e.to_string());
             }
         }
@@ -229,6 +265,7 @@ async fn handle(State(e2b): State<Arc<E2b>>, req: Request) -> Response {
                 Ok(s) if s.state == forkd_ops::SandboxState::Running
             );
             if !running {
+                drain(req).await;
                 let (s, ct, b) = routes::sandbox_not_running_response(&id);
                 return reply(s, ct, b);
             }
@@ -242,6 +279,23 @@ async fn handle(State(e2b): State<Arc<E2b>>, req: Request) -> Response {
         }
     }
 }
+
+/// Reads (and drops) what is left of a refused request's body, up to
+/// [`DRAIN_LIMIT`] bytes and [`DRAIN_TIME`]: answered before its body was
+/// read, hyper closes the connection while the client is still writing, and
+/// the client sees a broken pipe instead of the refusal.
+async fn drain(req: Request) {
+    let _ = tokio::time::timeout(
+        DRAIN_TIME,
+        axum::body::to_bytes(req.into_body(), DRAIN_LIMIT),
+    )
+    .await;
+}
+
+/// Most bytes of a refused request read before answering.
+const DRAIN_LIMIT: usize = 1 << 20;
+/// Longest wait for them.
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The body of a request, bounded.
 pub(crate) async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, String> {

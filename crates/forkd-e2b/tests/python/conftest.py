@@ -6,8 +6,8 @@ Two kinds of tests live here:
   (../../guest/code_interpreter.py) on this host and drives it with the
   published `e2b-code-interpreter` SDK's own `run_code` and context calls.
   It needs nothing but the venv (scripts/setup-python.sh).
-* test_sdk_*.py run the published SDKs unchanged against a real forkd daemon
-  with real guests. They need, in the environment:
+* test_sdk_shared.py runs the published SDKs unchanged against a real forkd
+  daemon with real guests. It needs, in the environment:
 
     E2B_API_URL       the daemon's --e2b-listen address, e.g. http://127.0.0.1:49982
     E2B_SANDBOX_URL   the same address (envd and port traffic are routed by header)
@@ -15,12 +15,9 @@ Two kinds of tests live here:
 
   optional:
 
-    FORKD_E2B_TEMPLATE      template for the e2b tests (default: base)
-    FORKD_E2B_CI_TEMPLATE   template with the code interpreter on port 49999
-                            (default: debian-python)
     FORKD_E2B_SLOW          multiplier for every wait (default 1; TCG guests boot in seconds)
 
-  Without E2B_API_URL they are skipped with that reason; set
+  Without E2B_API_URL it is skipped with that reason; set
   FORKD_E2B_REQUIRE_DAEMON=1 (CI) to make a missing daemon an error instead.
 """
 
@@ -29,7 +26,6 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 
 import pytest
 
@@ -118,22 +114,6 @@ def daemon_required():
         if os.environ.get("FORKD_E2B_REQUIRE_DAEMON") == "1":
             pytest.fail(reason)
         pytest.skip(reason)
-
-
-@pytest.fixture
-def unique():
-    """A value no other test run uses (for metadata filters)."""
-    return uuid.uuid4().hex[:12]
-
-
-@pytest.fixture
-def template():
-    return os.environ.get("FORKD_E2B_TEMPLATE", "base")
-
-
-@pytest.fixture
-def ci_template():
-    return os.environ.get("FORKD_E2B_CI_TEMPLATE", "debian-python")
 
 
 class Killer:
