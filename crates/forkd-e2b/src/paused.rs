@@ -66,6 +66,9 @@ pub struct PausedSandbox {
     /// The default working directory of its commands.
     #[serde(default)]
     pub cwd: Option<String>,
+    /// The guest account its commands run as by default (an image's `User`).
+    #[serde(default)]
+    pub user: Option<String>,
 }
 
 impl PausedSandbox {
@@ -131,6 +134,7 @@ mod tests {
             metadata: [("k".to_string(), "v".to_string())].into(),
             env: vec![("A".into(), "1".into())],
             cwd: Some("/tmp".into()),
+            user: Some("app".into()),
         }
     }
 

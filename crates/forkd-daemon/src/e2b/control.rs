@@ -487,6 +487,7 @@ fn pause_sandbox(e2b: &E2b, id: &str) -> Result<(), OpError> {
         metadata: s.lifetime.labels.clone(),
         env: s.lifetime.env.clone(),
         cwd: s.lifetime.cwd.clone(),
+        user: s.lifetime.user.clone(),
     };
     let stopped = e2b.paused.save(&record).and_then(|()| ops.kill(id));
     if let Err(e) = stopped {
@@ -556,6 +557,7 @@ fn connect_sandbox(
         labels: p.metadata.clone(),
         env: p.env.clone(),
         cwd: p.cwd.clone(),
+        user: p.user.clone(),
         access_token: p.envd_access_token.clone(),
         ..Settings::default()
     };
@@ -591,12 +593,13 @@ async fn fork(e2b: Arc<E2b>, id: String, f: ForkRequest) -> Response {
             expect_parent: None,
         })?;
         let tag = branched.snapshot.tag.clone();
-        // Children keep the source's metadata and default environment.
+        // Children keep the source's metadata, default environment and user.
         let settings = Settings {
             ttl: Some(ttl),
             labels: source.lifetime.labels.clone(),
             env: source.lifetime.env.clone(),
             cwd: source.lifetime.cwd.clone(),
+            user: source.lifetime.user.clone(),
             ..Settings::default()
         };
         let results: Vec<Result<Sandbox, OpError>> = std::thread::scope(|scope| {

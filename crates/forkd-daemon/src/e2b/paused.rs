@@ -133,6 +133,7 @@ mod tests {
             metadata: Default::default(),
             env: Vec::new(),
             cwd: None,
+            user: None,
         }
     }
 
