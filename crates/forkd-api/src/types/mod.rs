@@ -377,10 +377,37 @@ pub(crate) fn validate_lifetime(
     env: &BTreeMap<String, String>,
     cwd: Option<&str>,
 ) -> Result<(), ApiError> {
-    let settings = crate::convert::settings_from_wire(ttl_ms, idle_timeout_ms, labels, env, cwd);
-    settings
-        .validate()
-        .map_err(|e| ApiError::BadRequest(e.message))
+    let none = BTreeMap::new();
+    // The seam checks all of them at once; checked one field at a time, the
+    // 400 names the field at fault.
+    let fields: [(&str, forkd_ops::Settings); 5] = [
+        (
+            "ttl_ms",
+            crate::convert::settings_from_wire(ttl_ms, None, &none, &none, None),
+        ),
+        (
+            "idle_timeout_ms",
+            crate::convert::settings_from_wire(None, idle_timeout_ms, &none, &none, None),
+        ),
+        (
+            "labels",
+            crate::convert::settings_from_wire(None, None, labels, &none, None),
+        ),
+        (
+            "env",
+            crate::convert::settings_from_wire(None, None, &none, env, None),
+        ),
+        (
+            "cwd",
+            crate::convert::settings_from_wire(None, None, &none, &none, cwd),
+        ),
+    ];
+    for (field, settings) in fields {
+        settings
+            .validate()
+            .map_err(|e| ApiError::field(field, e.message))?;
+    }
+    Ok(())
 }
 
 /// forkd: a sandbox's network as enforced: its mode and egress rules.
@@ -1153,6 +1180,31 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn lifetime_errors_name_their_field() {
+        let env: BTreeMap<String, String> = [("=".to_string(), String::new())].into();
+        let labels: BTreeMap<String, String> = [("bad key!".to_string(), "v".to_string())].into();
+        let none = BTreeMap::new();
+        let field = |r: Result<(), ApiError>| r.unwrap_err().field_name().map(str::to_string);
+        assert_eq!(
+            field(validate_lifetime(None, None, &none, &env, None)).as_deref(),
+            Some("env")
+        );
+        assert_eq!(
+            field(validate_lifetime(None, None, &labels, &none, None)).as_deref(),
+            Some("labels")
+        );
+        assert_eq!(
+            field(validate_lifetime(None, None, &none, &none, Some("rel"))).as_deref(),
+            Some("cwd")
+        );
+        assert_eq!(
+            field(validate_lifetime(Some(0), None, &none, &none, None)).as_deref(),
+            Some("ttl_ms")
+        );
+        assert!(validate_lifetime(Some(60_000), None, &none, &none, Some("/w")).is_ok());
+    }
 
     #[test]
     fn snapshot_info_wire_shape() {
