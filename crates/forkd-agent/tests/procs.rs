@@ -191,9 +191,17 @@ fn a_chatty_process_without_readers_keeps_only_its_backlog() {
 fn a_slow_attachment_gets_a_gap_marker_but_a_backpressure_one_loses_nothing() {
     let agent = Agent::new(None);
     let c = agent.connect();
-    let script = "i=0; while [ $i -lt 3000 ]; do echo line-$i-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx; i=$((i+1)); done";
-    // Lossy: the attachment reads nothing for a while; the process runs on.
-    let mut spec = ProcSpec::shell(script);
+    let lines = |n: u32| {
+        format!("i=0; while [ $i -lt {n} ]; do echo line-$i-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx; i=$((i+1)); done")
+    };
+    // Lossy: the attachment reads nothing until the process has ended, and
+    // the process writes 1.9 MB, far more than the stream's flow-control
+    // window (forkd_protocol::WINDOW) lets the agent send unread: the
+    // follower stalls and the 8 KiB backlog runs over, however the host's
+    // scheduler interleaves the two (with less output than the window, a
+    // slow follower sometimes sent everything in time).
+    assert!(30_000 * 64 > 4 * forkd_protocol::WINDOW as usize);
+    let mut spec = ProcSpec::shell(&lines(30_000));
     spec.backlog_bytes = Some(8192);
     let mut a = c.proc_start_attached(spec.clone(), false).unwrap();
     let pid = a.info().pid;
@@ -209,8 +217,10 @@ fn a_slow_attachment_gets_a_gap_marker_but_a_backpressure_one_loses_nothing() {
         }
     }
     assert!(dropped > 0, "nothing was dropped");
-    assert!(out.ends_with(b"line-2999-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\n"));
+    assert!(out.ends_with(b"line-29999-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\n"));
     // With backpressure the process waits for the reader: every line arrives.
+    spec = ProcSpec::shell(&lines(3000));
+    spec.backlog_bytes = Some(8192);
     let a = c.proc_start_attached(spec, true).unwrap();
     std::thread::sleep(Duration::from_millis(500));
     let (out, _, _, dropped, status) = collect(a);
