@@ -338,10 +338,10 @@ fn huge_pages_check() -> Check {
             Some((original, pages, n)) => format!(
                 "sandboxes run on 2 MiB huge pages taken on demand: forkd raised vm.nr_overcommit_hugepages from {original} by {pages} for {n} running sandbox(es) and puts {original} back when none is left"
             ),
-            None => "sandboxes run on 2 MiB huge pages taken on demand: forkd raises vm.nr_overcommit_hugepages by each sandbox's size while it runs (no memory is set aside; a guest costs the pages it touches) and puts the host's value back when none is left".to_string(),
+            None => "sandboxes run on 2 MiB huge pages taken on demand: forkd raises vm.nr_overcommit_hugepages by each sandbox's size while it runs (no memory is set aside; a guest costs the pages it touches) and puts the host's value back when none is left; `spawn --hugepages` children map a hugetlb copy of their image (twice the guest's size claimed each)".to_string(),
         },
         Some(why) => format!(
-            "sandboxes run on 4 KiB pages ({why}): live-branch pauses grow with guest size; run forkd as root for on-demand huge pages"
+            "sandboxes run on 4 KiB pages ({why}): live-branch pauses grow with guest size, and `spawn --hugepages` is refused; run forkd as root for on-demand huge pages"
         ),
     };
     match HugePagePool::read() {

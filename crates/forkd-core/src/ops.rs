@@ -406,6 +406,7 @@ impl Operations for Fleet {
             memory_limit_mib: req.memory_limit_mib,
             cpu_quota_pct: req.cpu_quota_pct,
             id: req.id.clone(),
+            huge_pages: req.huge_pages.unwrap_or(policy::CHILD_HUGE_PAGES),
         };
         let results = Fleet::spawn_with(
             self,

@@ -241,6 +241,8 @@ pub(crate) fn boot_config(
         tcg_tb_mib: opts.tcg_tb_mib,
         huge_pages: opts.huge_pages,
         prealloc: opts.prealloc,
+        private_hugetlb: false,
+        ram_fd: None,
         tsc_khz: forkd_vm::accel::host_tsc_khz(),
     }
 }

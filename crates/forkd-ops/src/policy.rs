@@ -25,6 +25,13 @@ pub const WRITING_WAIT_LIMIT: Duration = Duration::from_secs(600);
 /// What a fan-out does when some children fail: the others are kept and
 /// each failure is reported in its slot.
 pub const PARTIAL_FAILURE: PartialFailure = PartialFailure::Keep;
+/// Whether spawned children map their RAM on 2 MiB huge pages unless asked
+/// otherwise. Off: a child that touches a few scattered 4 KiB pages would
+/// copy whole 2 MiB pages, and fan-out density (siblings sharing every page
+/// they have not written) is what spawn is for; a caller who will branch
+/// the children asks for huge pages (bench/results/branch-children.md has
+/// the measured trade).
+pub const CHILD_HUGE_PAGES: bool = false;
 /// How long a command an agent runs (through MCP) may take unless it asks
 /// for longer: a tool call must come back.
 pub const AGENT_COMMAND_TIMEOUT: Duration = Duration::from_secs(60);

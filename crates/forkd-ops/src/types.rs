@@ -519,6 +519,13 @@ pub struct SpawnRequest {
     /// by a fleet on this host only, as [`crate::Settings::access_token`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// Map the children's RAM on 2 MiB huge pages (a hugetlb copy of the
+    /// snapshot's image): their own live branches pause as briefly as a
+    /// parent's, but each first write into a 2 MiB page copies all of it.
+    /// Default: [`crate::policy::CHILD_HUGE_PAGES`]. Such children never
+    /// come from the warm pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub huge_pages: Option<bool>,
 }
 
 impl SpawnRequest {
@@ -537,6 +544,7 @@ impl SpawnRequest {
             cpu_quota_pct: None,
             settings: crate::Settings::default(),
             id: None,
+            huge_pages: None,
         }
     }
 

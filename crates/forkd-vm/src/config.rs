@@ -161,6 +161,17 @@ pub struct VmConfig {
     /// private mapping would copy the whole image).
     #[serde(default)]
     pub prealloc: bool,
+    /// A child ([`MemoryBackend::PrivateFile`]) that maps a copy of its
+    /// image held in 2 MiB hugetlb pages ([`crate::hugeram`]) instead of the
+    /// image on tmpfs: its own live branches write-protect 2 MiB entries.
+    /// The copy is the descriptor in `ram_fd`; the image's path stays in
+    /// `memory` (the same bytes, which a branch of the child diffs against).
+    #[serde(default)]
+    pub private_hugetlb: bool,
+    /// The hugetlb memfd QEMU inherits and maps (`private_hugetlb`); a
+    /// descriptor of the launching process, never recorded.
+    #[serde(skip)]
+    pub ram_fd: Option<i32>,
     /// The host TSC frequency the guest kernel is told under TCG (see
     /// [`crate::accel::host_tsc_khz`]); [`crate::accel::FALLBACK_TSC_KHZ`]
     /// when absent.
@@ -216,6 +227,14 @@ impl VmConfig {
                 self.mem_mib
             ));
         }
+        if self.private_hugetlb
+            && (self.ram_fd.is_none() || !matches!(self.memory, MemoryBackend::PrivateFile(_)))
+        {
+            return Err(
+                "a child on huge pages needs the hugetlb copy of its RAM image (none was made)"
+                    .into(),
+            );
+        }
         if self.network == Network::Gateway && self.net_socket.is_none() {
             return Err("a gateway network needs the gateway's socket".into());
         }
@@ -245,7 +264,7 @@ impl VmConfig {
     /// Why QEMU would die of SIGBUS with this configuration: the memory
     /// behind guest RAM ran out where it cannot be swapped or refused.
     pub fn sigbus_cause(&self) -> Option<&'static str> {
-        if self.ram_in_hugetlb_memfd() {
+        if self.ram_in_hugetlb_memfd() || self.private_hugetlb {
             return Some("the huge-page pool ran out");
         }
         match self.memory {
@@ -335,6 +354,16 @@ impl VmConfig {
                 let share = matches!(self.memory, MemoryBackend::SharedFile(_));
                 let mut obj = if self.ram_in_hugetlb_memfd() {
                     format!("memory-backend-memfd,id=mem0,size={size},share=on,hugetlb=on,hugetlbsize=2M")
+                } else if let (false, Some(fd)) =
+                    (share, self.ram_fd.filter(|_| self.private_hugetlb))
+                {
+                    // QEMU opens the inherited memfd again by its /proc
+                    // path (and sees hugetlbfs: 2 MiB pages); no
+                    // reservation, so a copy-on-write page is taken only
+                    // when the guest writes.
+                    format!(
+                        "memory-backend-file,id=mem0,size={size},mem-path=/proc/self/fd/{fd},share=off,reserve=off"
+                    )
                 } else {
                     format!(
                         "memory-backend-file,id=mem0,size={size},mem-path={},share={}",
@@ -462,6 +491,8 @@ mod tests {
             tcg_tb_mib: None,
             huge_pages: HugePages::Off,
             prealloc: false,
+            private_hugetlb: false,
+            ram_fd: None,
             tsc_khz: None,
             net_socket: None,
             egress: Egress::default(),
@@ -575,10 +606,24 @@ mod tests {
             mem_object(&c),
             "memory-backend-file,id=mem0,size=256M,mem-path=/dev/shm/snap/ram.img,share=off"
         );
+        // A child on huge pages maps the inherited hugetlb copy, and is
+        // refused without one; the descriptor is never recorded.
+        c.private_hugetlb = true;
+        assert!(c.validate().unwrap_err().contains("hugetlb copy"));
+        c.ram_fd = Some(7);
+        assert_eq!(
+            mem_object(&c),
+            "memory-backend-file,id=mem0,size=256M,mem-path=/proc/self/fd/7,share=off,reserve=off"
+        );
+        assert_eq!(c.sigbus_cause(), Some("the huge-page pool ran out"));
+        let back: VmConfig = serde_json::from_value(serde_json::to_value(&c).unwrap()).unwrap();
+        assert!(back.private_hugetlb && back.ram_fd.is_none());
+        c.private_hugetlb = false;
         // Configs recorded before these options existed still load.
         let mut old = serde_json::to_value(config()).unwrap();
         old.as_object_mut().unwrap().remove("huge_pages");
         old.as_object_mut().unwrap().remove("prealloc");
+        old.as_object_mut().unwrap().remove("private_hugetlb");
         let back: VmConfig = serde_json::from_value(old).unwrap();
         assert_eq!((back.huge_pages, back.prealloc), (HugePages::Off, false));
         c.memory = MemoryBackend::SharedFile("/dev/shm/x/ram".into());

@@ -167,10 +167,18 @@ pub(crate) fn start_qemu(
         .stdout(Stdio::null())
         .stderr(stderr);
     let die_with_parent = opts.die_with_parent;
-    // SAFETY: runs in the forked child before exec; setsid and prctl are
-    // async-signal-safe syscalls with no memory effects in the child.
+    let ram_fd = config.ram_fd.filter(|_| config.private_hugetlb);
+    // SAFETY: runs in the forked child before exec; setsid, prctl and fcntl
+    // are async-signal-safe syscalls with no memory effects in the child.
     unsafe {
         cmd.pre_exec(move || {
+            // The hugetlb copy of the RAM image stays open across exec:
+            // QEMU maps it by /proc/self/fd/N.
+            if let Some(fd) = ram_fd {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             // Own session: a Ctrl-C on our terminal is ours to handle,
             // it must not kill QEMU behind our back.
             libc::setsid();

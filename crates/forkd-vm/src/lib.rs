@@ -10,7 +10,8 @@
 //! ([`populate`]), thawing a QEMU a failed live snapshot froze
 //! ([`unfreeze`]), the VM handle with its lifecycle ([`vm`]) and the named
 //! points where fault-injection tests stop a process ([`faultpoint`], used
-//! by the crates above too). It knows nothing about
+//! by the crates above too), and the hugetlb copy of a RAM image children
+//! map on huge pages ([`hugeram`]). It knows nothing about
 //! snapshots, sandboxes or the state database: callers above decide what to
 //! run; this crate starts it, talks to it and cleans up after it.
 
@@ -21,6 +22,7 @@ pub mod confine;
 pub mod disk;
 mod error;
 pub mod faultpoint;
+pub mod hugeram;
 mod launch;
 pub mod migration;
 pub mod populate;

@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use crate::config::MemoryBackend;
 use crate::disk::PreparedDiskSnapshot;
 use crate::populate::{self, RamName};
-use crate::qmp::{event_time, Qmp};
+use crate::qmp::{event_time, Qmp, QmpError};
 use crate::vm::Vm;
 use crate::VmError;
 
@@ -56,15 +56,26 @@ pub struct MigrationInfo {
     pub downtime_ms: Option<f64>,
     /// QEMU's reason, for a failed migration.
     pub error: Option<String>,
+    /// Guest RAM pages written to the stream so far (non-zero and zero).
+    pub ram_pages: u64,
 }
 
 impl MigrationInfo {
     fn from_qmp(v: &Value) -> MigrationInfo {
+        let pages = |k: &str| v["ram"][k].as_u64().unwrap_or(0);
         MigrationInfo {
             status: MigrationStatus::parse(v["status"].as_str().unwrap_or("")),
             downtime_ms: v["downtime"].as_f64(),
             error: v["error-desc"].as_str().map(str::to_string),
+            ram_pages: pages("normal") + pages("duplicate"),
         }
+    }
+
+    /// Whether a background snapshot has write-protected guest RAM and
+    /// scheduled the guest's resume: QEMU writes pages only after that
+    /// (and a finished snapshot is past it).
+    fn past_the_pause(&self) -> bool {
+        self.ram_pages > 0 || self.status == MigrationStatus::Completed
     }
 }
 
@@ -337,7 +348,7 @@ impl Vm {
         }
         // QMP can be slow to answer while RAM streams, so the pause is
         // measured with the STOP and RESUME events' own timestamps.
-        let resume = match self.qmp().wait_event("RESUME", Duration::from_secs(30)) {
+        let resume = match self.await_resume(Instant::now() + Duration::from_secs(30)) {
             Ok(ev) => ev,
             Err(e) => {
                 let why = query(&mut self.qmp())
@@ -363,6 +374,56 @@ impl Vm {
         })
     }
 
+    /// Waits for the guest to run again after `migrate` started a
+    /// background snapshot of the guest forkd stopped; returns the RESUME
+    /// event. QEMU 7.2 resumes the guest itself once RAM is write-protected.
+    /// QEMU 9 and later put back the run state the VM had when `migrate`
+    /// began, which is forkd's stop, so nothing resumes it: once QEMU is
+    /// writing pages (it has write-protected RAM and scheduled its own
+    /// resume, which then leaves the guest paused), forkd resumes it. A
+    /// further round trip first lets that scheduled step run, and a guest
+    /// still reported paused after forkd's resume is resumed once more.
+    fn await_resume(&self, deadline: Instant) -> Result<Value, VmError> {
+        const WHAT: &str = "the live snapshot";
+        loop {
+            match self.qmp().wait_event("RESUME", Duration::from_millis(2)) {
+                Ok(ev) => return Ok(ev),
+                Err(QmpError::Timeout(..)) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let info = query(&mut self.qmp())?;
+            if matches!(
+                info.status,
+                MigrationStatus::Failed | MigrationStatus::Cancelled
+            ) {
+                return Err(VmError::Migration {
+                    what: WHAT,
+                    reason: info.error.unwrap_or_else(|| "migration failed".into()),
+                });
+            }
+            if info.past_the_pause() {
+                let status = self.qmp().status()?;
+                if let Ok(ev) = self.qmp().wait_event("RESUME", Duration::ZERO) {
+                    return Ok(ev);
+                }
+                if status != "running" {
+                    self.qmp().cont()?;
+                }
+                let ev = self.qmp().wait_event("RESUME", Duration::from_secs(5))?;
+                if self.qmp().status()? != "running" {
+                    self.qmp().cont()?;
+                }
+                return Ok(ev);
+            }
+            if Instant::now() > deadline {
+                return Err(VmError::Migration {
+                    what: WHAT,
+                    reason: "the guest was not resumed in time".into(),
+                });
+            }
+        }
+    }
+
     /// A path that reads this VM's guest RAM as a file: the RAM file, or
     /// for hugetlb RAM QEMU's memfd through `/proc/PID/fd`. `None` for
     /// anonymous RAM and for a child (it maps an image it never changes).
@@ -386,6 +447,7 @@ impl Vm {
         let (name, page) = match &c.memory {
             MemoryBackend::Anonymous => return Ok(None),
             _ if c.ram_in_hugetlb_memfd() => (RamName::Memfd, 2 << 20),
+            MemoryBackend::PrivateFile(_) if c.private_hugetlb => (RamName::ChildMemfd, 2 << 20),
             MemoryBackend::SharedFile(p) | MemoryBackend::PrivateFile(p) => {
                 // The maps name the file by its resolved path.
                 canonical = std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
@@ -450,6 +512,15 @@ mod tests {
             MigrationInfo::from_qmp(&json!({})).status,
             MigrationStatus::None
         );
+        // Past the pause once QEMU writes pages, zero pages included.
+        let setup = MigrationInfo::from_qmp(&json!({"status": "active", "ram": {"normal": 0}}));
+        assert!(!setup.past_the_pause());
+        let streaming = MigrationInfo::from_qmp(
+            &json!({"status": "active", "ram": {"normal": 0, "duplicate": 3}}),
+        );
+        assert_eq!(streaming.ram_pages, 3);
+        assert!(streaming.past_the_pause());
+        assert!(done.past_the_pause());
         assert_eq!(
             MigrationStatus::parse("active"),
             MigrationStatus::Active("active".into())

@@ -33,6 +33,8 @@ pub enum RamName<'a> {
     File(&'a Path),
     /// A memfd QEMU made (`memory-backend-memfd`): maps show `/memfd:NAME`.
     Memfd,
+    /// The hugetlb copy of a RAM image a child maps ([`crate::hugeram`]).
+    ChildMemfd,
 }
 
 /// QEMU names the memfd of `memory-backend-memfd` after the backend type.
@@ -53,6 +55,9 @@ pub fn find_guest_ram(maps: &str, name: RamName<'_>, len: u64) -> Option<RamMapp
                 path == p || path.strip_suffix(" (deleted)") == Some(p)
             }
             RamName::Memfd => path.starts_with(QEMU_MEMFD_NAME),
+            RamName::ChildMemfd => path
+                .strip_prefix("/memfd:")
+                .is_some_and(|n| n.starts_with(crate::hugeram::MEMFD_NAME)),
         };
         if !matches {
             return None;
@@ -174,6 +179,7 @@ mod tests {
 7f1000000000-7f1000200000 rw-s 00000000 00:19 78          /dev/shm/forkd/sb-1/ram
 7f2000000000-7f2020000000 rw-s 00000000 00:0f 4242        /memfd:memory-backend-memfd (deleted)
 7f3000000000-7f3010000000 rw-p 00000000 00:19 99          /dev/shm/snap/ram.img (deleted)
+7f4000000000-7f4008000000 rw-p 00000000 00:0f 5151        /memfd:forkd-child-ram (deleted)
 ";
 
     #[test]
@@ -195,6 +201,16 @@ mod tests {
                 len: 512 << 20
             })
         );
+        // A child's hugetlb copy is found by its own memfd name only.
+        assert_eq!(
+            find_guest_ram(MAPS, RamName::ChildMemfd, 128 << 20),
+            Some(RamMapping {
+                start: 0x7f40_0000_0000,
+                len: 128 << 20
+            })
+        );
+        assert_eq!(find_guest_ram(MAPS, RamName::ChildMemfd, 512 << 20), None);
+        assert_eq!(find_guest_ram(MAPS, RamName::Memfd, 128 << 20), None);
         // A deleted image still names its mapping.
         let img = Path::new("/dev/shm/snap/ram.img");
         assert!(find_guest_ram(MAPS, RamName::File(img), 256 << 20).is_some());

@@ -58,6 +58,9 @@ pub struct Qmp {
     timeout: Duration,
     conn: Option<(BufReader<UnixStream>, UnixStream, std::fs::File)>,
     events: Vec<Value>,
+    /// The start of a message a read timed out in, finished by the next read
+    /// (a short timeout must not cut a message in two).
+    partial: String,
     /// QEMU version reported in the greeting, e.g. "7.2.22" (once connected).
     pub version: String,
 }
@@ -77,6 +80,7 @@ impl Qmp {
             timeout,
             conn: None,
             events: Vec::new(),
+            partial: String::new(),
             version: String::new(),
         }
     }
@@ -97,6 +101,7 @@ impl Qmp {
             Ok(g) => g,
             Err(e) => {
                 self.conn = None;
+                self.partial.clear();
                 return Err(e);
             }
         };
@@ -104,6 +109,7 @@ impl Qmp {
         self.version = format!("{}.{}.{}", v["major"], v["minor"], v["micro"]);
         if let Err(e) = self.execute("qmp_capabilities", None) {
             self.conn = None;
+            self.partial.clear();
             return Err(e);
         }
         Ok(())
@@ -146,10 +152,15 @@ impl Qmp {
     }
 
     fn read_message(&mut self) -> Result<Value, QmpError> {
-        let mut line = String::new();
         loop {
-            line.clear();
-            let n = self.reader()?.read_line(&mut line).map_err(|e| {
+            let mut line = std::mem::take(&mut self.partial);
+            let read = self.reader()?.read_line(&mut line);
+            if read.is_err() {
+                // What arrived before the error stays for the next read.
+                self.partial = line;
+                line = String::new();
+            }
+            let n = read.map_err(|e| {
                 if matches!(
                     e.kind(),
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut

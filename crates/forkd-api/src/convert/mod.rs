@@ -666,6 +666,7 @@ pub fn spawn_from_wire(r: &api::SpawnRequest) -> ops::SpawnRequest {
             r.cwd.as_deref(),
         ),
         id: None,
+        huge_pages: r.hugepages.then_some(true),
     }
 }
 
@@ -686,7 +687,7 @@ pub fn spawn_to_wire(r: &ops::SpawnRequest) -> api::SpawnRequest {
         memory_limit_mib: r.memory_limit_mib,
         prewarm: false,
         live_fork: false,
-        hugepages: false,
+        hugepages: r.huge_pages.unwrap_or(false),
         use_pool: false,
         wait: r.wait,
         on_failure: match on_failure {

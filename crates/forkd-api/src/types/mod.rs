@@ -464,7 +464,11 @@ pub struct SpawnRequest {
     /// sandbox can take a live branch.
     #[serde(default)]
     pub live_fork: bool,
-    /// No-op on forkd (accepted for compatibility; RAM uses normal pages).
+    /// Children map their RAM on 2 MiB huge pages (a hugetlb copy of the
+    /// snapshot's image, forkd managing the host's pool): their own live
+    /// branches pause as briefly as a parent's, but each first write into a
+    /// 2 MiB page copies all of it. Such children never come from the warm
+    /// pool. Default false (4 KiB pages shared with the siblings).
     #[serde(default)]
     pub hugepages: bool,
     /// forkd: a no-op kept for compatibility: children always come from the

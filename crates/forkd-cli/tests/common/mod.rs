@@ -139,6 +139,34 @@ impl World {
         )
     }
 
+    /// Runs `forkd ARGS` in this world's home (no daemon in the way),
+    /// asserts success, returns stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.command().args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "forkd {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// `forkd exec ID -- sh -c SCRIPT`, its stdout.
+    pub fn cli_sh(&self, id: &str, script: &str) -> String {
+        self.cli_ok(&["exec", id, "--", "sh", "-c", script])
+    }
+
+    /// The ids `forkd ls` lists, in its order.
+    pub fn cli_ids(&self) -> Vec<String> {
+        let v: Value = serde_json::from_str(&self.cli_ok(&["ls", "--json"])).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["id"].as_str().unwrap().to_string())
+            .collect()
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut d) = self.daemon.take() {
             let _ = d.kill();

@@ -89,11 +89,11 @@ impl Fleet {
     }
 }
 
-/// Drops a sandbox's huge-page claim when its create fails.
-struct ClaimGuard(Option<String>);
+/// Drops a sandbox's huge-page claim when its create (or spawn) fails.
+pub(crate) struct ClaimGuard(pub(crate) Option<String>);
 
 impl ClaimGuard {
-    fn disarm(mut self) {
+    pub(crate) fn disarm(mut self) {
         self.0 = None;
     }
 }
@@ -108,7 +108,7 @@ impl Drop for ClaimGuard {
 
 /// A QEMU on on-demand huge pages that died of SIGBUS touched a page the
 /// host's pool could not give: say so instead of "killed by signal 7".
-fn explain_sigbus(e: forkd_vm::VmError, on_demand: bool, mem_mib: u64) -> CoreError {
+pub(crate) fn explain_sigbus(e: forkd_vm::VmError, on_demand: bool, mem_mib: u64) -> CoreError {
     match &e {
         forkd_vm::VmError::ExitedDuringBoot { status, .. }
             if on_demand && status.contains("SIGBUS") =>

@@ -90,6 +90,9 @@ pub(crate) struct Parent {
     pub(crate) overridden: bool,
     /// The one child's id, when the caller names it.
     pub(crate) child_id: Option<String>,
+    /// The hugetlb copy of the RAM image the children map, when they run on
+    /// huge pages; closed once they all have it mapped.
+    pub(crate) huge_ram: Option<forkd_vm::hugeram::HugeRam>,
 }
 
 /// What children may change of their snapshot's configuration.
@@ -103,6 +106,8 @@ pub struct ChildOverrides {
     /// The id of the one child instead of a fresh one (a pool member has
     /// its own, so such a child is never taken from the pool).
     pub id: Option<String>,
+    /// Children map a hugetlb copy of the image ([`forkd_vm::hugeram`]).
+    pub huge_pages: bool,
 }
 
 impl ChildOverrides {
@@ -221,6 +226,14 @@ impl Fleet {
             overrides.apply(tag, &mut parent.config.vm)?;
             parent.overridden = true;
         }
+        // Held until every child has the copy mapped (or failed).
+        let _copy_claim = if overrides.huge_pages {
+            let (copy, claim) = self.huge_copy(&parent)?;
+            parent.huge_ram = Some(copy);
+            Some(claim)
+        } else {
+            None
+        };
         let results = fan_out(n, parallel, &|_| self.spawn_one(&parent), on_child);
         if on_failure == PartialFailure::Kill {
             if let Some(i) = results.iter().position(|r| r.is_err()) {
@@ -235,6 +248,44 @@ impl Fleet {
             }
         }
         Ok(results)
+    }
+
+    /// The hugetlb copy of `parent`'s RAM image that children on huge pages
+    /// map, with the pool claim that covers it until they have it mapped
+    /// (bound to this process: a spawner that dies leaves no claim behind).
+    fn huge_copy(
+        &self,
+        parent: &Parent,
+    ) -> Result<(forkd_vm::hugeram::HugeRam, super::create::ClaimGuard), CoreError> {
+        if let Some(why) = crate::hugepool::unavailable() {
+            return Err(CoreError::HugePages(format!(
+                "children on huge pages need forkd to manage the host's huge-page pool, and it cannot: {why}; spawn them on 4 KiB pages (without huge pages)"
+            )));
+        }
+        let mem = parent.config.vm.mem_mib;
+        if !mem.is_multiple_of(2) {
+            return Err(CoreError::HugePages(format!(
+                "snapshot `{}` has {mem} MiB of guest RAM, not a multiple of the 2 MiB huge page size; spawn its children on 4 KiB pages",
+                parent.tag
+            )));
+        }
+        let image = self.ram_for_children(&parent.tag, &parent.dir)?;
+        let id = format!("spawn-{}-{}", std::process::id(), super::unix_now_ns());
+        let pages = crate::hugepages::HugePagePool::pages_for(mem);
+        crate::hugepool::claim(&id, pages)?;
+        let claim = super::create::ClaimGuard(Some(id.clone()));
+        let me = std::process::id();
+        if let Some(start) = forkd_vm::process::process_start_time(me) {
+            crate::hugepool::bind(&id, pages, me, start)?;
+        }
+        forkd_vm::faultpoint::reached("spawn:huge-copy");
+        let copy = forkd_vm::hugeram::HugeRam::copy_of(&image, mem << 20).map_err(|e| {
+            CoreError::HugePages(format!(
+                "copying snapshot `{}`'s RAM image into huge pages for its children: {e}",
+                parent.tag
+            ))
+        })?;
+        Ok((copy, claim))
     }
 
     /// Checks a snapshot can be spawned from (ready, files intact, kernel
@@ -300,6 +351,7 @@ impl Fleet {
             accel,
             overridden: false,
             child_id: None,
+            huge_ram: None,
         })
     }
 
@@ -314,6 +366,12 @@ impl Fleet {
         let mut config = parent.config.vm.clone();
         config.memory =
             MemoryBackend::PrivateFile(self.ram_for_children(&parent.tag, &parent.dir)?);
+        // A child maps its image, never RAM of its own: the parent's
+        // choice of pages says nothing about it.
+        config.huge_pages = forkd_vm::HugePages::Off;
+        config.prealloc = false;
+        config.private_hugetlb = parent.huge_ram.is_some();
+        config.ram_fd = parent.huge_ram.as_ref().map(|h| h.fd());
         config.qmp_socket = run_dir.file("qmp.sock");
         config.agent_socket = run_dir.file("agent.sock");
         config.console_log = run_dir.file("console.log");
@@ -425,6 +483,17 @@ impl Fleet {
         }
         let admitted = self.admit_children(parent, "spawn", 1)?;
         let id = parent.child_id.clone().unwrap_or_else(|| new_id("sb"));
+        // On huge pages, the pool may grow by what the child can take: the
+        // image it shares (counted by every child, so it outlives any one)
+        // and its own copies of the pages it writes.
+        let huge_claim = parent
+            .huge_ram
+            .as_ref()
+            .map(|_| 2 * crate::hugepages::HugePagePool::pages_for(parent.config.vm.mem_mib));
+        if let Some(pages) = huge_claim {
+            crate::hugepool::claim(&id, pages)?;
+        }
+        let claim = super::create::ClaimGuard(huge_claim.map(|_| id.clone()));
         let mut run_dir = RunDir::create(&self.sandboxes_dir(), &id)?;
         // Owned until it is ready: on any error below, dropping the Vm (or
         // the run dir) kills QEMU and removes the files.
@@ -453,9 +522,16 @@ impl Fleet {
                 restore: Some(parent.dir.join(DEVICE_STATE)),
                 on_spawn: Some(starting.spawn_hook()),
             },
-        )?;
+        )
+        .map_err(|e| {
+            super::create::explain_sigbus(e, huge_claim.is_some(), parent.config.vm.mem_mib)
+        })?;
         let (pid, pid_start) = (vm.pid(), vm.pid_start());
         self.adopt(pid, pid_start);
+        if let Some(pages) = huge_claim {
+            crate::hugepool::bind(&id, pages, pid, pid_start)?;
+        }
+        claim.disarm();
         // `running` only once it is its own: a spawner killed before that
         // leaves a `starting` row, and whoever finds it kills the child.
         let made_own = self.make_own(&id, &vm);

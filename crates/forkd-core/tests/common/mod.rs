@@ -2,6 +2,9 @@
 
 #![allow(dead_code)]
 
+/// A huge-page hog (pool-exhaustion tests).
+pub mod hog;
+
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};

@@ -1,0 +1,211 @@
+//! Children on huge pages (`forkd spawn --hugepages`) against a real QEMU
+//! and kernel, as root (forkd manages the host's surplus pool):
+//! - each child maps a hugetlb copy of its snapshot's image on 2 MiB pages
+//!   (QEMU's smaps), sees the parent's memory and disk, and holds a pool
+//!   claim for as long as its QEMU runs;
+//! - a live branch of such a child, taken while its guest writes a disk log
+//!   and a RAM counter as fast as it can, is one instant of RAM and disk: a
+//!   grandchild reads the log 0..n with nothing missing, n the counter or
+//!   one ahead;
+//! - a spawn whose copy finds the pool dry (another program took every
+//!   page after forkd claimed them) fails naming it and leaves no child, no
+//!   claim and no QEMU.
+
+mod common;
+#[path = "../../forkd-core/tests/common/hog.rs"]
+mod hog;
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::World;
+use hog::Hog;
+use serde_json::Value;
+
+const LEDGER: &str = forkd_core::hugepool::LEDGER_DIR;
+
+fn spawn_json(w: &World, args: &[&str]) -> Vec<Value> {
+    let out = w.cli_ok(&[&["spawn", "--json"], args].concat());
+    let v: Value = serde_json::from_str(&out).unwrap();
+    v["children"]
+        .as_array()
+        .or_else(|| v.as_array())
+        .unwrap_or_else(|| panic!("spawn --json: {v}"))
+        .clone()
+}
+
+/// `(KernelPageSize, hugetlb pages mapped)` in kB of QEMU `pid`'s mapping
+/// of the children's hugetlb copy (smaps counts those outside `Rss`).
+fn child_ram_mapping(pid: u64) -> Option<(u64, u64)> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let mut lines = smaps.lines();
+    while let Some(l) = lines.next() {
+        if !l.contains("/memfd:forkd-child-ram") {
+            continue;
+        }
+        let (mut page, mut rss) = (None, 0);
+        for f in lines.by_ref() {
+            let kb = |f: &str| -> u64 { f.split_whitespace().nth(1).unwrap().parse().unwrap() };
+            if f.starts_with("KernelPageSize:") {
+                page = Some(kb(f));
+            } else if f.starts_with("Shared_Hugetlb:") || f.starts_with("Private_Hugetlb:") {
+                rss += kb(f);
+            } else if f.starts_with("VmFlags:") {
+                break;
+            }
+        }
+        return page.map(|p| (p, rss));
+    }
+    None
+}
+
+fn pid_of(w: &World, id: &str) -> u64 {
+    let v: Value = serde_json::from_str(&w.cli_ok(&["ls", "--json"])).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == id)
+        .unwrap_or_else(|| panic!("{id} not in ls: {v}"))["pid"]
+        .as_u64()
+        .unwrap()
+}
+
+fn ledger_pages(id: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(PathBuf::from(LEDGER).join(format!("sb-{id}"))).ok()?;
+    forkd_core::hugepool::Entry::parse(&text).map(|e| e.pages)
+}
+
+#[test]
+fn children_on_huge_pages_branch_one_instant_and_fail_cleanly_on_a_dry_pool() {
+    let w = World::new("hugechild");
+    let p = w.cli_ok(&["create", "--mem", "256"]).trim().to_string();
+    w.cli_sh(&p, "echo warm > /tmp/warm; echo base > /root/base; sync");
+    w.cli_ok(&["branch", &p, "--tag", "hp0"]);
+
+    // Two children on huge pages: the copy is theirs, on 2 MiB pages.
+    let kids: Vec<String> = spawn_json(&w, &["hp0", "-n", "2", "--hugepages"])
+        .iter()
+        .map(|c| {
+            c["sandbox"]["id"]
+                .as_str()
+                .unwrap_or_else(|| panic!("a child failed: {c}"))
+                .to_string()
+        })
+        .collect();
+    assert_eq!(kids.len(), 2);
+    for c in &kids {
+        assert_eq!(w.cli_sh(c, "cat /tmp/warm /root/base"), "warm\nbase\n");
+        let pid = pid_of(&w, c);
+        let (page_kb, mapped_kb) = child_ram_mapping(pid)
+            .unwrap_or_else(|| panic!("QEMU {pid} maps no hugetlb copy of the image"));
+        assert_eq!(page_kb, 2048, "the child's RAM is on 2 MiB pages");
+        assert!(mapped_kb > 0, "the child maps none of the copy's pages");
+        // Its claim: the image it shares plus its own copies, 2 x 128 pages.
+        assert_eq!(ledger_pages(c), Some(256), "{c}'s pool claim");
+    }
+    // A child without --hugepages maps the tmpfs image, as before.
+    let plain = spawn_json(&w, &["hp0"])[0]["sandbox"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(child_ram_mapping(pid_of(&w, &plain)).is_none());
+    assert_eq!(ledger_pages(&plain), None);
+
+    // One instant of RAM and disk in a live branch of a huge-page child.
+    let c = &kids[0];
+    w.cli_sh(
+        c,
+        "(i=0; while :; do echo $i >> /root/disk-log; sync; echo $i > /tmp/ram-counter; i=$((i+1)); done) >/dev/null 2>&1 & echo $! > /tmp/loop.pid",
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let b: Value =
+        serde_json::from_str(&w.cli_ok(&["branch", c, "--tag", "hc1", "--json"])).unwrap();
+    eprintln!("branch of a huge-page child: {b}");
+    let gc = spawn_json(&w, &["hc1"])[0]["sandbox"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let seen = w.cli_sh(
+        &gc,
+        "kill $(cat /tmp/loop.pid); sync; echo 3 > /proc/sys/vm/drop_caches; cat /tmp/ram-counter; echo --; cat /root/disk-log",
+    );
+    let (ram, log) = seen.split_once("--\n").unwrap();
+    let ram: u64 = ram.trim().parse().unwrap();
+    let log: Vec<u64> = log.lines().map(|l| l.parse().unwrap()).collect();
+    assert!(
+        log.iter().enumerate().all(|(i, &n)| n == i as u64),
+        "the disk log has gaps or doubles"
+    );
+    let last = *log.last().unwrap();
+    assert!(
+        last == ram || last == ram + 1,
+        "guest RAM says {ram}, its disk log ends at {last}"
+    );
+    // The source child runs on.
+    assert_eq!(w.cli_sh(c, "cat /tmp/warm"), "warm\n");
+
+    for id in kids.iter().chain([&plain, &gc]) {
+        w.cli_ok(&["kill", id]);
+        assert_eq!(ledger_pages(id), None, "{id}'s claim outlived it");
+    }
+
+    // The pool runs dry between forkd's claim and its copy: stopped there,
+    // another program takes every page; the spawn fails and names it.
+    let before = w.cli_ids();
+    let mut spawner = w
+        .command()
+        .env(forkd_core::faultpoint::STOP_AT_VAR, "spawn:huge-copy")
+        .args(["spawn", "hp0", "--hugepages"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stat = format!("/proc/{}/stat", spawner.id());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let s = std::fs::read_to_string(&stat).unwrap_or_default();
+        if s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('T')
+        {
+            break;
+        }
+        assert!(
+            spawner.try_wait().unwrap().is_none(),
+            "the spawn ended before its copy"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the spawn never reached its copy"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let claim = format!("sb-spawn-{}-", spawner.id());
+    let claimed = || {
+        std::fs::read_dir(LEDGER)
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with(&claim))
+    };
+    assert!(claimed(), "the copy is claimed before it is made");
+    let hog = Hog::take_all(4096);
+    assert!(hog.held > 0, "the hog got no page");
+    // SAFETY: kill sends SIGCONT to our own child process.
+    unsafe { libc::kill(spawner.id() as libc::pid_t, libc::SIGCONT) };
+    let out = spawner.wait_with_output().unwrap();
+    drop(hog);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a spawn on a dry pool succeeded");
+    assert!(
+        err.contains("huge-page pool could not give page"),
+        "stderr: {err}"
+    );
+    assert!(!claimed(), "a failed copy keeps its claim");
+    assert_eq!(before, w.cli_ids(), "a failed spawn left a sandbox");
+    // And with pages to spare again, it spawns.
+    let again = spawn_json(&w, &["hp0", "--hugepages"]);
+    assert!(again[0]["sandbox"]["id"].is_string(), "{again:?}");
+}
