@@ -17,9 +17,11 @@
 //! hugetlb sandbox needs just before it starts and puts the previous value
 //! back after it, so that the pool does not hold memory while 4 KiB
 //! sandboxes run. `--hugepages` / `--prealloc` alone are short for one
-//! backing.
+//! backing. `--children 4k,hugetlb` also measures a spawned child per size
+//! (from a branch of an idle parent), on the image's 4 KiB pages or on a
+//! hugetlb copy (`spawn --hugepages`), with what each holds privately.
 //!
-//!     cargo run --release -p forkd-bench --bin branch -- [--sizes 512,2048,8192] [--count 20] [--full-count 5] [--backings 4k,hugetlb-prealloc] [--reserve-hugepages] [--out NAME]
+//!     cargo run --release -p forkd-bench --bin branch -- [--sizes 512,2048,8192] [--count 20] [--full-count 5] [--backings 4k,hugetlb-prealloc] [--children 4k,hugetlb] [--reserve-hugepages] [--out NAME]
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -160,9 +162,46 @@ struct Args {
     /// backing runs once per binary; the table names each one's version).
     #[arg(long, value_delimiter = ',', default_values_t = [String::from("qemu-system-x86_64")])]
     qemu: Vec<String>,
+    /// Also branch spawned children, comma-separated: `4k` (the child maps
+    /// the snapshot's image on tmpfs, the default) and `hugetlb` (`spawn
+    /// --hugepages`). Each child is spawned from a branch of an idle
+    /// parent on the default backing, then measured like a sandbox; its
+    /// host RAM column is what it holds privately (its copies of the
+    /// pages it wrote), not the image it shares with its siblings.
+    #[arg(long, value_delimiter = ',', value_parser = parse_child)]
+    children: Vec<bool>,
     /// Name of the results files under bench/results.
     #[arg(long, default_value = "branch")]
     out: String,
+}
+
+/// `4k` → false, `hugetlb` → true (children on huge pages).
+fn parse_child(s: &str) -> Result<bool, String> {
+    match s {
+        "4k" => Ok(false),
+        "hugetlb" => Ok(true),
+        _ => Err(format!("unknown child backing {s:?}: 4k or hugetlb")),
+    }
+}
+
+/// What the measured sandbox is.
+#[derive(Debug, Clone, Copy)]
+enum Subject {
+    /// Made with `create` on this backing.
+    Sandbox(Backing),
+    /// A child spawned from a branch of a `create`d parent, on huge pages
+    /// or not.
+    Child { huge: bool },
+}
+
+impl Subject {
+    fn name(&self) -> String {
+        match self {
+            Subject::Sandbox(b) => b.name(),
+            Subject::Child { huge: false } => "child-4k".into(),
+            Subject::Child { huge: true } => "child-hugetlb".into(),
+        }
+    }
 }
 
 fn main() -> Result<()> {
@@ -174,7 +213,12 @@ fn main() -> Result<()> {
         args.out,
         args.reserve_hugepages,
     );
+    let only_children =
+        !args.children.is_empty() && !args.hugepages && !args.prealloc && args.backings.is_none();
     let backings = args.backings.unwrap_or_else(|| {
+        if only_children {
+            return Vec::new();
+        }
         vec![Backing {
             huge_pages: if args.hugepages {
                 HugePages::Hugetlb
@@ -243,7 +287,7 @@ fn main() -> Result<()> {
                     &artifacts,
                     &memtest_bin,
                     &opts,
-                    backing,
+                    Subject::Sandbox(backing),
                     (versions.len() > 1).then_some(version.as_str()),
                     count,
                     full_count,
@@ -252,10 +296,49 @@ fn main() -> Result<()> {
                 json.extend(results);
             }
         }
+        for &huge in &args.children {
+            let opts = BootOptions {
+                mem_mib: mib,
+                boot_timeout: Duration::from_secs(600),
+                huge_pages: forkd_core::hugepool::choose(
+                    false,
+                    false,
+                    mib,
+                    forkd_core::hugepool::unavailable(),
+                )
+                .0,
+                qemu: args.qemu[0].clone(),
+                ..BootOptions::default()
+            };
+            let (rows, results) = measure(
+                &fleet,
+                &env,
+                &artifacts,
+                &memtest_bin,
+                &opts,
+                Subject::Child { huge },
+                None,
+                count,
+                0,
+            )?;
+            md_rows.extend(rows);
+            json.extend(results);
+        }
     }
     let mut md = String::from("# bench/branch\n\nBRANCH of a running sandbox whose guest rewrites a quarter of its RAM continuously (forkd-memtest), for each RAM backing, in one run. Pause: STOP to RESUME by QEMU's event timestamps (forkd stops the guest, freezes the disk, then `migrate`; guest RAM is populated before that, while the guest runs). Heartbeat gap (the guest-visible stall): largest gap the host saw between lines of a 1 ms heartbeat loop in the guest, from just before the branch call until 50 ms after it returned (includes the exec channel's own jitter and every write fault while RAM streams). Ready: branch call until the snapshot was published; GiB/s is guest RAM over the ready p50. Every statistic includes the first branch (p99 is the maximum with fewer than 100 samples). Host RAM: MiB the guest RAM's file or memfd holds, just after boot → after the branches. QEMU's own `downtime` figure is not shown: QEMU 7.2 counts it in whole milliseconds from its own (already stopped) state, and when that rounds to 0 it overwrites it at completion with the time until the end of the stream (the 300–1070 ms \"downtimes\" of earlier runs); it is in the JSON. Times in ms.\n\nRAM backings:\n\n");
     for b in &backings {
         md += &format!("- `{}`: {}\n", b.name(), b.describe());
+    }
+    for &huge in &args.children {
+        md += &format!(
+            "- `{}`: {}\n",
+            Subject::Child { huge }.name(),
+            if huge {
+                "a child spawned with `--hugepages` from a branch of an idle parent: it maps a hugetlb copy of the image privately (2 MiB pages); host RAM is its private hugetlb pages (`Private_Hugetlb`)"
+            } else {
+                "a child spawned (default) from a branch of an idle parent: it maps the image on tmpfs privately (4 KiB pages); host RAM is its private pages (`Private_Dirty`)"
+            }
+        );
     }
     md += "\n";
     md += &machine.markdown();
@@ -283,7 +366,7 @@ fn measure(
     artifacts: &forkd_core::Artifacts,
     memtest_bin: &[u8],
     opts: &BootOptions,
-    backing: Backing,
+    subject: Subject,
     qemu_version: Option<&str>,
     count: usize,
     full_count: usize,
@@ -291,18 +374,48 @@ fn measure(
     let mib = opts.mem_mib;
     // With more than one QEMU in the run, the backing column names the version.
     let name = match qemu_version {
-        Some(v) => format!("{} (QEMU {v})", backing.name()),
-        None => backing.name().to_string(),
+        Some(v) => format!("{} (QEMU {v})", subject.name()),
+        None => subject.name(),
     };
     let t_create = Instant::now();
-    let id = fleet.create(artifacts, "busybox", opts)?.0.id;
+    let (id, parent) = match subject {
+        Subject::Sandbox(_) => (fleet.create(artifacts, "busybox", opts)?.0.id, None),
+        Subject::Child { huge } => {
+            let parent = fleet.create(artifacts, "busybox", opts)?.0.id;
+            let tag = format!("p{mib}-{}", subject.name());
+            fleet.branch(&parent, &tag, Mode::Live, true, None)?;
+            let overrides = forkd_core::fleet::ChildOverrides {
+                huge_pages: huge,
+                ..Default::default()
+            };
+            let child = fleet
+                .spawn_with(
+                    &tag,
+                    1,
+                    1,
+                    true,
+                    forkd_ops::PartialFailure::Kill,
+                    &overrides,
+                    &|_, _| {},
+                )?
+                .remove(0)?;
+            // The parent is not needed any more: its memory would only
+            // crowd the host at 8 GiB.
+            fleet.kill(&parent)?;
+            (child.sandbox.id, Some(tag))
+        }
+    };
     let create_ms = t_create.elapsed().as_secs_f64() * 1000.0;
     eprintln!("{mib} MiB {name}: created in {create_ms:.0} ms");
     let dirty = (mib / 4).max(64);
     // Host memory the guest's RAM holds, idle (just booted) and after the
-    // branches (QEMU 7.2 populates all of it for the first live branch).
+    // branches (QEMU 7.2 populates all of it for the first live branch);
+    // for a child, what it holds privately beside the image it shares.
     let host_ram_mib = || -> Result<f64> {
         let vm = fleet.control(&id)?;
+        if parent.is_some() {
+            return Ok(private_ram_mib(vm.pid(), mib << 20));
+        }
         let Some(f) = vm.guest_ram_file()? else {
             return Ok(f64::NAN);
         };
@@ -351,7 +464,7 @@ fn measure(
     let t_branches = Instant::now();
     for (mode, n) in [(Mode::Live, count), (Mode::Full, full_count)] {
         for i in 0..n {
-            let tag = format!("b{mib}-{}-{mode:?}-{i}", backing.name()).to_lowercase();
+            let tag = format!("b{mib}-{}-{mode:?}-{i}", subject.name()).to_lowercase();
             let before = Instant::now();
             let info = fleet.branch(&id, &tag, mode, true, None)?;
             let after = Instant::now();
@@ -373,6 +486,9 @@ fn measure(
     let after_mib = host_ram_mib()?;
     fleet.kill(&id)?;
     let _ = hb.join();
+    if let Some(tag) = &parent {
+        fleet.remove_snapshot(tag, FORCE)?;
+    }
 
     let (mut rows, mut results) = (Vec::new(), Vec::new());
     for mode in [Mode::Live, Mode::Full] {
@@ -409,6 +525,7 @@ fn measure(
         results.push(serde_json::json!({
             "mem_mib": mib, "backing": name, "qemu": opts.qemu, "mode": mode, "dirtying_mib": dirty, "heartbeat_baseline_gap_ms": baseline,
             "huge_pages": opts.huge_pages, "prealloc": opts.prealloc, "create_ms": create_ms,
+            "child_on_huge_pages": match subject { Subject::Child { huge } => Some(huge), Subject::Sandbox(_) => None },
             "first_pause_ms": first.1.pause_ms, "first_ready_ms": first.1.ready_ms,
             "first_qemu_downtime_ms": first.1.qemu_downtime_ms, "first_heartbeat_gap_ms": first.2,
             "stats_exclude_first": false,
@@ -422,6 +539,34 @@ fn measure(
         }));
     }
     Ok((rows, results))
+}
+
+/// MiB that QEMU `pid` holds privately in its `len`-byte guest-RAM mapping
+/// (a child's copies of the pages it wrote: `Private_Dirty` on 4 KiB
+/// pages, `Private_Hugetlb` on huge pages).
+fn private_ram_mib(pid: u32, len: u64) -> f64 {
+    let Ok(smaps) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
+        return f64::NAN;
+    };
+    let mut in_ram = false;
+    let mut kib = 0u64;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-') {
+            if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                in_ram = b - a == len;
+                continue;
+            }
+        }
+        if in_ram && (first == "Private_Dirty:" || first == "Private_Hugetlb:") {
+            kib += line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    kib as f64 / 1024.0
 }
 
 fn sh(s: &str) -> forkd_protocol::ExecRequest {

@@ -2,9 +2,10 @@
 //! (the PNG's text in DejaVu Sans, Debian's `fonts-dejavu-core`) from the JSON that
 //! bench/branch wrote (one or more runs, e.g. `branch` and `branch-4k`): the
 //! live-branch pause p50 and p99 and the guest-visible stall (heartbeat gap)
-//! p50 against guest RAM size, one colour per RAM backing, log scales.
+//! p50 against guest RAM size, one colour per RAM backing (spawned children
+//! on 4 KiB or huge pages included), log scales.
 //!
-//!     cargo run --release -p forkd-bench --bin branch_plot -- [NAME ...]   # default: branch branch-4k
+//!     cargo run --release -p forkd-bench --bin branch_plot -- [NAME ...]   # default: branch branch-4k branch-children branch-children-8g
 
 use anyhow::{Context, Result};
 use plotters::prelude::*;
@@ -22,7 +23,14 @@ struct Series {
 fn main() -> Result<()> {
     let mut names: Vec<String> = std::env::args().skip(1).collect();
     if names.is_empty() {
-        names = vec!["branch".into(), "branch-4k".into()];
+        names = [
+            "branch",
+            "branch-4k",
+            "branch-children",
+            "branch-children-8g",
+        ]
+        .map(String::from)
+        .to_vec();
     }
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("results");
     let mut rows: Vec<Value> = Vec::new();
