@@ -460,6 +460,61 @@ fn container_images_become_root_images_with_their_defaults() {
     ok(&["kill", &child]);
     ok(&["rmi", &tag]);
 
+    // Through the daemon: a registry reference boots (pulled and built on
+    // the daemon's host, here found built); an image in a file on the
+    // caller's host, or any path, is refused before anything starts.
+    let sock = w.socket.to_str().unwrap().to_string();
+    let (remote, _) = ok_json(
+        &w,
+        &[
+            "--remote",
+            &sock,
+            "create",
+            "--image",
+            &reference,
+            "--insecure",
+            "--json",
+        ],
+    );
+    let remote_id = remote["id"].as_str().unwrap().to_string();
+    let (out, _) = ok_json(
+        &w,
+        &[
+            "--remote",
+            &sock,
+            "exec",
+            &remote_id,
+            "--json",
+            "--",
+            "sh",
+            "-c",
+            "echo \"$GREETING|$(pwd)|$(id -u)\"",
+        ],
+    );
+    assert_eq!(out["stdout"], "from-registry|/srv/app|1000\n", "{out}");
+    ok(&["kill", &remote_id]);
+    let refused = run(&w, &["--remote", &sock, "create", "--image", &from_layout]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("push it to a registry"), "{err}");
+    for bad in [
+        "oci-archive:/etc/passwd",
+        "/srv/root.ext4",
+        "docker://./x",
+        "a b",
+    ] {
+        let (status, body) = w.call(
+            "POST",
+            "/v1/sandboxes/boot",
+            Some(serde_json::json!({ "container_image": bad })),
+        );
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert!(
+            body.to_string().contains("container_image"),
+            "{bad}: {body}"
+        );
+    }
+
     // Building the pushed tag again finds the image create built.
     let (d, stderr) = ok_json(
         &w,

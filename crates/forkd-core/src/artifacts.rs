@@ -30,32 +30,10 @@ pub enum Image {
     None,
 }
 
-/// Whether `s` is meant as a container image rather than a file: an
-/// explicit transport prefix, or a registry reference whose first component
-/// is a registry host (has a `.` or a `:` port, or is `localhost`, Docker's
-/// own rule) or which carries a tag or digest (`ubuntu:24.04`). A plain
-/// relative path (`images/root`) stays a file. Pure.
+/// Whether `s` is meant as a container image rather than a file (the
+/// seam's rule, [`forkd_ops::image::image_kind`]).
 fn names_container_image(s: &str) -> bool {
-    const PREFIXES: [&str; 5] = [
-        "oci-archive:",
-        "docker-archive:",
-        "oci-layout:",
-        "oci:",
-        "docker://",
-    ];
-    if PREFIXES.iter().any(|p| s.starts_with(p)) {
-        return true;
-    }
-    if s.starts_with(['/', '.', '~']) || s.ends_with(".ext4") || s.ends_with(".img") {
-        return false;
-    }
-    let last = s.rsplit('/').next().unwrap_or(s);
-    match s.split_once('/') {
-        Some((host, _)) => {
-            host.contains(['.', ':']) || host == "localhost" || last.contains([':', '@'])
-        }
-        None => last.contains([':', '@']),
-    }
+    forkd_ops::image::image_kind(s) != forkd_ops::image::ImageKind::Other
 }
 
 impl FromStr for Image {

@@ -11,6 +11,7 @@
 
 mod error;
 mod guest;
+pub mod image;
 pub mod lifetime;
 mod name;
 pub mod policy;

@@ -304,9 +304,15 @@ pub fn child_from_wire(mut s: api::SandboxInfo) -> ops::Child {
 
 /// `POST /v1/sandboxes/boot` as a create request.
 pub fn create_from_wire(b: &api::BootRequest) -> ops::CreateRequest {
+    let image = match &b.container_image {
+        // Always a registry reference, however it is spelt.
+        Some(r) if r.starts_with(ops::image::REGISTRY_TRANSPORT) => r.clone(),
+        Some(r) => format!("{}{r}", ops::image::REGISTRY_TRANSPORT),
+        None => b.image.name().to_string(),
+    };
     ops::CreateRequest {
-        image: Some(b.image.name().to_string()),
-        insecure_registry: false,
+        image: Some(image),
+        insecure_registry: b.insecure_registry,
         mem_mib: b.memory_mib,
         cpus: b.vcpus,
         accel: b.accel.map(|a| match a {
@@ -342,15 +348,27 @@ pub fn create_to_wire(r: &ops::CreateRequest) -> Result<api::BootRequest, ops::O
             "a guest kernel, modules or agent names a file on this host, which a daemon cannot use; drop the option or run without a daemon",
         ));
     }
+    let mut container_image = None;
     let image = match r.image.as_deref() {
         None | Some("busybox") => api::Image::Busybox,
         Some("debian-python") => api::Image::DebianPython,
         Some("none") => api::Image::None,
-        Some(other) => {
-            return Err(ops::OpError::bad_input(format!(
-                "image {other:?} is not one a daemon boots (it takes busybox, debian-python or none): an image file, an image built here or a container image is built and used on this host only; run without a daemon"
-            )))
-        }
+        Some(other) => match ops::image::image_kind(other) {
+            ops::image::ImageKind::Registry => {
+                container_image = Some(other.to_string());
+                api::Image::Busybox
+            }
+            ops::image::ImageKind::HostContainer => {
+                return Err(ops::OpError::bad_input(format!(
+                    "image {other:?} is a container image in a file on this host, which a daemon cannot read; push it to a registry and name it there, or run without a daemon"
+                )))
+            }
+            ops::image::ImageKind::Other => {
+                return Err(ops::OpError::bad_input(format!(
+                    "image {other:?} is not one a daemon boots (busybox, debian-python, none or a registry reference): an image file or an image built here is used on this host only; run without a daemon"
+                )))
+            }
+        },
     };
     let (ttl_ms, idle_timeout_ms, labels, env, cwd) = settings_to_wire(&r.settings);
     Ok(api::BootRequest {
@@ -376,6 +394,8 @@ pub fn create_to_wire(r: &ops::CreateRequest) -> Result<api::BootRequest, ops::O
         tcg_tb_mib: r.tcg_tb_mib,
         huge_pages: r.huge_pages,
         prealloc: r.prealloc,
+        insecure_registry: r.insecure_registry && container_image.is_some(),
+        container_image,
     })
 }
 
@@ -992,6 +1012,27 @@ mod tests {
         let mut local = c.clone();
         local.image = Some("/tmp/root.ext4".into());
         assert!(create_to_wire(&local).is_err());
+        // A registry reference travels as container_image and comes back
+        // spelt with its transport; an image in a file on this host does not
+        // travel.
+        let mut remote = c.clone();
+        remote.image = Some("127.0.0.1:5000/team/app:v1".into());
+        remote.insecure_registry = true;
+        let wire = create_to_wire(&remote).unwrap();
+        assert_eq!(
+            wire.container_image.as_deref(),
+            Some("127.0.0.1:5000/team/app:v1")
+        );
+        assert!(wire.insecure_registry);
+        let back = create_from_wire(&wire);
+        assert_eq!(
+            back.image.as_deref(),
+            Some("docker://127.0.0.1:5000/team/app:v1")
+        );
+        assert!(back.insecure_registry);
+        remote.image = Some("oci-archive:/tmp/app.tar".into());
+        let e = create_to_wire(&remote).unwrap_err();
+        assert!(e.message.contains("push it to a registry"), "{e:?}");
         let mut s = ops::SpawnRequest::new("warm", 3);
         s.wait = Some(false);
         s.on_failure = Some(ops::PartialFailure::Keep);

@@ -369,6 +369,32 @@ impl Validate for TimeoutRequest {
     }
 }
 
+/// Longest container image reference accepted.
+pub const MAX_IMAGE_REF: usize = 512;
+
+/// A boot's `container_image`: a registry reference, never something on
+/// the daemon's host (the reference's own syntax is checked where it is
+/// pulled).
+fn validate_container_image(r: &str) -> Result<(), ApiError> {
+    use forkd_ops::image::{image_kind, ImageKind, REGISTRY_TRANSPORT};
+    let bad = |why: String| Err(ApiError::field("container_image", why));
+    if r.is_empty() || r.len() > MAX_IMAGE_REF {
+        return bad(format!(
+            "must be a registry reference of 1-{MAX_IMAGE_REF} bytes"
+        ));
+    }
+    if r.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return bad(format!("{r:?} holds whitespace or control characters"));
+    }
+    let bare = r.strip_prefix(REGISTRY_TRANSPORT).unwrap_or(r);
+    if image_kind(r) == ImageKind::HostContainer || bare.starts_with(['/', '.', '~']) {
+        return bad(format!(
+            "{r:?} names a file or directory on the daemon's host, which a caller cannot use: push the image to a registry and name it there"
+        ));
+    }
+    Ok(())
+}
+
 /// Checks the lifetime fields of a boot or spawn.
 pub(crate) fn validate_lifetime(
     ttl_ms: Option<u64>,
@@ -640,6 +666,19 @@ pub struct BootRequest {
     /// forkd: populate all guest RAM at start.
     #[serde(default)]
     pub prealloc: bool,
+    /// forkd: boot from a container image in a registry instead of `image`
+    /// (`HOST/REPO:TAG`, `HOST/REPO@sha256:…`, or `docker://REF`): pulled
+    /// and built into a root image on the daemon's host, once per digest
+    /// (with the daemon's `config.json` credentials); its `Env`,
+    /// `WorkingDir` and `User` become the sandbox's defaults. Images in
+    /// files (`oci-archive:PATH` and the like) and paths are the daemon
+    /// host's own and refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_image: Option<String>,
+    /// forkd: reach `container_image`'s registry over plain HTTP (a
+    /// loopback or lab registry).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure_registry: bool,
     /// forkd: killed this many milliseconds after it starts (movable with
     /// `POST /v1/sandboxes/{id}/timeout`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -707,6 +746,23 @@ impl Validate for BootRequest {
         }
         if let Some(q) = self.cpu_quota_pct {
             validate::range("cpu_quota_pct", q, 1, 100 * 1024)?;
+        }
+        if let Some(r) = &self.container_image {
+            validate_container_image(r)?;
+            if self.image != Image::Busybox {
+                return Err(ApiError::field(
+                    "container_image",
+                    format!(
+                        "names the root disk, and so does image {:?}: give one of the two",
+                        self.image.name()
+                    ),
+                ));
+            }
+        } else if self.insecure_registry {
+            return Err(ApiError::field(
+                "insecure_registry",
+                "applies to a container_image only",
+            ));
         }
         validate_lifetime(
             self.ttl_ms,
@@ -1184,6 +1240,52 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn a_boot_takes_registry_references_and_nothing_of_the_daemons_host() {
+        let boot = |r: &str| BootRequest {
+            container_image: Some(r.into()),
+            ..Default::default()
+        };
+        for good in [
+            "127.0.0.1:5000/team/app:v1",
+            "docker://busybox",
+            "ubuntu:24.04",
+        ] {
+            assert!(boot(good).validate().is_ok(), "{good}");
+        }
+        for bad in [
+            "oci-archive:/etc/passwd",
+            "docker-archive:x.tar",
+            "oci-layout:/srv",
+            "/srv/root.ext4",
+            "./x",
+            "docker:///etc",
+            "a b",
+            "",
+        ] {
+            let e = boot(bad).validate().unwrap_err();
+            assert_eq!(e.field_name(), Some("container_image"), "{bad}: {e}");
+        }
+        let long = "r.io/".to_string() + &"a".repeat(MAX_IMAGE_REF);
+        assert!(boot(&long).validate().is_err());
+        let both = BootRequest {
+            image: Image::DebianPython,
+            ..boot("r.io/app:1")
+        };
+        assert_eq!(
+            both.validate().unwrap_err().field_name(),
+            Some("container_image")
+        );
+        let insecure_alone = BootRequest {
+            insecure_registry: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            insecure_alone.validate().unwrap_err().field_name(),
+            Some("insecure_registry")
+        );
+    }
 
     #[test]
     fn lifetime_errors_name_their_field() {
