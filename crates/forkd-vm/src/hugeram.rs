@@ -14,7 +14,9 @@
 //! the pages go when the last child mapping them exits and the spawner has
 //! closed its descriptor. Each huge page is allocated with `fallocate`
 //! before it is written, so a pool that runs dry is an error here, never a
-//! SIGBUS in forkd. All-zero 2 MiB blocks and holes stay holes.
+//! SIGBUS in forkd. All-zero 2 MiB blocks and holes stay holes. Once
+//! written, the copy is sealed (no write, no hole, no resize): the
+//! siblings that share it cannot change it for one another.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -88,7 +90,10 @@ impl HugeRam {
         let raw = unsafe {
             libc::memfd_create(
                 name.as_ptr(),
-                libc::MFD_CLOEXEC | libc::MFD_HUGETLB | libc::MFD_HUGE_2MB,
+                libc::MFD_CLOEXEC
+                    | libc::MFD_ALLOW_SEALING
+                    | libc::MFD_HUGETLB
+                    | libc::MFD_HUGE_2MB,
             )
         };
         if raw < 0 {
@@ -171,8 +176,23 @@ impl HugeRam {
             pages += 1;
         }
         drop(map);
+        seal(&fd)?;
         Ok(HugeRam { fd, pages })
     }
+}
+
+/// Seals the copy: no write, no hole punched, no size change, by anyone
+/// holding it (QEMU maps it privately, copy-on-write, which seals allow).
+/// Every sibling of a spawn maps the same copy, so one must never change
+/// what the others read.
+fn seal(fd: &OwnedFd) -> Result<(), HugeRamError> {
+    let seals = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: a plain fcntl on the descriptor we own; no writable shared
+    // mapping of it is left (the copy's was unmapped), as F_SEAL_WRITE needs.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(HugeRamError::Unsupported(std::io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 /// The next offset at or after `from` that holds data, `None` past the last.

@@ -168,10 +168,20 @@ pub(crate) fn start_qemu(
         .stderr(stderr);
     let die_with_parent = opts.die_with_parent;
     let ram_fd = config.ram_fd.filter(|_| config.private_hugetlb);
+    // A child must not punch holes in the RAM image it shares
+    // (confine::NoPunchFilter); built here, installed after the fork.
+    let no_punch = matches!(config.memory, crate::config::MemoryBackend::PrivateFile(_))
+        .then(crate::confine::NoPunchFilter::new);
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
     // SAFETY: runs in the forked child before exec; setsid, prctl and fcntl
-    // are async-signal-safe syscalls with no memory effects in the child.
+    // are async-signal-safe syscalls with no memory effects in the child,
+    // and the seccomp program was built before the fork.
     unsafe {
         cmd.pre_exec(move || {
+            if let Some(f) = &no_punch {
+                f.install(root)?;
+            }
             // The hugetlb copy of the RAM image stays open across exec:
             // QEMU maps it by /proc/self/fd/N.
             if let Some(fd) = ram_fd {
