@@ -123,8 +123,12 @@ impl World {
             .unwrap_or(Value::Null)
     }
 
-    /// Every live process whose command line names a run directory of this
-    /// runtime directory, with the sandbox id that directory is named for.
+    /// Every live QEMU (a `qemu-system-*` VM) whose command line names a run
+    /// directory of this runtime directory, with the sandbox id that
+    /// directory is named for. `qemu-img`, which makes a child's disk
+    /// overlay in its run directory before the child has a row, is a
+    /// short-lived tool, not a VM: a spawner killed while it runs leaves it
+    /// to finish on its own (it once made this test fail under load).
     fn qemus(&self) -> Vec<(u32, String)> {
         let needle = format!("{}/sandboxes/", self.runtime.display());
         let mut out = Vec::new();
@@ -143,6 +147,15 @@ impl World {
                 .unwrap_or("")
                 .trim_start()
                 .starts_with('Z')
+            {
+                continue;
+            }
+            let argv0 = cmd.split('\0').next().unwrap_or("");
+            if !argv0
+                .rsplit('/')
+                .next()
+                .unwrap_or("")
+                .starts_with("qemu-system")
             {
                 continue;
             }
