@@ -9,7 +9,7 @@
 //!   one ahead;
 //! - a spawn whose copy finds the pool dry (another program took every
 //!   page after forkd claimed them) fails naming it and leaves no child, no
-//!   claim and no QEMU.
+//!   claim and no QEMU; so does one where forkd may not manage the pool.
 
 mod common;
 #[path = "../../forkd-core/tests/common/hog.rs"]
@@ -104,6 +104,23 @@ fn children_on_huge_pages_branch_one_instant_and_fail_cleanly_on_a_dry_pool() {
         // Its claim: the image it shares plus its own copies, 2 x 128 pages.
         assert_eq!(ledger_pages(c), Some(256), "{c}'s pool claim");
     }
+    // Where forkd may not manage the pool (here: opted out), asking for
+    // huge pages fails naming why and starts nothing.
+    let before = w.cli_ids();
+    let out = w
+        .command()
+        .env("FORKD_HUGEPAGES", "off")
+        .args(["spawn", "hp0", "--hugepages"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("children on huge pages need forkd to manage the host's huge-page pool")
+            && err.contains("FORKD_HUGEPAGES=off"),
+        "{err}"
+    );
+    assert_eq!(before, w.cli_ids());
     // A child without --hugepages maps the tmpfs image, as before.
     let plain = spawn_json(&w, &["hp0"])[0]["sandbox"]["id"]
         .as_str()
