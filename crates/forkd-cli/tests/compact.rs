@@ -27,18 +27,6 @@ fn run(w: &World, args: &[&str]) -> Output {
     w.command().args(args).output().unwrap()
 }
 
-/// Runs `forkd ARGS`, asserts success, returns stdout.
-fn ok(w: &World, args: &[&str]) -> String {
-    let out = run(w, args);
-    assert!(
-        out.status.success(),
-        "forkd {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// `forkd --remote <w's daemon> ARGS`.
 fn run_remote(w: &World, args: &[&str]) -> Output {
     w.command()
@@ -49,13 +37,8 @@ fn run_remote(w: &World, args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn sh(w: &World, id: &str, script: &str) -> String {
-    ok(w, &["exec", id, "--", "sh", "-c", script])
-}
-
 fn spawn1(w: &World, tag: &str) -> String {
-    let out = ok(w, &["spawn", tag]);
-    out.split_whitespace().next().unwrap().to_string()
+    w.cli_spawn(&[tag]).remove(0)
 }
 
 fn fleet(w: &World) -> Fleet {
@@ -67,12 +50,12 @@ fn fleet(w: &World) -> Fleet {
 }
 
 fn info(w: &World, tag: &str) -> Value {
-    serde_json::from_str(&ok(w, &["info", tag, "--json"])).unwrap()
+    serde_json::from_str(&w.cli_ok(&["info", tag, "--json"])).unwrap()
 }
 
 /// The snapshot's status as `forkd snapshots` reports it ("" when absent).
 fn status(w: &World, tag: &str) -> String {
-    let v: Value = serde_json::from_str(&ok(w, &["snapshots", "--json"])).unwrap();
+    let v: Value = serde_json::from_str(&w.cli_ok(&["snapshots", "--json"])).unwrap();
     v.as_array()
         .unwrap()
         .iter()
@@ -91,20 +74,11 @@ fn kill_at(w: &World, args: &[&str], point: &str, meanwhile: impl FnOnce()) {
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let stat = format!("/proc/{}/stat", child.id());
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let state = std::fs::read_to_string(&stat).unwrap_or_default();
-        let state = state.rsplit(')').next().unwrap_or("").trim_start();
-        if state.starts_with('T') {
-            break;
-        }
-        if let Some(st) = child.try_wait().unwrap() {
-            panic!("{args:?} ended ({st}) before reaching {point}");
-        }
-        assert!(Instant::now() < deadline, "{args:?} never reached {point}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_stopped(
+        &mut child,
+        &format!("forkd {args:?}"),
+        Duration::from_secs(300),
+    );
     meanwhile();
     child.kill().unwrap();
     child.wait().unwrap();
@@ -117,31 +91,31 @@ const SEE: &str = "cat /root/gen /tmp/m; echo; cat /proc/$(cat /tmp/holder.pid)/
 fn a_compacted_chain_spawns_exactly_what_it_did_and_survives_kill_9_at_every_step() {
     let w = World::new("compact");
     // A chain: g0 (full) <- g1 (layer, from a child) <- g2 (from a grandchild).
-    let p = ok(&w, &["create", "--mem", "256"]).trim().to_string();
+    let p = w.cli_ok(&["create", "--mem", "256"]).trim().to_string();
     w.sh(
         &p,
         "echo gen0 > /root/gen; echo mem0 > /tmp/m; MARK=m0 sleep 100000 & echo $! > /tmp/holder.pid; sync",
     );
-    ok(&w, &["branch", &p, "--tag", "g0"]);
+    w.cli_ok(&["branch", &p, "--tag", "g0"]);
     let c = spawn1(&w, "g0");
-    sh(&w, &c, "echo gen1 >> /root/gen; echo mem1 >> /tmp/m; MARK=m1 sleep 100000 & echo $! > /tmp/holder.pid; sync");
-    ok(&w, &["branch", &c, "--tag", "g1"]);
+    w.cli_sh(&c, "echo gen1 >> /root/gen; echo mem1 >> /tmp/m; MARK=m1 sleep 100000 & echo $! > /tmp/holder.pid; sync");
+    w.cli_ok(&["branch", &c, "--tag", "g1"]);
     let gc = spawn1(&w, "g1");
-    sh(&w, &gc, "echo gen2 >> /root/gen; echo mem2 >> /tmp/m; MARK=m2 sleep 100000 & echo $! > /tmp/holder.pid; dd if=/dev/urandom of=/root/blob bs=64k count=16 2>/dev/null; md5sum /root/blob > /root/blob.md5; sync");
-    ok(&w, &["branch", &gc, "--tag", "g2"]);
+    w.cli_sh(&gc, "echo gen2 >> /root/gen; echo mem2 >> /tmp/m; MARK=m2 sleep 100000 & echo $! > /tmp/holder.pid; dd if=/dev/urandom of=/root/blob bs=64k count=16 2>/dev/null; md5sum /root/blob > /root/blob.md5; sync");
+    w.cli_ok(&["branch", &gc, "--tag", "g2"]);
     let before = spawn1(&w, "g2");
-    let seen_before = sh(&w, &before, SEE);
+    let seen_before = w.cli_sh(&before, SEE);
     assert_eq!(
         seen_before,
         "gen0\ngen1\ngen2\nmem0\nmem1\nmem2\n\nMARK=m2\n"
     );
     assert_eq!(
-        sh(&w, &before, "md5sum -c /root/blob.md5"),
+        w.cli_sh(&before, "md5sum -c /root/blob.md5"),
         "/root/blob: OK\n"
     );
     // A snapshot layered on g2, made before g2 is compacted.
-    sh(&w, &before, "echo gen3 >> /root/gen; sync");
-    ok(&w, &["branch", &before, "--tag", "g3"]);
+    w.cli_sh(&before, "echo gen3 >> /root/gen; sync");
+    w.cli_ok(&["branch", &before, "--tag", "g3"]);
 
     let d = info(&w, "g2");
     assert_eq!(
@@ -171,7 +145,7 @@ fn a_compacted_chain_spawns_exactly_what_it_did_and_survives_kill_9_at_every_ste
         assert_eq!(info(&w, "g2")["layers"]["ram"].as_u64(), Some(3));
     }
 
-    let out: Value = serde_json::from_str(&ok(&w, &["compact", "g2", "--json"])).unwrap();
+    let out: Value = serde_json::from_str(&w.cli_ok(&["compact", "g2", "--json"])).unwrap();
     eprintln!("compact: {out}");
     assert_eq!(out["compacted"], true);
     assert_eq!(out["before"]["layers"]["ram"], 3);
@@ -198,13 +172,16 @@ fn a_compacted_chain_spawns_exactly_what_it_did_and_survives_kill_9_at_every_ste
     drop(f);
     // And the guests see it.
     let after = spawn1(&w, "g2");
-    assert_eq!(sh(&w, &after, SEE), seen_before);
+    assert_eq!(w.cli_sh(&after, SEE), seen_before);
     assert_eq!(
-        sh(&w, &after, "md5sum -c /root/blob.md5"),
+        w.cli_sh(&after, "md5sum -c /root/blob.md5"),
         "/root/blob: OK\n"
     );
     let on_g3 = spawn1(&w, "g3");
-    assert_eq!(sh(&w, &on_g3, "cat /root/gen"), "gen0\ngen1\ngen2\ngen3\n");
+    assert_eq!(
+        w.cli_sh(&on_g3, "cat /root/gen"),
+        "gen0\ngen1\ngen2\ngen3\n"
+    );
     // What is below is kept and healthy.
     for tag in ["g0", "g1", "g2", "g3"] {
         assert_eq!(status(&w, tag), "ready", "{tag}");
@@ -215,7 +192,7 @@ fn a_compacted_chain_spawns_exactly_what_it_did_and_survives_kill_9_at_every_ste
     assert!(again.status.success());
     let said = String::from_utf8_lossy(&again.stderr);
     assert!(said.contains("nothing to do"), "{said}");
-    let again: Value = serde_json::from_str(&ok(&w, &["compact", "g0", "--json"])).unwrap();
+    let again: Value = serde_json::from_str(&w.cli_ok(&["compact", "g0", "--json"])).unwrap();
     assert_eq!(again["compacted"], false);
     // A bad tag is named.
     let bad = run(&w, &["compact", "nope"]);
@@ -252,7 +229,8 @@ fn a_compacted_chain_spawns_exactly_what_it_did_and_survives_kill_9_at_every_ste
     let registry = Registry::start();
     let reference = format!("127.0.0.1:{}/forkd/compacted:v1", registry.port);
     let pushed: Value =
-        serde_json::from_str(&ok(&w, &["push", "g2", &reference, "--insecure", "--json"])).unwrap();
+        serde_json::from_str(&w.cli_ok(&["push", "g2", &reference, "--insecure", "--json"]))
+            .unwrap();
     assert_eq!(pushed["snapshots"], serde_json::json!(["g2"]));
     let b = World::new("pulled");
     let pull = ["pull", reference.as_str(), "--insecure", "--json"];
@@ -274,9 +252,9 @@ fn a_compacted_chain_spawns_exactly_what_it_did_and_survives_kill_9_at_every_ste
     }
     assert_eq!(status(&b, "g2"), "failed");
     assert!(!b.home.join("snapshots").join("g2").exists());
-    ok(&b, &["rmi", "--failed"]);
+    b.cli_ok(&["rmi", "--failed"]);
     assert_eq!(status(&b, "g2"), "");
-    let pulled: Value = serde_json::from_str(&ok(&b, &pull)).unwrap();
+    let pulled: Value = serde_json::from_str(&b.cli_ok(&pull)).unwrap();
     assert_eq!(pulled["published"], serde_json::json!(["g2"]));
     assert_eq!(status(&b, "g2"), "ready");
     let fb = fleet(&b);

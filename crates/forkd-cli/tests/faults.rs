@@ -6,6 +6,8 @@
 //! daemon, a client hanging up on a DELETE. Each test has its own home and
 //! runtime directory; guest artifacts are shared with the suite.
 
+mod common;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -435,26 +437,11 @@ fn killing_the_branch_writer_at_any_point_never_freezes_the_source() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let stat = format!("/proc/{}/stat", brancher.id());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let state = std::fs::read_to_string(&stat).unwrap_or_default();
-        if state
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('T')
-        {
-            break;
-        }
-        assert!(
-            brancher.try_wait().unwrap().is_none(),
-            "the branch ended before its pause"
-        );
-        assert!(Instant::now() < deadline, "the branch never paused");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_stopped(
+        &mut brancher,
+        "the branch (stopped inside its pause)",
+        Duration::from_secs(60),
+    );
     brancher.kill().unwrap();
     brancher.wait().unwrap();
     let t = Instant::now();

@@ -17,23 +17,13 @@ mod hog;
 
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::World;
 use hog::Hog;
 use serde_json::Value;
 
 const LEDGER: &str = forkd_core::hugepool::LEDGER_DIR;
-
-fn spawn_json(w: &World, args: &[&str]) -> Vec<Value> {
-    let out = w.cli_ok(&[&["spawn", "--json"], args].concat());
-    let v: Value = serde_json::from_str(&out).unwrap();
-    v["children"]
-        .as_array()
-        .or_else(|| v.as_array())
-        .unwrap_or_else(|| panic!("spawn --json: {v}"))
-        .clone()
-}
 
 /// `(KernelPageSize, hugetlb pages mapped)` in kB of QEMU `pid`'s mapping
 /// of the children's hugetlb copy (smaps counts those outside `Rss`).
@@ -84,15 +74,7 @@ fn children_on_huge_pages_branch_one_instant_and_fail_cleanly_on_a_dry_pool() {
     w.cli_ok(&["branch", &p, "--tag", "hp0"]);
 
     // Two children on huge pages: the copy is theirs, on 2 MiB pages.
-    let kids: Vec<String> = spawn_json(&w, &["hp0", "-n", "2", "--hugepages"])
-        .iter()
-        .map(|c| {
-            c["sandbox"]["id"]
-                .as_str()
-                .unwrap_or_else(|| panic!("a child failed: {c}"))
-                .to_string()
-        })
-        .collect();
+    let kids = w.cli_spawn(&["hp0", "-n", "2", "--hugepages"]);
     assert_eq!(kids.len(), 2);
     for c in &kids {
         assert_eq!(w.cli_sh(c, "cat /tmp/warm /root/base"), "warm\nbase\n");
@@ -122,10 +104,7 @@ fn children_on_huge_pages_branch_one_instant_and_fail_cleanly_on_a_dry_pool() {
     );
     assert_eq!(before, w.cli_ids());
     // A child without --hugepages maps the tmpfs image, as before.
-    let plain = spawn_json(&w, &["hp0"])[0]["sandbox"]["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let plain = w.cli_spawn(&["hp0"]).remove(0);
     assert!(child_ram_mapping(pid_of(&w, &plain)).is_none());
     assert_eq!(ledger_pages(&plain), None);
 
@@ -139,10 +118,7 @@ fn children_on_huge_pages_branch_one_instant_and_fail_cleanly_on_a_dry_pool() {
     let b: Value =
         serde_json::from_str(&w.cli_ok(&["branch", c, "--tag", "hc1", "--json"])).unwrap();
     eprintln!("branch of a huge-page child: {b}");
-    let gc = spawn_json(&w, &["hc1"])[0]["sandbox"]["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let gc = w.cli_spawn(&["hc1"]).remove(0);
     let seen = w.cli_sh(
         &gc,
         "kill $(cat /tmp/loop.pid); sync; echo 3 > /proc/sys/vm/drop_caches; cat /tmp/ram-counter; echo --; cat /root/disk-log",
@@ -178,28 +154,11 @@ fn children_on_huge_pages_branch_one_instant_and_fail_cleanly_on_a_dry_pool() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stat = format!("/proc/{}/stat", spawner.id());
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let s = std::fs::read_to_string(&stat).unwrap_or_default();
-        if s.rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('T')
-        {
-            break;
-        }
-        assert!(
-            spawner.try_wait().unwrap().is_none(),
-            "the spawn ended before its copy"
-        );
-        assert!(
-            Instant::now() < deadline,
-            "the spawn never reached its copy"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_stopped(
+        &mut spawner,
+        "the spawn (stopped before its copy)",
+        Duration::from_secs(120),
+    );
     let claim = format!("sb-spawn-{}-", spawner.id());
     let claimed = || {
         std::fs::read_dir(LEDGER)
@@ -223,6 +182,5 @@ fn children_on_huge_pages_branch_one_instant_and_fail_cleanly_on_a_dry_pool() {
     assert!(!claimed(), "a failed copy keeps its claim");
     assert_eq!(before, w.cli_ids(), "a failed spawn left a sandbox");
     // And with pages to spare again, it spawns.
-    let again = spawn_json(&w, &["hp0", "--hugepages"]);
-    assert!(again[0]["sandbox"]["id"].is_string(), "{again:?}");
+    assert_eq!(w.cli_spawn(&["hp0", "--hugepages"]).len(), 1);
 }

@@ -16,7 +16,6 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::World;
-use serde_json::Value;
 
 /// Allocated bytes of every file directly in each of `dirs` (the RAM
 /// image cache, and the snapshot's directory, whose image children map
@@ -37,23 +36,6 @@ fn allocated(dirs: &[&Path]) -> u64 {
         .sum()
 }
 
-fn spawn2(w: &World, tag: &str, extra: &[&str]) -> (String, String) {
-    let out = w.cli_ok(&[&["spawn", tag, "-n", "2", "--json"], extra].concat());
-    let v: Value = serde_json::from_str(&out).unwrap();
-    let ids: Vec<String> = v["children"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| {
-            c["sandbox"]["id"]
-                .as_str()
-                .unwrap_or_else(|| panic!("a child failed: {c}"))
-                .to_string()
-        })
-        .collect();
-    (ids[0].clone(), ids[1].clone())
-}
-
 #[test]
 fn a_child_freeing_memory_never_changes_what_its_siblings_read() {
     let w = World::new("siblings");
@@ -70,14 +52,15 @@ fn a_child_freeing_memory_never_changes_what_its_siblings_read() {
     let snap = w.home.join("snapshots").join("sib");
     let images = [cache.as_path(), snap.as_path()];
     for extra in [&[][..], &["--hugepages"][..]] {
-        let (a, b) = spawn2(&w, "sib", extra);
+        let kids = w.cli_spawn(&[&["sib", "-n", "2"], extra].concat());
+        let (a, b) = (&kids[0], &kids[1]);
         let before = allocated(&images);
         // A frees the cached pages; the guest reports the free blocks and
         // QEMU tries to discard them.
-        let stderr = w.runtime.join("sandboxes").join(&a).join("qemu.stderr");
+        let stderr = w.runtime.join("sandboxes").join(a).join("qemu.stderr");
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
-            w.cli_sh(&a, "echo 3 > /proc/sys/vm/drop_caches");
+            w.cli_sh(a, "echo 3 > /proc/sys/vm/drop_caches");
             // Refused (QEMU logs it), or done (the images lost bytes).
             let log = std::fs::read_to_string(&stderr).unwrap_or_default();
             if log.contains("Failed to fallocate") || allocated(&images) < before {
@@ -91,7 +74,7 @@ fn a_child_freeing_memory_never_changes_what_its_siblings_read() {
         }
         // B still reads the bytes it inherited (from its page cache).
         let check = w.cli_sh(
-            &b,
+            b,
             "md5sum -c /root/blob.md5 2>&1; grep ^Cached /proc/meminfo",
         );
         assert!(check.contains("/root/blob: OK"), "{extra:?}: {check}");
@@ -105,8 +88,8 @@ fn a_child_freeing_memory_never_changes_what_its_siblings_read() {
         );
         // And A's own view is intact too (read back from the disk).
         assert!(w
-            .cli_sh(&a, "md5sum -c /root/blob.md5 2>&1")
+            .cli_sh(a, "md5sum -c /root/blob.md5 2>&1")
             .contains("/root/blob: OK"));
-        w.cli_ok(&["kill", &a, &b]);
+        w.cli_ok(&["kill", a, b]);
     }
 }

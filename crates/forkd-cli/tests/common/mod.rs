@@ -157,6 +157,24 @@ impl World {
         self.cli_ok(&["exec", id, "--", "sh", "-c", script])
     }
 
+    /// `forkd spawn --json ARGS`: the children's ids, in order (a child
+    /// that failed fails the test, naming its error).
+    pub fn cli_spawn(&self, args: &[&str]) -> Vec<String> {
+        let out = self.cli_ok(&[&["spawn", "--json"], args].concat());
+        let v: Value = serde_json::from_str(&out).unwrap();
+        v["children"]
+            .as_array()
+            .unwrap_or_else(|| panic!("spawn --json: {v}"))
+            .iter()
+            .map(|c| {
+                c["sandbox"]["id"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("a child failed: {c}"))
+                    .to_string()
+            })
+            .collect()
+    }
+
     /// The ids `forkd ls` lists, in its order.
     pub fn cli_ids(&self) -> Vec<String> {
         let v: Value = serde_json::from_str(&self.cli_ok(&["ls", "--json"])).unwrap();
@@ -182,6 +200,34 @@ impl Drop for World {
         let _ = self.command().args(["kill", "--all"]).output();
         let _ = std::fs::remove_dir_all(&self.home);
         let _ = std::fs::remove_dir_all(&self.runtime);
+    }
+}
+
+/// Waits until `child` (started with `FORKD_TEST_STOP_AT`) has stopped
+/// itself at its fault point; `what` names it in the failure when it ends
+/// first or does not get there within `timeout`.
+pub fn wait_stopped(child: &mut Child, what: &str, timeout: Duration) {
+    let stat = format!("/proc/{}/stat", child.id());
+    let deadline = Instant::now() + timeout;
+    loop {
+        let state = std::fs::read_to_string(&stat).unwrap_or_default();
+        if state
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('T')
+        {
+            return;
+        }
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("{what} ended ({st}) before its fault point");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} never reached its fault point"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
