@@ -242,6 +242,7 @@ pub(crate) fn boot_config(
         huge_pages: opts.huge_pages,
         prealloc: opts.prealloc,
         private_hugetlb: false,
+        page_reporting: forkd_vm::VmConfig::wants_page_reporting(opts.huge_pages),
         ram_fd: None,
         tsc_khz: forkd_vm::accel::host_tsc_khz(),
     }

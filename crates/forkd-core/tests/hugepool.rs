@@ -92,6 +92,17 @@ fn host_ram_mib(w: &World, id: &str) -> u64 {
     (std::fs::metadata(f).unwrap().blocks() * 512) >> 20
 }
 
+/// The balloon device on sandbox `id`'s QEMU command line.
+fn balloon(w: &World, id: &str) -> String {
+    let pid = w.fleet.control(id).unwrap().pid();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    String::from_utf8_lossy(&cmdline)
+        .split('\0')
+        .find(|a| a.starts_with("virtio-balloon"))
+        .unwrap_or_else(|| panic!("{id} has no balloon"))
+        .to_string()
+}
+
 #[test]
 fn the_default_backing_branches_one_instant_of_ram_and_disk() {
     let _one = POOL.lock().unwrap_or_else(|e| e.into_inner());
@@ -109,6 +120,12 @@ fn the_default_backing_branches_one_instant_of_ram_and_disk() {
     let entry = hugepool::Entry::parse(&std::fs::read_to_string(&claim).unwrap()).unwrap();
     assert_eq!(entry.pages, 128);
     let idle = host_ram_mib(&w, &p);
+    // No free-page reporting on hugetlb RAM: a reported page would come
+    // back, slowly, inside the next branch's pause.
+    assert_eq!(
+        balloon(&w, &p),
+        "virtio-balloon-device,free-page-reporting=off"
+    );
     assert!(
         idle < 256,
         "an idle 256 MiB guest holds {idle} MiB of host RAM"
@@ -153,6 +170,11 @@ fn the_default_backing_branches_one_instant_of_ram_and_disk() {
             .unwrap()
             .sandbox
             .id;
+        // The child restores its parent's balloon.
+        assert_eq!(
+            balloon(&w, &c),
+            "virtio-balloon-device,free-page-reporting=off"
+        );
         // Stop the child's own writer, then read the log from the disk.
         let out = w.run(
             &c,

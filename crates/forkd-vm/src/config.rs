@@ -168,6 +168,14 @@ pub struct VmConfig {
     /// `memory` (the same bytes, which a branch of the child diffs against).
     #[serde(default)]
     pub private_hugetlb: bool,
+    /// Whether the balloon offers free-page reporting (the guest hands
+    /// freed 2 MiB blocks back and QEMU discards them). On for RAM on 4 KiB
+    /// pages, whose discarded pages come back cheaply; off for RAM in
+    /// hugetlb pages ([`VmConfig::wants_page_reporting`]). A child keeps its
+    /// parent's choice: the balloon's features are part of the device state
+    /// it restores.
+    #[serde(default = "reporting_by_default")]
+    pub page_reporting: bool,
     /// The hugetlb memfd QEMU inherits and maps (`private_hugetlb`); a
     /// descriptor of the launching process, never recorded.
     #[serde(skip)]
@@ -272,6 +280,24 @@ impl VmConfig {
             MemoryBackend::PrivateFile(_) => Some("the RAM image it maps was truncated"),
             MemoryBackend::Anonymous => None,
         }
+    }
+
+    /// Whether a sandbox that boots with `huge_pages` should offer the guest
+    /// free-page reporting. Not on hugetlb RAM: a 2 MiB page the guest
+    /// reports is given back to the host's allocator, and the next time QEMU
+    /// touches it (at the latest when a live branch populates guest RAM,
+    /// inside the pause) a fresh 2 MiB page must be found, which took
+    /// 0.2–4.5 ms each on a fragmented host. A guest reports its free memory
+    /// in small batches for a minute after boot and again after every large
+    /// free, so those refaults landed in branch pauses (17–75 ms at 2 GiB)
+    /// and in the guest's stalls while RAM streamed out (heartbeat gap p99
+    /// 315–813 ms with reporting, 56–89 ms without, 2 GiB guests on a
+    /// 2-core TCG host: bench/results/branch.md). The cost: memory a
+    /// hugetlb guest frees stays with it until it exits (in practice it
+    /// did anyway: a 2 GiB guest that filled and freed 1 GiB of tmpfs still
+    /// held it 2 minutes later with reporting on).
+    pub fn wants_page_reporting(huge_pages: HugePages) -> bool {
+        huge_pages == HugePages::Off
     }
 
     pub fn ram_in_hugetlb_memfd(&self) -> bool {
@@ -406,8 +432,13 @@ impl VmConfig {
         push(&["-device", "virtio-rng-device,rng=rng0"]);
         // The guest reports free 2 MiB blocks and QEMU discards them: holes in
         // a shared RAM file, so snapshots and their children carry only the
-        // memory the guest uses, not stale free pages.
-        push(&["-device", "virtio-balloon-device,free-page-reporting=on"]);
+        // memory the guest uses, not stale free pages (not on hugetlb RAM:
+        // see `wants_page_reporting`). The device is there either way.
+        let reporting = if self.page_reporting { "on" } else { "off" };
+        push(&[
+            "-device",
+            &format!("virtio-balloon-device,free-page-reporting={reporting}"),
+        ]);
 
         for (i, d) in self.disks.iter().enumerate() {
             // JSON syntax: no comma escaping, the overlay's backing file is
@@ -467,6 +498,10 @@ pub fn valid_hostname(h: &str) -> bool {
         && !h.ends_with('-')
 }
 
+fn reporting_by_default() -> bool {
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -492,6 +527,7 @@ mod tests {
             huge_pages: HugePages::Off,
             prealloc: false,
             private_hugetlb: false,
+            page_reporting: true,
             ram_fd: None,
             tsc_khz: None,
             net_socket: None,
@@ -499,6 +535,31 @@ mod tests {
             limits: Limits::default(),
             run_as: None,
             user_option: Default::default(),
+        }
+    }
+
+    #[test]
+    fn free_page_reporting_is_offered_on_4k_ram_only() {
+        let balloon = |c: &VmConfig| {
+            value_after(&c.to_args(), "-device")
+                .into_iter()
+                .filter(|d| d.starts_with("virtio-balloon"))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        let mut c = config();
+        assert_eq!(
+            balloon(&c),
+            ["virtio-balloon-device,free-page-reporting=on"]
+        );
+        c.page_reporting = false;
+        assert_eq!(
+            balloon(&c),
+            ["virtio-balloon-device,free-page-reporting=off"]
+        );
+        assert!(VmConfig::wants_page_reporting(HugePages::Off));
+        for huge in [HugePages::Hugetlb, HugePages::HugetlbOnDemand] {
+            assert!(!VmConfig::wants_page_reporting(huge), "{huge:?}");
         }
     }
 
@@ -624,8 +685,10 @@ mod tests {
         old.as_object_mut().unwrap().remove("huge_pages");
         old.as_object_mut().unwrap().remove("prealloc");
         old.as_object_mut().unwrap().remove("private_hugetlb");
+        old.as_object_mut().unwrap().remove("page_reporting");
         let back: VmConfig = serde_json::from_value(old).unwrap();
         assert_eq!((back.huge_pages, back.prealloc), (HugePages::Off, false));
+        assert!(back.page_reporting, "sandboxes before the field reported");
         c.memory = MemoryBackend::SharedFile("/dev/shm/x/ram".into());
         c.huge_pages = HugePages::HugetlbOnDemand;
         c.prealloc = false;
