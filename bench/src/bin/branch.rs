@@ -347,7 +347,12 @@ fn main() -> Result<()> {
         md += r;
         md += "\n";
     }
-    md += "\nReproduce: `scripts/build-agent.sh && cargo build --release -p forkd-bench && target/release/branch --sizes 512,2048 --count 20 --full-count 0 --backings 4k,hugetlb-on-demand`.\n";
+    // The command that made these results, as it was run.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    md += &format!(
+        "\nReproduce: `scripts/build-agent.sh && cargo build --release -p forkd-bench && target/release/branch {}`.\n",
+        args.join(" ")
+    );
     write_results(
         &out,
         &serde_json::json!({ "machine": machine, "results": json }),

@@ -3,7 +3,8 @@
 //! bench/branch wrote (one or more runs, e.g. `branch` and `branch-4k`): the
 //! live-branch pause p50 and p99 and the guest-visible stall (heartbeat gap)
 //! p50 against guest RAM size, one colour per RAM backing (spawned children
-//! on 4 KiB or huge pages included), log scales.
+//! on 4 KiB or huge pages included), log scales. A backing and size found
+//! in several of the runs named is drawn from the first one named.
 //!
 //!     cargo run --release -p forkd-bench --bin branch_plot -- [NAME ...]   # default: branch branch-4k branch-children branch-children-8g
 
@@ -40,15 +41,22 @@ fn main() -> Result<()> {
             &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
         )?;
         if let Some(r) = v["results"].as_array() {
-            rows.extend(
-                r.iter()
-                    .filter(|r| {
-                        r["mode"]
-                            .as_str()
-                            .is_some_and(|m| m.eq_ignore_ascii_case("live"))
-                    })
-                    .cloned(),
-            );
+            for r in r.iter().filter(|r| {
+                r["mode"]
+                    .as_str()
+                    .is_some_and(|m| m.eq_ignore_ascii_case("live"))
+            }) {
+                // A backing and size measured in several of the runs named
+                // is drawn from the first one named (the newest first).
+                let seen = rows.iter().any(|o| {
+                    o["backing"] == r["backing"]
+                        && o["mem_mib"] == r["mem_mib"]
+                        && o["qemu"] == r["qemu"]
+                });
+                if !seen {
+                    rows.push(r.clone());
+                }
+            }
         }
     }
     let mut backings: Vec<String> = rows
