@@ -10,9 +10,10 @@
 //! entry per sandbox (`ID`: pages, QEMU pid and start time) under one
 //! `flock`. An entry whose QEMU is gone (or that never got one within
 //! [`UNCLAIMED_FOR`]) is dropped the next time anyone looks. The limit is the
-//! host's value from before forkd first raised it plus the live entries'
-//! pages. Raising the limit reserves no memory: a sandbox costs the host the
-//! 2 MiB pages its guest has touched, nothing more.
+//! host's value from before forkd first raised it, plus the live entries'
+//! pages, plus the surplus pages in use when it is set ([`target_limit`]).
+//! Raising the limit reserves no memory: a sandbox costs the host the 2 MiB
+//! pages its guest has touched, nothing more.
 //!
 //! Never lowers the limit below what live entries need; never touches
 //! `vm.nr_hugepages` (the static pool is the administrator's).
@@ -68,9 +69,32 @@ impl Entry {
     }
 }
 
-/// The limit the kernel should have: the host's own plus every live entry.
-pub fn target_limit(original: u64, live: &[Entry]) -> u64 {
-    original.saturating_add(live.iter().map(|e| e.pages).sum())
+/// The limit the kernel should have: the host's own, plus every live
+/// entry, plus `in_use` (the surplus pages taken right now). A QEMU forkd
+/// has seen exit can hold its pages a moment longer: the kernel frees them
+/// when the last reference to its memory goes, which may be another
+/// process reading its `/proc` files. Counting only the live entries then
+/// left the pool full for a moment, and a guest booting meanwhile was
+/// killed by SIGBUS on its next new page (seen in CI; a watcher sampling
+/// every 20 ms saw 65 surplus pages in use with no entry left, and 144 in
+/// use against one entry of 128). Counting what is in use lets every live
+/// entry take all its pages whatever the stragglers hold; the limit is a
+/// cap, not a reservation, and forkd's own guests never exceed their
+/// entries (each QEMU's RAM is a memfd of its guest's size).
+pub fn target_limit(original: u64, live: &[Entry], in_use: u64) -> u64 {
+    original
+        .saturating_add(live.iter().map(|e| e.pages).sum())
+        .saturating_add(in_use)
+}
+
+/// Surplus huge pages of the default size in use on the host now.
+fn surplus_in_use() -> Result<u64, CoreError> {
+    const MEMINFO: &str = "/proc/meminfo";
+    let info = fs::read_to_string(MEMINFO).map_err(CoreError::host("reading", MEMINFO))?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("HugePages_Surp:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| CoreError::HugePages(format!("{MEMINFO} has no HugePages_Surp")))
 }
 
 /// Set to `off` in forkd's environment: new sandboxes on 4 KiB pages.
@@ -222,7 +246,7 @@ impl Ledger {
                 o
             }
         };
-        let target = target_limit(original, &live);
+        let target = target_limit(original, &live, surplus_in_use()?);
         if read_sysctl()? != target {
             write_sysctl(target)?;
         }
@@ -364,8 +388,10 @@ mod tests {
             pid: 1,
             pid_start: 0,
         };
-        assert_eq!(target_limit(0, &[]), 0);
-        assert_eq!(target_limit(10, &[e(256), e(1024)]), 1290);
-        assert_eq!(target_limit(u64::MAX, &[e(1)]), u64::MAX);
+        assert_eq!(target_limit(0, &[], 0), 0);
+        assert_eq!(target_limit(10, &[e(256), e(1024)], 0), 1290);
+        // Pages still held by QEMUs already gone keep their room.
+        assert_eq!(target_limit(0, &[e(128)], 65), 193);
+        assert_eq!(target_limit(u64::MAX, &[e(1)], 7), u64::MAX);
     }
 }
