@@ -7,7 +7,7 @@
 //! and tracks whatever QEMU the host has. Events that arrive while waiting for
 //! a reply are kept in order for callers that want them (e.g. `MIGRATION`).
 
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::io::{AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -26,6 +26,10 @@ pub enum QmpError {
     Closed,
     #[error("QMP sent something that is not JSON: {0}")]
     BadJson(String),
+    #[error(
+        "QMP sent a message longer than {0} bytes without ending it; the connection was dropped"
+    )]
+    TooLong(usize),
     #[error("QMP command `{command}` failed: {class}: {desc}")]
     Command {
         command: String,
@@ -36,6 +40,20 @@ pub enum QmpError {
     Timeout(String, Duration),
     #[error("another forkd process kept QEMU's control socket for more than {0:?}")]
     Busy(Duration),
+}
+
+/// The longest QMP message forkd reads. Its own commands get replies of a
+/// few KiB; QEMU's largest (`query-qmp-schema`) is about 200 KiB.
+const MAX_MESSAGE: usize = 16 << 20;
+
+/// The start of a message that did not parse, short enough for an error.
+fn excerpt(line: &str) -> String {
+    const KEEP: usize = 200;
+    let line = line.trim_end();
+    match line.char_indices().nth(KEEP) {
+        Some((i, _)) => format!("{}… ({} bytes)", &line[..i], line.len()),
+        None => line.to_string(),
+    }
 }
 
 /// When an event happened, in seconds, from its QMP timestamp.
@@ -154,7 +172,9 @@ impl Qmp {
     fn read_message(&mut self) -> Result<Value, QmpError> {
         loop {
             let mut line = std::mem::take(&mut self.partial);
-            let read = self.reader()?.read_line(&mut line);
+            // QEMU runs what a guest drives: never buffer without bound.
+            let budget = MAX_MESSAGE.saturating_sub(line.len()) as u64;
+            let read = self.reader()?.take(budget).read_line(&mut line);
             if read.is_err() {
                 // What arrived before the error stays for the next read.
                 self.partial = line;
@@ -170,13 +190,18 @@ impl Qmp {
                     QmpError::Io(e)
                 }
             })?;
+            if !line.ends_with('\n') && line.len() >= MAX_MESSAGE {
+                // The rest of that message would be read as the next one.
+                self.conn = None;
+                return Err(QmpError::TooLong(MAX_MESSAGE));
+            }
             if n == 0 {
                 return Err(QmpError::Closed);
             }
             if line.trim().is_empty() {
                 continue;
             }
-            return serde_json::from_str(&line).map_err(|_| QmpError::BadJson(line.clone()));
+            return serde_json::from_str(&line).map_err(|_| QmpError::BadJson(excerpt(&line)));
         }
     }
 
@@ -357,4 +382,71 @@ fn send_with_fd(sock: &mut UnixStream, bytes: &[u8], fd: BorrowedFd<'_>) -> io::
         return Err(io::Error::last_os_error());
     }
     sock.write_all(&bytes[sent as usize..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    /// A QMP server that greets, accepts capabilities, then answers the
+    /// next command with `reply` (raw bytes, no newline added).
+    fn serve(path: &Path, reply: Vec<u8>) -> std::thread::JoinHandle<()> {
+        let listener = UnixListener::bind(path).unwrap();
+        std::thread::spawn(move || {
+            let (sock, _) = listener.accept().unwrap();
+            let mut out = sock.try_clone().unwrap();
+            let mut input = BufReader::new(sock);
+            let mut line = String::new();
+            out.write_all(b"{\"QMP\": {\"version\": {\"qemu\": {\"major\": 7, \"minor\": 2, \"micro\": 22}}, \"capabilities\": []}}\n").unwrap();
+            input.read_line(&mut line).unwrap();
+            out.write_all(b"{\"return\": {}}\n").unwrap();
+            line.clear();
+            input.read_line(&mut line).unwrap();
+            // The client may hang up before it took everything.
+            let _ = out.write_all(&reply);
+        })
+    }
+
+    #[test]
+    fn a_message_without_end_is_refused_at_the_limit_not_buffered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let server = serve(&path, vec![b'x'; MAX_MESSAGE + (1 << 20)]);
+        let mut qmp = Qmp::connect(&path, Duration::from_secs(10)).unwrap();
+        assert_eq!(qmp.version, "7.2.22");
+        let err = qmp.execute("query-status", None).unwrap_err();
+        assert!(matches!(err, QmpError::TooLong(MAX_MESSAGE)), "{err}");
+        // The connection that desynchronised is gone, not reused.
+        assert!(qmp.conn.is_none());
+        drop(qmp);
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn a_long_reply_under_the_limit_is_read_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let big = "y".repeat(1 << 20);
+        let server = serve(
+            &path,
+            format!("{{\"return\": {{\"s\": \"{big}\"}}}}\n").into_bytes(),
+        );
+        let mut qmp = Qmp::connect(&path, Duration::from_secs(10)).unwrap();
+        let v = qmp.execute("query-big", None).unwrap();
+        assert_eq!(v["s"].as_str().map(str::len), Some(1 << 20));
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn bad_json_is_quoted_short() {
+        let long = format!("not json {}", "z".repeat(5000));
+        let e = excerpt(&long);
+        assert!(e.starts_with("not json zzz"), "{e}");
+        assert!(e.ends_with("(5009 bytes)"), "{e}");
+        assert!(e.chars().count() < 260, "{e}");
+        assert_eq!(excerpt("short\n"), "short");
+        // Never cut inside a character.
+        assert!(excerpt(&"é".repeat(300)).starts_with("éé"));
+    }
 }
