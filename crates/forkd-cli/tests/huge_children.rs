@@ -9,7 +9,9 @@
 //!   one ahead;
 //! - a spawn whose copy finds the pool dry (another program took every
 //!   page after forkd claimed them) fails naming it and leaves no child, no
-//!   claim and no QEMU; so does one where forkd may not manage the pool.
+//!   claim and no QEMU; so does one where forkd may not manage the pool;
+//! - a spawn killed (SIGKILL) inside its copy gives the copied pages back,
+//!   leaves no child, and its claim goes by the next spawn.
 
 mod common;
 #[path = "../../forkd-core/tests/common/hog.rs"]
@@ -182,5 +184,85 @@ fn children_on_huge_pages_branch_one_instant_and_fail_cleanly_on_a_dry_pool() {
     assert!(!claimed(), "a failed copy keeps its claim");
     assert_eq!(before, w.cli_ids(), "a failed spawn left a sandbox");
     // And with pages to spare again, it spawns.
+    let again = w.cli_spawn(&["hp0", "--hugepages"]);
+    assert_eq!(again.len(), 1);
+
+    // Killed (SIGKILL) in the middle of its copy: the pages it copied go
+    // back to the host with it, it leaves no child and no QEMU, and its
+    // claim is gone by the next spawn. No other guest runs meanwhile, so
+    // nothing else takes huge pages.
+    w.cli_ok(&["kill", &again[0], &p]);
+    let before = w.cli_ids();
+    let surplus_before = surplus_in_use();
+    let mut spawner = w
+        .command()
+        .env(
+            forkd_core::faultpoint::STOP_AT_VAR,
+            forkd_vm::hugeram::COPY_STARTED,
+        )
+        .args(["spawn", "hp0", "--hugepages"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    common::wait_stopped(
+        &mut spawner,
+        "the spawn (stopped inside its copy)",
+        Duration::from_secs(120),
+    );
+    let claim = format!("sb-spawn-{}-", spawner.id());
+    let claimed = || {
+        std::fs::read_dir(LEDGER)
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with(&claim))
+    };
+    assert!(claimed(), "the copy runs under a claim");
+    assert!(
+        copy_bytes(spawner.id()) > 0,
+        "the stopped copy holds no huge page"
+    );
+    spawner.kill().unwrap();
+    spawner.wait().unwrap();
+    let t0 = std::time::Instant::now();
+    while surplus_in_use() > surplus_before && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        surplus_in_use() <= surplus_before,
+        "the killed copy's pages did not go back: {} surplus pages in use, {surplus_before} before",
+        surplus_in_use()
+    );
+    assert_eq!(before, w.cli_ids(), "a killed spawn left a sandbox");
     assert_eq!(w.cli_spawn(&["hp0", "--hugepages"]).len(), 1);
+    assert!(
+        !claimed(),
+        "a killed spawner's claim outlived the next spawn"
+    );
+}
+
+/// Bytes allocated to the hugetlb copy process `pid` holds open.
+fn copy_bytes(pid: u32) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            std::fs::read_link(e.path()).is_ok_and(|t| {
+                t.to_string_lossy()
+                    .starts_with(&format!("/memfd:{}", forkd_vm::hugeram::MEMFD_NAME))
+            })
+        })
+        .filter_map(|e| std::fs::metadata(e.path()).ok())
+        .map(|m| m.blocks() * 512)
+        .sum()
+}
+
+/// Huge pages the host has handed out beyond its static pool.
+fn surplus_in_use() -> u64 {
+    let m = std::fs::read_to_string("/proc/meminfo").unwrap();
+    m.lines()
+        .find_map(|l| l.strip_prefix("HugePages_Surp:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("HugePages_Surp in /proc/meminfo")
 }

@@ -28,6 +28,10 @@ pub const HUGE_PAGE: u64 = 2 << 20;
 /// The name QEMU's `/proc/PID/maps` shows for the copy (`/memfd:NAME`).
 pub const MEMFD_NAME: &str = "forkd-child-ram";
 
+/// Fault point ([`crate::faultpoint`]): inside [`HugeRam::copy_of`], once
+/// its first page is allocated and copied.
+pub const COPY_STARTED: &str = "hugeram:copying";
+
 /// Why the copy could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum HugeRamError {
@@ -174,6 +178,9 @@ impl HugeRam {
                 );
             }
             pages += 1;
+            if pages == 1 {
+                crate::faultpoint::reached(COPY_STARTED);
+            }
         }
         drop(map);
         seal(&fd)?;
