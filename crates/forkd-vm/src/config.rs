@@ -411,8 +411,15 @@ impl VmConfig {
         let cmdline = self.cmdline();
         push(&["-append", &cmdline]);
 
-        let console = format!("file,id=console0,path={}", opt_escape(&self.console_log));
-        push(&["-chardev", &console, "-serial", "chardev:console0"]);
+        // Boot messages go to the log file; once the guest runs code of its
+        // own, QEMU's ring instead ([`crate::console`]).
+        let console = format!(
+            "file,id={},path={}",
+            crate::console::CHARDEV,
+            opt_escape(&self.console_log)
+        );
+        let serial = format!("chardev:{}", crate::console::CHARDEV);
+        push(&["-chardev", &console, "-serial", &serial]);
         let qmp = format!(
             "socket,id=qmp0,path={},server=on,wait=off",
             opt_escape(&self.qmp_socket)

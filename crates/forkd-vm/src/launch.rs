@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use forkd_protocol::client::{AgentClient, ClientError};
 
 use crate::config::VmConfig;
-use crate::process::{describe, process_start_time, tail, which};
+use crate::process::{describe, process_start_time, tail, tail_bytes, which, STDERR_KEPT};
 use crate::qmp::Qmp;
 use crate::rundir::RunDir;
 use crate::VmError;
@@ -82,7 +82,7 @@ impl Partial {
                 self.child = None;
                 return Err(VmError::ExitedDuringBoot {
                     status: describe(status, self.sigbus_cause),
-                    stderr: fs::read_to_string(&self.stderr_path).unwrap_or_default(),
+                    stderr: tail_bytes(&self.stderr_path, STDERR_KEPT),
                     console: tail(&self.console, 15),
                 });
             }
@@ -103,7 +103,7 @@ impl Partial {
     pub(crate) fn timeout(&self, timeout: Duration) -> VmError {
         VmError::BootTimeout {
             timeout,
-            stderr: fs::read_to_string(&self.stderr_path).unwrap_or_default(),
+            stderr: tail_bytes(&self.stderr_path, STDERR_KEPT),
             console: tail(&self.console, 15),
         }
     }

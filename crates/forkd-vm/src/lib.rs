@@ -19,6 +19,7 @@ pub mod accel;
 pub mod cgroup;
 pub mod config;
 pub mod confine;
+pub mod console;
 pub mod disk;
 mod error;
 pub mod faultpoint;

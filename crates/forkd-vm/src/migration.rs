@@ -181,6 +181,8 @@ pub(crate) fn restore_device_state(
         what: WHAT,
         reason: format!("{}: {e}", state.display()),
     })?;
+    // The guest may run as soon as its state is in: bound its console first.
+    crate::console::bound(qmp)?;
     set_capabilities(qmp, Purpose::DeviceState)?;
     qmp.send_fd("forkd-incoming", file.as_fd())?;
     drop(file); // QEMU holds its own copy now

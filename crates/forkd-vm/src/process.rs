@@ -45,16 +45,26 @@ pub fn describe_signal(signal: i32, sigbus_cause: Option<&str>) -> String {
 
 /// The last `lines` lines of a text file (reads at most its last 64 KiB).
 pub fn tail(path: &Path, lines: usize) -> String {
+    let text = tail_bytes(path, 64 * 1024);
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// How much of QEMU's stderr forkd reads into an error or report.
+pub const STDERR_KEPT: u64 = 64 * 1024;
+
+/// The last `max` bytes of the file at `path` (invalid UTF-8 replaced),
+/// empty if it cannot be read: logs a guest can make QEMU write are read
+/// this way, never whole.
+pub fn tail_bytes(path: &Path, max: u64) -> String {
     let Ok(mut f) = File::open(path) else {
         return String::new();
     };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)));
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(max)));
     let mut buf = Vec::new();
-    let _ = f.read_to_end(&mut buf);
-    let text = String::from_utf8_lossy(&buf);
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
+    let _ = f.take(max).read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).into_owned()
 }
 
 /// Resolves a program name on PATH (or checks an explicit path).
@@ -183,6 +193,21 @@ pub fn reap_if_child(pid: u32, start: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tail_bytes_reads_only_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let mut text = "a".repeat(100_000);
+        text.push_str("\nlast line\n");
+        std::fs::write(&path, &text).unwrap();
+        let end = tail_bytes(&path, 1000);
+        assert_eq!(end.len(), 1000);
+        assert!(end.ends_with("aaa\nlast line\n"));
+        assert_eq!(tail_bytes(&path, 1 << 20), text);
+        assert_eq!(tail(&path, 1), "last line");
+        assert_eq!(tail_bytes(&dir.path().join("none"), 10), "");
+    }
 
     #[test]
     fn a_sigbus_names_its_cause() {

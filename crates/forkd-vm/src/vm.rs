@@ -10,7 +10,6 @@
 //! their own modules ([`crate::disk`], [`crate::migration`]); this one is the
 //! handle and its lifecycle.
 
-use std::fs;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus};
@@ -23,7 +22,7 @@ use crate::config::VmConfig;
 use crate::launch::{connect_agent, start_qemu, Started};
 pub use crate::launch::{LaunchOptions, SpawnHook};
 use crate::migration::restore_device_state;
-use crate::process::{describe, pid_alive, reap_if_child, tail};
+use crate::process::{describe, pid_alive, reap_if_child, tail, tail_bytes, STDERR_KEPT};
 use crate::qmp::Qmp;
 use crate::rundir::RunDir;
 use crate::VmError;
@@ -86,6 +85,10 @@ impl Vm {
         }
         let agent = connect_agent(&config, &mut partial, deadline, opts)?;
         let boot_time = started.elapsed();
+        if opts.restore.is_none() {
+            // Booted: what runs from now on may be the guest's own code.
+            crate::console::bound(&mut qmp)?;
+        }
         let run_path = run_dir.path().to_path_buf();
         Ok(Vm {
             config,
@@ -334,14 +337,16 @@ impl Vm {
         VmError::Agent(err)
     }
 
-    /// Last lines of the guest console.
+    /// Last lines the guest wrote to its console while it booted (later
+    /// output goes to QEMU's bounded ring, [`crate::console`]).
     pub fn console_tail(&self, lines: usize) -> String {
         tail(&self.config.console_log, lines)
     }
 
-    /// What QEMU wrote to stderr.
+    /// The end of what QEMU wrote to stderr (its last [`STDERR_KEPT`]
+    /// bytes: a guest can make QEMU log).
     pub fn qemu_stderr(&self) -> String {
-        fs::read_to_string(&self.stderr_path).unwrap_or_default()
+        tail_bytes(&self.stderr_path, STDERR_KEPT)
     }
 
     /// Powers the guest off through its agent (which syncs its disks), falling
