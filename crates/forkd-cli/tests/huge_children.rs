@@ -11,7 +11,8 @@
 //!   page after forkd claimed them) fails naming it and leaves no child, no
 //!   claim and no QEMU; so does one where forkd may not manage the pool;
 //! - a spawn killed (SIGKILL) inside its copy gives the copied pages back,
-//!   leaves no child, and its claim goes by the next spawn.
+//!   leaves no child, and its claim goes by the next spawn; a create killed
+//!   after its claim, before its QEMU, leaves a claim the next create drops.
 
 mod common;
 #[path = "../../forkd-core/tests/common/hog.rs"]
@@ -238,6 +239,58 @@ fn children_on_huge_pages_branch_one_instant_and_fail_cleanly_on_a_dry_pool() {
     assert!(
         !claimed(),
         "a killed spawner's claim outlived the next spawn"
+    );
+
+    // A create killed (SIGKILL) after its claim, before its QEMU exists:
+    // the claim is that process's, and the next look at the ledger drops
+    // it (not 15 minutes later). A create that finishes hands its claim
+    // to its QEMU.
+    let entries = || -> Vec<String> {
+        std::fs::read_dir(LEDGER)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("sb-"))
+            .collect()
+    };
+    let old = entries();
+    let mut creator = w
+        .command()
+        .env(
+            forkd_core::faultpoint::STOP_AT_VAR,
+            forkd_core::fleet::STOP_AFTER_CLAIM,
+        )
+        .args(["create", "--mem", "256"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    common::wait_stopped(
+        &mut creator,
+        "the create (stopped after its claim)",
+        Duration::from_secs(60),
+    );
+    let new: Vec<String> = entries().into_iter().filter(|n| !old.contains(n)).collect();
+    assert_eq!(new.len(), 1, "one claim for the create: {new:?}");
+    let entry = PathBuf::from(LEDGER).join(&new[0]);
+    let held = forkd_core::hugepool::Entry::parse(&std::fs::read_to_string(&entry).unwrap())
+        .expect("a ledger entry");
+    assert_eq!(held.pid, creator.id(), "the claim is not the creator's");
+    creator.kill().unwrap();
+    creator.wait().unwrap();
+    let fresh = w.cli_ok(&["create", "--mem", "256"]).trim().to_string();
+    assert!(
+        !entry.exists(),
+        "the killed create's claim outlived the next create"
+    );
+    let own = forkd_core::hugepool::Entry::parse(
+        &std::fs::read_to_string(PathBuf::from(LEDGER).join(format!("sb-{fresh}"))).unwrap(),
+    )
+    .expect("the new sandbox's claim");
+    assert_eq!(
+        u64::from(own.pid),
+        pid_of(&w, &fresh),
+        "the claim is not its QEMU's"
     );
 }
 

@@ -36,8 +36,8 @@ pub const LEDGER_DIR: &str = "/run/forkd-hugepool";
 const OVERCOMMIT_SYSCTL: &str = "/proc/sys/vm/nr_overcommit_hugepages";
 /// The host's limit from before forkd raised it.
 const ORIGINAL: &str = "original";
-/// An entry still without a QEMU after this long belongs to a create that
-/// died half-way.
+/// An entry without a holder (from a forkd before claims had one, or a
+/// claimer whose start time was unreadable) is dropped after this long.
 pub const UNCLAIMED_FOR: Duration = Duration::from_secs(15 * 60);
 
 /// One sandbox in the ledger.
@@ -45,7 +45,8 @@ pub const UNCLAIMED_FOR: Duration = Duration::from_secs(15 * 60);
 pub struct Entry {
     /// 2 MiB pages its guest may take.
     pub pages: u64,
-    /// Its QEMU, once launched (0 before).
+    /// Who holds it: the claiming forkd process, then its QEMU (0: nobody
+    /// known, see [`UNCLAIMED_FOR`]).
     pub pid: u32,
     pub pid_start: u64,
 }
@@ -276,14 +277,22 @@ fn write_sysctl(v: u64) -> Result<(), CoreError> {
 }
 
 /// Lets the pool grow by `pages` for sandbox `id`, before its QEMU starts.
+/// The claim is this process's until [`bind`] hands it to the QEMU: a
+/// claimer that dies first leaves a claim the next look at the ledger drops.
 pub fn claim(id: &str, pages: u64) -> Result<(), CoreError> {
     let l = Ledger::open()?;
+    let me = std::process::id();
+    // Without a start time the entry has no holder and ages out instead.
+    let (pid, pid_start) = match forkd_vm::process::process_start_time(me) {
+        Some(start) => (me, start),
+        None => (0, 0),
+    };
     l.write_entry(
         id,
         Entry {
             pages,
-            pid: 0,
-            pid_start: 0,
+            pid,
+            pid_start,
         },
     )?;
     l.apply().map(drop)

@@ -12,6 +12,10 @@ use crate::artifacts::Artifacts;
 use crate::sandbox::{new_id, BootOptions};
 use crate::CoreError;
 
+/// Fault point ([`crate::faultpoint`]): a create holds its huge-page claim,
+/// its QEMU does not exist yet.
+pub const STOP_AFTER_CLAIM: &str = "create:claimed";
+
 impl Fleet {
     /// Boots a detached sandbox and records it; returns it and how long the
     /// boot took (QEMU start until the agent answered).
@@ -45,6 +49,7 @@ impl Fleet {
         let pages = crate::hugepages::HugePagePool::pages_for(opts.mem_mib);
         if on_demand {
             crate::hugepool::claim(&id, pages)?;
+            forkd_vm::faultpoint::reached(STOP_AFTER_CLAIM);
         }
         let claim = ClaimGuard(on_demand.then(|| id.clone()));
         let mut run_dir = RunDir::create(&self.sandboxes_dir(), &id)?;
@@ -72,7 +77,7 @@ impl Fleet {
                 die_with_parent: false,
                 cancel: opts.cancel.clone(),
                 restore: None,
-                on_spawn: Some(starting.spawn_hook()),
+                on_spawn: Some(starting.spawn_hook(on_demand.then_some(pages))),
             },
         )
         .map_err(|e| explain_sigbus(e, on_demand, opts.mem_mib))?;

@@ -43,6 +43,7 @@ use forkd_protocol::ExecRequest;
 use forkd_store::{Db, SandboxRow, Store};
 use forkd_vm::Vm;
 
+pub use create::STOP_AFTER_CLAIM;
 pub(crate) use info::snapshot_view;
 pub use ramcache::CACHE_DIR;
 pub use record::SandboxConfig;

@@ -272,12 +272,10 @@ impl Fleet {
         let image = self.ram_for_children(&parent.tag, &parent.dir)?;
         let id = format!("spawn-{}-{}", std::process::id(), super::unix_now_ns());
         let pages = crate::hugepages::HugePagePool::pages_for(mem);
+        // Held by this process (the copy lives in its memfd until the
+        // children map it).
         crate::hugepool::claim(&id, pages)?;
         let claim = super::create::ClaimGuard(Some(id.clone()));
-        let me = std::process::id();
-        if let Some(start) = forkd_vm::process::process_start_time(me) {
-            crate::hugepool::bind(&id, pages, me, start)?;
-        }
         forkd_vm::faultpoint::reached("spawn:huge-copy");
         let copy = forkd_vm::hugeram::HugeRam::copy_of(&image, mem << 20).map_err(|e| {
             CoreError::HugePages(format!(
@@ -421,7 +419,7 @@ impl Fleet {
                     die_with_parent: false,
                     cancel: None,
                     restore: None,
-                    on_spawn: Some(starting.spawn_hook()),
+                    on_spawn: Some(starting.spawn_hook(None)),
                 },
             )?;
             self.adopt(pid, pid_start);
@@ -520,7 +518,7 @@ impl Fleet {
                 die_with_parent: false,
                 cancel: None,
                 restore: Some(parent.dir.join(DEVICE_STATE)),
-                on_spawn: Some(starting.spawn_hook()),
+                on_spawn: Some(starting.spawn_hook(huge_claim)),
             },
         )
         .map_err(|e| {

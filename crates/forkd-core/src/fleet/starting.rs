@@ -88,10 +88,17 @@ pub(super) struct Starting<'a> {
 
 impl Starting<'_> {
     /// The hook that writes QEMU's pid into the row as soon as it exists.
-    pub(super) fn spawn_hook(&self) -> SpawnHook {
+    /// Records QEMU's pid the moment it exists; with `huge_claim` (the
+    /// sandbox's huge-page claim, in pages) also hands that claim to it, so
+    /// that it is never held by a process that is gone while QEMU runs.
+    pub(super) fn spawn_hook(&self, huge_claim: Option<u64>) -> SpawnHook {
         let db = Arc::clone(&self.fleet.db);
         let id = self.id.clone();
         SpawnHook::new(move |pid, start| {
+            if let Some(pages) = huge_claim {
+                // Bound again after launch if this fails.
+                let _ = crate::hugepool::bind(&id, pages, pid, start);
+            }
             let db = db.lock().unwrap_or_else(|p| p.into_inner());
             let _ = db.set_sandbox_pid(&id, pid, start);
         })
