@@ -149,26 +149,9 @@ fn children_on_huge_pages_branch_one_instant_and_fail_cleanly_on_a_dry_pool() {
     // The pool runs dry between forkd's claim and its copy: stopped there,
     // another program takes every page; the spawn fails and names it.
     let before = w.cli_ids();
-    let mut spawner = w
-        .command()
-        .env(forkd_core::faultpoint::STOP_AT_VAR, "spawn:huge-copy")
-        .args(["spawn", "hp0", "--hugepages"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    common::wait_stopped(
-        &mut spawner,
-        "the spawn (stopped before its copy)",
-        Duration::from_secs(120),
-    );
-    let claim = format!("sb-spawn-{}-", spawner.id());
-    let claimed = || {
-        std::fs::read_dir(LEDGER)
-            .unwrap()
-            .flatten()
-            .any(|e| e.file_name().to_string_lossy().starts_with(&claim))
-    };
+    let spawner = spawn_stopped(&w, "spawn:huge-copy", "before its copy");
+    let pid = spawner.id();
+    let claimed = || spawner_claims(pid);
     assert!(claimed(), "the copy is claimed before it is made");
     let hog = Hog::take_all(4096);
     assert!(hog.held > 0, "the hog got no page");
@@ -195,29 +178,9 @@ fn children_on_huge_pages_branch_one_instant_and_fail_cleanly_on_a_dry_pool() {
     w.cli_ok(&["kill", &again[0], &p]);
     let before = w.cli_ids();
     let surplus_before = surplus_in_use();
-    let mut spawner = w
-        .command()
-        .env(
-            forkd_core::faultpoint::STOP_AT_VAR,
-            forkd_vm::hugeram::COPY_STARTED,
-        )
-        .args(["spawn", "hp0", "--hugepages"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    common::wait_stopped(
-        &mut spawner,
-        "the spawn (stopped inside its copy)",
-        Duration::from_secs(120),
-    );
-    let claim = format!("sb-spawn-{}-", spawner.id());
-    let claimed = || {
-        std::fs::read_dir(LEDGER)
-            .unwrap()
-            .flatten()
-            .any(|e| e.file_name().to_string_lossy().starts_with(&claim))
-    };
+    let mut spawner = spawn_stopped(&w, forkd_vm::hugeram::COPY_STARTED, "inside its copy");
+    let pid = spawner.id();
+    let claimed = || spawner_claims(pid);
     assert!(claimed(), "the copy runs under a claim");
     assert!(
         copy_bytes(spawner.id()) > 0,
@@ -292,6 +255,34 @@ fn children_on_huge_pages_branch_one_instant_and_fail_cleanly_on_a_dry_pool() {
         pid_of(&w, &fresh),
         "the claim is not its QEMU's"
     );
+}
+
+/// `spawn hp0 --hugepages`, stopped at fault point `point` (`where_` says
+/// where, for the error if it never gets there).
+fn spawn_stopped(w: &World, point: &str, where_: &str) -> std::process::Child {
+    let mut spawner = w
+        .command()
+        .env(forkd_core::faultpoint::STOP_AT_VAR, point)
+        .args(["spawn", "hp0", "--hugepages"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    common::wait_stopped(
+        &mut spawner,
+        &format!("the spawn (stopped {where_})"),
+        Duration::from_secs(120),
+    );
+    spawner
+}
+
+/// Whether spawner `pid` holds a pool claim for its hugetlb copy.
+fn spawner_claims(pid: u32) -> bool {
+    let claim = format!("sb-spawn-{pid}-");
+    std::fs::read_dir(LEDGER)
+        .unwrap()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with(&claim))
 }
 
 /// Bytes allocated to the hugetlb copy process `pid` holds open.
