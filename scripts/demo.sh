@@ -38,12 +38,12 @@ echo "   parent still serving: $($F exec "$PARENT" -- cat /tmp/served) requests"
 
 echo "== spawn $N copy-on-write children from the branch"
 OUT=$($F spawn "$TAG" -n "$N" --json)
-KIDS=$(echo "$OUT" | python3 -c "import json,sys; print(' '.join(c['id'] for c in json.load(sys.stdin)['children'] if 'id' in c))")
+KIDS=$(echo "$OUT" | python3 -c "import json,sys; print(' '.join(c['sandbox']['id'] for c in json.load(sys.stdin)['children'] if 'sandbox' in c))")
 IDS="$IDS $KIDS"
 echo "$OUT" | python3 -c "
 import json,sys; d=json.load(sys.stdin)
 for c in d['children']:
-    print('   %s ready in %.0f ms (device state loaded in %.0f ms)' % (c['id'], c['ready_ms'], c['restore_ms']) if 'id' in c else '   failed: ' + c['error'])
+    print('   %s ready in %.0f ms (device state loaded in %.0f ms)' % (c['sandbox']['id'], c['ready_ms'], c['restore_ms']) if 'sandbox' in c else '   failed: ' + c['error'])
 print('   all %d ready in %.0f ms' % (len(d['children']), d['wall_ms']))"
 
 echo "== run a command in each child"
