@@ -177,7 +177,8 @@ fn children_on_huge_pages_branch_one_instant_and_fail_cleanly_on_a_dry_pool() {
     // nothing else takes huge pages.
     w.cli_ok(&["kill", &again[0], &p]);
     let before = w.cli_ids();
-    let surplus_before = surplus_in_use();
+    let surplus = || forkd_core::hugepool::surplus_in_use().unwrap();
+    let surplus_before = surplus();
     let mut spawner = spawn_stopped(&w, forkd_vm::hugeram::COPY_STARTED, "inside its copy");
     let pid = spawner.id();
     let claimed = || spawner_claims(pid);
@@ -189,13 +190,13 @@ fn children_on_huge_pages_branch_one_instant_and_fail_cleanly_on_a_dry_pool() {
     spawner.kill().unwrap();
     spawner.wait().unwrap();
     let t0 = std::time::Instant::now();
-    while surplus_in_use() > surplus_before && t0.elapsed() < Duration::from_secs(10) {
+    while surplus() > surplus_before && t0.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(
-        surplus_in_use() <= surplus_before,
+        surplus() <= surplus_before,
         "the killed copy's pages did not go back: {} surplus pages in use, {surplus_before} before",
-        surplus_in_use()
+        surplus()
     );
     assert_eq!(before, w.cli_ids(), "a killed spawn left a sandbox");
     assert_eq!(w.cli_spawn(&["hp0", "--hugepages"]).len(), 1);
@@ -300,13 +301,4 @@ fn copy_bytes(pid: u32) -> u64 {
         .filter_map(|e| std::fs::metadata(e.path()).ok())
         .map(|m| m.blocks() * 512)
         .sum()
-}
-
-/// Huge pages the host has handed out beyond its static pool.
-fn surplus_in_use() -> u64 {
-    let m = std::fs::read_to_string("/proc/meminfo").unwrap();
-    m.lines()
-        .find_map(|l| l.strip_prefix("HugePages_Surp:"))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("HugePages_Surp in /proc/meminfo")
 }

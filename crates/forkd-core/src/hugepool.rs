@@ -8,7 +8,8 @@
 //! Host-wide, not per home: every forkd on the host (each test home, each
 //! user's) writes the same sysctl, so the ledger lives in `/run` with one
 //! entry per sandbox (`ID`: pages, QEMU pid and start time) under one
-//! `flock`. An entry whose QEMU is gone (or that never got one within
+//! `flock`. An entry is held by the forkd process that claimed it, then by
+//! its QEMU; one whose holder is gone (or that has none, after
 //! [`UNCLAIMED_FOR`]) is dropped the next time anyone looks. The limit is the
 //! host's value from before forkd first raised it, plus the live entries'
 //! pages, plus the surplus pages in use when it is set ([`target_limit`]).
@@ -89,7 +90,7 @@ pub fn target_limit(original: u64, live: &[Entry], in_use: u64) -> u64 {
 }
 
 /// Surplus huge pages of the default size in use on the host now.
-fn surplus_in_use() -> Result<u64, CoreError> {
+pub fn surplus_in_use() -> Result<u64, CoreError> {
     const MEMINFO: &str = "/proc/meminfo";
     let info = fs::read_to_string(MEMINFO).map_err(CoreError::host("reading", MEMINFO))?;
     info.lines()

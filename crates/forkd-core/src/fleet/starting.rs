@@ -87,10 +87,10 @@ pub(super) struct Starting<'a> {
 }
 
 impl Starting<'_> {
-    /// The hook that writes QEMU's pid into the row as soon as it exists.
-    /// Records QEMU's pid the moment it exists; with `huge_claim` (the
-    /// sandbox's huge-page claim, in pages) also hands that claim to it, so
-    /// that it is never held by a process that is gone while QEMU runs.
+    /// The hook that writes QEMU's pid into the row as soon as it exists;
+    /// with `huge_claim` (the sandbox's huge-page claim, in pages) it also
+    /// hands that claim to QEMU, so that it is never held by a process that
+    /// is gone while QEMU runs.
     pub(super) fn spawn_hook(&self, huge_claim: Option<u64>) -> SpawnHook {
         let db = Arc::clone(&self.fleet.db);
         let id = self.id.clone();
