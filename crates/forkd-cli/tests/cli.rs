@@ -1,5 +1,7 @@
 //! The `forkd` binary end to end: real QEMU, real kernel, real signals.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -22,25 +24,7 @@ fn vm_dirs(runtime: &Path) -> Vec<PathBuf> {
 }
 
 fn qemu_pids_under(runtime: &Path) -> Vec<u32> {
-    let needle = runtime.to_string_lossy().into_owned();
-    let mut pids = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-        let zombie = stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z');
-        if !zombie && String::from_utf8_lossy(&cmd).contains(&needle) {
-            pids.push(pid);
-        }
-    }
-    pids
+    common::pids_with_arg(&runtime.to_string_lossy())
 }
 
 fn wait_clean(runtime: &Path, within: Duration) {

@@ -188,3 +188,108 @@ fn a_directory_becomes_a_bootable_image_that_is_kept_while_used() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a directory"));
 }
+
+/// The mounts of `dir`'s tree that `pid` sees (`self` for this process).
+fn mounts_seen_by(pid: &str, dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let info = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap_or_default();
+    forkd_guest::mounts::mounts_under(&info, dir)
+}
+
+#[test]
+fn a_debian_build_killed_mid_bootstrap_leaves_no_mount_and_its_sweep_spares_dev_shm() {
+    use std::time::{Duration, Instant};
+    let w = World::new("images-killed");
+    // A private images dir, so the build really bootstraps.
+    let images = w.home.join("images");
+    let _ = std::fs::remove_file(&images);
+    std::fs::create_dir_all(&images).unwrap();
+    let home = std::fs::canonicalize(&w.home).unwrap();
+    let marker = std::path::PathBuf::from(format!(
+        "/dev/shm/forkd-images-killed-marker-{}",
+        std::process::id()
+    ));
+    std::fs::write(&marker, b"keep").unwrap();
+    let log = w.home.join("build.log");
+    let mut build = w
+        .command()
+        .args(["image", "build", "--image", "debian-python"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+
+    // Wait until the bootstrap has its mounts (proc, sys, dev/pts and a bind
+    // of the host's /dev/shm) inside the tree it builds.
+    let needle = home.to_string_lossy().into_owned();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let bootstrap = loop {
+        let mounted = common::pids_with_arg(&needle)
+            .into_iter()
+            .filter(|&p| p != build.id())
+            .find(|p| !mounts_seen_by(&p.to_string(), &home).is_empty());
+        if let Some(pid) = mounted {
+            break pid;
+        }
+        if let Some(status) = build.try_wait().unwrap() {
+            panic!(
+                "the build ended ({status}) before its bootstrap mounted anything: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no bootstrap mounted inside {} within 5 min: {}",
+            home.display(),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let theirs = mounts_seen_by(&bootstrap.to_string(), &home);
+    assert!(
+        theirs.iter().any(|m| m.ends_with("dev/shm")),
+        "the bootstrap's mounts: {theirs:?}"
+    );
+    // Its mounts are its own: this process (the host's namespace) sees none.
+    assert_eq!(
+        mounts_seen_by("self", &home),
+        Vec::<std::path::PathBuf>::new()
+    );
+
+    build.kill().unwrap();
+    build.wait().unwrap();
+    // The bootstrap is told (SIGTERM) and ends by itself.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !common::pids_with_arg(&needle).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the bootstrap outlived its killed build by 2 min: pids {:?}",
+            common::pids_with_arg(&needle)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let leftovers = |images: &std::path::Path| -> Vec<String> {
+        std::fs::read_dir(images)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".tmp-"))
+            .collect()
+    };
+    assert_eq!(leftovers(&images).len(), 1, "{:?}", leftovers(&images));
+
+    // The next build sweeps the dead build's tree; the host's /dev/shm and
+    // this world's runtime dir keep their files.
+    let out = run(&w, &["image", "build", "--image", "busybox"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(leftovers(&images), Vec::<String>::new());
+    assert_eq!(std::fs::read(&marker).unwrap(), b"keep");
+    assert!(
+        w.socket.exists(),
+        "the daemon's socket in /dev/shm was removed"
+    );
+    std::fs::remove_file(&marker).unwrap();
+}

@@ -4,7 +4,8 @@
 //! input (or the order of fields) changes the key. Artifacts are built under a
 //! `<final>.tmp-<pid>` name and renamed into place: a killed build never
 //! leaves a half artifact under the final name, and its leftovers are swept by
-//! the next build once the pid is gone.
+//! the next build once the pid is gone, never through a mount left inside
+//! them (see [`crate::mounts`]).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -67,7 +68,8 @@ impl TempGuard {
 impl Drop for TempGuard {
     fn drop(&mut self) {
         if let Some(path) = self.path.take() {
-            let _ = fs::remove_dir_all(&path).or_else(|_| fs::remove_file(&path));
+            // An error leaves the tree for the next sweep (see remove_tree).
+            let _ = crate::mounts::remove_tree(&path);
         }
     }
 }

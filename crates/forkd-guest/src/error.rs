@@ -86,6 +86,9 @@ pub enum GuestError {
     #[error("{name:?} is not a Debian package name (lower-case letters, digits and `+-.`, starting with a letter or digit)")]
     BadPackageName { name: String },
 
+    #[error("left {} in place: {} is still mounted inside it and could not be unmounted (as root: `umount -l {}`); removing the tree would reach into that mount", tree.display(), mount.display(), mount.display())]
+    MountedInside { tree: PathBuf, mount: PathBuf },
+
     #[error(
         "extra packages need the debian-python image; the {recipe} image has no package manager"
     )]

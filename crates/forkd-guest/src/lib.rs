@@ -8,7 +8,9 @@
 //!
 //! Pure logic (ELF/.modinfo parsing, closure resolution, the cpio writer, cache
 //! keys) lives apart from the plumbing that runs apt-get, dpkg-deb, mkfs.ext4
-//! and mmdebstrap. This crate never boots a VM and never mounts anything.
+//! and mmdebstrap. This crate never boots a VM and never mounts anything; a
+//! root bootstrap's own mounts stay in a mount namespace of its own, and a
+//! temporary tree is only removed once nothing is mounted inside it.
 
 mod busybox;
 pub mod cache;
@@ -19,6 +21,7 @@ mod initramfs;
 mod kernel;
 pub mod modinfo;
 pub mod modules;
+pub mod mounts;
 mod rootfs;
 mod tools;
 pub mod tree;

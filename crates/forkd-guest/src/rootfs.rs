@@ -520,6 +520,7 @@ fn bootstrap_debian(
         .arg(DEBIAN_SUITE)
         .arg(root)
         .arg(DEBIAN_MIRROR);
+    tools::confine_mounts(&mut cmd);
     tools::run_logged(&mut cmd, tool.program, log)
 }
 

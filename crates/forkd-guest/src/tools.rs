@@ -121,6 +121,49 @@ pub(crate) fn run_logged(
     })
 }
 
+/// Makes `cmd` run in a mount namespace of its own whose mounts do not
+/// propagate back, so whatever it mounts (a bootstrap's `proc`, `sys`,
+/// `dev/pts`, and its bind of the host's `/dev/shm`) is gone with its last
+/// process and never appears in forkd's namespace, where removing the tree
+/// would reach through it. It is also sent SIGTERM when the thread that
+/// started it dies (a killed forkd), which a bootstrap answers by cleaning up
+/// and exiting. Needs root (CAP_SYS_ADMIN), as the bootstraps do anyway.
+pub(crate) fn confine_mounts(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id();
+    // SAFETY: the hook runs in the child between fork and exec and only
+    // makes raw syscalls (unshare, mount, prctl, getppid) with arguments
+    // that are static NUL-terminated strings or plain integers: no
+    // allocation, no lock, nothing that is unsafe after fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let root = c"/".as_ptr();
+            let flags = libc::MS_REC | libc::MS_PRIVATE;
+            if libc::mount(
+                std::ptr::null(),
+                root,
+                std::ptr::null(),
+                flags,
+                std::ptr::null(),
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // forkd died between fork and prctl: do not run orphaned.
+            if libc::getppid() as u32 != parent {
+                return Err(std::io::ErrorKind::BrokenPipe.into());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Lists the applets of a busybox binary (`--list-full` when `full`).
 pub(crate) fn busybox_list(busybox: &Path, full: bool) -> Result<String, GuestError> {
     let flag = if full { "--list-full" } else { "--list" };

@@ -198,8 +198,10 @@ impl Drop for World {
         self.kill9();
         // Sandboxes outlive the daemon by design: kill them here.
         let _ = self.command().args(["kill", "--all"]).output();
-        let _ = std::fs::remove_dir_all(&self.home);
-        let _ = std::fs::remove_dir_all(&self.runtime);
+        // Never through a mount a failed test left inside (a bootstrap's
+        // bind of the host's /dev/shm).
+        let _ = forkd_guest::mounts::remove_tree(&self.home);
+        let _ = forkd_guest::mounts::remove_tree(&self.runtime);
     }
 }
 
@@ -236,6 +238,28 @@ pub fn pid_alive(pid: u64) -> bool {
 }
 
 /// A TCP port nothing listens on now.
+/// Live (not zombie) processes with `needle` somewhere in their command line.
+pub fn pids_with_arg(needle: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        let zombie = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z');
+        if !zombie && String::from_utf8_lossy(&cmd).contains(needle) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
