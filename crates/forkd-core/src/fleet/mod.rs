@@ -82,7 +82,8 @@ pub struct Fleet {
 impl Fleet {
     pub fn open(env: &Env) -> Result<Fleet, CoreError> {
         let db = Db::open(&env.home.join("state.db"))?;
-        let store = Store::new(env.home.join("snapshots"));
+        let store =
+            Store::new(env.home.join("snapshots")).keep_zero_cvs_in(env.home.join("zero-cvs"));
         store.sweep_staging();
         let fleet = Fleet {
             env: env.clone(),

@@ -233,7 +233,8 @@ impl Fleet {
                 let base = self.ram_for_children(parent, &self.store.dir(parent))?;
                 let layer_map = snap_dir.join(crate::ramimage::LAYER_MAP);
                 crate::ramimage::flatten(&base, &stored, &layer_map, &tmp).and_then(|_| {
-                    forkd_store::hash_file(&tmp)
+                    self.store
+                        .hash_file(&tmp)
                         .map(Some)
                         .map_err(|e| std::io::Error::other(e.to_string()))
                 })

@@ -303,7 +303,7 @@ impl Fleet {
                 name: name.clone(),
                 role,
                 size: meta.len(),
-                blake3: forkd_store::hash_file(path)?,
+                blake3: self.store().hash_file(path)?,
                 backing,
             });
             files.push(FileSpec::new(name.clone(), path));
@@ -585,7 +585,7 @@ impl Fleet {
                     "{actual_size} bytes, its manifest says {size}"
                 )));
             }
-            let actual = forkd_store::hash_file(&path)?;
+            let actual = self.store().hash_file(&path)?;
             if &actual != blake3 {
                 return Err(corrupt(format!(
                     "BLAKE3 {actual}, its manifest says {blake3}"
