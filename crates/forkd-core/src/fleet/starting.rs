@@ -61,18 +61,79 @@ fn same_home(a: &Path, b: &Path) -> bool {
     a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
 }
 
-/// Whether the process that creates the sandbox in `dir` still holds its
-/// creator lock.
+/// How long a creator lock may stay held after its creator died (see
+/// [`creator_alive`]).
+const DEAD_CREATOR_GRACE: Duration = Duration::from_secs(5);
+
+/// Whether the process that creates the sandbox in `dir` is alive and still
+/// holds its creator lock.
+///
+/// The lock alone can outlive its creator for a moment: a process the
+/// creator had forked but that had not yet exec'd (a QEMU still in its
+/// pre-exec steps, which on cgroup v1 can wait tens of milliseconds to enter
+/// its group) holds a copy of every descriptor, this lock's included, until
+/// its exec closes them. So the lock file also names its creator (pid and
+/// start time); when that process is gone, the lock is waited for (up to
+/// [`DEAD_CREATOR_GRACE`]) so that whatever was being exec'd has shown
+/// itself by its command line, and the creator counts as dead.
 fn creator_alive(dir: &Path) -> bool {
     let path = dir.join(CREATOR_LOCK);
     let Ok(f) = File::open(&path) else {
         return false;
     };
+    if !lock_is_held(&f) {
+        return false;
+    }
+    let Some((pid, start)) = read_creator(&f) else {
+        // Written by a forkd that did not name the creator: the lock says.
+        return true;
+    };
+    if forkd_vm::process::pid_alive(pid, start) {
+        return true;
+    }
+    let deadline = std::time::Instant::now() + DEAD_CREATOR_GRACE;
+    while lock_is_held(&f) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+/// Whether another open of the lock file holds its lock.
+fn lock_is_held(f: &File) -> bool {
     use std::os::unix::io::AsRawFd;
     // SAFETY: flock on a valid fd we own; no memory effects. A lock taken
-    // here is let go when `f` drops, at the end of this function.
+    // here belongs to `f`'s own open file description and is let go at once
+    // (below) or when the caller drops `f`.
     let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK)
+    if rc == 0 {
+        // SAFETY: as above.
+        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_UN) };
+        return false;
+    }
+    std::io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK)
+}
+
+/// Writes this process's pid and start time into its creator lock file.
+fn write_creator(f: &File) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let pid = std::process::id();
+    let start = forkd_vm::process::process_start_time(pid).unwrap_or(0);
+    f.set_len(0)?;
+    f.write_all_at(format!("{pid} {start}\n").as_bytes(), 0)
+}
+
+/// The creator a lock file names, if it names one.
+fn read_creator(f: &File) -> Option<(u32, u64)> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = [0u8; 64];
+    let n = f.read_at(&mut buf, 0).ok()?;
+    parse_creator(std::str::from_utf8(&buf[..n]).ok()?)
+}
+
+/// `"<pid> <start>\n"` as [`write_creator`] writes it.
+fn parse_creator(text: &str) -> Option<(u32, u64)> {
+    let (pid, start) = text.trim_end_matches('\n').split_once(' ')?;
+    Some((pid.parse().ok().filter(|&p| p > 0)?, start.parse().ok()?))
 }
 
 /// A sandbox being created: its row says `starting` until [`Starting::finish`];
@@ -150,6 +211,7 @@ impl Fleet {
         // creator lock is free and that no row names is an orphan.
         let lock = run_dir.join(CREATOR_LOCK);
         let creator = super::lock_file(&lock).map_err(CoreError::host("locking", &lock))?;
+        write_creator(&creator).map_err(CoreError::host("writing", &lock))?;
         write_owner(
             run_dir,
             &RunDirOwner {
@@ -274,5 +336,83 @@ impl Fleet {
             let _ = std::fs::remove_dir_all(&dir);
         }
         Ok(killed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::{Child, Command};
+    use std::time::Instant;
+
+    /// A process (util-linux `flock`) holding `path`'s lock for `secs`.
+    fn hold(path: &Path, secs: &str) -> Child {
+        let child = Command::new("flock")
+            .arg(path)
+            .args(["sleep", secs])
+            .spawn()
+            .expect("util-linux flock");
+        let f = File::open(path).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !lock_is_held(&f) {
+            assert!(Instant::now() < deadline, "flock never took the lock");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        child
+    }
+
+    #[test]
+    fn a_lock_outliving_its_dead_creator_is_waited_for_then_the_creator_is_dead() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(CREATOR_LOCK);
+        assert!(!creator_alive(dir.path()), "no lock file");
+
+        // Our own lock, naming us: alive; let go: dead.
+        let ours = super::super::lock_file(&path).unwrap();
+        write_creator(&ours).unwrap();
+        assert_eq!(
+            read_creator(&File::open(&path).unwrap()).unwrap().0,
+            std::process::id()
+        );
+        assert!(creator_alive(dir.path()));
+        drop(ours);
+        assert!(!creator_alive(dir.path()));
+
+        // Named creator gone, the lock held by another process (what a
+        // half-forked child of a killed spawner is) that lets go in 0.4 s:
+        // waited for, then dead.
+        let mut gone = Command::new("true").spawn().unwrap();
+        gone.wait().unwrap();
+        std::fs::write(&path, format!("{} 1\n", gone.id())).unwrap();
+        let mut holder = hold(&path, "0.4");
+        let t = Instant::now();
+        assert!(!creator_alive(dir.path()));
+        let waited = t.elapsed();
+        assert!(
+            waited >= Duration::from_millis(200) && waited < DEAD_CREATOR_GRACE,
+            "{waited:?}"
+        );
+        holder.wait().unwrap();
+
+        // The same, but the creator named is alive (this process): the
+        // lock is believed.
+        let start = forkd_vm::process::process_start_time(std::process::id()).unwrap();
+        std::fs::write(&path, format!("{} {start}\n", std::process::id())).unwrap();
+        let mut holder = hold(&path, "30");
+        assert!(creator_alive(dir.path()));
+        // No creator named (an older forkd): the lock alone says.
+        std::fs::write(&path, b"").unwrap();
+        assert!(creator_alive(dir.path()));
+        holder.kill().unwrap();
+        holder.wait().unwrap();
+    }
+
+    #[test]
+    fn the_creator_line_is_parsed_strictly() {
+        assert_eq!(parse_creator("12 345\n"), Some((12, 345)));
+        assert_eq!(parse_creator("12 0"), Some((12, 0)));
+        for bad in ["", "12", "0 5\n", "x 5", "12 y", "-1 5", "12  5"] {
+            assert_eq!(parse_creator(bad), None, "{bad:?}");
+        }
     }
 }
