@@ -14,7 +14,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use blake3::hazmat::{
     left_subtree_len, merge_subtrees_non_root, merge_subtrees_root, ChainingValue, HasherExt, Mode,
@@ -44,7 +44,9 @@ pub struct ZeroCvs {
 
 #[derive(Default)]
 struct TableState {
-    cvs: Vec<ChainingValue>,
+    /// Shared with hashes in progress, so that the lock is held only while
+    /// the table grows, not while files are hashed.
+    cvs: Arc<Vec<ChainingValue>>,
     loaded: bool,
     saved: usize,
 }
@@ -72,19 +74,21 @@ impl ZeroCvs {
         }
     }
 
-    /// Runs `f` with a table of at least `blocks` entries.
-    fn with<T>(&self, blocks: usize, f: impl FnOnce(&[ChainingValue]) -> T) -> T {
+    /// The table, with at least `blocks` entries.
+    fn upto(&self, blocks: usize) -> Arc<Vec<ChainingValue>> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if !state.loaded {
             state.loaded = true;
             if let Some(cvs) = self.file.as_deref().and_then(read_table) {
                 state.saved = cvs.len();
-                state.cvs = cvs;
+                state.cvs = Arc::new(cvs);
             }
         }
-        while state.cvs.len() < blocks {
-            let i = state.cvs.len() as u64;
-            state.cvs.push(zero_block_cv(i));
+        if state.cvs.len() < blocks {
+            let mut cvs = Vec::with_capacity(blocks);
+            cvs.extend_from_slice(&state.cvs);
+            cvs.extend((state.cvs.len()..blocks).map(|i| zero_block_cv(i as u64)));
+            state.cvs = Arc::new(cvs);
         }
         if let Some(file) = &self.file {
             if state.cvs.len() > state.saved {
@@ -94,7 +98,7 @@ impl ZeroCvs {
                 }
             }
         }
-        f(&state.cvs)
+        Arc::clone(&state.cvs)
     }
 }
 
@@ -176,18 +180,17 @@ pub(crate) fn hash_open_file(file: &File, size: u64, zeros: &ZeroCvs) -> io::Res
         };
         return Ok(blake3::hash(tree.read_block(0, size)?));
     }
-    zeros.with(size.div_ceil(BLOCK) as usize, |table| {
-        let mut tree = Tree {
-            file,
-            data: &data,
-            buf: &mut buf,
-            zeros: table,
-        };
-        let split = left_subtree_len(size);
-        let left = tree.subtree(0, split)?;
-        let right = tree.subtree(split, size - split)?;
-        Ok(merge_subtrees_root(&left, &right, Mode::Hash))
-    })
+    let table = zeros.upto(size.div_ceil(BLOCK) as usize);
+    let mut tree = Tree {
+        file,
+        data: &data,
+        buf: &mut buf,
+        zeros: &table,
+    };
+    let split = left_subtree_len(size);
+    let left = tree.subtree(0, split)?;
+    let right = tree.subtree(split, size - split)?;
+    Ok(merge_subtrees_root(&left, &right, Mode::Hash))
 }
 
 /// A file being hashed as a BLAKE3 tree of [`BLOCK`]-sized leaves.
