@@ -88,8 +88,10 @@ pub fn remove_tree(path: &Path) -> Result<(), GuestError> {
             continue;
         };
         // SAFETY: `c` is a valid NUL-terminated path that outlives the call;
-        // MNT_DETACH detaches at once and never blocks on users of the mount.
-        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        // MNT_DETACH detaches at once and never blocks on users of the mount,
+        // and UMOUNT_NOFOLLOW keeps a symlink inside the tree from pointing
+        // the unmount somewhere else.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW) };
     }
     if let Some(point) = mounts_under(&read()?, &root).into_iter().next() {
         return Err(GuestError::MountedInside {

@@ -157,7 +157,7 @@ pub(crate) fn confine_mounts(cmd: &mut Command) {
             }
             // forkd died between fork and prctl: do not run orphaned.
             if libc::getppid() as u32 != parent {
-                return Err(std::io::ErrorKind::BrokenPipe.into());
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
             }
             Ok(())
         });

@@ -64,9 +64,11 @@ impl ZeroCvs {
     }
 
     /// A table read from `file` when first used (if it is there and whole)
-    /// and written back when it grew. A missing, torn or wrong file is
-    /// recomputed, never trusted: it carries a BLAKE3 of its entries, and its
-    /// first and last entries are recomputed on load.
+    /// and written back when it grew. A missing, torn or corrupt file is
+    /// recomputed: it carries a BLAKE3 of its entries, and its first and
+    /// last entries are recomputed on load. That guards against damage, not
+    /// against whoever can write the home: a forged table with a valid
+    /// checksum would make digests wrong, as forged manifests would.
     pub fn at(file: impl Into<PathBuf>) -> ZeroCvs {
         ZeroCvs {
             file: Some(file.into()),
@@ -92,10 +94,11 @@ impl ZeroCvs {
         }
         if let Some(file) = &self.file {
             if state.cvs.len() > state.saved {
-                // Best effort: without the file, the next process computes.
-                if write_table(file, &state.cvs).is_ok() {
-                    state.saved = state.cvs.len();
-                }
+                // Best effort: without the file, the next process computes;
+                // a write that failed is not tried again by this process
+                // until the table grows.
+                let _ = write_table(file, &state.cvs);
+                state.saved = state.cvs.len();
             }
         }
         Arc::clone(&state.cvs)
@@ -456,7 +459,22 @@ mod tests {
         let saved = read_table(&table_path).expect("the table was saved");
         assert_eq!(saved.len(), 6);
         assert_eq!(saved[5], zero_block_cv(5));
-        // A later process starts from the file.
+        // A later process starts from the file: one whose middle entry is
+        // wrong (its checksum made to match: damage cannot do that) is
+        // believed, and the digest follows it.
+        let mut forged_middle = saved.clone();
+        forged_middle[3] = zero_block_cv(4);
+        let entries: Vec<u8> = forged_middle.iter().flatten().copied().collect();
+        let mut bytes = TABLE_MAGIC.to_vec();
+        bytes.extend_from_slice(&entries);
+        bytes.extend_from_slice(blake3::hash(&entries).as_bytes());
+        std::fs::write(&table_path, bytes).unwrap();
+        assert_ne!(
+            hash(&ZeroCvs::at(&table_path)),
+            want,
+            "the file was not read"
+        );
+        std::fs::remove_file(&table_path).unwrap();
         assert_eq!(hash(&ZeroCvs::at(&table_path)), want);
 
         // Torn, flipped or foreign files are not trusted.

@@ -72,11 +72,17 @@ const DEAD_CREATOR_GRACE: Duration = Duration::from_secs(5);
 /// creator had forked but that had not yet exec'd (a QEMU still in its
 /// pre-exec steps, which on cgroup v1 can wait tens of milliseconds to enter
 /// its group) holds a copy of every descriptor, this lock's included, until
-/// its exec closes them. So the lock file also names its creator (pid and
-/// start time); when that process is gone, the lock is waited for (up to
-/// [`DEAD_CREATOR_GRACE`]) so that whatever was being exec'd has shown
-/// itself by its command line, and the creator counts as dead.
+/// its exec closes them. So the lock file also names its creator (pid, start
+/// time, pid namespace). When that process is gone, the lock is waited for
+/// (up to [`DEAD_CREATOR_GRACE`]) so that whatever was being exec'd has shown
+/// itself by its command line, and then the creator counts as dead. A lock
+/// still held after that, or one whose creator this process cannot see
+/// (another pid namespace), is believed.
 fn creator_alive(dir: &Path) -> bool {
+    creator_alive_within(dir, DEAD_CREATOR_GRACE)
+}
+
+fn creator_alive_within(dir: &Path, grace: Duration) -> bool {
     let path = dir.join(CREATOR_LOCK);
     let Ok(f) = File::open(&path) else {
         return false;
@@ -84,18 +90,23 @@ fn creator_alive(dir: &Path) -> bool {
     if !lock_is_held(&f) {
         return false;
     }
-    let Some((pid, start)) = read_creator(&f) else {
-        // Written by a forkd that did not name the creator: the lock says.
+    let Some(creator) = read_creator(&f) else {
+        // Not written yet, or by a forkd that did not name the creator.
         return true;
     };
-    if forkd_vm::process::pid_alive(pid, start) {
+    if Some(creator.pid_ns) != pid_namespace()
+        || forkd_vm::process::pid_alive(creator.pid, creator.start)
+    {
         return true;
     }
-    let deadline = std::time::Instant::now() + DEAD_CREATOR_GRACE;
-    while lock_is_held(&f) && std::time::Instant::now() < deadline {
+    let deadline = std::time::Instant::now() + grace;
+    while std::time::Instant::now() < deadline {
+        if !lock_is_held(&f) {
+            return false;
+        }
         std::thread::sleep(Duration::from_millis(10));
     }
-    false
+    lock_is_held(&f)
 }
 
 /// Whether another open of the lock file holds its lock.
@@ -113,27 +124,50 @@ fn lock_is_held(f: &File) -> bool {
     std::io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK)
 }
 
-/// Writes this process's pid and start time into its creator lock file.
+/// The process a creator lock file names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Creator {
+    pid: u32,
+    start: u64,
+    /// Inode of its `/proc/<pid>/ns/pid`: pids mean something only there.
+    pid_ns: u64,
+}
+
+/// The inode of this process's pid namespace.
+fn pid_namespace() -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self/ns/pid").ok().map(|m| m.ino())
+}
+
+/// Writes this process into its creator lock file, as one line in one
+/// write (a reader sees all of it or no complete line).
 fn write_creator(f: &File) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
     let pid = std::process::id();
     let start = forkd_vm::process::process_start_time(pid).unwrap_or(0);
+    let pid_ns = pid_namespace().unwrap_or(0);
     f.set_len(0)?;
-    f.write_all_at(format!("{pid} {start}\n").as_bytes(), 0)
+    f.write_all_at(format!("{pid} {start} {pid_ns}\n").as_bytes(), 0)
 }
 
 /// The creator a lock file names, if it names one.
-fn read_creator(f: &File) -> Option<(u32, u64)> {
+fn read_creator(f: &File) -> Option<Creator> {
     use std::os::unix::fs::FileExt;
-    let mut buf = [0u8; 64];
+    let mut buf = [0u8; 96];
     let n = f.read_at(&mut buf, 0).ok()?;
     parse_creator(std::str::from_utf8(&buf[..n]).ok()?)
 }
 
-/// `"<pid> <start>\n"` as [`write_creator`] writes it.
-fn parse_creator(text: &str) -> Option<(u32, u64)> {
-    let (pid, start) = text.trim_end_matches('\n').split_once(' ')?;
-    Some((pid.parse().ok().filter(|&p| p > 0)?, start.parse().ok()?))
+/// `"<pid> <start> <pid namespace>\n"` as [`write_creator`] writes it; a
+/// line without its newline is not complete yet.
+fn parse_creator(text: &str) -> Option<Creator> {
+    let mut fields = text.strip_suffix('\n')?.split(' ');
+    let creator = Creator {
+        pid: fields.next()?.parse().ok().filter(|&p| p > 0)?,
+        start: fields.next()?.parse().ok()?,
+        pid_ns: fields.next()?.parse().ok()?,
+    };
+    fields.next().is_none().then_some(creator)
 }
 
 /// A sandbox being created: its row says `starting` until [`Starting::finish`];
@@ -366,52 +400,70 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(CREATOR_LOCK);
         assert!(!creator_alive(dir.path()), "no lock file");
+        let ns = pid_namespace().unwrap();
 
         // Our own lock, naming us: alive; let go: dead.
         let ours = super::super::lock_file(&path).unwrap();
         write_creator(&ours).unwrap();
-        assert_eq!(
-            read_creator(&File::open(&path).unwrap()).unwrap().0,
-            std::process::id()
-        );
+        let named = read_creator(&File::open(&path).unwrap()).unwrap();
+        assert_eq!((named.pid, named.pid_ns), (std::process::id(), ns));
         assert!(creator_alive(dir.path()));
         drop(ours);
         assert!(!creator_alive(dir.path()));
 
         // Named creator gone, the lock held by another process (what a
-        // half-forked child of a killed spawner is) that lets go in 0.4 s:
+        // half-forked child of a killed spawner is) that lets go in 1.5 s:
         // waited for, then dead.
         let mut gone = Command::new("true").spawn().unwrap();
         gone.wait().unwrap();
-        std::fs::write(&path, format!("{} 1\n", gone.id())).unwrap();
-        let mut holder = hold(&path, "0.4");
+        let dead_line = format!("{} 1 {ns}\n", gone.id());
+        std::fs::write(&path, &dead_line).unwrap();
+        let mut holder = hold(&path, "1.5");
         let t = Instant::now();
         assert!(!creator_alive(dir.path()));
         let waited = t.elapsed();
         assert!(
-            waited >= Duration::from_millis(200) && waited < DEAD_CREATOR_GRACE,
+            waited >= Duration::from_millis(100) && waited < DEAD_CREATOR_GRACE,
             "{waited:?}"
         );
         holder.wait().unwrap();
 
-        // The same, but the creator named is alive (this process): the
-        // lock is believed.
-        let start = forkd_vm::process::process_start_time(std::process::id()).unwrap();
-        std::fs::write(&path, format!("{} {start}\n", std::process::id())).unwrap();
         let mut holder = hold(&path, "30");
-        assert!(creator_alive(dir.path()));
-        // No creator named (an older forkd): the lock alone says.
-        std::fs::write(&path, b"").unwrap();
-        assert!(creator_alive(dir.path()));
+        // Still held when the grace ends: believed (asked again later).
+        assert!(creator_alive_within(dir.path(), Duration::from_millis(300)));
+        // A creator in another pid namespace cannot be looked up: believed.
+        std::fs::write(&path, format!("{} 1 {}\n", gone.id(), ns + 1)).unwrap();
+        assert!(creator_alive_within(dir.path(), Duration::ZERO));
+        // The creator named is alive (this process): believed.
+        let start = forkd_vm::process::process_start_time(std::process::id()).unwrap();
+        std::fs::write(&path, format!("{} {start} {ns}\n", std::process::id())).unwrap();
+        assert!(creator_alive_within(dir.path(), Duration::ZERO));
+        // No creator named (an older forkd), or a line not complete yet:
+        // the lock alone says.
+        for text in ["", &dead_line[..dead_line.len() - 1]] {
+            std::fs::write(&path, text).unwrap();
+            assert!(creator_alive_within(dir.path(), Duration::ZERO), "{text:?}");
+        }
         holder.kill().unwrap();
         holder.wait().unwrap();
     }
 
     #[test]
     fn the_creator_line_is_parsed_strictly() {
-        assert_eq!(parse_creator("12 345\n"), Some((12, 345)));
-        assert_eq!(parse_creator("12 0"), Some((12, 0)));
-        for bad in ["", "12", "0 5\n", "x 5", "12 y", "-1 5", "12  5"] {
+        let c = |pid, start, pid_ns| Some(Creator { pid, start, pid_ns });
+        assert_eq!(parse_creator("12 345 678\n"), c(12, 345, 678));
+        assert_eq!(parse_creator("12 0 0\n"), c(12, 0, 0));
+        for bad in [
+            "",
+            "12 345 678",
+            "12 345\n",
+            "0 5 6\n",
+            "x 5 6\n",
+            "12 y 6\n",
+            "-1 5 6\n",
+            "12  5 6\n",
+            "12 5 6 7\n",
+        ] {
             assert_eq!(parse_creator(bad), None, "{bad:?}");
         }
     }
